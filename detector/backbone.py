@@ -1,0 +1,184 @@
+"""DINOv3 (or DINOv2) patch features through `transformers`, with Pillow/numpy preprocessing.
+
+The rest of the detector only sees `FeatureExtractor`: images in, a (B, h, w, D) float32
+patch grid out, plus a `spec` that the memory bank stores so a bank is never served with a
+backbone it was not fitted with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The backbone weights cannot be loaded; the message says what the user should do."""
+
+
+class FeatureExtractor(Protocol):
+    """What the detector needs from a backbone; any model that yields patch grids fits."""
+
+    spec: dict[str, Any]
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> a (3, H, W) float32 array ready for `embed`."""
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """A (B, 3, H, W) batch -> (B, h, w, D) float32 patch features."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _unavailable_message(name_or_path: str, error: Exception) -> str:
+    text = str(error).lower()
+    looks_like_path = Path(name_or_path).expanduser().is_absolute() or name_or_path.startswith(".")
+    if looks_like_path or Path(name_or_path).exists():
+        return (
+            f"Backbone folder '{name_or_path}' has no loadable checkpoint: point backbone.name "
+            "to a folder written by save_pretrained (config.json + weights)."
+        )
+    if "gated" in text or "401" in text or "403" in text or "access" in text:
+        return (
+            f"Backbone '{name_or_path}' is a gated model: accept its licence on huggingface.co, "
+            "set HF_TOKEN, or point backbone.name to a local folder with the weights."
+        )
+    return (
+        f"Backbone '{name_or_path}' could not be loaded (hub unreachable or weights missing): "
+        "download it where the hub is reachable and point backbone.name to that local folder, "
+        "or accept its licence and set HF_TOKEN."
+    )
+
+
+def load_pretrained(name_or_path: str) -> torch.nn.Module:
+    """Load a transformers vision backbone from a hub id or a local folder, or explain why not."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise BackboneUnavailableError(_unavailable_message(name_or_path, error)) from None
+    except Exception as error:  # hub client errors are not all OSErrors
+        if type(error).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise BackboneUnavailableError(_unavailable_message(name_or_path, error)) from None
+        raise
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short id of the architecture and weights, the same wherever the folder is copied.
+
+    Hashing the config plus the first and last parameter tensors is cheap at start-up and
+    tells two checkpoints apart, which the name or path (a hub id, a model-store folder) cannot.
+    """
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = list(model.parameters())
+    for tensor in (parameters[0], parameters[-1]):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class DinoBackbone:
+    """A DINO ViT from `transformers` that returns normalised patch tokens of chosen layers.
+
+    Layers are block indices (1..L, negative from the end); each selected block output goes
+    through the model's final LayerNorm, as DINOv2's `get_intermediate_layers(norm=True)` does,
+    so layer -1 equals `last_hidden_state`. Several layers are concatenated along D.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        *,
+        layers: tuple[int, ...] | list[int] = (-1,),
+        resolution: int = 448,
+        device: str = "auto",
+        half_precision: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        # A local folder is recorded absolute, so a bank fitted here loads from any directory.
+        self.name = str(Path(name).resolve()) if Path(name).exists() else str(name)
+        self.device = resolve_device(device)
+        self.model = load_pretrained(self.name).eval().to(self.device)
+        fingerprint = weights_fingerprint(self.model)  # before any cast to half precision
+        self.dtype = torch.float32
+        if half_precision and self.device.type == "cuda":
+            self.dtype = torch.float16
+            self.model = self.model.half()
+        elif half_precision:
+            log.warning("half_precision is ignored on %s: it only pays off on CUDA", self.device)
+        config = self.model.config
+        patch = config.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+        self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.num_blocks = int(config.num_hidden_layers)
+        self.layers = tuple(int(layer) for layer in layers)
+        for layer in self.layers:
+            if layer == 0 or abs(layer) > self.num_blocks:
+                raise ValueError(f"layer {layer} is outside 1..{self.num_blocks} (or -1..-N)")
+        self.resolution = max(self.patch_size, resolution // self.patch_size * self.patch_size)
+        self.final_norm = getattr(self.model, "norm", None) or self.model.layernorm
+        self.random_weights = self._has_random_weights()
+        if self.random_weights:
+            log.warning(
+                "Backbone '%s' has RANDOM weights: anomaly scores are not meaningful. "
+                "Use real DINOv3 weights for inspection.",
+                self.name,
+            )
+        self.spec = {
+            "backbone": self.name,
+            "layers": list(self.layers),
+            "resolution": self.resolution,
+            "patch_size": self.patch_size,
+            "feature_dim": int(config.hidden_size) * len(self.layers),
+            "fingerprint": fingerprint,
+        }
+
+    def _has_random_weights(self) -> bool:
+        folder = Path(self.name)
+        return folder.is_dir() and (folder / RANDOM_WEIGHTS_MARKER).exists()
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """Resize to a square multiple of the patch size and normalise with ImageNet stats.
+
+        Squashing instead of cropping keeps every pixel of the part in view, so the anomaly
+        map can be stretched back over the whole original image.
+        """
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized = rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        return ((array - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+
+    @torch.inference_mode()
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
+        outputs = self.model(pixel_values=pixels, output_hidden_states=True)
+        grid = self.resolution // self.patch_size
+        selected = []
+        for layer in self.layers:
+            hidden = outputs.hidden_states[layer if layer > 0 else self.num_blocks + 1 + layer]
+            tokens = self.final_norm(hidden)[:, self.num_prefix_tokens :, :]
+            selected.append(tokens.reshape(tokens.shape[0], grid, grid, tokens.shape[-1]))
+        features = torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
+        return features.float().cpu().numpy()

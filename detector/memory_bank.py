@@ -1,0 +1,153 @@
+"""Memory bank of normal patch features: coreset selection, a faiss index, k-NN distances.
+
+It only sees float32 arrays, so any feature extractor can fill it. Features are
+L2-normalised, so inner product is cosine similarity and a patch's distance is
+1 - cosine similarity to its nearest normal patches (AnomalyDINO's choice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from detector.coreset import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_PROJECTION_DIM,
+    coreset_size,
+    streaming_coreset,
+)
+
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "bank.json"
+
+
+@dataclass
+class BankConfig:
+    """How the bank is built and searched; stored with the bank so a reload behaves the same."""
+
+    coreset_ratio: float | None = 0.1
+    coreset_size: int | None = None
+    index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, for large banks)
+    k: int = 1
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 256
+    ivf_nprobe: int = 16
+    seed: int = 0
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    projection_dim: int = DEFAULT_PROJECTION_DIM
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    features = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def build_index(vectors: np.ndarray, config: BankConfig) -> faiss.Index:
+    dim = vectors.shape[1]
+    if config.index == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif config.index == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif config.index == "ivf":
+        nlist = max(1, min(config.ivf_nlist, vectors.shape[0] // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = config.seed
+        index.train(vectors)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+    else:
+        raise ValueError(f"unknown index type {config.index!r}: use flat, hnsw or ivf")
+    index.add(vectors)
+    return index
+
+
+@dataclass
+class MemoryBank:
+    """A searchable set of normal patch features plus the metadata needed to use it later."""
+
+    index: faiss.Index
+    config: BankConfig
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, config: BankConfig | None = None) -> MemoryBank:
+        """Fit from an in-memory (N, D) array (or any array whose last axis is D)."""
+        flat = np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
+        step = (config or BankConfig()).chunk_rows
+        blocks = (flat[start : start + step] for start in range(0, flat.shape[0], step))
+        return cls.fit_stream(blocks, flat.shape[0], config)
+
+    @classmethod
+    def fit_stream(
+        cls,
+        blocks: Iterable[np.ndarray],
+        total_rows: int,
+        config: BankConfig | None = None,
+        progress: bool = True,
+    ) -> MemoryBank:
+        """Fit from feature blocks as they are extracted, never holding the full feature set."""
+        config = config or BankConfig()
+        keep = coreset_size(total_rows, config.coreset_ratio, config.coreset_size)
+        vectors = streaming_coreset(
+            (l2_normalize(block) for block in blocks),
+            total_rows,
+            keep,
+            seed=config.seed,
+            chunk_rows=config.chunk_rows,
+            projection_dim=config.projection_dim,
+            progress=progress,
+        )
+        bank = cls(build_index(vectors, config), config)
+        bank.metadata.update(n_train_features=int(total_rows), bank_size=int(vectors.shape[0]))
+        return bank
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """Cosine distance of each query row to its k nearest bank rows, averaged over k."""
+        shape = queries.shape[:-1]
+        if queries.shape[-1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[-1]}, the bank has {self.dim}")
+        similarities, _ = self.index.search(l2_normalize(queries), min(self.config.k, self.size))
+        return (1.0 - similarities.mean(axis=1)).astype(np.float32).reshape(shape)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        document = {"bank": asdict(self.config), **self.metadata}
+        (directory / METADATA_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MemoryBank:
+        directory = Path(directory)
+        missing = [name for name in (INDEX_FILE, METADATA_FILE) if not (directory / name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{directory} is not a saved memory bank (missing {', '.join(missing)}): "
+                "fit one with `python -m detector.fit`."
+            )
+        document = json.loads((directory / METADATA_FILE).read_text())
+        config = BankConfig(**document.pop("bank"))
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if config.index == "hnsw":
+            index.hnsw.efSearch = config.hnsw_ef_search
+        elif config.index == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            ivf.nprobe = min(config.ivf_nprobe, ivf.nlist)
+        return cls(index, config, document)

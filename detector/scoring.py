@@ -1,0 +1,120 @@
+"""Patch distances -> image score, smoothed anomaly map, and a threshold from normal images only.
+
+Defaults follow the published recipe: image score = mean of the top 1 % patch distances
+(AnomalyDINO), map = bilinear upsampling + Gaussian blur with sigma 4 (PatchCore).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+
+@dataclass
+class ScoringConfig:
+    image_score: str = "top_percent"  # top_percent | max
+    top_percent: float = 1.0
+    sigma: float = 4.0  # in pixels of the model input, before resizing to the original image
+    false_alarm_rate: float = 0.01  # target share of normal images flagged at the threshold
+
+
+@dataclass
+class Calibration:
+    """Threshold set on held-out defect-free images; the scores stay as the drift reference."""
+
+    threshold: float
+    false_alarm_rate: float
+    reference_scores: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InspectionResult:
+    score: float
+    threshold: float
+    normalized_score: float
+    is_anomalous: bool
+    image_size: tuple[int, int]  # (width, height) of the original image
+    anomaly_map: np.ndarray | None = None  # (height, width) float32 at the original size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "threshold": self.threshold,
+            "normalized_score": self.normalized_score,
+            "is_anomalous": self.is_anomalous,
+            "image_width": self.image_size[0],
+            "image_height": self.image_size[1],
+        }
+
+
+def image_score(patch_scores: np.ndarray, config: ScoringConfig) -> float:
+    """Aggregate a (h, w) patch-distance grid; top-k mean is robust to one noisy patch."""
+    values = np.asarray(patch_scores, dtype=np.float64).ravel()
+    if config.image_score == "max":
+        return float(values.max())
+    if config.image_score != "top_percent":
+        raise ValueError(f"unknown image_score {config.image_score!r}: use top_percent or max")
+    count = max(1, int(np.ceil(values.size * config.top_percent / 100.0)))
+    return float(np.partition(values, values.size - count)[-count:].mean())
+
+
+def _resize(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def anomaly_map(
+    patch_scores: np.ndarray, input_size: int, image_size: tuple[int, int], sigma: float
+) -> np.ndarray:
+    """A (height, width) map for an image of `image_size` (width, height).
+
+    Blurring at the model's input resolution keeps sigma's meaning the same whatever the
+    camera's resolution; the blurred map is then stretched to the original image.
+    """
+    smooth = _resize(patch_scores, input_size, input_size)
+    if sigma > 0:
+        smooth = gaussian_filter(smooth, sigma=sigma, truncate=4.0, mode="reflect")
+    width, height = image_size
+    return _resize(smooth, height, width)
+
+
+def calibrate(normal_scores: np.ndarray | list[float], false_alarm_rate: float) -> Calibration:
+    """Threshold = the (1 - rate) quantile of defect-free scores, rounded up to a real score.
+
+    With fewer than 1 / rate calibration images this is the highest normal score, the
+    tightest threshold that flags none of them.
+    """
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("calibration needs at least one defect-free image")
+    if not 0 <= false_alarm_rate < 1:
+        raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
+    threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
+    return Calibration(threshold, false_alarm_rate, [float(s) for s in scores])
+
+
+def make_result(
+    score: float,
+    calibration: Calibration,
+    image_size: tuple[int, int],
+    anomaly_map_: np.ndarray | None = None,
+) -> InspectionResult:
+    threshold = calibration.threshold
+    normalized = score / threshold if threshold > 0 else float("inf")
+    return InspectionResult(
+        score=float(score),
+        threshold=float(threshold),
+        normalized_score=float(normalized),
+        is_anomalous=bool(score > threshold),
+        image_size=(int(image_size[0]), int(image_size[1])),
+        anomaly_map=anomaly_map_,
+    )

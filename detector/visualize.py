@@ -1,0 +1,96 @@
+"""Pictures people look at: heatmap overlays, ROC curves, overlay grids, score histograms.
+
+Heatmap colours are scaled by the calibrated threshold (threshold = middle of the colour
+scale), so the same colour means the same thing on every image and every service replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import RocCurveDisplay  # noqa: E402
+
+COLORMAP = matplotlib.colormaps["jet"]
+
+
+def heatmap_colors(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W, 3) uint8 colours of a map; 0 -> blue, threshold -> green, 2 x threshold -> red."""
+    scale = 2.0 * threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12)
+    normalised = np.clip(anomaly_map / scale, 0.0, 1.0)
+    return (COLORMAP(normalised)[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image, anomaly_map: np.ndarray, threshold: float, alpha: float = 0.45
+) -> Image.Image:
+    """The image with its anomaly map blended on top, at the image's own size."""
+    colours = Image.fromarray(heatmap_colors(anomaly_map, threshold))
+    if colours.size != image.size:
+        colours = colours.resize(image.size, Image.Resampling.BILINEAR)
+    return Image.blend(image.convert("RGB"), colours, alpha)
+
+
+def map_to_png_image(anomaly_map: np.ndarray, threshold: float) -> Image.Image:
+    """A 16-bit grayscale image of the raw map: value / (2 x threshold) scaled to 0..65535."""
+    scale = 2.0 * threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12)
+    levels = np.clip(anomaly_map / scale, 0.0, 1.0) * 65535.0 + 0.5
+    return Image.fromarray(levels.astype(np.uint16))
+
+
+def save_roc_curve(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> Path:
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    RocCurveDisplay.from_predictions(labels, scores, ax=axes, name="image score")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def save_overlay_grid(
+    images: Sequence[Image.Image],
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+    threshold: float,
+    path: Path,
+    columns: int = 6,
+) -> Path:
+    """Test images with heatmap overlays and ground-truth outlines (white contours)."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, amap, mask, title in zip(
+        axes.ravel(), images, maps, masks, titles, strict=False
+    ):
+        axis.imshow(overlay(image, amap, threshold))
+        if mask is not None and mask.any():
+            axis.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.0)
+        axis.set_title(title, fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def save_score_histogram(scores: Sequence[float], threshold: float, path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.hist(scores, bins=min(50, max(5, len(scores) // 4)), color="#4878a8")
+    axes.axvline(threshold, color="#c03030", linestyle="--", label=f"threshold {threshold:.4f}")
+    axes.set_xlabel("anomaly score")
+    axes.set_ylabel("images")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
