@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# (pixel / 255 - mean) / std as one multiply-add per channel, on (3, 1, 1)-shaped constants.
+_PIXEL_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)[:, None, None]
+_PIXEL_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[:, None, None]
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
 
@@ -167,8 +170,10 @@ class DinoBackbone:
         """
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         resized = rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-        array = np.asarray(resized, dtype=np.float32) / 255.0
-        return ((array - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+        array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32)
+        array *= _PIXEL_SCALE
+        array += _PIXEL_OFFSET
+        return array
 
     @torch.inference_mode()
     def embed(self, batch: np.ndarray) -> np.ndarray:

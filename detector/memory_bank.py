@@ -31,7 +31,7 @@ METADATA_FILE = "bank.json"
 class BankConfig:
     """How the bank is built and searched; stored with the bank so a reload behaves the same."""
 
-    coreset_ratio: float | None = 0.1
+    coreset_ratio: float | None = 0.01
     coreset_size: int | None = None
     index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, for large banks)
     k: int = 1

@@ -6,13 +6,14 @@ Defaults follow the published recipe: image score = mean of the top 1 % patch di
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter1d
 
 
 @dataclass
@@ -72,19 +73,34 @@ def _resize(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     return resized[0, 0].numpy()
 
 
+@functools.lru_cache(maxsize=64)
+def _map_operator(cells: int, input_size: int, output_size: int, sigma: float) -> np.ndarray:
+    """(output_size, cells) matrix = resize-to-output . blur . upsample-to-input, along one axis.
+
+    Bilinear resizing and Gaussian blurring are both separable and linear, so the whole map
+    is `rows @ grid @ columns.T`: the same numbers as upsampling, blurring and resizing the
+    image-sized map step by step, for a fraction of the time (this runs once per image).
+    """
+    operator = _resize(np.eye(cells, dtype=np.float32), input_size, cells)
+    if sigma > 0:
+        operator = gaussian_filter1d(operator, sigma, axis=0, truncate=4.0, mode="reflect")
+    return _resize(operator, output_size, cells)
+
+
 def anomaly_map(
     patch_scores: np.ndarray, input_size: int, image_size: tuple[int, int], sigma: float
 ) -> np.ndarray:
     """A (height, width) map for an image of `image_size` (width, height).
 
-    Blurring at the model's input resolution keeps sigma's meaning the same whatever the
-    camera's resolution; the blurred map is then stretched to the original image.
+    The patch grid is upsampled to the model's input resolution and blurred there, which
+    keeps sigma's meaning the same whatever the camera's resolution, then stretched to the
+    original image.
     """
-    smooth = _resize(patch_scores, input_size, input_size)
-    if sigma > 0:
-        smooth = gaussian_filter(smooth, sigma=sigma, truncate=4.0, mode="reflect")
+    grid = np.asarray(patch_scores, dtype=np.float32)
     width, height = image_size
-    return _resize(smooth, height, width)
+    rows = _map_operator(grid.shape[0], input_size, height, float(sigma))
+    columns = _map_operator(grid.shape[1], input_size, width, float(sigma))
+    return rows @ grid @ columns.T
 
 
 def calibrate(normal_scores: np.ndarray | list[float], false_alarm_rate: float) -> Calibration:

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random DINOv3 checkpoint, a small synthetic MVTec set, a fitted detector.
+
+The environment is set before anything imports BentoML or transformers, so no test can
+reach the network or a user's model store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bentoml-home-"))
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from detector.backbone import DinoBackbone  # noqa: E402
+from detector.data import MVTecCategory, split_calibration  # noqa: E402
+from detector.make_tiny_backbone import make_backbone  # noqa: E402
+from detector.memory_bank import BankConfig  # noqa: E402
+from detector.predictor import AnomalyDetector  # noqa: E402
+from detector.synthetic import make_dataset  # noqa: E402
+
+TEST_IMAGE_SIZE = 128
+TEST_RESOLUTION = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_backbone(tmp_path_factory.mktemp("backbone") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_backbone_dir: Path) -> DinoBackbone:
+    return DinoBackbone(str(tiny_backbone_dir), resolution=TEST_RESOLUTION, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    make_dataset(root, "carpet", size=TEST_IMAGE_SIZE, n_train=24, n_test_good=8, n_per_defect=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(synthetic_root: Path) -> MVTecCategory:
+    return MVTecCategory(synthetic_root, "carpet")
+
+
+@pytest.fixture(scope="session")
+def fitted_detector(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> AnomalyDetector:
+    bank_paths, calibration_paths = split_calibration(synthetic_dataset.train_paths(), 0.25, 0)
+    return AnomalyDetector.fit(
+        tiny_backbone,
+        bank_paths,
+        calibration_paths,
+        bank_config=BankConfig(coreset_ratio=0.25, seed=0),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def saved_detector_dir(
+    fitted_detector: AnomalyDetector, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return fitted_detector.save(tmp_path_factory.mktemp("detector") / "carpet")

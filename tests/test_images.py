@@ -1,0 +1,97 @@
+"""Every kind of bad or unusual image the service, batch job and reader may meet."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.images import InvalidImageError, decode_image, read_image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def png_bytes() -> bytes:
+    return encode(Image.new("RGB", (40, 30), (200, 100, 50)))
+
+
+def test_plain_rgb_png_decodes(png_bytes: bytes) -> None:
+    image = decode_image(png_bytes)
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "status"),
+    [
+        (b"", "empty", 400),
+        (b"this is plain text, not a picture", "not_an_image", 415),
+    ],
+)
+def test_empty_and_non_image_uploads_are_refused(data: bytes, reason: str, status: int) -> None:
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(data)
+    assert caught.value.reason == reason and caught.value.status == status
+
+
+def test_truncated_png_is_corrupt(png_bytes: bytes) -> None:
+    big = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(big[: len(big) // 2])
+    assert caught.value.reason == "corrupt" and caught.value.status == 400
+
+
+def test_byte_and_pixel_limits(png_bytes: bytes) -> None:
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(png_bytes, max_bytes=10)
+    assert caught.value.status == 413 and caught.value.reason == "too_large"
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(png_bytes, max_pixels=100)
+    assert caught.value.status == 413 and caught.value.reason == "too_many_pixels"
+
+
+def test_decompression_bomb_is_refused_without_decoding() -> None:
+    bomb = encode(Image.new("L", (12000, 12000)))  # compresses to a few kB
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(bomb)
+    assert caught.value.status == 413
+
+
+def test_animated_gif_is_refused() -> None:
+    frames = [Image.new("RGB", (16, 16), (80 * i, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(buffer.getvalue())
+    assert caught.value.reason == "animated" and caught.value.status == 415
+
+
+def test_sixteen_bit_grayscale_keeps_its_range() -> None:
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    image = decode_image(encode(Image.fromarray(ramp)))
+    array = np.asarray(image)
+    assert image.mode == "RGB"
+    assert array.min() == 0 and array.max() == 255
+    assert 120 < array.mean() < 135  # a linear ramp, not clipped to white
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA"])
+def test_other_modes_become_rgb(mode: str) -> None:
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    image = decode_image(encode(Image.new("RGB", (20, 20), (10, 120, 240)).convert(mode), fmt))
+    assert image.mode == "RGB" and image.size == (20, 20)
+
+
+def test_transparent_pixels_become_white() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(decode_image(encode(rgba)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_missing_file_is_an_invalid_image(tmp_path) -> None:
+    with pytest.raises(InvalidImageError) as caught:
+        read_image(tmp_path / "nope.png")
+    assert caught.value.reason == "unreadable"

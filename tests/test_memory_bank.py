@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.coreset import coreset_size, greedy_k_center, streaming_coreset
+from detector.memory_bank import BankConfig, MemoryBank, l2_normalize
+
+
+@pytest.fixture
+def features() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.normal(size=(3000, 32)).astype(np.float32)
+
+
+def covering_radius(points: np.ndarray, centres: np.ndarray) -> float:
+    squared = (points**2).sum(1)[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None]
+    return float(np.sqrt(np.maximum(squared.min(axis=1), 0)).max())
+
+
+def test_flat_knn_equals_brute_force_cosine(features: np.ndarray) -> None:
+    bank = MemoryBank.fit(features, BankConfig(coreset_ratio=1.0, k=3))
+    queries = np.random.default_rng(4).normal(size=(50, 32)).astype(np.float32)
+    similarity = l2_normalize(queries) @ l2_normalize(features).T
+    expected = 1.0 - np.sort(similarity, axis=1)[:, -3:].mean(axis=1)
+    np.testing.assert_allclose(bank.distances(queries), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_approximate_indexes_agree_with_exact_on_most_queries(
+    features: np.ndarray, index: str
+) -> None:
+    exact = MemoryBank.fit(features, BankConfig(coreset_ratio=1.0))
+    approximate = MemoryBank.fit(
+        features, BankConfig(coreset_ratio=1.0, index=index, ivf_nlist=16, ivf_nprobe=8)
+    )
+    queries = features[:200] + 0.05
+    agree = np.isclose(exact.distances(queries), approximate.distances(queries), atol=1e-5)
+    assert agree.mean() > 0.9
+
+
+def test_coreset_is_a_deterministic_subset(features: np.ndarray) -> None:
+    first = greedy_k_center(features, 100, seed=5)
+    again = greedy_k_center(features, 100, seed=5)
+    other = greedy_k_center(features, 100, seed=6)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert len(set(first.tolist())) == 100
+    assert first.min() >= 0 and first.max() < len(features)
+
+
+def test_covering_radius_shrinks_as_ratio_grows(features: np.ndarray) -> None:
+    radii = []
+    for ratio in (0.01, 0.05, 0.2):
+        kept = streaming_coreset(
+            [features], len(features), coreset_size(len(features), ratio), chunk_rows=1024
+        )
+        rows = {row.tobytes() for row in features}
+        assert all(row.tobytes() in rows for row in kept), "coreset rows must come from the input"
+        radii.append(covering_radius(features, kept))
+    assert radii[0] > radii[1] > radii[2]
+
+
+def test_greedy_covers_better_than_random_choice(features: np.ndarray) -> None:
+    chosen = features[greedy_k_center(features, 60, seed=0)]
+    random_rows = features[np.random.default_rng(0).choice(len(features), 60, replace=False)]
+    assert covering_radius(features, chosen) < covering_radius(features, random_rows)
+
+
+def test_streaming_keeps_exact_count_across_uneven_blocks(features: np.ndarray) -> None:
+    blocks = [features[:700], features[700:701], features[701:]]
+    kept = streaming_coreset(blocks, len(features), 301, chunk_rows=512, progress=False)
+    assert kept.shape == (301, 32)
+    with pytest.raises(ValueError, match="announced"):
+        streaming_coreset([features[:10]], 20, 5, progress=False)
+
+
+def test_coreset_size_rules() -> None:
+    assert coreset_size(1000, ratio=0.1) == 100
+    assert coreset_size(1000, ratio=0.1, size=42) == 42
+    assert coreset_size(10, size=500) == 10
+    with pytest.raises(ValueError):
+        coreset_size(10, ratio=0.0)
+
+
+def test_save_load_round_trip_gives_identical_distances(
+    features: np.ndarray, tmp_path: Path
+) -> None:
+    for index in ("flat", "hnsw", "ivf"):
+        config = BankConfig(coreset_ratio=0.5, index=index, ivf_nlist=16)
+        bank = MemoryBank.fit(features, config)
+        bank.metadata["note"] = "kept"
+        loaded = MemoryBank.load(bank.save(tmp_path / index))
+        assert loaded.config == config
+        assert loaded.metadata["note"] == "kept"
+        np.testing.assert_array_equal(bank.distances(features[:64]), loaded.distances(features[:64]))
+
+
+def test_loading_a_folder_that_is_not_a_bank_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a saved memory bank"):
+        MemoryBank.load(tmp_path)
+
+
+def test_query_dimension_mismatch_is_refused(features: np.ndarray) -> None:
+    bank = MemoryBank.fit(features, BankConfig(coreset_ratio=0.1))
+    with pytest.raises(ValueError, match="dimension"):
+        bank.distances(np.zeros((2, 16), np.float32))
