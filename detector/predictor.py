@@ -186,7 +186,16 @@ class AnomalyDetector:
         **backbone_options: Any,
     ) -> AnomalyDetector:
         """Load a saved detector; without `extractor` the backbone named in the bank is loaded."""
-        bank = MemoryBank.load(directory)
+        return cls.from_bank(MemoryBank.load(directory), extractor, batch_size, **backbone_options)
+
+    @classmethod
+    def from_bank(
+        cls,
+        bank: MemoryBank,
+        extractor: FeatureExtractor | None = None,
+        batch_size: int = 8,
+        **backbone_options: Any,
+    ) -> AnomalyDetector:
         spec = bank.metadata.get("extractor", {})
         if extractor is None:
             extractor = DinoBackbone(

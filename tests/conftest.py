@@ -56,13 +56,15 @@ def fitted_detector(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
 ) -> AnomalyDetector:
     bank_paths, calibration_paths = split_calibration(synthetic_dataset.train_paths(), 0.25, 0)
-    return AnomalyDetector.fit(
+    detector = AnomalyDetector.fit(
         tiny_backbone,
         bank_paths,
         calibration_paths,
         bank_config=BankConfig(coreset_ratio=0.25, seed=0),
         progress=False,
     )
+    detector.bank.metadata["category"] = "carpet"  # as detector.fit records it
+    return detector
 
 
 @pytest.fixture(scope="session")

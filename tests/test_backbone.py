@@ -46,8 +46,12 @@ def test_dinov2_checkpoint_with_patch_14_loads_through_the_same_path(tmp_path: P
     from transformers import Dinov2Config, Dinov2Model
 
     config = Dinov2Config(
-        patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=56,
     )
     Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
     backbone = DinoBackbone(str(tmp_path / "dinov2"), resolution=112, device="cpu")

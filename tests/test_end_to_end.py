@@ -41,7 +41,9 @@ def test_heatmap_peaks_inside_obvious_defects(
     fitted_detector: AnomalyDetector, synthetic_dataset: MVTecCategory, defect: str
 ) -> None:
     samples = [s for s in synthetic_dataset.test_samples() if s.defect_type == defect]
-    for sample, result in zip(samples, fitted_detector.predict([s.path for s in samples]), strict=True):
+    for sample, result in zip(
+        samples, fitted_detector.predict([s.path for s in samples]), strict=True
+    ):
         mask = load_mask(sample, result.image_size)
         assert result.anomaly_map.shape == mask.shape
         peak = np.unravel_index(np.argmax(result.anomaly_map), mask.shape)
@@ -82,7 +84,9 @@ def test_bank_refuses_a_backbone_with_other_resolution(
         AnomalyDetector.load(saved_detector_dir, extractor=other)
 
 
-def test_corrupt_image_gives_a_clear_error(fitted_detector: AnomalyDetector, tmp_path: Path) -> None:
+def test_corrupt_image_gives_a_clear_error(
+    fitted_detector: AnomalyDetector, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(InvalidImageError, match="corrupt|not an image"):
@@ -106,10 +110,18 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
     tmp_path: Path, tiny_backbone_dir: Path
 ) -> None:
     common = [
-        "data=synthetic", f"data.root={tmp_path / 'data'}", "data.generate.size=96",
-        "data.generate.n_train=12", "data.generate.n_test_good=4", "data.generate.n_per_defect=2",
-        "backbone=tiny_random", f"backbone.name={tiny_backbone_dir}", "backbone.resolution=96",
-        f"model_dir={tmp_path / 'model'}", "progress=false", "seed=3",
+        "data=synthetic",
+        f"data.root={tmp_path / 'data'}",
+        "data.generate.size=96",
+        "data.generate.n_train=12",
+        "data.generate.n_test_good=4",
+        "data.generate.n_per_defect=2",
+        "backbone=tiny_random",
+        f"backbone.name={tiny_backbone_dir}",
+        "backbone.resolution=96",
+        f"model_dir={tmp_path / 'model'}",
+        "progress=false",
+        "seed=3",
     ]
     fit = run_cli("-m", "detector.fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
     assert fit.returncode == 0, fit.stderr
@@ -136,20 +148,34 @@ def test_fit_reproduces_the_same_bank_for_the_same_seed(
     banks = []
     for name in ("a", "b"):
         result = run_cli(
-            "-m", "detector.fit", "data=synthetic", f"data.root={synthetic_root}",
-            f"backbone.name={tiny_backbone_dir}", "backbone=tiny_random", "progress=false",
-            f"model_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / ('run_' + name)}",
+            "-m",
+            "detector.fit",
+            "data=synthetic",
+            f"data.root={synthetic_root}",
+            f"backbone.name={tiny_backbone_dir}",
+            "backbone=tiny_random",
+            "progress=false",
+            f"model_dir={tmp_path / name}",
+            f"hydra.run.dir={tmp_path / ('run_' + name)}",
         )
         assert result.returncode == 0, result.stderr
         banks.append(json.loads((tmp_path / name / "bank.json").read_text()))
     assert banks[0]["calibration"] == banks[1]["calibration"]
-    assert (tmp_path / "a" / "index.faiss").read_bytes() == (tmp_path / "b" / "index.faiss").read_bytes()
+    assert (tmp_path / "a" / "index.faiss").read_bytes() == (
+        tmp_path / "b" / "index.faiss"
+    ).read_bytes()
 
 
 def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
     result = run_cli(
-        "-m", "detector.fit", "data=synthetic", f"data.root={tmp_path}", "data.generate.size=64",
-        "data.generate.n_train=2", f"model_dir={tmp_path / 'm'}", f"hydra.run.dir={tmp_path / 'r'}",
+        "-m",
+        "detector.fit",
+        "data=synthetic",
+        f"data.root={tmp_path}",
+        "data.generate.size=64",
+        "data.generate.n_train=2",
+        f"model_dir={tmp_path / 'm'}",
+        f"hydra.run.dir={tmp_path / 'r'}",
     )
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -159,7 +185,9 @@ def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
 
 def test_fit_with_missing_data_root_says_where_it_looked(tmp_path: Path) -> None:
     result = run_cli(
-        "-m", "detector.fit", f"data.root={tmp_path / 'nowhere'}",
+        "-m",
+        "detector.fit",
+        f"data.root={tmp_path / 'nowhere'}",
         f"hydra.run.dir={tmp_path / 'r'}",
     )
     assert result.returncode == 2

@@ -93,7 +93,9 @@ def test_save_load_round_trip_gives_identical_distances(
         loaded = MemoryBank.load(bank.save(tmp_path / index))
         assert loaded.config == config
         assert loaded.metadata["note"] == "kept"
-        np.testing.assert_array_equal(bank.distances(features[:64]), loaded.distances(features[:64]))
+        np.testing.assert_array_equal(
+            bank.distances(features[:64]), loaded.distances(features[:64])
+        )
 
 
 def test_loading_a_folder_that_is_not_a_bank_says_so(tmp_path: Path) -> None:

@@ -1,0 +1,45 @@
+"""Save a fitted detector's backbone and memory bank as BentoML models.
+
+    python -m detector.export models/carpet [--metrics outputs/evaluate/.../metrics.json]
+                              [--backbone PATH_OR_HUB_ID] [--bank-name inspection-bank]
+
+`bentoml models list` then shows both; `bentoml serve` picks up the `:latest` of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detector.backbone import BackboneUnavailableError
+from detector.memory_bank import MemoryBank
+from detector.model_store import BACKBONE_MODEL, BANK_MODEL, save_backbone, save_bank
+from detector.predictor import IncompatibleBankError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, help="folder written by detector.fit")
+    parser.add_argument("--metrics", type=Path, help="metrics.json from detector.evaluate")
+    parser.add_argument("--backbone", help="checkpoint to store (default: the one in bank.json)")
+    parser.add_argument("--backbone-name", default=BACKBONE_MODEL)
+    parser.add_argument("--bank-name", default=BANK_MODEL)
+    args = parser.parse_args(argv)
+    try:
+        spec = MemoryBank.load(args.model_dir).metadata.get("extractor", {})
+        metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+        backbone = save_backbone(
+            args.backbone or spec["backbone"], int(spec["resolution"]), args.backbone_name
+        )
+        bank = save_bank(args.model_dir, backbone, metrics, args.bank_name)
+    except (BackboneUnavailableError, FileNotFoundError, IncompatibleBankError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"saved backbone model {backbone.tag}\nsaved memory bank model {bank.tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Service and batch settings from environment variables, read in one place.
+
+Environment variables, not files, because that is what `docker run -e`, Cloud Run and
+Kubernetes set. Every variable is optional.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from detector.model_store import BACKBONE_MODEL, BANK_MODEL
+
+
+def _int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return value in ("1", "true", "yes", "on") if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    backbone_tag: str
+    bank_tag: str
+    device: str
+    half_precision: bool
+    num_threads: int | None
+    max_batch_size: int
+    max_latency_ms: int
+    max_bytes: int
+    max_pixels: int
+    api_key: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL", f"{BACKBONE_MODEL}:latest"),
+            bank_tag=os.environ.get("INSPECT_BANK_MODEL", f"{BANK_MODEL}:latest"),
+            device=os.environ.get("INSPECT_DEVICE", "auto"),
+            half_precision=_bool("INSPECT_HALF_PRECISION", False),
+            num_threads=_int("INSPECT_THREADS", None),
+            # On CPU a ViT gains little from batching (docs/PERFORMANCE.md); on a GPU raise it.
+            max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", 4) or 4,
+            # BentoML cancels (HTTP 503) requests that wait longer than this in the batching
+            # queue: it is a load-shedding timeout, so it must cover a full queue of images.
+            max_latency_ms=_int("INSPECT_MAX_LATENCY_MS", 30000) or 30000,
+            max_bytes=_int("INSPECT_MAX_BYTES", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES,
+            max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
+            api_key=os.environ.get("INSPECT_API_KEY") or None,
+        )

@@ -1,0 +1,27 @@
+"""Custom Prometheus metrics of the inspection service, next to BentoML's built-in ones.
+
+BentoML runs workers with PROMETHEUS_MULTIPROC_DIR set and serves every worker's samples on
+/metrics, so these are plain prometheus_client objects; the gauge says how to merge workers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float("inf"))
+
+normalized_score = Histogram(
+    "inspection_normalized_score",
+    "Anomaly score divided by the calibrated threshold (1.0 = threshold)",
+    buckets=SCORE_BUCKETS,
+)
+verdicts = Counter("inspection_verdicts", "Inspected images by verdict", ["verdict"])
+rejected_inputs = Counter(
+    "inspection_rejected_inputs", "Uploads refused before scoring, by reason", ["reason"]
+)
+model_info = Gauge(
+    "inspection_model_info",
+    "Models being served (value is always 1)",
+    ["backbone_model", "bank_model", "category", "random_weights"],
+    multiprocess_mode="max",
+)

@@ -1,0 +1,264 @@
+"""BentoML inspection service: a batching runner that scores images, behind an HTTP API.
+
+    bentoml serve                      # http://localhost:3000, web page at /ui
+    bentoml build && bentoml containerize inspection_api:latest
+
+The runner (`InspectionRunner`) holds the backbone and memory bank from the model store and
+scores batches through `detector.predictor.AnomalyDetector`, the same object the batch job
+and the evaluator use. The API (`InspectionAPI`) validates uploads, calls the runner, and
+turns results into JSON, heatmap PNGs and Prometheus metrics. Settings: detector/settings.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from detector import telemetry
+from detector.images import InvalidImageError, decode_image
+from detector.settings import Settings
+
+log = logging.getLogger("inspection")
+SETTINGS = Settings.from_env()
+PAGE = (Path(__file__).parent / "detector" / "static" / "index.html").read_text()
+
+
+class ModelMissingError(RuntimeError):
+    """A model named by the service is not in the BentoML model store."""
+
+
+def _stored_path(reference: bentoml.models.BentoModel, variable: str) -> str:
+    stored = reference.stored
+    if stored is None:
+        raise ModelMissingError(
+            f"Model '{reference.tag}' is not in the BentoML model store: run "
+            "`python -m detector.export <model_dir>` (after `python -m detector.fit`), or set "
+            f"{variable} to a tag that `bentoml models list` shows."
+        )
+    return stored.path
+
+
+@bentoml.service(name="inspection_runner", workers=1, traffic={"timeout": 300})
+class InspectionRunner:
+    """Scores batches of decoded images; adaptive batching groups concurrent requests."""
+
+    backbone_model = bentoml.models.BentoModel(SETTINGS.backbone_tag)
+    bank_model = bentoml.models.BentoModel(SETTINGS.bank_tag)
+
+    def __init__(self) -> None:
+        from detector.cli import set_threads
+        from detector.model_store import load_detector
+        from detector.predictor import IncompatibleBankError
+
+        set_threads(SETTINGS.num_threads)
+        cls = type(self)
+        backbone_path = _stored_path(cls.backbone_model, "INSPECT_BACKBONE_MODEL")
+        bank_path = _stored_path(cls.bank_model, "INSPECT_BANK_MODEL")
+        try:
+            self.detector = load_detector(
+                backbone_path,
+                bank_path,
+                device=SETTINGS.device,
+                half_precision=SETTINGS.half_precision,
+                num_threads=SETTINGS.num_threads,
+                batch_size=SETTINGS.max_batch_size,
+            )
+        except IncompatibleBankError as error:
+            log.error("refusing to start: %s", error)
+            raise
+        bank = self.detector.bank.metadata
+        self.info = {
+            "backbone_model": str(cls.backbone_model.stored.tag),
+            "bank_model": str(cls.bank_model.stored.tag),
+            "category": bank.get("category", "unknown"),
+            "random_weights": bool(getattr(self.detector.extractor, "random_weights", False)),
+            "threshold": self.detector.calibration.threshold,
+            "extractor": self.detector.extractor.spec,
+        }
+        telemetry.model_info.labels(
+            self.info["backbone_model"],
+            self.info["bank_model"],
+            self.info["category"],
+            str(self.info["random_weights"]).lower(),
+        ).set(1)
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "detector", None) is not None
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def score(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.detector.predict(images, with_maps=False)]
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def score_with_maps(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        results = self.detector.predict(images, with_maps=True)
+        return [{**r.to_dict(), "anomaly_map": r.anomaly_map} for r in results]
+
+    @bentoml.api
+    def model_info(self) -> dict[str, Any]:
+        return self.info
+
+
+def _error(ctx: bentoml.Context, status: int, reason: str, message: str) -> JSONResponse:
+    """A JSON error; BentoML takes the status of an API with a context from the context."""
+    telemetry.rejected_inputs.labels(reason).inc()
+    ctx.response.status_code = status
+    return JSONResponse({"error": message, "reason": reason}, status_code=status)
+
+
+ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
+
+
+@bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.service(name="inspection_api", workers=1, traffic={"timeout": 300})
+class InspectionAPI:
+    """Public endpoints: /inspect, /heatmap, /inspect_batch, /model_info, the /ui page."""
+
+    runner = bentoml.depends(InspectionRunner)
+
+    def __init__(self) -> None:
+        self._model_info: dict[str, Any] | None = None
+
+    async def _info(self) -> dict[str, Any]:
+        if self._model_info is None:
+            info = await self.runner.to_async.model_info()
+            telemetry.model_info.labels(
+                info["backbone_model"],
+                info["bank_model"],
+                info["category"],
+                str(info["random_weights"]).lower(),
+            ).set(1)
+            self._model_info = info
+        return self._model_info
+
+    def _unauthorised(self, ctx: bentoml.Context) -> JSONResponse | None:
+        if not SETTINGS.api_key:
+            return None
+        headers = ctx.request.headers
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        if hmac.compare_digest(given.encode(), SETTINGS.api_key.encode()):
+            return None
+        return _error(ctx, 401, "unauthorised", "Missing or wrong API key: send it as X-API-Key.")
+
+    def _decode(self, upload: Path) -> Image.Image:
+        size = upload.stat().st_size
+        if size > SETTINGS.max_bytes:
+            raise InvalidImageError(
+                "too_large",
+                f"The upload is {size} bytes; the limit is {SETTINGS.max_bytes} bytes.",
+                status=413,
+            )
+        return decode_image(
+            upload.read_bytes(), max_bytes=SETTINGS.max_bytes, max_pixels=SETTINGS.max_pixels
+        )
+
+    async def _record(self, result: dict[str, Any]) -> dict[str, Any]:
+        telemetry.normalized_score.observe(result["normalized_score"])
+        telemetry.verdicts.labels("anomalous" if result["is_anomalous"] else "normal").inc()
+        info = await self._info()
+        return {
+            **result,
+            "models": {"backbone": info["backbone_model"], "bank": info["bank_model"]},
+            "random_weights": info["random_weights"],
+        }
+
+    @bentoml.api
+    async def inspect(self, image: Path, ctx: bentoml.Context) -> dict[str, Any]:
+        """One image -> score, threshold, normalised score, verdict, size, models, timing."""
+        started = time.perf_counter()
+        if denied := self._unauthorised(ctx):
+            return denied
+        try:
+            decoded = self._decode(image)
+        except InvalidImageError as error:
+            return _error(ctx, error.status, error.reason, error.message)
+        decoded_at = time.perf_counter()
+        (result,) = await self.runner.to_async.score([decoded])
+        answer = await self._record(result)
+        answer["timing_ms"] = {
+            "decode": round((decoded_at - started) * 1000, 2),
+            "score": round((time.perf_counter() - decoded_at) * 1000, 2),
+            "total": round((time.perf_counter() - started) * 1000, 2),
+        }
+        return answer
+
+    @bentoml.api
+    async def heatmap(
+        self, image: Path, ctx: bentoml.Context, output: str = "overlay"
+    ) -> Image.Image:
+        """One image -> PNG: `overlay` (heatmap on the image), `map` (16-bit map), or `npy`.
+
+        `map` scales the raw map by 2 x threshold to 0..65535; `npy` is the float32 map.
+        """
+        from detector.visualize import map_to_png_image, overlay
+
+        if denied := self._unauthorised(ctx):
+            return denied
+        if output not in ("overlay", "map", "npy"):
+            return _error(ctx, 400, "bad_output", "output must be one of overlay, map, npy.")
+        try:
+            decoded = self._decode(image)
+        except InvalidImageError as error:
+            return _error(ctx, error.status, error.reason, error.message)
+        (result,) = await self.runner.to_async.score_with_maps([decoded])
+        anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
+        answer = await self._record(result)
+        headers = {
+            "X-Anomaly-Score": f"{answer['score']:.8g}",
+            "X-Threshold": f"{answer['threshold']:.8g}",
+            "X-Is-Anomalous": str(answer["is_anomalous"]).lower(),
+        }
+        if output == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, anomaly_map)
+            return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers)
+        picture = (
+            overlay(decoded, anomaly_map, answer["threshold"])
+            if output == "overlay"
+            else map_to_png_image(anomaly_map, answer["threshold"])
+        )
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+
+    @bentoml.api
+    async def inspect_batch(self, images: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
+        """Several images -> one result each, in order; a bad image gets an error entry."""
+        if denied := self._unauthorised(ctx):
+            return denied
+        answers: list[dict[str, Any] | None] = [None] * len(images)
+        decoded: list[tuple[int, Image.Image]] = []
+        for position, upload in enumerate(images):
+            try:
+                decoded.append((position, self._decode(upload)))
+            except InvalidImageError as error:
+                telemetry.rejected_inputs.labels(error.reason).inc()
+                answers[position] = {"error": error.message, "reason": error.reason}
+        if decoded:
+            results = await self.runner.to_async.score([image for _, image in decoded])
+            for (position, _), result in zip(decoded, results, strict=True):
+                answers[position] = await self._record(result)
+        return answers
+
+    @bentoml.api(route="/model_info")
+    async def model_info(self) -> dict[str, Any]:
+        return await self._info()

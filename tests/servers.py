@@ -1,0 +1,131 @@
+"""Start `bentoml serve` for real on a free port, and stop it (and its workers) afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(bentoml_home: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(bentoml_home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "INSPECT_THREADS": "2",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(extra)
+    return env
+
+
+def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "detector.export", str(model_dir), *args],
+        cwd=REPO,
+        env=service_env(bentoml_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@contextmanager
+def bentoml_serve(
+    bentoml_home: Path, log_path: Path, timeout: float = 120, **extra_env: str
+) -> Iterator[str]:
+    """Yield the base URL once /readyz answers 200; fail with the server log if it never does."""
+    port = free_port()
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service:InspectionAPI",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        cwd=REPO,
+        env=service_env(bentoml_home, **extra_env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"bentoml serve exited with {process.returncode}:\n"
+                    + log_path.read_text()[-4000:]
+                )
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    "bentoml serve not ready in time:\n" + log_path.read_text()[-4000:]
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop(process)
+        log.close()
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def serve_until_exit(
+    bentoml_home: Path, timeout: float, **extra_env: str
+) -> tuple[int | None, str]:
+    """Start a server expected to refuse to start; return its exit code and output."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI", "--port", str(port)],
+        cwd=REPO,
+        env=service_env(bentoml_home, **extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        stop(process)
+        output, _ = process.communicate()
+        return None, output
