@@ -12,7 +12,7 @@ from PIL import Image
 
 from detector.backbone import DinoBackbone
 from detector.data import MVTecCategory, load_mask
-from detector.images import InvalidImageError, read_image
+from detector.images import InvalidImageError
 from detector.metrics import image_auroc
 from detector.predictor import AnomalyDetector, IncompatibleBankError
 

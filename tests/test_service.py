@@ -17,7 +17,7 @@ from PIL import Image
 
 from detector.data import MVTecCategory
 from detector.predictor import AnomalyDetector
-from tests.servers import REPO, bentoml_serve, export_models, service_env
+from tests.servers import bentoml_serve, export_models, service_env
 
 MAX_BYTES = 1_000_000
 
