@@ -38,7 +38,7 @@ class ModelMissingError(RuntimeError):
     """A model named by the service is not in the BentoML model store."""
 
 
-def _stored_path(reference: bentoml.models.BentoModel, variable: str) -> str:
+def _stored(reference: bentoml.models.BentoModel, variable: str) -> bentoml.Model:
     stored = reference.stored
     if stored is None:
         raise ModelMissingError(
@@ -46,15 +46,36 @@ def _stored_path(reference: bentoml.models.BentoModel, variable: str) -> str:
             "`python -m detector.export <model_dir>` (after `python -m detector.fit`), or set "
             f"{variable} to a tag that `bentoml models list` shows."
         )
-    return stored.path
+    return stored
+
+
+def check_model_pair(backbone: bentoml.models.BentoModel, bank: bentoml.models.BentoModel) -> None:
+    """Refuse to serve or build with a missing model or a bank fitted on another backbone.
+
+    Runs when this module is imported, so `bentoml serve` and `bentoml build` stop at once
+    with one sentence instead of a worker that fails and is restarted forever.
+    """
+    from detector.predictor import check_compatible
+
+    backbone_info = _stored(backbone, "INSPECT_BACKBONE_MODEL").info.metadata
+    bank_info = _stored(bank, "INSPECT_BANK_MODEL").info.metadata
+    check_compatible(bank_info.get("extractor", {}), backbone_info)
+
+
+BACKBONE_MODEL = bentoml.models.BentoModel(SETTINGS.backbone_tag)
+BANK_MODEL = bentoml.models.BentoModel(SETTINGS.bank_tag)
+try:
+    check_model_pair(BACKBONE_MODEL, BANK_MODEL)
+except (ModelMissingError, ValueError) as _refusal:
+    raise SystemExit(f"error: {_refusal}") from None
 
 
 @bentoml.service(name="inspection_runner", workers=1, traffic={"timeout": 300})
 class InspectionRunner:
     """Scores batches of decoded images; adaptive batching groups concurrent requests."""
 
-    backbone_model = bentoml.models.BentoModel(SETTINGS.backbone_tag)
-    bank_model = bentoml.models.BentoModel(SETTINGS.bank_tag)
+    backbone_model = BACKBONE_MODEL
+    bank_model = BANK_MODEL
 
     def __init__(self) -> None:
         from detector.cli import set_threads
@@ -62,9 +83,8 @@ class InspectionRunner:
         from detector.predictor import IncompatibleBankError
 
         set_threads(SETTINGS.num_threads)
-        cls = type(self)
-        backbone_path = _stored_path(cls.backbone_model, "INSPECT_BACKBONE_MODEL")
-        bank_path = _stored_path(cls.bank_model, "INSPECT_BANK_MODEL")
+        backbone_path = _stored(BACKBONE_MODEL, "INSPECT_BACKBONE_MODEL").path
+        bank_path = _stored(BANK_MODEL, "INSPECT_BANK_MODEL").path
         try:
             self.detector = load_detector(
                 backbone_path,
@@ -79,8 +99,8 @@ class InspectionRunner:
             raise
         bank = self.detector.bank.metadata
         self.info = {
-            "backbone_model": str(cls.backbone_model.stored.tag),
-            "bank_model": str(cls.bank_model.stored.tag),
+            "backbone_model": str(BACKBONE_MODEL.stored.tag),
+            "bank_model": str(BANK_MODEL.stored.tag),
             "category": bank.get("category", "unknown"),
             "random_weights": bool(getattr(self.detector.extractor, "random_weights", False)),
             "threshold": self.detector.calibration.threshold,

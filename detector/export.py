@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from detector.backbone import BackboneUnavailableError
+from detector.backbone import BackboneUnavailableError, DinoBackbone
 from detector.memory_bank import MemoryBank
 from detector.model_store import BACKBONE_MODEL, BANK_MODEL, save_backbone, save_bank
-from detector.predictor import IncompatibleBankError
+from detector.predictor import IncompatibleBankError, check_compatible
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = MemoryBank.load(args.model_dir).metadata.get("extractor", {})
         metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-        backbone = save_backbone(
-            args.backbone or spec["backbone"], int(spec["resolution"]), args.backbone_name
+        loaded = DinoBackbone(
+            args.backbone or spec["backbone"],
+            layers=spec["layers"],
+            resolution=int(spec["resolution"]),
+            device="cpu",
         )
+        check_compatible(spec, loaded.spec)  # before anything is written to the store
+        backbone = save_backbone(loaded, args.backbone_name)
         bank = save_bank(args.model_dir, backbone, metrics, args.bank_name)
     except (BackboneUnavailableError, FileNotFoundError, IncompatibleBankError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -27,9 +27,8 @@ def _label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).strip("_")[:63] or "none"
 
 
-def save_backbone(source: str, resolution: int, name: str = BACKBONE_MODEL) -> bentoml.Model:
-    """Copy a transformers checkpoint (local folder or hub id) into the model store."""
-    backbone = DinoBackbone(source, resolution=resolution, device="cpu")
+def save_backbone(backbone: DinoBackbone, name: str = BACKBONE_MODEL) -> bentoml.Model:
+    """Copy a loaded checkpoint's folder (or a hub download of it) into the model store."""
     with bentoml.models.create(
         name,
         labels={

@@ -1,0 +1,125 @@
+"""Model-store export, refusal to start, API key, and `bentoml build` of the bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from detector.make_tiny_backbone import make_backbone
+from tests.servers import REPO, bentoml_serve, export_models, serve_until_exit, service_env
+
+
+@pytest.fixture(scope="module")
+def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    result = export_models(saved_detector_dir, home)
+    assert result.returncode == 0, result.stderr
+    assert "saved backbone model dino-backbone:" in result.stdout
+    return home
+
+
+@pytest.fixture(scope="module")
+def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_backbone(tmp_path_factory.mktemp("other") / "tiny-seed-1", "tiny", seed=1)
+
+
+def test_export_refuses_a_backbone_the_bank_was_not_fitted_with(
+    saved_detector_dir: Path, other_backbone: Path, tmp_path: Path
+) -> None:
+    result = export_models(saved_detector_dir, tmp_path, "--backbone", str(other_backbone))
+    assert result.returncode == 2
+    assert "fingerprint" in result.stderr and "refit the bank" in result.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_serve_refuses_a_mismatched_pair_with_one_sentence(
+    store: Path, other_backbone: Path
+) -> None:
+    save = (
+        "from detector.backbone import DinoBackbone\n"
+        "from detector.model_store import save_backbone\n"
+        f"save_backbone(DinoBackbone({str(other_backbone)!r}, resolution=128), 'other-backbone')"
+    )
+    subprocess.run([sys.executable, "-c", save], env=service_env(store), check=True, cwd=REPO)
+    code, output = serve_until_exit(store, 120, INSPECT_BACKBONE_MODEL="other-backbone:latest")
+    assert code not in (None, 0), output[-2000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot be used with" in errors[0], output[-2000:]
+
+
+def test_serve_without_models_says_what_to_do(tmp_path: Path) -> None:
+    code, output = serve_until_exit(tmp_path, 120)
+    assert code not in (None, 0)
+    assert "python -m detector.export" in output and "is not in the BentoML model store" in output
+
+
+def test_api_key_protects_scoring_but_not_health_or_metrics(
+    store: Path, tmp_path: Path, synthetic_root: Path
+) -> None:
+    image = next((synthetic_root / "carpet" / "test" / "good").glob("*.png")).read_bytes()
+    files = {"image": ("a.png", image, "image/png")}
+    with bentoml_serve(store, tmp_path / "serve.log", INSPECT_API_KEY="s3cret") as url:
+        assert httpx.post(f"{url}/inspect", files=files, timeout=60).status_code == 401
+        wrong = httpx.post(f"{url}/inspect", files=files, headers={"X-API-Key": "nope"}, timeout=60)
+        assert wrong.status_code == 401 and wrong.json()["reason"] == "unauthorised"
+        right = httpx.post(
+            f"{url}/inspect", files=files, headers={"X-API-Key": "s3cret"}, timeout=60
+        )
+        assert right.status_code == 200 and "score" in right.json()
+        bearer = httpx.post(
+            f"{url}/heatmap", files=files, headers={"Authorization": "Bearer s3cret"}, timeout=60
+        )
+        assert bearer.status_code == 200
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+
+
+def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path: Path) -> None:
+    env = service_env(store)
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("dino-inspection:")
+    bento_dir = store / "bentos" / "dino-inspection" / tag.split(":")[1]
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    runner = next(s for s in info["services"] if s["name"] == "inspection_runner")
+    names = sorted(model["tag"].split(":")[0] for model in runner["models"])
+    assert names == ["dino-backbone", "inspection-bank"]
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile and "libgomp1" in dockerfile
+    assert "requirements.txt" in dockerfile and "EXPOSE 3000" in dockerfile
+    assert (bento_dir / "src" / "detector" / "static" / "index.html").exists()
+
+    archive = tmp_path / "bundle.bento"
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    with tarfile.open(archive) as bundle:
+        members = bundle.getnames()
+    for name in ("dino-backbone", "inspection-bank"):
+        assert any(m.startswith(f"./models/{name}/") and m.endswith("model.yaml") for m in members)
+    assert any(
+        m.startswith("./models/dino-backbone/") and m.endswith("/model.safetensors")
+        for m in members
+    )
+    assert any(
+        m.startswith("./models/inspection-bank/") and m.endswith("/index.faiss") for m in members
+    )
+    assert info["labels"]["project"] == "dino-inspection"

@@ -1,0 +1,62 @@
+"""The operator web page, driven in a real headless Chromium against a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from detector.data import MVTecCategory
+from detector.predictor import AnomalyDetector
+from tests.servers import bentoml_serve, export_models
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def test_upload_shows_score_verdict_and_overlay(
+    saved_detector_dir: Path,
+    synthetic_dataset: MVTecCategory,
+    fitted_detector: AnomalyDetector,
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    home = tmp_path / "bentoml_home"
+    assert export_models(saved_detector_dir, home).returncode == 0
+    defect = next(s.path for s in synthetic_dataset.test_samples() if s.defect_type == "color")
+    (expected,) = fitted_detector.predict([defect], with_maps=False)
+
+    with bentoml_serve(home, tmp_path / "serve.log") as url, sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/ui/")
+            page.set_input_files("#file", str(defect))
+            page.wait_for_function(
+                "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
+            )
+            verdict = page.inner_text("#verdict")
+            score = float(page.inner_text("#d-score"))
+            overlay_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+    assert verdict == ("ANOMALOUS" if expected.is_anomalous else "Normal")
+    assert score == pytest.approx(expected.score, abs=1e-4)
+    assert overlay_width == expected.image_size[0]
