@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import bentoml
 import numpy as np
 from PIL import Image
@@ -31,6 +32,7 @@ from detector.settings import Settings
 
 log = logging.getLogger("inspection")
 SETTINGS = Settings.from_env()
+RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
 PAGE = (Path(__file__).parent / "detector" / "static" / "index.html").read_text()
 
 
@@ -78,6 +80,9 @@ class InspectionRunner:
     bank_model = BANK_MODEL
 
     def __init__(self) -> None:
+        import faiss
+        import torch
+
         from detector.cli import set_threads
         from detector.model_store import load_detector
         from detector.predictor import IncompatibleBankError
@@ -97,6 +102,13 @@ class InspectionRunner:
         except IncompatibleBankError as error:
             log.error("refusing to start: %s", error)
             raise
+        log.info(
+            "runner ready: device %s, torch threads %d, faiss threads %d, max batch %d",
+            getattr(self.detector.extractor, "device", "?"),
+            torch.get_num_threads(),
+            faiss.omp_get_max_threads(),
+            SETTINGS.max_batch_size,
+        )
         bank = self.detector.bank.metadata
         self.info = {
             "backbone_model": str(BACKBONE_MODEL.stored.tag),
@@ -158,6 +170,20 @@ class InspectionAPI:
     def __init__(self) -> None:
         self._model_info: dict[str, Any] | None = None
 
+    async def _score(self, method: str, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Call the runner, retrying once when a pooled connection turns out to be dead.
+
+        BentoML's inter-service client keeps idle connections longer than the runner's
+        server does (BentoML issue #4971), so a write can hit a closed socket. Scoring has
+        no side effects, so one retry is safe.
+        """
+        call = getattr(self.runner.to_async, method)
+        try:
+            return await call(images)
+        except aiohttp.ClientConnectionError as error:
+            log.warning("runner connection dropped (%s); retrying once", error)
+            return await call(images)
+
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:
             info = await self.runner.to_async.model_info()
@@ -212,7 +238,10 @@ class InspectionAPI:
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
         decoded_at = time.perf_counter()
-        (result,) = await self.runner.to_async.score([decoded])
+        try:
+            (result,) = await self._score("score", [decoded])
+        except aiohttp.ClientConnectionError:
+            return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
         answer = await self._record(result)
         answer["timing_ms"] = {
             "decode": round((decoded_at - started) * 1000, 2),
@@ -239,7 +268,10 @@ class InspectionAPI:
             decoded = self._decode(image)
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
-        (result,) = await self.runner.to_async.score_with_maps([decoded])
+        try:
+            (result,) = await self._score("score_with_maps", [decoded])
+        except aiohttp.ClientConnectionError:
+            return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
         answer = await self._record(result)
         headers = {
@@ -274,7 +306,10 @@ class InspectionAPI:
                 telemetry.rejected_inputs.labels(error.reason).inc()
                 answers[position] = {"error": error.message, "reason": error.reason}
         if decoded:
-            results = await self.runner.to_async.score([image for _, image in decoded])
+            try:
+                results = await self._score("score", [image for _, image in decoded])
+            except aiohttp.ClientConnectionError:
+                return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
             for (position, _), result in zip(decoded, results, strict=True):
                 answers[position] = await self._record(result)
         return answers

@@ -43,7 +43,9 @@ class Settings:
             bank_tag=os.environ.get("INSPECT_BANK_MODEL", f"{BANK_MODEL}:latest"),
             device=os.environ.get("INSPECT_DEVICE", "auto"),
             half_precision=_bool("INSPECT_HALF_PRECISION", False),
-            num_threads=_int("INSPECT_THREADS", None),
+            # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which
+            # halves a CPU ViT's speed (measured: docs/PERFORMANCE.md).
+            num_threads=_int("INSPECT_THREADS", len(os.sched_getaffinity(0))),
             # On CPU a ViT gains little from batching (docs/PERFORMANCE.md); on a GPU raise it.
             max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", 4) or 4,
             # BentoML cancels (HTTP 503) requests that wait longer than this in the batching

@@ -1,0 +1,137 @@
+"""Served throughput vs in-process `predict`, and `bentoml serve` cold start, in one run.
+
+    python benchmarks/service_benchmark.py [--clients 1 4 16] [--requests-per-client 4]
+
+ViT-S/16-shaped random DINOv3 at 448 px, a 2,195-row bank (1 % of MVTec carpet's patches),
+1024 px PNG uploads to /inspect. Prints img/s for each client count and the ratio to the
+in-process throughput on the same images (goal >= 0.9 at 16 clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from detector.backbone import DinoBackbone  # noqa: E402
+from detector.make_tiny_backbone import make_backbone  # noqa: E402
+from detector.memory_bank import BankConfig  # noqa: E402
+from detector.predictor import AnomalyDetector  # noqa: E402
+from detector.synthetic import carpet_texture, make_dataset  # noqa: E402
+from tests.servers import bentoml_serve, export_models  # noqa: E402
+
+
+def build_models(scratch: Path, bank_rows: int) -> Path:
+    """Fit a bank with the ViT-S-shaped backbone and save it as a detector folder."""
+    backbone_dir = make_backbone(scratch / "vits16", "vits16")
+    data = make_dataset(scratch / "data", size=256, n_train=16, n_test_good=1, n_per_defect=0)
+    train = sorted((data / "train" / "good").glob("*.png"))
+    backbone = DinoBackbone(str(backbone_dir), resolution=448, device="cpu")
+    detector = AnomalyDetector.fit(
+        backbone,
+        train[2:],
+        train[:2],
+        bank_config=BankConfig(coreset_size=bank_rows),
+        progress=False,
+    )
+    detector.bank.metadata["category"] = "carpet"
+    return detector.save(scratch / "model")
+
+
+def upload_bytes(count: int) -> list[bytes]:
+    rng = np.random.default_rng(5)
+    uploads = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray((carpet_texture(1024, rng) * 255).astype(np.uint8)).save(buffer, "PNG")
+        uploads.append(buffer.getvalue())
+    return uploads
+
+
+def served_throughput(url: str, uploads: list[bytes], clients: int, total: int) -> float:
+    def one(index: int) -> None:
+        files = {"image": ("x.png", uploads[index % len(uploads)], "image/png")}
+        response = httpx.post(f"{url}/inspect", files=files, timeout=600)
+        response.raise_for_status()
+
+    one(0)  # warm the path
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(one, range(total)))
+    return total / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--warmup-requests", type=int, default=24)
+    args = parser.parse_args()
+    os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
+    results: dict = {"settings": {k: v for k, v in os.environ.items() if k.startswith("INSPECT_")}}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir = build_models(scratch, bank_rows=2195)
+        home = scratch / "bentoml_home"
+        exported = export_models(model_dir, home)
+        assert exported.returncode == 0, exported.stderr
+        uploads = upload_bytes(8)
+
+        detector = AnomalyDetector.load(model_dir, device="cpu", batch_size=1)
+        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in uploads]
+        detector.predict(images[:1], with_maps=False)
+        started = time.perf_counter()
+        for image in images:
+            detector.predict([image], with_maps=False)
+        in_process = len(images) / (time.perf_counter() - started)
+        results["in_process_img_per_s"] = round(in_process, 3)
+        del detector
+
+        started = time.perf_counter()
+        log_path = Path(tempfile.gettempdir()) / "service_benchmark_serve.log"
+        with bentoml_serve(home, log_path, timeout=300) as url:
+            results["cold_start_to_ready_s"] = round(time.perf_counter() - started, 1)
+            # BentoML's batcher calibrates on its first ~12 requests (it waits for batches of
+            # 2 and 3 to time them); measure the steady state after that, as production runs.
+            served_throughput(url, uploads, 4, args.warmup_requests)
+            for clients in args.clients:
+                total = max(args.min_requests, clients * args.requests_per_client)
+                rate = served_throughput(url, uploads, clients, total)
+                results[f"served_{clients}_clients"] = {
+                    "requests": total,
+                    "img_per_s": round(rate, 3),
+                    "ratio_to_in_process": round(rate / in_process, 3),
+                }
+                print(json.dumps(results, indent=2), flush=True)
+            metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        batch_lines = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("bentoml_service_adaptive_batch_size_")
+            and 'method_name="score"' in line
+            and ("_sum" in line or "_count" in line)
+        ]
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in batch_lines}
+        count = values.get("bentoml_service_adaptive_batch_size_count", 0)
+        if count:
+            mean = values["bentoml_service_adaptive_batch_size_sum"] / count
+            results["mean_adaptive_batch_size"] = round(mean, 2)
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
