@@ -29,6 +29,7 @@ from starlette.routing import Route
 from detector import telemetry
 from detector.images import InvalidImageError, decode_image
 from detector.settings import Settings
+from detector.visualize import map_to_png_image, overlay  # imports matplotlib once, at start
 
 log = logging.getLogger("inspection")
 SETTINGS = Settings.from_env()
@@ -133,16 +134,17 @@ class InspectionRunner:
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def score(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in self.detector.predict(images, with_maps=False)]
+    def score(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        pictures = [Image.fromarray(image) for image in images]
+        return [r.to_dict() for r in self.detector.predict(pictures, with_maps=False)]
 
     @bentoml.api(
         batchable=True,
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def score_with_maps(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        results = self.detector.predict(images, with_maps=True)
+    def score_with_maps(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        results = self.detector.predict([Image.fromarray(image) for image in images])
         return [{**r.to_dict(), "anomaly_map": r.anomaly_map} for r in results]
 
     @bentoml.api
@@ -173,16 +175,20 @@ class InspectionAPI:
     async def _score(self, method: str, images: list[Image.Image]) -> list[dict[str, Any]]:
         """Call the runner, retrying once when a pooled connection turns out to be dead.
 
+        Images travel as uint8 arrays: BentoML would PNG-encode a PIL image on the way, about
+        1 s for a 1024 px frame, where pickling an array costs milliseconds.
+
         BentoML's inter-service client keeps idle connections longer than the runner's
         server does (BentoML issue #4971), so a write can hit a closed socket. Scoring has
         no side effects, so one retry is safe.
         """
         call = getattr(self.runner.to_async, method)
+        arrays = [np.asarray(image) for image in images]
         try:
-            return await call(images)
+            return await call(arrays)
         except aiohttp.ClientConnectionError as error:
             log.warning("runner connection dropped (%s); retrying once", error)
-            return await call(images)
+            return await call(arrays)
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:
@@ -258,8 +264,6 @@ class InspectionAPI:
 
         `map` scales the raw map by 2 x threshold to 0..65535; `npy` is the float32 map.
         """
-        from detector.visualize import map_to_png_image, overlay
-
         if denied := self._unauthorised(ctx):
             return denied
         if output not in ("overlay", "map", "npy"):
@@ -289,7 +293,8 @@ class InspectionAPI:
             else map_to_png_image(anomaly_map, answer["threshold"])
         )
         buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
+        # zlib level 1: 0.08 s instead of 0.5 s for a 1024 px overlay, ~18 % larger file.
+        picture.save(buffer, format="PNG", compress_level=1)
         return Response(buffer.getvalue(), media_type="image/png", headers=headers)
 
     @bentoml.api
