@@ -1,0 +1,1 @@
+"""Offline inspection of image folders through the service's runner and detector."""

@@ -1,0 +1,185 @@
+"""Run one batch job: find, shard, skip what is done, score, journal, summarise."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from batch.files import Shard, find_images
+from batch.loader import LoadedImage, prefetch
+from batch.results import ResultJournal, latest_per_path, read_rows, write_csv
+from batch.scorers import BatchSetupError
+
+
+@dataclass
+class JobOptions:
+    input_dir: Path
+    out_dir: Path
+    batch_size: int = 8
+    heatmaps: bool = False
+    evaluate: bool = False
+    shard: Shard | None = None
+    progress: bool = True
+
+
+def output_names(shard: Shard | None) -> tuple[str, str]:
+    suffix = shard.suffix if shard else ""
+    return f"results{suffix}.jsonl", f"results{suffix}.csv"
+
+
+def heatmap_path(out_dir: Path, relative: str) -> Path:
+    """OUT/heatmaps/<relative path>.png, refusing any path that would leave OUT."""
+    base = (out_dir / "heatmaps").resolve()
+    target = (base / relative).with_suffix(".png").resolve()
+    if not target.is_relative_to(base):
+        raise ValueError(f"{relative} would be written outside {base}")
+    return target
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise BatchSetupError(
+            f"Cannot write to {out_dir}: {error.strerror}; choose another --out."
+        ) from None
+
+
+def _mvtec_sample(input_dir: Path, relative: str):
+    """An MVTec test image as a Sample: <input>/<good|defect>/x.png, masks in ../ground_truth."""
+    from detector.data import GOOD, Sample
+
+    parts = Path(relative).parts
+    defect = parts[0] if len(parts) > 1 else GOOD
+    mask = input_dir.parent / "ground_truth" / defect / f"{Path(relative).stem}_mask.png"
+    label = int(defect != GOOD)
+    return Sample(input_dir / relative, label, defect, mask if label and mask.exists() else None)
+
+
+def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
+    images, others = find_images(options.input_dir)
+    if options.shard:
+        images = [path for path in images if options.shard.owns(path)]
+    if not images and not others:
+        raise BatchSetupError(f"{options.input_dir} holds no files to inspect.")
+    journal_name, csv_name = output_names(options.shard)
+    journal = ResultJournal(options.out_dir / journal_name)
+    todo = [path for path in images if path not in journal.done]
+    with_maps = options.heatmaps or options.evaluate
+    accumulator = None
+    if options.evaluate:
+        from detector.evaluation import EvaluationAccumulator
+
+        accumulator = EvaluationAccumulator()
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not options.progress)
+    batch: list[LoadedImage] = []
+
+    def flush() -> None:
+        for item, (row, heat) in zip(batch, scorer.score(batch, with_maps), strict=True):
+            if options.heatmaps and heat is not None and not row.get("error"):
+                _save_heatmap(options.out_dir, item, heat, row)
+            if accumulator is not None and heat is not None:
+                from detector.scoring import Calibration, make_result
+
+                result = make_result(
+                    row["score"], Calibration(row["threshold"], 0.0), item.image.size, heat
+                )
+                accumulator.add(
+                    _mvtec_sample(options.input_dir, item.relative_path), result, item.image
+                )
+            journal.append(row)
+            bar.update(1)
+        batch.clear()
+
+    try:
+        for loaded in prefetch(options.input_dir, todo, scorer.prepare):
+            if loaded.error:
+                journal.append({"path": loaded.relative_path, "error": loaded.error})
+                bar.update(1)
+                continue
+            batch.append(loaded)
+            if len(batch) >= options.batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        bar.close()
+        journal.close()
+    seconds = time.perf_counter() - started
+    rows = journal.compact()
+    write_csv(rows, options.out_dir / csv_name)
+    summary = summarise(rows, options.out_dir, others, skipped=len(images) - len(todo))
+    summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
+    summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
+    if accumulator is not None and accumulator.labels:
+        threshold = next((r["threshold"] for r in rows if not r.get("error")), 0.0)
+        summary["evaluation"] = accumulator.write(
+            options.out_dir / "evaluation", threshold, "batch: image ROC", {}
+        )
+    (options.out_dir / f"summary{options.shard.suffix if options.shard else ''}.json").write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )
+    return summary
+
+
+def _save_heatmap(out_dir: Path, item: LoadedImage, heat: Any, row: dict[str, Any]) -> None:
+    target = heatmap_path(out_dir, item.relative_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(heat, bytes):  # a PNG from the service
+        target.write_bytes(heat)
+        return
+    from detector.visualize import overlay
+
+    overlay(item.image, np.asarray(heat), row["threshold"]).save(target, compress_level=1)
+
+
+def summarise(
+    rows: list[dict[str, Any]], out_dir: Path, others: list[str], skipped: int = 0
+) -> dict[str, Any]:
+    """Counts, anomaly rate, failures and a score histogram with the threshold marked."""
+    scored = [row for row in rows if not row.get("error")]
+    failed = [row for row in rows if row.get("error")]
+    anomalous = sum(1 for row in scored if row["is_anomalous"])
+    summary: dict[str, Any] = {
+        "images": len(rows),
+        "scored": len(scored),
+        "anomalous": anomalous,
+        "anomaly_rate": round(anomalous / len(scored), 4) if scored else None,
+        "failed": len(failed),
+        "failures": [{"path": row["path"], "error": row["error"]} for row in failed[:100]],
+        "skipped_already_done": skipped,
+        "non_image_files": len(others),
+        "non_image_examples": others[:20],
+    }
+    if scored:
+        from detector.visualize import save_score_histogram
+
+        threshold = scored[0]["threshold"]
+        save_score_histogram([row["score"] for row in scored], threshold, out_dir / "scores.png")
+        summary["threshold"] = threshold
+    return summary
+
+
+def merge(out_dir: Path) -> dict[str, Any]:
+    """Combine shard journals into results.jsonl / results.csv / summary.json."""
+    journals = sorted(out_dir.glob("results-shard-*.jsonl"))
+    if not journals:
+        raise BatchSetupError(f"{out_dir} holds no shard results (results-shard-*.jsonl).")
+    rows = latest_per_path(row for journal in journals for row in read_rows(journal))
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_csv(rows, out_dir / "results.csv")
+    summary = summarise(rows, out_dir, [])
+    summary["merged_shards"] = [journal.name for journal in journals]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
