@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import bentoml
 import numpy as np
 from PIL import Image
@@ -71,6 +72,18 @@ try:
     check_model_pair(BACKBONE_MODEL, BANK_MODEL)
 except (ModelMissingError, ValueError) as _refusal:
     raise SystemExit(f"error: {_refusal}") from None
+
+
+# INSPECT_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML needs a maximum above 1).
+BATCHING: dict[str, Any] = (
+    {
+        "batchable": True,
+        "max_batch_size": SETTINGS.max_batch_size,
+        "max_latency_ms": SETTINGS.max_latency_ms,
+    }
+    if SETTINGS.max_batch_size > 1
+    else {"batchable": False}
+)
 
 
 @bentoml.service(name="inspection_runner", workers=1, traffic={"timeout": 300})
@@ -129,20 +142,12 @@ class InspectionRunner:
     def __is_ready__(self) -> bool:
         return getattr(self, "detector", None) is not None
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.max_batch_size,
-        max_latency_ms=SETTINGS.max_latency_ms,
-    )
+    @bentoml.api(**BATCHING)
     def score(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         pictures = [Image.fromarray(image) for image in images]
         return [r.to_dict() for r in self.detector.predict(pictures, with_maps=False)]
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.max_batch_size,
-        max_latency_ms=SETTINGS.max_latency_ms,
-    )
+    @bentoml.api(**BATCHING)
     def score_with_maps(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         results = self.detector.predict([Image.fromarray(image) for image in images])
         return [{**r.to_dict(), "anomaly_map": r.anomaly_map} for r in results]
@@ -212,6 +217,7 @@ class InspectionAPI:
         return _error(ctx, 401, "unauthorised", "Missing or wrong API key: send it as X-API-Key.")
 
     def _decode(self, upload: Path) -> Image.Image:
+        """Runs in a worker thread: decoding a camera frame takes tens of milliseconds."""
         size = upload.stat().st_size
         if size > SETTINGS.max_bytes:
             raise InvalidImageError(
@@ -240,7 +246,7 @@ class InspectionAPI:
         if denied := self._unauthorised(ctx):
             return denied
         try:
-            decoded = self._decode(image)
+            decoded = await anyio.to_thread.run_sync(self._decode, image)
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
         decoded_at = time.perf_counter()
@@ -269,7 +275,7 @@ class InspectionAPI:
         if output not in ("overlay", "map", "npy"):
             return _error(ctx, 400, "bad_output", "output must be one of overlay, map, npy.")
         try:
-            decoded = self._decode(image)
+            decoded = await anyio.to_thread.run_sync(self._decode, image)
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
         try:
@@ -306,7 +312,7 @@ class InspectionAPI:
         decoded: list[tuple[int, Image.Image]] = []
         for position, upload in enumerate(images):
             try:
-                decoded.append((position, self._decode(upload)))
+                decoded.append((position, await anyio.to_thread.run_sync(self._decode, upload)))
             except InvalidImageError as error:
                 telemetry.rejected_inputs.labels(error.reason).inc()
                 answers[position] = {"error": error.message, "reason": error.reason}

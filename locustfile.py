@@ -1,0 +1,115 @@
+"""Locust load test of the inspection API: every response is checked, wrong answers fail.
+
+    locust -f locustfile.py --host http://localhost:3000 --headless -u 16 -r 4 -t 2m
+    locust -f locustfile.py --host ... --image-dir /data/samples --api-key KEY
+
+Users post images to /inspect, /heatmap and /inspect_batch in a 16 : 3 : 1 mix (operators
+mostly need the verdict, sometimes the heatmap; a few clients send several frames at once).
+Images come from --image-dir, or are synthetic carpet frames made at start-up.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from locust import HttpUser, between, events, task
+
+IMAGES: list[tuple[str, bytes]] = []
+RESULT_KEYS = {"score", "threshold", "normalized_score", "is_anomalous", "image_width"}
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser) -> None:
+    parser.add_argument("--image-dir", default="", help="folder of images to send")
+    parser.add_argument("--image-count", type=int, default=12, help="synthetic images to make")
+    parser.add_argument("--image-size", type=int, default=512, help="synthetic image size")
+    parser.add_argument("--api-key", default="", help="sent as X-API-Key")
+
+
+@events.test_start.add_listener
+def load_images(environment, **_) -> None:
+    options = environment.parsed_options
+    if IMAGES:
+        return
+    if options.image_dir:
+        from detector.images import is_image_path
+
+        for path in sorted(Path(options.image_dir).rglob("*")):
+            if path.is_file() and is_image_path(path):
+                IMAGES.append((path.name, path.read_bytes()))
+    else:
+        import numpy as np
+        from PIL import Image
+
+        from detector.synthetic import carpet_texture
+
+        rng = np.random.default_rng(0)
+        for index in range(options.image_count):
+            buffer = io.BytesIO()
+            texture = carpet_texture(options.image_size, rng)
+            Image.fromarray((texture * 255).astype(np.uint8)).save(buffer, "PNG", compress_level=1)
+            IMAGES.append((f"synthetic-{index}.png", buffer.getvalue()))
+    if not IMAGES:
+        raise SystemExit(f"no images found in {options.image_dir}")
+
+
+def check_result(result: object) -> str | None:
+    """Why a result is wrong, or None when it is a well-formed inspection result."""
+    if not isinstance(result, dict) or not RESULT_KEYS <= result.keys():
+        return f"missing keys in {result!r:.200}"
+    if not result["threshold"] > 0:
+        return "threshold is not positive"
+    if abs(result["normalized_score"] - result["score"] / result["threshold"]) > 1e-6:
+        return "normalized_score != score / threshold"
+    if result["is_anomalous"] != (result["score"] > result["threshold"]):
+        return "verdict disagrees with score and threshold"
+    return None
+
+
+class InspectionUser(HttpUser):
+    wait_time = between(0.0, 0.2)
+
+    def on_start(self) -> None:
+        key = self.environment.parsed_options.api_key
+        if key:
+            self.client.headers["X-API-Key"] = key
+
+    def _upload(self) -> dict:
+        name, data = random.choice(IMAGES)
+        return {"image": (name, data, "application/octet-stream")}
+
+    @task(16)
+    def inspect(self) -> None:
+        with self.client.post("/inspect", files=self._upload(), catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif problem := check_result(response.json()):
+                response.failure(problem)
+
+    @task(3)
+    def heatmap(self) -> None:
+        with self.client.post("/heatmap", files=self._upload(), catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif not response.content.startswith(b"\x89PNG\r\n\x1a\n"):
+                response.failure("heatmap is not a PNG")
+            elif "x-anomaly-score" not in response.headers:
+                response.failure("heatmap lacks the X-Anomaly-Score header")
+
+    @task(1)
+    def inspect_batch(self) -> None:
+        uploads = [("images", random.choice(IMAGES)) for _ in range(3)]
+        files = [(field, (name, data, "application/octet-stream")) for field, (name, data) in uploads]
+        with self.client.post(
+            "/inspect_batch", files=files, catch_response=True, name="/inspect_batch"
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            results = response.json()
+            if len(results) != 3:
+                response.failure(f"expected 3 results, got {len(results)}")
+            elif problem := next(filter(None, map(check_result, results)), None):
+                response.failure(problem)

@@ -1,0 +1,112 @@
+"""A short real Locust run, and a real Prometheus server scraping the service."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import REPO, bentoml_serve, export_models, free_port, service_env, stop
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.fixture(scope="module")
+def server(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("bentoml_home")
+    assert export_models(saved_detector_dir, home).returncode == 0
+    with bentoml_serve(home, tmp_path_factory.mktemp("logs") / "serve.log") as url:
+        yield url
+
+
+def test_short_locust_run_has_no_failures(server: str, tmp_path: Path) -> None:
+    prefix = tmp_path / "locust"
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "--host", server,
+         "-u", "4", "-r", "4", "-t", "10s", "--image-size", "96", "--image-count", "4",
+         "--csv", str(prefix), "--only-summary"],
+        cwd=REPO, env=service_env(tmp_path), capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(f"{prefix}_stats.csv") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["/inspect"]["Request Count"]) > 5
+    assert int(rows["Aggregated"]["Request Count"]) > int(rows["/inspect"]["Request Count"])
+
+
+def test_locust_counts_wrong_answers_as_failures() -> None:
+    sys.path.insert(0, str(REPO))
+    from locustfile import check_result
+
+    good = {"score": 2.0, "threshold": 1.0, "normalized_score": 2.0, "is_anomalous": True,
+            "image_width": 8}
+    assert check_result(good) is None
+    assert "verdict" in check_result({**good, "is_anomalous": False})
+    assert "normalized" in check_result({**good, "normalized_score": 1.0})
+    assert "missing" in check_result({"error": "x"})
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus package is not installed")
+def test_real_prometheus_scrapes_request_counter_and_score_histogram(
+    server: str, tmp_path: Path
+) -> None:
+    for _ in range(3):
+        image = next((REPO / "tests").glob("*.py"))  # any bytes: counted as a rejected input
+        httpx.post(f"{server}/inspect", files={"image": ("x", image.read_bytes())}, timeout=30)
+    png = _small_png()
+    for _ in range(3):
+        assert httpx.post(f"{server}/inspect", files={"image": ("x.png", png)}, timeout=60).is_success
+    target = server.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs:\n  - job_name: inspection\n    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+    try:
+        found: dict[str, list] = {}
+        deadline = time.monotonic() + 60
+        wanted = {
+            "requests": 'bentoml_service_request_total{job="inspection"}',
+            "scores": 'inspection_normalized_score_bucket{job="inspection"}',
+            "rejected": 'inspection_rejected_inputs_total{job="inspection"}',
+        }
+        while time.monotonic() < deadline and len(found) < len(wanted):
+            for name, query in wanted.items():
+                try:
+                    data = httpx.get(api, params={"query": query}, timeout=5).json()
+                except httpx.HTTPError:
+                    continue
+                if data.get("status") == "success" and data["data"]["result"]:
+                    found[name] = data["data"]["result"]
+            time.sleep(1)
+    finally:
+        stop(process)
+    assert set(found) == set(wanted), f"Prometheus found only {sorted(found)}"
+    assert any(float(series["value"][1]) >= 3 for series in found["requests"])
+    assert any(float(series["value"][1]) >= 3 for series in found["rejected"])
+
+
+def _small_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
