@@ -1,0 +1,112 @@
+"""Soak test: 16 Locust users for 10 minutes against one service; RSS of every service
+process at the start and end, and the failure count. Goal: 0 failures, RSS growth < 5 %.
+
+    python benchmarks/soak.py [--minutes 10] [--users 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.service_benchmark import build_models, served_throughput, upload_bytes  # noqa: E402
+from tests.servers import bentoml_serve, export_models, service_env  # noqa: E402
+
+
+def service_rss_mib() -> dict[str, float]:
+    """RSS of each `bentoml` server process (the arbiter and its service workers)."""
+    sizes = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if "bentoml serve" in command or "_bentoml_impl" in command:
+            rss_line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+            rss_kib = int(rss_line.split()[1])
+            sizes[f"{entry.name} {command[:90]}"] = round(rss_kib / 1024, 1)
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--users", type=int, default=16)
+    args = parser.parse_args()
+    os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir = build_models(scratch, bank_rows=2195)
+        home = scratch / "bentoml_home"
+        assert export_models(model_dir, home).returncode == 0
+        with bentoml_serve(home, scratch / "serve.log", timeout=300) as url:
+            served_throughput(url, upload_bytes(4), 4, 24)
+            start = service_rss_mib()
+            prefix = scratch / "soak"
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "locust",
+                    "-f",
+                    "locustfile.py",
+                    "--headless",
+                    "--host",
+                    url,
+                    "-u",
+                    str(args.users),
+                    "-r",
+                    str(args.users),
+                    "-t",
+                    f"{int(args.minutes * 60)}s",
+                    "--csv",
+                    str(prefix),
+                    "--only-summary",
+                    "--image-size",
+                    "512",
+                ],
+                cwd=REPO,
+                env=service_env(scratch),
+                check=False,
+                capture_output=True,
+                timeout=args.minutes * 60 + 300,
+            )
+            end = service_rss_mib()
+        with open(f"{prefix}_stats.csv") as handle:
+            total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    growth = {
+        name: round((end[name] - start[name]) / start[name] * 100, 2)
+        for name in start
+        if name in end
+    }
+    print(
+        "RESULTS "
+        + json.dumps(
+            {
+                "minutes": args.minutes,
+                "users": args.users,
+                "requests": int(total["Request Count"]),
+                "failures": int(total["Failure Count"]),
+                "rss_start_mib": start,
+                "rss_end_mib": end,
+                "rss_growth_percent": growth,
+                "max_growth_percent": max(growth.values(), default=None),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
