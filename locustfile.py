@@ -57,7 +57,7 @@ def load_images(environment, **_) -> None:
 
 def check_result(result: object) -> str | None:
     """Why a result is wrong, or None when it is a well-formed inspection result."""
-    if not isinstance(result, dict) or not RESULT_KEYS <= result.keys():
+    if not isinstance(result, dict) or not result.keys() >= RESULT_KEYS:
         return f"missing keys in {result!r:.200}"
     if not result["threshold"] > 0:
         return "threshold is not positive"
@@ -101,7 +101,9 @@ class InspectionUser(HttpUser):
     @task(1)
     def inspect_batch(self) -> None:
         uploads = [("images", random.choice(IMAGES)) for _ in range(3)]
-        files = [(field, (name, data, "application/octet-stream")) for field, (name, data) in uploads]
+        files = [
+            (field, (name, data, "application/octet-stream")) for field, (name, data) in uploads
+        ]
         with self.client.post(
             "/inspect_batch", files=files, catch_response=True, name="/inspect_batch"
         ) as response:

@@ -132,7 +132,7 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
             for name, query in wanted.items():
                 try:
                     data = httpx.get(api, params={"query": query}, timeout=5).json()
-                except httpx.HTTPError:
+                except (httpx.HTTPError, ValueError):  # still starting: not yet JSON
                     continue
                 if data.get("status") == "success" and data["data"]["result"]:
                     found[name] = data["data"]["result"]
