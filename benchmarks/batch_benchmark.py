@@ -26,10 +26,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.service_benchmark import build_models  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store  # noqa: E402
 from detector.predictor import AnomalyDetector  # noqa: E402
 from detector.synthetic import carpet_texture  # noqa: E402
-from tests.servers import export_models, service_env  # noqa: E402
+from tests.servers import service_env  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        model_dir = build_models(scratch, bank_rows=2195)
-        home = scratch / "bentoml_home"
-        assert export_models(model_dir, home).returncode == 0
+        model_dir, home = benchmark_store(scratch)
         folder = scratch / "incoming"
         rng = np.random.default_rng(3)
         for index in range(args.images):

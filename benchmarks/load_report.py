@@ -24,10 +24,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.service_benchmark import build_models, served_throughput, upload_bytes  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
 from detector.images import decode_image  # noqa: E402
 from detector.predictor import AnomalyDetector  # noqa: E402
-from tests.servers import bentoml_serve, export_models, service_env  # noqa: E402
+from tests.servers import bentoml_serve, locust_command, service_env  # noqa: E402
 
 CONFIGS = {"batching off": {"INSPECT_MAX_BATCH_SIZE": "1"}, "batching max 4": {}}
 
@@ -44,27 +44,7 @@ def batch_histogram(url: str) -> dict[str, float]:
 
 def run_locust(url: str, users: int, seconds: int, prefix: Path) -> dict:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            "locustfile.py",
-            "--headless",
-            "--host",
-            url,
-            "-u",
-            str(users),
-            "-r",
-            str(users),
-            "-t",
-            f"{seconds}s",
-            "--csv",
-            str(prefix),
-            "--only-summary",
-            "--image-size",
-            "512",
-        ],
+        locust_command(url, users, seconds, prefix, "--image-size", "512"),
         cwd=REPO,
         env=service_env(prefix.parent),
         check=False,
@@ -94,9 +74,7 @@ def main() -> None:
     report: dict = {}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        model_dir = build_models(scratch, bank_rows=2195)
-        home = scratch / "bentoml_home"
-        assert export_models(model_dir, home).returncode == 0
+        model_dir, home = benchmark_store(scratch)
         uploads = upload_bytes(8)
         detector = AnomalyDetector.load(model_dir, device="cpu", batch_size=1)
         started = time.perf_counter()

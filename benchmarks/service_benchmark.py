@@ -52,6 +52,15 @@ def build_models(scratch: Path, bank_rows: int) -> Path:
     return detector.save(scratch / "model")
 
 
+def benchmark_store(scratch: Path) -> tuple[Path, Path]:
+    """Fit the benchmark bank (1 % of MVTec carpet's patches) and export it: (model, home)."""
+    model_dir = build_models(scratch, bank_rows=2195)
+    home = scratch / "bentoml_home"
+    exported = export_models(model_dir, home)
+    assert exported.returncode == 0, exported.stderr
+    return model_dir, home
+
+
 def upload_bytes(count: int) -> list[bytes]:
     rng = np.random.default_rng(5)
     uploads = []
@@ -86,10 +95,7 @@ def main() -> None:
     results: dict = {"settings": {k: v for k, v in os.environ.items() if k.startswith("INSPECT_")}}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        model_dir = build_models(scratch, bank_rows=2195)
-        home = scratch / "bentoml_home"
-        exported = export_models(model_dir, home)
-        assert exported.returncode == 0, exported.stderr
+        model_dir, home = benchmark_store(scratch)
         uploads = upload_bytes(8)
 
         # In-process baseline on the same uploads: decode (as the service must) + predict.

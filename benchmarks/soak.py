@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.service_benchmark import build_models, served_throughput, upload_bytes  # noqa: E402
-from tests.servers import bentoml_serve, export_models, service_env  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
+from tests.servers import bentoml_serve, locust_command, service_env  # noqa: E402
 
 
 def service_rss_mib() -> dict[str, float]:
@@ -48,35 +48,15 @@ def main() -> None:
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        model_dir = build_models(scratch, bank_rows=2195)
-        home = scratch / "bentoml_home"
-        assert export_models(model_dir, home).returncode == 0
+        model_dir, home = benchmark_store(scratch)
         with bentoml_serve(home, scratch / "serve.log", timeout=300) as url:
             served_throughput(url, upload_bytes(4), 4, 24)
             start = service_rss_mib()
             prefix = scratch / "soak"
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "locust",
-                    "-f",
-                    "locustfile.py",
-                    "--headless",
-                    "--host",
-                    url,
-                    "-u",
-                    str(args.users),
-                    "-r",
-                    str(args.users),
-                    "-t",
-                    f"{int(args.minutes * 60)}s",
-                    "--csv",
-                    str(prefix),
-                    "--only-summary",
-                    "--image-size",
-                    "512",
-                ],
+                locust_command(
+                    url, args.users, int(args.minutes * 60), prefix, "--image-size", "512"
+                ),
                 cwd=REPO,
                 env=service_env(scratch),
                 check=False,

@@ -37,6 +37,30 @@ def service_env(bentoml_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def locust_command(url: str, users: int, seconds: int, csv_prefix: Path, *extra: str) -> list[str]:
+    """A headless Locust run of locustfile.py that writes CSV stats under `csv_prefix`."""
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        "locustfile.py",
+        "--headless",
+        "--host",
+        url,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        *extra,
+    ]
+
+
 def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "detector.export", str(model_dir), *args],

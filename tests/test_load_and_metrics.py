@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import REPO, bentoml_serve, export_models, free_port, service_env, stop
+from tests.servers import (
+    REPO,
+    bentoml_serve,
+    export_models,
+    free_port,
+    locust_command,
+    service_env,
+    stop,
+)
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -28,29 +36,7 @@ def server(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_short_locust_run_has_no_failures(server: str, tmp_path: Path) -> None:
     prefix = tmp_path / "locust"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            "locustfile.py",
-            "--headless",
-            "--host",
-            server,
-            "-u",
-            "4",
-            "-r",
-            "4",
-            "-t",
-            "10s",
-            "--image-size",
-            "96",
-            "--image-count",
-            "4",
-            "--csv",
-            str(prefix),
-            "--only-summary",
-        ],
+        locust_command(server, 4, 10, prefix, "--image-size", "96", "--image-count", "4"),
         cwd=REPO,
         env=service_env(tmp_path),
         capture_output=True,
