@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,15 @@ def main() -> None:
             served_throughput(url, upload_bytes(4), 4, 24)
             start = service_rss_mib()
             prefix = scratch / "soak"
+            samples: list[float] = []  # total service RSS every 30 s: plateau or leak?
+            stop_sampling = threading.Event()
+
+            def sample() -> None:
+                while not stop_sampling.wait(30):
+                    samples.append(round(sum(service_rss_mib().values()), 1))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             subprocess.run(
                 locust_command(
                     url, args.users, int(args.minutes * 60), prefix, "--image-size", "512"
@@ -63,6 +73,8 @@ def main() -> None:
                 capture_output=True,
                 timeout=args.minutes * 60 + 300,
             )
+            stop_sampling.set()
+            sampler.join()
             end = service_rss_mib()
         with open(f"{prefix}_stats.csv") as handle:
             total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
@@ -83,6 +95,7 @@ def main() -> None:
                 "rss_end_mib": end,
                 "rss_growth_percent": growth,
                 "max_growth_percent": max(growth.values(), default=None),
+                "total_rss_every_30s_mib": samples,
             }
         )
     )
