@@ -15,6 +15,10 @@ from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
 from batch.results import ResultJournal, latest_per_path, read_rows, write_csv
 from batch.scorers import BatchSetupError
+from detector.data import GOOD, Sample
+from detector.evaluation import EvaluationAccumulator
+from detector.scoring import Calibration, make_result
+from detector.visualize import overlay, save_score_histogram
 
 
 @dataclass
@@ -56,8 +60,6 @@ def check_writable(out_dir: Path) -> None:
 
 def _mvtec_sample(input_dir: Path, relative: str):
     """An MVTec test image as a Sample: <input>/<good|defect>/x.png, masks in ../ground_truth."""
-    from detector.data import GOOD, Sample
-
     parts = Path(relative).parts
     defect = parts[0] if len(parts) > 1 else GOOD
     mask = input_dir.parent / "ground_truth" / defect / f"{Path(relative).stem}_mask.png"
@@ -77,8 +79,6 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
     with_maps = options.heatmaps or options.evaluate
     accumulator = None
     if options.evaluate:
-        from detector.evaluation import EvaluationAccumulator
-
         accumulator = EvaluationAccumulator()
 
     started = time.perf_counter()
@@ -90,8 +90,6 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
             if options.heatmaps and heat is not None and not row.get("error"):
                 _save_heatmap(options.out_dir, item, heat, row)
             if accumulator is not None and heat is not None:
-                from detector.scoring import Calibration, make_result
-
                 result = make_result(
                     row["score"], Calibration(row["threshold"], 0.0), item.image.size, heat
                 )
@@ -139,8 +137,6 @@ def _save_heatmap(out_dir: Path, item: LoadedImage, heat: Any, row: dict[str, An
     if isinstance(heat, bytes):  # a PNG from the service
         target.write_bytes(heat)
         return
-    from detector.visualize import overlay
-
     overlay(item.image, np.asarray(heat), row["threshold"]).save(target, compress_level=1)
 
 
@@ -163,8 +159,6 @@ def summarise(
         "non_image_examples": others[:20],
     }
     if scored:
-        from detector.visualize import save_score_histogram
-
         threshold = scored[0]["threshold"]
         save_score_histogram([row["score"] for row in scored], threshold, out_dir / "scores.png")
         summary["threshold"] = threshold

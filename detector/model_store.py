@@ -14,7 +14,7 @@ from typing import Any
 
 import bentoml
 
-from detector.backbone import RANDOM_WEIGHTS_MARKER, DinoBackbone, load_pretrained
+from detector.backbone import DinoBackbone, load_pretrained
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 from detector.predictor import AnomalyDetector, check_compatible
 
@@ -104,7 +104,3 @@ def load_detector(
         num_threads=num_threads,
     )
     return AnomalyDetector.from_bank(bank, extractor=backbone, batch_size=batch_size)
-
-
-def is_random_backbone(path: str | Path) -> bool:
-    return (Path(path) / RANDOM_WEIGHTS_MARKER).exists()
