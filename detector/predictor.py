@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from detector.backbone import DinoBackbone, FeatureExtractor
+from detector.drift_statistics import patch_profile
 from detector.images import read_image
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import (
@@ -120,8 +121,12 @@ class AnomalyDetector:
         bank.metadata["n_train_images"] = len(train_images)
         placeholder = Calibration(threshold=float("inf"), false_alarm_rate=0.0)
         detector = cls(extractor, bank, placeholder, scoring, batch_size)
-        normal_scores = [r.score for r in detector.predict(calibration_images, with_maps=False)]
-        detector.calibration = calibrate(normal_scores, detector.scoring.false_alarm_rate)
+        normal = detector.predict(calibration_images, with_maps=False)
+        detector.calibration = calibrate(
+            [r.score for r in normal],
+            detector.scoring.false_alarm_rate,
+            [r.drift_profile for r in normal],
+        )
         return detector
 
     # ----- prediction -----------------------------------------------------------------
@@ -135,7 +140,7 @@ class AnomalyDetector:
         for grid, size in zip(distances, image_sizes, strict=True):
             heatmap = anomaly_map(grid, input_size, size, self.scoring.sigma) if with_maps else None
             score = image_score(grid, self.scoring)
-            results.append(make_result(score, self.calibration, size, heatmap))
+            results.append(make_result(score, self.calibration, size, heatmap, patch_profile(grid)))
         return results
 
     def predict_prepared(

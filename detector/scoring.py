@@ -31,6 +31,8 @@ class Calibration:
     threshold: float
     false_alarm_rate: float
     reference_scores: list[float] = field(default_factory=list)
+    # One patch-distance profile per calibration image: the drift monitor's reference.
+    reference_profiles: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +46,7 @@ class InspectionResult:
     is_anomalous: bool
     image_size: tuple[int, int]  # (width, height) of the original image
     anomaly_map: np.ndarray | None = None  # (height, width) float32 at the original size
+    drift_profile: np.ndarray | None = None  # patch-distance quantiles, see drift_statistics
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,11 +106,16 @@ def anomaly_map(
     return rows @ grid @ columns.T
 
 
-def calibrate(normal_scores: np.ndarray | list[float], false_alarm_rate: float) -> Calibration:
+def calibrate(
+    normal_scores: np.ndarray | list[float],
+    false_alarm_rate: float,
+    profiles: list[np.ndarray] | None = None,
+) -> Calibration:
     """Threshold = the (1 - rate) quantile of defect-free scores, rounded up to a real score.
 
     With fewer than 1 / rate calibration images this is the highest normal score, the
-    tightest threshold that flags none of them.
+    tightest threshold that flags none of them. The images' patch-distance `profiles` are
+    kept as the drift reference.
     """
     scores = np.asarray(normal_scores, dtype=np.float64)
     if scores.size == 0:
@@ -115,7 +123,8 @@ def calibrate(normal_scores: np.ndarray | list[float], false_alarm_rate: float) 
     if not 0 <= false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
     threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
-    return Calibration(threshold, false_alarm_rate, [float(s) for s in scores])
+    reference = [[round(float(v), 6) for v in profile] for profile in profiles or []]
+    return Calibration(threshold, false_alarm_rate, [float(s) for s in scores], reference)
 
 
 def make_result(
@@ -123,6 +132,7 @@ def make_result(
     calibration: Calibration,
     image_size: tuple[int, int],
     anomaly_map_: np.ndarray | None = None,
+    drift_profile: np.ndarray | None = None,
 ) -> InspectionResult:
     threshold = calibration.threshold
     normalized = score / threshold if threshold > 0 else float("inf")
@@ -133,4 +143,5 @@ def make_result(
         is_anomalous=bool(score > threshold),
         image_size=(int(image_size[0]), int(image_size[1])),
         anomaly_map=anomaly_map_,
+        drift_profile=drift_profile,
     )

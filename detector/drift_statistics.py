@@ -1,0 +1,106 @@
+"""Has the line drifted? Incoming images compared with the calibration images, without labels.
+
+Every scored image leaves a *profile*: quantiles of its patch distances to the memory bank.
+The monitor pools the profiles of a sliding window of recent images and compares them with
+the profiles of the defect-free calibration images (stored with the bank) by the two-sample
+Kolmogorov-Smirnov statistic.
+
+- Patch distances, not image scores: an image score is the top 1 % of one image, so a
+  calibration set of 30 images gives 30 numbers; its patches give thousands, and lighting,
+  focus or camera changes move all of them.
+- Only the lower 90 % of each image's patches: a defect is local and lives in the top
+  quantiles, so a window with defective parts still looks like defect-free traffic, while a
+  global change (exposure, blur, a moved camera) shifts the whole profile.
+- The KS *statistic*, not its p-value: patches of one image are correlated, so p-values
+  would claim certainty the data does not have. The statistic is a plain distance between
+  distributions: 0 = the same, 1 = no overlap at all. Backbone-agnostic: it only sees
+  distance grids.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+PROFILE_QUANTILES = np.round(np.linspace(0.01, 0.90, 90), 2)
+
+
+def patch_profile(patch_distances: np.ndarray) -> np.ndarray:
+    """(90,) float32: the 1st..90th percentiles of one image's patch-distance grid."""
+    values = np.asarray(patch_distances, dtype=np.float64).ravel()
+    return np.quantile(values, PROFILE_QUANTILES).astype(np.float32)
+
+
+def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
+    """KS distance between pooled reference profiles and pooled recent profiles, in [0, 1]."""
+    reference = np.asarray(reference, dtype=np.float64).ravel()
+    recent = np.asarray(recent, dtype=np.float64).ravel()
+    if reference.size == 0 or recent.size == 0:
+        raise ValueError("drift needs reference profiles and at least one recent profile")
+    return float(ks_2samp(reference, recent).statistic)
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    window_size: int = 200  # images in the sliding window
+    min_images: int = 20  # no statistic before this many: a handful of images is noise
+    alert_level: float = 0.5  # statistic at which the status says "drifting"
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1 or not 1 <= self.min_images <= self.window_size:
+            raise ValueError("drift window needs window_size >= min_images >= 1")
+
+
+def drift_report(
+    reference: np.ndarray, profiles: Iterable[np.ndarray], settings: DriftSettings
+) -> dict[str, Any]:
+    """The statistic for a set of images (a batch run, a simulated shift), with context."""
+    recent = [np.asarray(profile, dtype=np.float32) for profile in profiles]
+    reference = np.asarray(reference, dtype=np.float32)
+    report: dict[str, Any] = {
+        "statistic": None,
+        "images": len(recent),
+        "reference_images": int(reference.shape[0]) if reference.size else 0,
+        "min_images": settings.min_images,
+        "alert_level": settings.alert_level,
+    }
+    if not report["reference_images"]:
+        report["status"] = "no_reference"
+    elif len(recent) < settings.min_images:
+        report["status"] = "warming_up"
+    else:
+        statistic = drift_statistic(reference, np.stack(recent))
+        report["statistic"] = round(statistic, 6)
+        report["status"] = "drifting" if statistic >= settings.alert_level else "ok"
+    return report
+
+
+class DriftMonitor:
+    """A thread-safe sliding window of profiles, for a service that scores concurrently."""
+
+    def __init__(self, reference: np.ndarray, settings: DriftSettings | None = None) -> None:
+        self.reference = np.asarray(reference, dtype=np.float32).reshape(-1, PROFILE_QUANTILES.size)
+        self.settings = settings or DriftSettings()
+        self._window: deque[np.ndarray] = deque(maxlen=self.settings.window_size)
+        self._lock = threading.Lock()
+
+    def add(self, profiles: Iterable[np.ndarray]) -> dict[str, Any]:
+        """Append profiles and return the status after them."""
+        with self._lock:
+            self._window.extend(np.asarray(p, dtype=np.float32) for p in profiles)
+            return self._status()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> dict[str, Any]:
+        report = drift_report(self.reference, list(self._window), self.settings)
+        report["window_size"] = self.settings.window_size
+        return report
