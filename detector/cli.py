@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from detector.augment import AugmentConfig
 from detector.backbone import BackboneUnavailableError, DinoBackbone
 from detector.data import MVTecCategory
 from detector.images import InvalidImageError
@@ -97,6 +98,10 @@ def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
         log.info("generating a synthetic dataset in %s", dataset.folder)
         make_dataset(data.root, data.category, seed=seed, **OmegaConf.to_container(data.generate))
     return dataset
+
+
+def augment_config(cfg: DictConfig) -> AugmentConfig:
+    return AugmentConfig(**OmegaConf.to_container(cfg.augment), seed=int(cfg.seed))
 
 
 def bank_config(cfg: DictConfig) -> BankConfig:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from detector.augment import AugmentedImages
 from detector.cli import (
+    augment_config,
     bank_config,
     build_backbone,
     build_dataset,
@@ -41,10 +44,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
         dataset.train_paths(), float(cfg.calibration_fraction), int(cfg.seed)
     )
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
+    augmentation = augment_config(cfg)
+    bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
     started = time.perf_counter()
     detector = AnomalyDetector.fit(
         extractor,
-        bank_paths,
+        bank_images,
         calibration_paths,
         bank_config=bank_config(cfg),
         scoring=scoring_config(cfg),
@@ -52,6 +57,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
         progress=bool(cfg.progress),
     )
     detector.bank.metadata["category"] = str(cfg.data.category)
+    detector.bank.metadata["augmentation"] = asdict(augmentation)
     model_dir = detector.save(Path(str(cfg.model_dir)))
     summary = {
         "model_dir": str(model_dir),
@@ -59,6 +65,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
         "backbone": extractor.spec,
         "random_weights": extractor.random_weights,
         "n_bank_images": len(bank_paths),
+        "augmented_copies_per_image": augmentation.copies_per_image,
         "n_calibration_images": len(calibration_paths),
         "bank_size": detector.bank.size,
         "n_train_features": detector.bank.metadata["n_train_features"],
