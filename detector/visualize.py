@@ -94,3 +94,22 @@ def save_score_histogram(scores: Sequence[float], threshold: float, path: Path) 
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def save_severity_plot(
+    curves: dict[str, list[tuple[int, float | None]]], metric: str, path: Path
+) -> Path:
+    """One line per shift: `metric` against severity (0 = the unshifted test set)."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        kept = [(severity, value) for severity, value in points if value is not None]
+        if kept:
+            axes.plot(*zip(*kept, strict=True), marker="o", label=name)
+    axes.set_xlabel("severity (0 = unshifted)")
+    axes.set_ylabel(metric.replace("_", " "))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
