@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,12 +29,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from detector import telemetry
+from detector.drift_statistics import DriftMonitor, profile_to_list
 from detector.images import InvalidImageError, decode_image
 from detector.settings import Settings
 from detector.visualize import map_to_png_image, overlay  # imports matplotlib once, at start
 
 log = logging.getLogger("inspection")
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except ValueError as _bad_setting:
+    raise SystemExit(f"error: an INSPECT_* setting is invalid: {_bad_setting}") from None
 RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
 PAGE = (Path(__file__).parent / "detector" / "static" / "index.html").read_text()
 
@@ -138,6 +143,29 @@ class InspectionRunner:
             self.info["category"],
             str(self.info["random_weights"]).lower(),
         ).set(1)
+        self.drift = DriftMonitor(
+            np.asarray(self.detector.calibration.reference_profiles), SETTINGS.drift
+        )
+        if not self.drift.reference.size:
+            log.warning("the bank has no drift reference (fitted before drift existed): refit it")
+        self._publish_drift(self.drift.status())
+
+    @staticmethod
+    def _publish_drift(status: dict[str, Any]) -> None:
+        statistic = status["statistic"]
+        telemetry.drift_statistic.set(float("nan") if statistic is None else statistic)
+        telemetry.drift_window_images.set(status["images"])
+
+    def _answers(self, results: list[Any], with_maps: bool) -> list[dict[str, Any]]:
+        """Results as dicts, after adding every image to the drift window."""
+        self._publish_drift(self.drift.add([r.drift_profile for r in results]))
+        answers = []
+        for result in results:
+            answer = {**result.to_dict(), "drift_profile": profile_to_list(result.drift_profile)}
+            if with_maps:
+                answer["anomaly_map"] = result.anomaly_map
+            answers.append(answer)
+        return answers
 
     def __is_ready__(self) -> bool:
         return getattr(self, "detector", None) is not None
@@ -145,16 +173,24 @@ class InspectionRunner:
     @bentoml.api(**BATCHING)
     def score(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         pictures = [Image.fromarray(image) for image in images]
-        return [r.to_dict() for r in self.detector.predict(pictures, with_maps=False)]
+        return self._answers(self.detector.predict(pictures, with_maps=False), with_maps=False)
 
     @bentoml.api(**BATCHING)
     def score_with_maps(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         results = self.detector.predict([Image.fromarray(image) for image in images])
-        return [{**r.to_dict(), "anomaly_map": r.anomaly_map} for r in results]
+        return self._answers(results, with_maps=True)
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
         return self.info
+
+    @bentoml.api
+    def drift_status(self, reference: bool = False) -> dict[str, Any]:
+        """The drift window's state; with `reference`, the calibration profiles too."""
+        status = self.drift.status()
+        if reference:
+            status["reference_profiles"] = self.drift.reference.tolist()
+        return status
 
 
 def _error(ctx: bentoml.Context, status: int, reason: str, message: str) -> JSONResponse:
@@ -229,19 +265,31 @@ class InspectionAPI:
             upload.read_bytes(), max_bytes=SETTINGS.max_bytes, max_pixels=SETTINGS.max_pixels
         )
 
-    async def _record(self, result: dict[str, Any]) -> dict[str, Any]:
+    async def _record(self, result: dict[str, Any], with_profile: bool = False) -> dict[str, Any]:
+        """Count the result in the metrics and add the model tags; the drift profile (90
+        numbers only a client computing its own drift statistic needs) only on request."""
         telemetry.normalized_score.observe(result["normalized_score"])
         telemetry.verdicts.labels("anomalous" if result["is_anomalous"] else "normal").inc()
         info = await self._info()
-        return {
+        profile = result.pop("drift_profile", None)
+        answer = {
             **result,
             "models": {"backbone": info["backbone_model"], "bank": info["bank_model"]},
             "random_weights": info["random_weights"],
         }
+        if with_profile:
+            answer["drift_profile"] = profile
+        return answer
 
     @bentoml.api
-    async def inspect(self, image: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """One image -> score, threshold, normalised score, verdict, size, models, timing."""
+    async def inspect(
+        self, image: Path, ctx: bentoml.Context, drift_profile: bool = False
+    ) -> dict[str, Any]:
+        """One image -> score, threshold, normalised score, verdict, size, models, timing.
+
+        `drift_profile=true` adds the image's patch-distance profile, for clients (the batch
+        job with --url) that compute the drift statistic of their own run.
+        """
         started = time.perf_counter()
         if denied := self._unauthorised(ctx):
             return denied
@@ -254,7 +302,7 @@ class InspectionAPI:
             (result,) = await self._score("score", [decoded])
         except aiohttp.ClientConnectionError:
             return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
-        answer = await self._record(result)
+        answer = await self._record(result, with_profile=drift_profile)
         answer["timing_ms"] = {
             "decode": round((decoded_at - started) * 1000, 2),
             "score": round((time.perf_counter() - decoded_at) * 1000, 2),
@@ -264,12 +312,19 @@ class InspectionAPI:
 
     @bentoml.api
     async def heatmap(
-        self, image: Path, ctx: bentoml.Context, output: str = "overlay"
+        self,
+        image: Path,
+        ctx: bentoml.Context,
+        output: str = "overlay",
+        drift_profile: bool = False,
     ) -> Image.Image:
         """One image -> PNG: `overlay` (heatmap on the image), `map` (16-bit map), or `npy`.
 
         `map` scales the raw map by 2 x threshold to 0..65535; `npy` is the float32 map.
+        The X-Inspection header carries the same JSON as /inspect, so a client (the web
+        page) scores each image once.
         """
+        started = time.perf_counter()
         if denied := self._unauthorised(ctx):
             return denied
         if output not in ("overlay", "map", "npy"):
@@ -283,11 +338,13 @@ class InspectionAPI:
         except aiohttp.ClientConnectionError:
             return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
-        answer = await self._record(result)
+        answer = await self._record(result, with_profile=drift_profile)
+        answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
         headers = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
             "X-Threshold": f"{answer['threshold']:.8g}",
             "X-Is-Anomalous": str(answer["is_anomalous"]).lower(),
+            "X-Inspection": json.dumps(answer),
         }
         if output == "npy":
             buffer = io.BytesIO()
@@ -328,3 +385,9 @@ class InspectionAPI:
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
         return await self._info()
+
+    @bentoml.api(route="/drift")
+    async def drift(self, reference: bool = False) -> dict[str, Any]:
+        """Drift of recent traffic against the calibration images (see the gauge
+        inspection_drift_statistic); `reference=true` adds the reference profiles."""
+        return await self.runner.to_async.drift_status(reference=reference)

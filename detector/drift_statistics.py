@@ -37,6 +37,12 @@ def patch_profile(patch_distances: np.ndarray) -> np.ndarray:
     return np.quantile(values, PROFILE_QUANTILES).astype(np.float32)
 
 
+def profile_to_list(profile: np.ndarray) -> list[float]:
+    """JSON-ready profile: the shortest decimals that give back the same float32 values, so a
+    statistic recomputed from a journal equals the one computed live."""
+    return [float(str(value)) for value in np.asarray(profile, dtype=np.float32)]
+
+
 def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
     """KS distance between pooled reference profiles and pooled recent profiles, in [0, 1]."""
     reference = np.asarray(reference, dtype=np.float64).ravel()

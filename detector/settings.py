@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from detector.drift_statistics import DriftSettings
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector.model_store import BACKBONE_MODEL, BANK_MODEL
 
@@ -18,9 +19,24 @@ def _int(name: str, default: int | None) -> int | None:
     return int(value) if value else default
 
 
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
 def _bool(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     return value in ("1", "true", "yes", "on") if value else default
+
+
+def drift_settings() -> DriftSettings:
+    """The drift window; a minimum above the window is capped to it rather than refused."""
+    window = _int("INSPECT_DRIFT_WINDOW", 200) or 200
+    return DriftSettings(
+        window_size=window,
+        min_images=min(window, _int("INSPECT_DRIFT_MIN_IMAGES", 20) or 20),
+        alert_level=_float("INSPECT_DRIFT_ALERT_LEVEL", 0.5),
+    )
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class Settings:
     max_bytes: int
     max_pixels: int
     api_key: str | None
+    drift: DriftSettings
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +72,6 @@ class Settings:
             max_bytes=_int("INSPECT_MAX_BYTES", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES,
             max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
+            # The drift window: images compared with the bank's calibration reference.
+            drift=drift_settings(),
         )

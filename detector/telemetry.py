@@ -25,3 +25,16 @@ model_info = Gauge(
     ["backbone_model", "bank_model", "category", "random_weights"],
     multiprocess_mode="max",
 )
+# Set by the runner, which sees every scored image; "livemax" keeps one series even when
+# the runner is scaled to several workers (each with its own window), and drops dead ones.
+drift_statistic = Gauge(
+    "inspection_drift_statistic",
+    "KS distance between recent images' patch-distance profiles and the calibration "
+    "reference (0 = same, 1 = no overlap; NaN until the window holds enough images)",
+    multiprocess_mode="livemax",
+)
+drift_window_images = Gauge(
+    "inspection_drift_window_images",
+    "Images in the drift window",
+    multiprocess_mode="livemax",
+)

@@ -51,6 +51,11 @@ def test_upload_shows_score_verdict_and_overlay(
             page.wait_for_function(
                 "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
             )
+            page.wait_for_function(
+                "document.getElementById('drift').textContent.includes('(1 so far)')",
+                timeout=30_000,
+            )
+            drift = page.inner_text("#drift")
             verdict = page.inner_text("#verdict")
             score = float(page.inner_text("#d-score"))
             overlay_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
@@ -60,3 +65,6 @@ def test_upload_shows_score_verdict_and_overlay(
     assert verdict == ("ANOMALOUS" if expected.is_anomalous else "Normal")
     assert score == pytest.approx(expected.score, abs=1e-4)
     assert overlay_width == expected.image_size[0]
+    # One upload is scored once (the verdict rides on the heatmap response) and enters the
+    # drift window, which needs 20 images before it gives a statistic.
+    assert drift == "Line drift: waiting for 20 images (1 so far)"
