@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {
         key: summary[key] for key in ("images", "scored", "anomalous", "anomaly_rate", "failed")
     }
+    counts["drift"] = {key: summary["drift"][key] for key in ("statistic", "status")}
     print(json.dumps(counts))
     if summary["failed"]:
         print(f"{summary['failed']} file(s) failed; see {args.out}/summary.json", file=sys.stderr)

@@ -16,8 +16,10 @@ from batch.loader import LoadedImage, prefetch
 from batch.results import ResultJournal, latest_per_path, read_rows, write_csv
 from batch.scorers import BatchSetupError
 from detector.data import GOOD, Sample
+from detector.drift_statistics import DriftSettings, drift_report, profile_to_list
 from detector.evaluation import EvaluationAccumulator
 from detector.scoring import Calibration, make_result
+from detector.settings import drift_settings
 from detector.visualize import overlay, save_score_histogram
 
 
@@ -30,6 +32,9 @@ class JobOptions:
     evaluate: bool = False
     shard: Shard | None = None
     progress: bool = True
+
+
+DRIFT_REFERENCE = "drift_reference.json"
 
 
 def output_names(shard: Shard | None) -> tuple[str, str]:
@@ -67,6 +72,34 @@ def _mvtec_sample(input_dir: Path, relative: str):
     return Sample(input_dir / relative, label, defect, mask if label and mask.exists() else None)
 
 
+def save_drift_reference(scorer: Any, out_dir: Path) -> None:
+    """Keep the bank's calibration profiles beside the results, so `merge` can recompute
+    the drift statistic without loading any model."""
+    reference = np.asarray(scorer.drift_reference(), dtype=np.float32)
+    (out_dir / DRIFT_REFERENCE).write_text(json.dumps([profile_to_list(p) for p in reference]))
+
+
+def load_drift_reference(out_dir: Path) -> np.ndarray:
+    path = out_dir / DRIFT_REFERENCE
+    return np.asarray(json.loads(path.read_text()) if path.exists() else [], dtype=np.float32)
+
+
+def run_drift_report(rows: list[dict[str, Any]], reference: np.ndarray) -> dict[str, Any]:
+    """The service's drift statistic with the whole run as its window.
+
+    Below the service's minimum window the statistic is still given, with the status
+    "too_few_images", since a short run is still worth a look.
+    """
+    profiles = [row["drift_profile"] for row in rows if row.get("drift_profile")]
+    live = drift_settings()
+    whole_run = DriftSettings(max(1, len(profiles)), min_images=1, alert_level=live.alert_level)
+    report = drift_report(reference, profiles, whole_run)
+    report["min_images"] = live.min_images
+    if report["status"] in ("ok", "drifting") and len(profiles) < live.min_images:
+        report["status"] = "too_few_images"
+    return report
+
+
 def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
     images, others = find_images(options.input_dir)
     if options.shard:
@@ -75,6 +108,7 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
         raise BatchSetupError(f"{options.input_dir} holds no files to inspect.")
     journal_name, csv_name = output_names(options.shard)
     journal = ResultJournal(options.out_dir / journal_name)
+    save_drift_reference(scorer, options.out_dir)
     todo = [path for path in images if path not in journal.done]
     with_maps = options.heatmaps or options.evaluate
     accumulator = None
@@ -118,6 +152,7 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
     rows = journal.compact()
     write_csv(rows, options.out_dir / csv_name)
     summary = summarise(rows, options.out_dir, others, skipped=len(images) - len(todo))
+    summary["drift"] = run_drift_report(rows, load_drift_reference(options.out_dir))
     summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
     summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
     if accumulator is not None and accumulator.labels:
@@ -174,6 +209,7 @@ def merge(out_dir: Path) -> dict[str, Any]:
     (out_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     write_csv(rows, out_dir / "results.csv")
     summary = summarise(rows, out_dir, [])
+    summary["drift"] = run_drift_report(rows, load_drift_reference(out_dir))
     summary["merged_shards"] = [journal.name for journal in journals]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

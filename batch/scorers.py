@@ -7,6 +7,7 @@ with the same models from the BentoML store, and scores through its `AnomalyDete
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from batch.loader import LoadedImage
+from detector.drift_statistics import profile_to_list
 
 
 class BatchSetupError(RuntimeError):
@@ -23,6 +25,8 @@ class BatchSetupError(RuntimeError):
 
 
 def _row(relative: str, result: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+    """A journal row; the drift profile is kept so a resumed or merged run's drift counts
+    every image, not only those scored in the last process."""
     return {
         "path": relative,
         "score": result["score"],
@@ -34,6 +38,7 @@ def _row(relative: str, result: dict[str, Any], tags: dict[str, str]) -> dict[st
         "backbone_model": tags.get("backbone", ""),
         "bank_model": tags.get("bank", ""),
         "error": "",
+        "drift_profile": result.get("drift_profile"),
     }
 
 
@@ -85,9 +90,19 @@ class LocalScorer:
         sizes = [item.image.size for item in batch]
         results = self.detector.predict_prepared(prepared, sizes, with_maps)
         return [
-            (_row(item.relative_path, result.to_dict(), self.tags), result.anomaly_map)
+            (
+                _row(
+                    item.relative_path,
+                    {**result.to_dict(), "drift_profile": profile_to_list(result.drift_profile)},
+                    self.tags,
+                ),
+                result.anomaly_map,
+            )
             for item, result in zip(batch, results, strict=True)
         ]
+
+    def drift_reference(self) -> np.ndarray:
+        return self.runner.drift.reference
 
 
 class RemoteScorer:
@@ -123,7 +138,9 @@ class RemoteScorer:
         from bentoml.exceptions import BentoMLException
 
         try:
-            result = self._client().inspect(image=self.root / item.relative_path)
+            result = self._client().inspect(
+                image=self.root / item.relative_path, drift_profile=True
+            )
         except BentoMLException as error:
             return {"path": item.relative_path, "error": f"HTTP {error.error_code.value}: {error}"}
         return _row(item.relative_path, result, self.tags)
@@ -135,7 +152,13 @@ class RemoteScorer:
             return self._inspect(item), None
         path = self.root / item.relative_path
         files = {"image": (path.name, path.read_bytes(), "application/octet-stream")}
-        response = httpx.post(f"{self.url}/heatmap", files=files, headers=self.headers, timeout=600)
+        response = httpx.post(
+            f"{self.url}/heatmap",
+            files=files,
+            data={"drift_profile": "true"},
+            headers=self.headers,
+            timeout=600,
+        )
         if response.status_code != 200:
             try:
                 message = response.json().get("error", response.text)
@@ -145,20 +168,18 @@ class RemoteScorer:
                 "path": item.relative_path,
                 "error": f"HTTP {response.status_code}: {message}",
             }, None
-        score, threshold = (
-            float(response.headers["x-anomaly-score"]),
-            float(response.headers["x-threshold"]),
-        )
-        width, height = item.image.size
-        result = {
-            "score": score,
-            "threshold": threshold,
-            "normalized_score": score / threshold,
-            "is_anomalous": response.headers["x-is-anomalous"] == "true",
-            "image_width": width,
-            "image_height": height,
-        }
+        result = json.loads(response.headers["x-inspection"])
         return _row(item.relative_path, result, self.tags), response.content
 
     def score(self, batch: list[LoadedImage], with_maps: bool) -> list[tuple[dict, bytes | None]]:
         return list(self.pool.map(lambda item: self._one(item, with_maps), batch))
+
+    def drift_reference(self) -> np.ndarray:
+        """The calibration profiles of the bank the service runs, from its /drift endpoint."""
+        import httpx
+
+        response = httpx.post(
+            f"{self.url}/drift", json={"reference": True}, headers=self.headers, timeout=60
+        )
+        response.raise_for_status()
+        return np.asarray(response.json().get("reference_profiles", []), dtype=np.float32)
