@@ -113,6 +113,7 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
             "requests": 'bentoml_service_request_total{job="inspection"}',
             "scores": 'inspection_normalized_score_bucket{job="inspection"}',
             "rejected": 'inspection_rejected_inputs_total{job="inspection"}',
+            "drift_window": 'inspection_drift_window_images{job="inspection"}',
         }
         while time.monotonic() < deadline and len(found) < len(wanted):
             for name, query in wanted.items():
@@ -128,6 +129,24 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
     assert set(found) == set(wanted), f"Prometheus found only {sorted(found)}"
     assert any(float(series["value"][1]) >= 3 for series in found["requests"])
     assert any(float(series["value"][1]) >= 3 for series in found["rejected"])
+    assert any(float(series["value"][1]) >= 3 for series in found["drift_window"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="Debian's prometheus is not installed")
+def test_deployed_prometheus_config_and_alert_rules_are_valid() -> None:
+    """promtool parses deploy/prometheus.yml and every rule in deploy/alerts.yml."""
+    result = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"],
+        cwd=REPO / "deploy",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = (REPO / "deploy" / "alerts.yml").read_text()
+    for alert in ("AnomalyRateRising", "InspectionRequestsFailing", "LineDrifting"):
+        assert f"alert: {alert}" in rules
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def _small_png() -> bytes:
