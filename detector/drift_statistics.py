@@ -56,7 +56,7 @@ def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
 class DriftSettings:
     window_size: int = 200  # images in the sliding window
     min_images: int = 20  # no statistic before this many: a handful of images is noise
-    alert_level: float = 0.5  # statistic at which the status says "drifting"
+    alert_level: float = 0.3  # statistic at which the status says "drifting" (docs/DRIFT.md)
 
     def __post_init__(self) -> None:
         if self.window_size < 1 or not 1 <= self.min_images <= self.window_size:

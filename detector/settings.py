@@ -35,7 +35,7 @@ def drift_settings() -> DriftSettings:
     return DriftSettings(
         window_size=window,
         min_images=min(window, _int("INSPECT_DRIFT_MIN_IMAGES", 20) or 20),
-        alert_level=_float("INSPECT_DRIFT_ALERT_LEVEL", 0.5),
+        alert_level=_float("INSPECT_DRIFT_ALERT_LEVEL", 0.3),
     )
 
 
@@ -51,6 +51,7 @@ class Settings:
     max_bytes: int
     max_pixels: int
     api_key: str | None
+    decode_concurrency: int
     drift: DriftSettings
 
     @classmethod
@@ -73,5 +74,6 @@ class Settings:
             max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
             # The drift window: images compared with the bank's calibration reference.
+            decode_concurrency=_int("INSPECT_DECODE_CONCURRENCY", 0) or 0,
             drift=drift_settings(),
         )
