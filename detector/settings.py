@@ -51,7 +51,6 @@ class Settings:
     max_bytes: int
     max_pixels: int
     api_key: str | None
-    decode_concurrency: int
     drift: DriftSettings
 
     @classmethod
@@ -74,6 +73,5 @@ class Settings:
             max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
             # The drift window: images compared with the bank's calibration reference.
-            decode_concurrency=_int("INSPECT_DECODE_CONCURRENCY", 0) or 0,
             drift=drift_settings(),
         )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +97,49 @@ def test_fitted_detector_keeps_a_reference_and_sees_brightness_drift(
     clean = statistic(images)
     brighter = statistic([apply_shift(image, "brightness", 1.3) for image in images])
     assert clean < 0.35 and brighter > 0.8
+
+
+def test_reference_can_be_replaced_by_chosen_images(
+    saved_detector_dir: Path, synthetic_dataset, tmp_path: Path
+) -> None:
+    """After an accepted change (brighter lights), re-referencing makes that look normal."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_detector_dir, model_dir)
+    accepted = tmp_path / "accepted"
+    accepted.mkdir()
+    for path in synthetic_dataset.train_paths()[:8]:
+        with Image.open(path) as image:
+            apply_shift(image, "brightness", 1.3).save(accepted / path.name)
+    brighter = [
+        apply_shift(Image.open(s.path).convert("RGB"), "brightness", 1.3)
+        for s in synthetic_dataset.test_samples()
+        if s.label == 0
+    ]
+    before = AnomalyDetector.load(model_dir)
+    profiles = [r.drift_profile for r in before.predict(brighter, with_maps=False)]
+    settings = DriftSettings(min_images=1)
+    old = drift_report(np.asarray(before.calibration.reference_profiles), profiles, settings)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "detector.drift_reference", str(model_dir), str(accepted)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    after = AnomalyDetector.load(model_dir)
+    new = drift_report(np.asarray(after.calibration.reference_profiles), profiles, settings)
+    assert len(after.calibration.reference_profiles) == 8
+    assert after.calibration.threshold == before.calibration.threshold  # only the reference
+    assert old["statistic"] > 0.8 and new["statistic"] < 0.35
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "detector.drift_reference", str(model_dir), str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr

@@ -1,0 +1,56 @@
+"""Replace a fitted bank's drift reference with profiles of images you choose.
+
+    python -m detector.drift_reference models/carpet /data/line3/accepted-after-relighting
+    python -m detector.export models/carpet        # a new inspection-bank version to serve
+
+By default the reference is the calibration images held out at fit time. After a change
+that was checked and accepted (new lights, a new camera), or to compare against a known-good
+week of production instead, point this at those defect-free images: the drift statistic then
+measures distance from them. The bank and its threshold stay as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from detector.cli import exit_on_user_error
+from detector.images import is_image_path
+from detector.predictor import AnomalyDetector
+from detector.scoring import Calibration
+
+
+def set_reference(model_dir: Path, image_dir: Path, limit: int | None = None) -> Calibration:
+    """Score the images, store their profiles as the reference, and save the bank folder."""
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir} is not a folder of defect-free images")
+    paths = sorted(p for p in image_dir.iterdir() if p.is_file() and is_image_path(p))[:limit]
+    if not paths:
+        raise FileNotFoundError(f"{image_dir} holds no images")
+    detector = AnomalyDetector.load(model_dir)
+    results = detector.predict(paths, with_maps=False, progress=True)
+    detector.calibration.reference_profiles = [
+        [round(float(value), 6) for value in result.drift_profile] for result in results
+    ]
+    detector.bank.metadata["drift_reference"] = {"source": str(image_dir), "images": len(paths)}
+    detector.save(model_dir)
+    return detector.calibration
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, help="a fitted detector folder (bank.json)")
+    parser.add_argument("image_dir", type=Path, help="defect-free images for the reference")
+    parser.add_argument("--limit", type=int, help="use at most this many images")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    calibration = set_reference(args.model_dir, args.image_dir, args.limit)
+    print(
+        f"drift reference of {args.model_dir}: {len(calibration.reference_profiles)} images "
+        f"from {args.image_dir}; run `python -m detector.export {args.model_dir}` to serve it"
+    )
+
+
+if __name__ == "__main__":
+    main()
