@@ -71,17 +71,24 @@ def upload_bytes(count: int) -> list[bytes]:
     return uploads
 
 
-def served_throughput(url: str, uploads: list[bytes], clients: int, total: int) -> float:
+def served_throughput(
+    url: str, uploads: list[bytes], clients: int, total: int
+) -> tuple[float, float]:
+    """(img/s, share of the machine's CPU the client threads used themselves)."""
+
     def one(index: int) -> None:
         files = {"image": ("x.png", uploads[index % len(uploads)], "image/png")}
         response = httpx.post(f"{url}/inspect", files=files, timeout=600)
         response.raise_for_status()
 
     one(0)  # warm the path
-    started = time.perf_counter()
+    started, client_cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         list(pool.map(one, range(total)))
-    return total / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    # The clients share the server's cores here: their CPU time is taken from the service.
+    client_share = (time.process_time() - client_cpu) / (seconds * len(os.sched_getaffinity(0)))
+    return total / seconds, client_share
 
 
 def main() -> None:
@@ -135,7 +142,7 @@ def main() -> None:
             rates = {}
             for clients in args.clients:
                 total = max(args.min_requests, clients * args.requests_per_client)
-                rates[clients] = (total, served_throughput(url, uploads, clients, total))
+                rates[clients] = (total, *served_throughput(url, uploads, clients, total))
             metrics = httpx.get(f"{url}/metrics", timeout=30).text
             after = baseline()
         in_process = (before + after) / 2
@@ -144,11 +151,12 @@ def main() -> None:
             "after": round(after, 3),
             "mean": round(in_process, 3),
         }
-        for clients, (total, rate) in rates.items():
+        for clients, (total, rate, client_share) in rates.items():
             results[f"served_{clients}_clients"] = {
                 "requests": total,
                 "img_per_s": round(rate, 3),
                 "ratio_to_in_process": round(rate / in_process, 3),
+                "client_cpu_share_of_machine": round(client_share, 3),
             }
         batch_lines = [
             line
