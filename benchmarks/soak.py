@@ -1,7 +1,13 @@
 """Soak test: 16 Locust users for 10 minutes against one service; RSS of every service
 process at the start and end, and the failure count. Goal: 0 failures, RSS growth < 5 %.
 
-    python benchmarks/soak.py [--minutes 10] [--users 16]
+    python benchmarks/soak.py [--minutes 10] [--users 16] [--warmup-minutes 3]
+                              [--malloc-arena-max N]
+
+"Start" is after a warm-up at full concurrency: the first minutes under 16 concurrent
+uploads raise allocator high-water marks once (docs/PERFORMANCE.md), and a leak is growth
+after that. The service runs with glibc's MALLOC_ARENA_MAX (0 = glibc's default), which
+bounds how many malloc arenas threads spread memory over.
 """
 
 from __future__ import annotations
@@ -45,13 +51,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--warmup-minutes", type=float, default=3)
+    parser.add_argument("--malloc-arena-max", type=int, default=0)
     args = parser.parse_args()
+    arenas = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         model_dir, home = benchmark_store(scratch)
-        with bentoml_serve(home, scratch / "serve.log", timeout=300) as url:
+        with bentoml_serve(home, scratch / "serve.log", timeout=300, **arenas) as url:
             served_throughput(url, upload_bytes(4), 4, 24)
+            if args.warmup_minutes:
+                warmup = locust_command(
+                    url,
+                    args.users,
+                    int(args.warmup_minutes * 60),
+                    scratch / "warmup",
+                    "--image-size",
+                    "512",
+                )
+                subprocess.run(
+                    warmup,
+                    cwd=REPO,
+                    env=service_env(scratch),
+                    check=False,
+                    capture_output=True,
+                    timeout=args.warmup_minutes * 60 + 300,
+                )
             start = service_rss_mib()
             prefix = scratch / "soak"
             samples: list[float] = []  # total service RSS every 30 s: plateau or leak?
@@ -88,6 +114,8 @@ def main() -> None:
         + json.dumps(
             {
                 "minutes": args.minutes,
+                "warmup_minutes": args.warmup_minutes,
+                "malloc_arena_max": args.malloc_arena_max or "glibc default",
                 "users": args.users,
                 "requests": int(total["Request Count"]),
                 "failures": int(total["Failure Count"]),
