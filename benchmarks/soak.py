@@ -2,12 +2,12 @@
 process at the start and end, and the failure count. Goal: 0 failures, RSS growth < 5 %.
 
     python benchmarks/soak.py [--minutes 10] [--users 16] [--warmup-minutes 3]
-                              [--malloc-arena-max N]
+                              [--service-env MALLOC_ARENA_MAX=2 ...]
 
 "Start" is after a warm-up at full concurrency: the first minutes under 16 concurrent
 uploads raise allocator high-water marks once (docs/PERFORMANCE.md), and a leak is growth
-after that. The service runs with glibc's MALLOC_ARENA_MAX (0 = glibc's default), which
-bounds how many malloc arenas threads spread memory over.
+after that. --service-env sets variables for `bentoml serve` only, e.g. glibc's allocator
+settings (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--warmup-minutes", type=float, default=3)
-    parser.add_argument("--malloc-arena-max", type=int, default=0)
+    parser.add_argument("--service-env", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    arenas = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    service_only = dict(item.split("=", 1) for item in args.service_env)
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         model_dir, home = benchmark_store(scratch)
-        with bentoml_serve(home, scratch / "serve.log", timeout=300, **arenas) as url:
+        with bentoml_serve(home, scratch / "serve.log", timeout=300, **service_only) as url:
             served_throughput(url, upload_bytes(4), 4, 24)
             if args.warmup_minutes:
                 warmup = locust_command(
@@ -115,7 +115,7 @@ def main() -> None:
             {
                 "minutes": args.minutes,
                 "warmup_minutes": args.warmup_minutes,
-                "malloc_arena_max": args.malloc_arena_max or "glibc default",
+                "service_env": service_only,
                 "users": args.users,
                 "requests": int(total["Request Count"]),
                 "failures": int(total["Failure Count"]),
