@@ -152,8 +152,8 @@ class InspectionRunner:
 
     @staticmethod
     def _publish_drift(status: dict[str, Any]) -> None:
-        statistic = status["statistic"]
-        telemetry.drift_statistic.set(float("nan") if statistic is None else statistic)
+        if status["statistic"] is not None:
+            telemetry.drift_statistic().set(status["statistic"])
         telemetry.drift_window_images.set(status["images"])
 
     def _answers(self, results: list[Any], with_maps: bool) -> list[dict[str, Any]]:

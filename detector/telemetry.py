@@ -27,14 +27,27 @@ model_info = Gauge(
 )
 # Set by the runner, which sees every scored image; "livemax" keeps one series even when
 # the runner is scaled to several workers (each with its own window), and drops dead ones.
-drift_statistic = Gauge(
-    "inspection_drift_statistic",
-    "KS distance between recent images' patch-distance profiles and the calibration "
-    "reference (0 = same, 1 = no overlap; NaN until the window holds enough images)",
-    multiprocess_mode="livemax",
-)
 drift_window_images = Gauge(
     "inspection_drift_window_images",
     "Images in the drift window",
     multiprocess_mode="livemax",
 )
+_drift_statistic: Gauge | None = None
+
+
+def drift_statistic() -> Gauge:
+    """The drift gauge, created on first use by a runner that has a statistic to report.
+
+    A multiprocess gauge reads 0 in every process that creates it; created at import, the
+    API process (and a runner still filling its window) would add a 0 to the max, and
+    0 means "exactly like calibration". Until a statistic exists the series is absent.
+    """
+    global _drift_statistic
+    if _drift_statistic is None:
+        _drift_statistic = Gauge(
+            "inspection_drift_statistic",
+            "KS distance between recent images' patch-distance profiles and the calibration "
+            "reference (0 = same, 1 = no overlap); absent until the window holds enough images",
+            multiprocess_mode="livemax",
+        )
+    return _drift_statistic
