@@ -147,7 +147,10 @@ class InspectionRunner:
             np.asarray(self.detector.calibration.reference_profiles), SETTINGS.drift
         )
         if not self.drift.reference.size:
-            log.warning("the bank has no drift reference (fitted before drift existed): refit it")
+            log.warning(
+                "the bank has no drift reference (fitted before drift monitoring existed): "
+                "refit it, or set one with `python -m detector.drift_reference`"
+            )
         self._publish_drift(self.drift.status())
 
     @staticmethod

@@ -157,7 +157,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         half_precision=bool(cfg.backbone.half_precision),
     )
     if not detector.calibration.reference_profiles:
-        log.warning("this bank has no drift reference (fitted before it existed): refit it")
+        log.warning(
+            "this bank has no drift reference: refit it or run `python -m detector.drift_reference`"
+        )
     rows = simulate(detector, samples, shifts, int(cfg.seed), bool(cfg.progress))
     title = f"Drift simulation: {cfg.data.category}, model {cfg.model_dir}"
     write_report(rows, run_dir, title)
