@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from detector.augment import AugmentConfig
 from detector.backbone import BackboneUnavailableError, DinoBackbone
-from detector.data import MVTecCategory
+from detector.data import MVTecCategory, Sample
 from detector.images import InvalidImageError
 from detector.memory_bank import BankConfig
-from detector.predictor import IncompatibleBankError
+from detector.predictor import AnomalyDetector, IncompatibleBankError
 from detector.scoring import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -118,3 +118,21 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     path = run_dir / "resolved_config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def start_test_run(cfg: DictConfig, run_dir: Path) -> tuple[list[Sample], AnomalyDetector]:
+    """The common start of commands that score a fitted detector on the test split
+    (`evaluate`, `drift`): config saved, seeds and threads set, samples and detector loaded."""
+    save_resolved_config(cfg, run_dir)
+    seed_everything(int(cfg.seed))
+    set_threads(cfg.num_threads)
+    samples = build_dataset(cfg.data, int(cfg.seed)).test_samples()
+    if not samples:
+        raise FileNotFoundError(f"no test images under {cfg.data.root}/{cfg.data.category}/test")
+    detector = AnomalyDetector.load(
+        str(cfg.model_dir),
+        batch_size=int(cfg.batch_size),
+        device=str(cfg.backbone.device),
+        half_precision=bool(cfg.backbone.half_precision),
+    )
+    return samples, detector

@@ -29,13 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from detector.cli import (
-    build_dataset,
-    exit_on_user_error,
-    save_resolved_config,
-    seed_everything,
-    set_threads,
-)
+from detector.cli import exit_on_user_error, start_test_run
 from detector.data import Sample
 from detector.drift_statistics import DriftSettings, drift_report
 from detector.images import read_image
@@ -143,19 +137,8 @@ def selected_shifts(drift_cfg: DictConfig) -> dict[str, list[float]]:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
-    save_resolved_config(cfg, run_dir)
-    seed_everything(int(cfg.seed))
-    set_threads(cfg.num_threads)
-    shifts = selected_shifts(cfg.drift)
-    samples = build_dataset(cfg.data, int(cfg.seed)).test_samples()
-    if not samples:
-        raise FileNotFoundError(f"no test images under {cfg.data.root}/{cfg.data.category}/test")
-    detector = AnomalyDetector.load(
-        str(cfg.model_dir),
-        batch_size=int(cfg.batch_size),
-        device=str(cfg.backbone.device),
-        half_precision=bool(cfg.backbone.half_precision),
-    )
+    shifts = selected_shifts(cfg.drift)  # refuse an unknown shift before loading anything
+    samples, detector = start_test_run(cfg, run_dir)
     if not detector.calibration.reference_profiles:
         log.warning(
             "this bank has no drift reference: refit it or run `python -m detector.drift_reference`"

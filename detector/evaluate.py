@@ -14,34 +14,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from detector.cli import (
-    build_dataset,
-    exit_on_user_error,
-    save_resolved_config,
-    seed_everything,
-    set_threads,
-)
+from detector.cli import exit_on_user_error, start_test_run
 from detector.evaluation import EvaluationAccumulator
 from detector.images import read_image
-from detector.predictor import AnomalyDetector
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Score every test image with maps and write the metrics; returns the metrics dict."""
-    save_resolved_config(cfg, run_dir)
-    seed_everything(int(cfg.seed))
-    set_threads(cfg.num_threads)
-    samples = build_dataset(cfg.data, int(cfg.seed)).test_samples()
-    if not samples:
-        raise FileNotFoundError(f"no test images under {cfg.data.root}/{cfg.data.category}/test")
-    detector = AnomalyDetector.load(
-        str(cfg.model_dir),
-        batch_size=int(cfg.batch_size),
-        device=str(cfg.backbone.device),
-        half_precision=bool(cfg.backbone.half_precision),
-    )
+    samples, detector = start_test_run(cfg, run_dir)
     accumulator = EvaluationAccumulator(
         eval_size=int(cfg.evaluation.pixel_eval_size),
         fpr_limit=float(cfg.evaluation.fpr_limit),
