@@ -72,3 +72,14 @@ def saved_detector_dir(
     fitted_detector: AnomalyDetector, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return fitted_detector.save(tmp_path_factory.mktemp("detector") / "carpet")
+
+
+@pytest.fixture(scope="module")
+def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BentoML home holding the fitted tiny detector as models, one per test module."""
+    from tests.servers import export_models
+
+    home = tmp_path_factory.mktemp("bentoml_home")
+    result = export_models(saved_detector_dir, home)
+    assert result.returncode == 0, result.stderr
+    return home

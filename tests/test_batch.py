@@ -19,14 +19,7 @@ from batch.files import Shard, find_images
 from batch.job import heatmap_path
 from batch.results import ResultJournal, read_rows
 from detector.predictor import AnomalyDetector
-from tests.servers import REPO, bentoml_serve, export_models, service_env
-
-
-@pytest.fixture(scope="module")
-def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    assert export_models(saved_detector_dir, home).returncode == 0
-    return home
+from tests.servers import REPO, bentoml_serve, service_env
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,9 @@ from PIL import Image
 
 from detector.shifts import apply_shift
 from detector.synthetic import make_dataset
-from tests.servers import REPO, bentoml_serve, export_models, service_env
+from tests.servers import REPO, bentoml_serve, service_env
 
 WINDOW = "20"
-
-
-@pytest.fixture(scope="module")
-def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    assert export_models(saved_detector_dir, home).returncode == 0
-    return home
 
 
 @pytest.fixture(scope="module")

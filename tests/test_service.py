@@ -17,7 +17,7 @@ from PIL import Image
 
 from detector.data import MVTecCategory
 from detector.predictor import AnomalyDetector
-from tests.servers import bentoml_serve, export_models, service_env
+from tests.servers import bentoml_serve, service_env
 
 MAX_BYTES = 1_000_000
 
@@ -26,14 +26,6 @@ def png(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    result = export_models(saved_detector_dir, home)
-    assert result.returncode == 0, result.stderr
-    return home
 
 
 @pytest.fixture(scope="module")
