@@ -21,8 +21,11 @@ from PIL import Image, ImageEnhance
 from detector.images import read_image
 from detector.shifts import rotation
 
-QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180}
-QUARTER_TURNS[270] = Image.Transpose.ROTATE_270
+QUARTER_TURNS = {
+    90: Image.Transpose.ROTATE_90,
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_270,
+}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from detector.cli import exit_on_user_error
+from detector.drift_statistics import profile_to_list
 from detector.images import is_image_path
 from detector.predictor import AnomalyDetector
 from detector.scoring import Calibration
@@ -31,7 +32,7 @@ def set_reference(model_dir: Path, image_dir: Path, limit: int | None = None) ->
     detector = AnomalyDetector.load(model_dir)
     results = detector.predict(paths, with_maps=False, progress=True)
     detector.calibration.reference_profiles = [
-        [round(float(value), 6) for value in result.drift_profile] for result in results
+        profile_to_list(result.drift_profile) for result in results
     ]
     detector.bank.metadata["drift_reference"] = {"source": str(image_dir), "images": len(paths)}
     detector.save(model_dir)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
+from detector.drift_statistics import profile_to_list
+
 
 @dataclass
 class ScoringConfig:
@@ -123,7 +125,7 @@ def calibrate(
     if not 0 <= false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
     threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
-    reference = [[round(float(v), 6) for v in profile] for profile in profiles or []]
+    reference = [profile_to_list(profile) for profile in profiles or []]
     return Calibration(threshold, false_alarm_rate, [float(s) for s in scores], reference)
 
 
