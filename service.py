@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from starlette.routing import Route
 
 from detector import telemetry
 from detector.drift_statistics import DriftMonitor, profile_to_list
-from detector.images import InvalidImageError, decode_image
+from detector.images import InvalidImageError, check_image_header, decode_image
 from detector.settings import Settings
 from detector.visualize import map_to_png_image, overlay  # imports matplotlib once, at start
 
@@ -91,9 +92,24 @@ BATCHING: dict[str, Any] = (
 )
 
 
-@bentoml.service(name="inspection_runner", workers=1, traffic={"timeout": 300})
+@bentoml.service(
+    name="inspection_runner",
+    workers=1,
+    traffic={"timeout": 300},
+    # BentoML's inter-service client replaces its connection pool every 100 requests (or
+    # 300 s) and closing the old pool cuts the calls still waiting on it; the API retries
+    # them, so at 16 concurrent requests every refresh had the runner score ~15 images
+    # twice (measured: docs/PERFORMANCE.md). A runner in the same bundle needs no refresh.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 86400.0},
+)
 class InspectionRunner:
-    """Scores batches of decoded images; adaptive batching groups concurrent requests."""
+    """Decodes and scores batches of uploads; adaptive batching groups concurrent requests.
+
+    Uploads arrive as their encoded bytes and are decoded here, not in the API: on a CPU
+    machine the API process competes with the ViT for the same cores, and every millisecond
+    it spends decoding cost the runner about a millisecond (docs/PERFORMANCE.md). Decoding
+    here also sends ~1 MB per image between the services instead of a 3 MB array.
+    """
 
     backbone_model = BACKBONE_MODEL
     bank_model = BANK_MODEL
@@ -152,6 +168,10 @@ class InspectionRunner:
                 "refit it, or set one with `python -m detector.drift_reference`"
             )
         self._publish_drift(self.drift.status())
+        # Pillow's decoders and resize release the GIL: a batch's uploads decode in parallel.
+        self.decoder = ThreadPoolExecutor(
+            max_workers=SETTINGS.num_threads or 2, thread_name_prefix="decode"
+        )
 
     @staticmethod
     def _publish_drift(status: dict[str, Any]) -> None:
@@ -173,15 +193,42 @@ class InspectionRunner:
     def __is_ready__(self) -> bool:
         return getattr(self, "detector", None) is not None
 
-    @bentoml.api(**BATCHING)
-    def score(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        pictures = [Image.fromarray(image) for image in images]
-        return self._answers(self.detector.predict(pictures, with_maps=False), with_maps=False)
+    def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
+        """Decode and preprocess one upload; a bad one becomes its error, never the batch's."""
+        try:
+            image = decode_image(
+                upload, max_bytes=SETTINGS.max_bytes, max_pixels=SETTINGS.max_pixels
+            )
+            return self.detector.prepare(image)
+        except InvalidImageError as error:
+            return error
+        except Exception as error:  # a decoder bug on one upload must not fail its batch-mates
+            log.warning("could not decode an upload: %r", error)
+            return InvalidImageError("corrupt", f"The image could not be decoded: {error}")
+
+    def _score_uploads(self, uploads: list[bytes], with_maps: bool) -> list[dict[str, Any]]:
+        """One answer per upload, in order: a result, or {error, reason, status}."""
+        prepared = list(self.decoder.map(self._prepare, uploads))
+        good = [item for item in prepared if not isinstance(item, InvalidImageError)]
+        answers = iter(())
+        if good:
+            arrays = np.stack([array for array, _ in good])
+            results = self.detector.predict_prepared(arrays, [size for _, size in good], with_maps)
+            answers = iter(self._answers(results, with_maps))
+        return [
+            {"error": item.message, "reason": item.reason, "status": item.status}
+            if isinstance(item, InvalidImageError)
+            else next(answers)
+            for item in prepared
+        ]
 
     @bentoml.api(**BATCHING)
-    def score_with_maps(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        results = self.detector.predict([Image.fromarray(image) for image in images])
-        return self._answers(results, with_maps=True)
+    def score(self, uploads: list[bytes]) -> list[dict[str, Any]]:
+        return self._score_uploads(uploads, with_maps=False)
+
+    @bentoml.api(**BATCHING)
+    def score_with_maps(self, uploads: list[bytes]) -> list[dict[str, Any]]:
+        return self._score_uploads(uploads, with_maps=True)
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
@@ -203,6 +250,19 @@ def _error(ctx: bentoml.Context, status: int, reason: str, message: str) -> JSON
     return JSONResponse({"error": message, "reason": reason}, status_code=status)
 
 
+def _batch_error(error: InvalidImageError) -> dict[str, str]:
+    """One bad image in /inspect_batch: counted, and answered in its place."""
+    telemetry.rejected_inputs.labels(error.reason).inc()
+    return {"error": error.message, "reason": error.reason}
+
+
+def _refused(answer: dict[str, Any]) -> dict[str, Any]:
+    """The runner's answer for one upload, or the InvalidImageError its decode raised."""
+    if "error" in answer:
+        raise InvalidImageError(answer["reason"], answer["error"], status=answer["status"])
+    return answer
+
+
 ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
 
 
@@ -216,23 +276,22 @@ class InspectionAPI:
     def __init__(self) -> None:
         self._model_info: dict[str, Any] | None = None
 
-    async def _score(self, method: str, images: list[Image.Image]) -> list[dict[str, Any]]:
+    async def _score(self, method: str, uploads: list[bytes]) -> list[dict[str, Any]]:
         """Call the runner, retrying once when a pooled connection turns out to be dead.
 
-        Images travel as uint8 arrays: BentoML would PNG-encode a PIL image on the way, about
-        1 s for a 1024 px frame, where pickling an array costs milliseconds.
+        Uploads travel as their encoded bytes (pickled raw; a PIL image would be PNG-encoded
+        on the way, about 1 s for a 1024 px frame) and the runner decodes them.
 
         BentoML's inter-service client keeps idle connections longer than the runner's
         server does (BentoML issue #4971), so a write can hit a closed socket. Scoring has
         no side effects, so one retry is safe.
         """
         call = getattr(self.runner.to_async, method)
-        arrays = [np.asarray(image) for image in images]
         try:
-            return await call(arrays)
+            return await call(uploads)
         except aiohttp.ClientConnectionError as error:
             log.warning("runner connection dropped (%s); retrying once", error)
-            return await call(arrays)
+            return await call(uploads)
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:
@@ -255,8 +314,13 @@ class InspectionAPI:
             return None
         return _error(ctx, 401, "unauthorised", "Missing or wrong API key: send it as X-API-Key.")
 
-    def _decode(self, upload: Path) -> Image.Image:
-        """Runs in a worker thread: decoding a camera frame takes tens of milliseconds."""
+    def _read_upload(self, upload: Path) -> bytes:
+        """The upload's bytes, once the checks that need no pixel decoding pass.
+
+        Runs in a worker thread (file I/O). Not an image, too large, too many pixels or
+        animated: refused here without a trip to the runner; corrupt pixel data is found
+        by the runner's decode and comes back as an error entry.
+        """
         size = upload.stat().st_size
         if size > SETTINGS.max_bytes:
             raise InvalidImageError(
@@ -264,9 +328,9 @@ class InspectionAPI:
                 f"The upload is {size} bytes; the limit is {SETTINGS.max_bytes} bytes.",
                 status=413,
             )
-        return decode_image(
-            upload.read_bytes(), max_bytes=SETTINGS.max_bytes, max_pixels=SETTINGS.max_pixels
-        )
+        data = upload.read_bytes()
+        check_image_header(data, max_bytes=SETTINGS.max_bytes, max_pixels=SETTINGS.max_pixels)
+        return data
 
     async def _record(self, result: dict[str, Any], with_profile: bool = False) -> dict[str, Any]:
         """Count the result in the metrics and add the model tags; the drift profile (90
@@ -297,18 +361,18 @@ class InspectionAPI:
         if denied := self._unauthorised(ctx):
             return denied
         try:
-            decoded = await anyio.to_thread.run_sync(self._decode, image)
+            upload = await anyio.to_thread.run_sync(self._read_upload, image)
+            read_at = time.perf_counter()
+            (answer,) = await self._score("score", [upload])
+            result = _refused(answer)
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
-        decoded_at = time.perf_counter()
-        try:
-            (result,) = await self._score("score", [decoded])
         except aiohttp.ClientConnectionError:
             return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
         answer = await self._record(result, with_profile=drift_profile)
         answer["timing_ms"] = {
-            "decode": round((decoded_at - started) * 1000, 2),
-            "score": round((time.perf_counter() - decoded_at) * 1000, 2),
+            "read": round((read_at - started) * 1000, 2),
+            "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
             "total": round((time.perf_counter() - started) * 1000, 2),
         }
         return answer
@@ -333,11 +397,11 @@ class InspectionAPI:
         if output not in ("overlay", "map", "npy"):
             return _error(ctx, 400, "bad_output", "output must be one of overlay, map, npy.")
         try:
-            decoded = await anyio.to_thread.run_sync(self._decode, image)
+            upload = await anyio.to_thread.run_sync(self._read_upload, image)
+            (answer,) = await self._score("score_with_maps", [upload])
+            result = _refused(answer)
         except InvalidImageError as error:
             return _error(ctx, error.status, error.reason, error.message)
-        try:
-            (result,) = await self._score("score_with_maps", [decoded])
         except aiohttp.ClientConnectionError:
             return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
@@ -353,15 +417,24 @@ class InspectionAPI:
             buffer = io.BytesIO()
             np.save(buffer, anomaly_map)
             return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers)
+        picture = await anyio.to_thread.run_sync(
+            self._picture, upload, anomaly_map, answer["threshold"], output
+        )
+        return Response(picture, media_type="image/png", headers=headers)
+
+    @staticmethod
+    def _picture(upload: bytes, anomaly_map: np.ndarray, threshold: float, output: str) -> bytes:
+        """The heatmap PNG, in a worker thread. The overlay decodes the upload once more
+        (the runner's copy stays there): tens of milliseconds, for this endpoint only."""
         picture = (
-            overlay(decoded, anomaly_map, answer["threshold"])
+            overlay(decode_image(upload), anomaly_map, threshold)
             if output == "overlay"
-            else map_to_png_image(anomaly_map, answer["threshold"])
+            else map_to_png_image(anomaly_map, threshold)
         )
         buffer = io.BytesIO()
         # zlib level 1: 0.08 s instead of 0.5 s for a 1024 px overlay, ~18 % larger file.
         picture.save(buffer, format="PNG", compress_level=1)
-        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+        return buffer.getvalue()
 
     @bentoml.api
     async def inspect_batch(self, images: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
@@ -369,20 +442,24 @@ class InspectionAPI:
         if denied := self._unauthorised(ctx):
             return denied
         answers: list[dict[str, Any] | None] = [None] * len(images)
-        decoded: list[tuple[int, Image.Image]] = []
+        readable: list[tuple[int, bytes]] = []
         for position, upload in enumerate(images):
             try:
-                decoded.append((position, await anyio.to_thread.run_sync(self._decode, upload)))
+                readable.append(
+                    (position, await anyio.to_thread.run_sync(self._read_upload, upload))
+                )
             except InvalidImageError as error:
-                telemetry.rejected_inputs.labels(error.reason).inc()
-                answers[position] = {"error": error.message, "reason": error.reason}
-        if decoded:
+                answers[position] = _batch_error(error)
+        if readable:
             try:
-                results = await self._score("score", [image for _, image in decoded])
+                results = await self._score("score", [data for _, data in readable])
             except aiohttp.ClientConnectionError:
                 return _error(ctx, 503, "runner_unavailable", RUNNER_DOWN)
-            for (position, _), result in zip(decoded, results, strict=True):
-                answers[position] = await self._record(result)
+            for (position, _), result in zip(readable, results, strict=True):
+                try:
+                    answers[position] = await self._record(_refused(result))
+                except InvalidImageError as error:
+                    answers[position] = _batch_error(error)
         return answers
 
     @bentoml.api(route="/model_info")

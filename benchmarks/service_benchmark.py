@@ -1,6 +1,6 @@
 """Served throughput vs in-process `predict`, and `bentoml serve` cold start, in one run.
 
-    python benchmarks/service_benchmark.py [--clients 1 4 16] [--requests-per-client 4]
+    python benchmarks/service_benchmark.py [--clients 1 4 16] [--requests-per-client 4] [--rounds 3]
 
 ViT-S/16-shaped random DINOv3 at 448 px, a 2,195-row bank (1 % of MVTec carpet's patches),
 1024 px PNG uploads to /inspect. Prints img/s for each client count and the ratio to the
@@ -74,18 +74,22 @@ def upload_bytes(count: int) -> list[bytes]:
 def served_throughput(
     url: str, uploads: list[bytes], clients: int, total: int
 ) -> tuple[float, float]:
-    """(img/s, share of the machine's CPU the client threads used themselves)."""
+    """(img/s, share of the machine's CPU the client threads used themselves).
 
-    def one(index: int) -> None:
-        files = {"image": ("x.png", uploads[index % len(uploads)], "image/png")}
-        response = httpx.post(f"{url}/inspect", files=files, timeout=600)
-        response.raise_for_status()
+    The threads share one keep-alive connection pool, as a camera station would: a fresh
+    connection per request made the load generator itself take CPU from the service.
+    """
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
 
-    one(0)  # warm the path
-    started, client_cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        list(pool.map(one, range(total)))
-    seconds = time.perf_counter() - started
+        def one(index: int) -> None:
+            files = {"image": ("x.png", uploads[index % len(uploads)], "image/png")}
+            client.post(f"{url}/inspect", files=files).raise_for_status()
+
+        one(0)  # warm the path
+        started, client_cpu = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(one, range(total)))
+        seconds = time.perf_counter() - started
     # The clients share the server's cores here: their CPU time is taken from the service.
     client_share = (time.process_time() - client_cpu) / (seconds * len(os.sched_getaffinity(0)))
     return total / seconds, client_share
@@ -97,7 +101,13 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--warmup-requests", type=int, default=24)
-    parser.add_argument("--baseline-images", type=int, default=24)
+    parser.add_argument("--baseline-images", type=int, default=12)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="served runs per client count, each between two in-process baselines",
+    )
     parser.add_argument(
         "--service-env",
         nargs="*",
@@ -117,10 +127,11 @@ def main() -> None:
         model_dir, home = benchmark_store(scratch)
         uploads = upload_bytes(8)
 
-        # In-process baseline on the same uploads: decode (as the service must) + predict.
-        # Measured before and after the served runs (the server idle), and averaged: this
-        # shared machine's speed drifts over minutes, and a short baseline swung the ratio
-        # by +-15 %.
+        # In-process baseline on the same uploads: decode (as the service must) + predict,
+        # one image at a time, with the server idle. This shared machine's speed drifts over
+        # minutes (a single short baseline swung the ratio by +-15 %), so the served runs
+        # are interleaved with baselines: round r is compared with the baselines measured
+        # just before and just after it.
         detector = AnomalyDetector.load(model_dir, device="cpu", batch_size=1)
         detector.predict([decode_image(uploads[0])], with_maps=False)
 
@@ -130,8 +141,6 @@ def main() -> None:
                 detector.predict([decode_image(uploads[index % len(uploads)])], with_maps=False)
             return args.baseline_images / (time.perf_counter() - started)
 
-        before = baseline()
-
         started = time.perf_counter()
         log_path = Path(tempfile.gettempdir()) / "service_benchmark_serve.log"
         with bentoml_serve(home, log_path, timeout=300, **service_only) as url:
@@ -139,24 +148,34 @@ def main() -> None:
             # BentoML's batcher calibrates on its first ~12 requests (it waits for batches of
             # 2 and 3 to time them); measure the steady state after that, as production runs.
             served_throughput(url, uploads, 4, args.warmup_requests)
-            rates = {}
-            for clients in args.clients:
-                total = max(args.min_requests, clients * args.requests_per_client)
-                rates[clients] = (total, *served_throughput(url, uploads, clients, total))
+            baselines = [baseline()]
+            runs: dict[int, list[tuple[int, float, float]]] = {c: [] for c in args.clients}
+            for _ in range(args.rounds):
+                for clients in args.clients:
+                    total = max(args.min_requests, clients * args.requests_per_client)
+                    runs[clients].append((total, *served_throughput(url, uploads, clients, total)))
+                baselines.append(baseline())
             metrics = httpx.get(f"{url}/metrics", timeout=30).text
-            after = baseline()
-        in_process = (before + after) / 2
+        in_process = float(np.mean(baselines))
         results["in_process_img_per_s"] = {
-            "before": round(before, 3),
-            "after": round(after, 3),
+            "each": [round(b, 3) for b in baselines],
             "mean": round(in_process, 3),
         }
-        for clients, (total, rate, client_share) in rates.items():
+        for clients, rounds in runs.items():
+            round_ratios = [
+                rate / ((baselines[r] + baselines[r + 1]) / 2)
+                for r, (_, rate, _) in enumerate(rounds)
+            ]
+            images = sum(total for total, _, _ in rounds)
+            seconds = sum(total / rate for total, rate, _ in rounds)
             results[f"served_{clients}_clients"] = {
-                "requests": total,
-                "img_per_s": round(rate, 3),
-                "ratio_to_in_process": round(rate / in_process, 3),
-                "client_cpu_share_of_machine": round(client_share, 3),
+                "requests": images,
+                "img_per_s": round(images / seconds, 3),
+                "ratio_to_in_process": round(float(np.mean(round_ratios)), 3),
+                "ratio_each_round": [round(ratio, 3) for ratio in round_ratios],
+                "client_cpu_share_of_machine": round(
+                    float(np.mean([share for _, _, share in rounds])), 3
+                ),
             }
         batch_lines = [
             line

@@ -48,13 +48,8 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
-    """Decode bytes into a fully loaded RGB image, raising `InvalidImageError` on bad input."""
+def _open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open (header only, no pixel data) and apply every check that needs no decoding."""
     if not data:
         raise InvalidImageError("empty", "The upload is empty: send the bytes of an image file.")
     if len(data) > max_bytes:
@@ -63,24 +58,32 @@ def decode_image(
             f"The upload is {len(data)} bytes; the limit is {max_bytes} bytes.",
             status=413,
         )
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            "too_many_pixels",
+            f"The image is {width}x{height} pixels; the limit is {max_pixels} pixels.",
+            status=413,
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidImageError(
+            "animated",
+            "Animated or multi-frame images are not inspected: send one still frame.",
+            status=415,
+        )
+    return image
+
+
+def _checked(data: bytes, max_bytes: int, max_pixels: int, load: bool) -> Image.Image:
+    """`_open_checked`, then (with `load`) the pixel data, with Pillow's errors translated."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidImageError(
-                    "too_many_pixels",
-                    f"The image is {width}x{height} pixels; the limit is {max_pixels} pixels.",
-                    status=413,
-                )
-            if getattr(image, "n_frames", 1) > 1:
-                raise InvalidImageError(
-                    "animated",
-                    "Animated or multi-frame images are not inspected: send one still frame.",
-                    status=415,
-                )
-            image.load()
+            image = _open_checked(data, max_bytes, max_pixels)
+            if load:
+                image.load()
+            return image
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -97,7 +100,31 @@ def decode_image(
         raise InvalidImageError(
             "corrupt", f"The image file is corrupt or truncated: {error}", status=400
         ) from None
-    return _to_8bit_rgb(image)
+
+
+def check_image_header(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Reject what can be rejected without decoding pixels (not an image, too big, animated).
+
+    The service's API runs this so that such uploads never reach the scoring runner; the
+    runner then decodes with `decode_image`, which repeats these checks and finds the rest
+    (truncated or corrupt pixel data).
+    """
+    _checked(data, max_bytes, max_pixels, load=False)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode bytes into a fully loaded RGB image, raising `InvalidImageError` on bad input."""
+    return _to_8bit_rgb(_checked(data, max_bytes, max_pixels, load=True))
 
 
 def read_image(path: str | Path, **limits: int) -> Image.Image:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.images import InvalidImageError, decode_image, read_image
+from detector.images import InvalidImageError, check_image_header, decode_image, read_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -68,6 +68,29 @@ def test_animated_gif_is_refused() -> None:
     with pytest.raises(InvalidImageError) as caught:
         decode_image(buffer.getvalue())
     assert caught.value.reason == "animated" and caught.value.status == 415
+
+
+def test_header_check_refuses_what_needs_no_decoding_and_leaves_pixels_to_decode() -> None:
+    """The API's check (before the runner decodes): same reasons, but corrupt pixel data
+    can only be found by decoding, so a truncated file passes it and fails decode_image."""
+    bomb = encode(Image.new("L", (12000, 12000)))
+    frames = [Image.new("RGB", (16, 16), (80 * i, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    for data, reason in [
+        (b"", "empty"),
+        (b"not a picture", "not_an_image"),
+        (bomb, "too_many_pixels"),
+        (buffer.getvalue(), "animated"),
+    ]:
+        with pytest.raises(InvalidImageError) as caught:
+            check_image_header(data)
+        assert caught.value.reason == reason
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    truncated = encode(Image.fromarray(noise))[:-400]
+    check_image_header(truncated)
+    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
+        decode_image(truncated)
 
 
 def test_sixteen_bit_grayscale_keeps_its_range() -> None:

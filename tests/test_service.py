@@ -17,6 +17,7 @@ from PIL import Image
 
 from detector.data import MVTecCategory
 from detector.predictor import AnomalyDetector
+from detector.synthetic import carpet_texture
 from tests.servers import bentoml_serve, service_env
 
 MAX_BYTES = 1_000_000
@@ -146,6 +147,40 @@ def test_concurrent_requests_are_all_right_and_get_batched(
     total = sum(float(line.rsplit(" ", 1)[1]) for line in batch_lines if "_sum{" in line)
     assert count > 0, "\n".join(batch_lines)
     assert total / count > 1.0, f"no batch larger than 1: {batch_lines}"
+
+
+def metric_sum(metrics: str, prefix: str) -> float:
+    """Sum of every sample whose line starts with `prefix` (all label sets)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+def test_each_upload_is_scored_once_under_sustained_concurrency(server: str) -> None:
+    """More requests than BentoML's inter-service client sends before replacing its
+    connection pool (100 by default): a replacement cut the calls in flight, and the API's
+    retry made the runner score those images twice."""
+    scored = 'bentoml_service_adaptive_batch_size_sum{method_name="score"'
+    # Camera-sized frames, so that most of each request is spent in the runner and many
+    # runner calls are in flight whenever the pool would be replaced.
+    rng = np.random.default_rng(3)
+    frames = [
+        png(Image.fromarray((carpet_texture(800, rng) * 255).astype(np.uint8))) for _ in range(4)
+    ]
+    uploads = (frames * 33)[:130]
+    before = httpx.get(f"{server}/metrics", timeout=10).text
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(
+            pool.map(lambda data: post_image(server, "inspect", data).status_code, uploads)
+        )
+    assert statuses == [200] * len(uploads)
+    after = httpx.get(f"{server}/metrics", timeout=10).text
+    answered = metric_sum(after, "inspection_verdicts_total") - metric_sum(
+        before, "inspection_verdicts_total"
+    )
+    runner_images = metric_sum(after, scored) - metric_sum(before, scored)
+    assert answered == len(uploads)
+    assert runner_images == len(uploads), f"the runner scored {runner_images} images"
 
 
 def _animated_gif() -> bytes:
