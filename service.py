@@ -80,7 +80,8 @@ except (ModelMissingError, ValueError) as _refusal:
     raise SystemExit(f"error: {_refusal}") from None
 
 
-# INSPECT_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML needs a maximum above 1).
+# INSPECT_MAX_BATCH_SIZE=1 (the default on CPU, see detector/settings.py) turns adaptive
+# batching off: BentoML needs a maximum above 1, and the runner then takes one call at a time.
 BATCHING: dict[str, Any] = (
     {
         "batchable": True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from detector.backbone import resolve_device
 from detector.drift_statistics import DriftSettings
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector.model_store import BACKBONE_MODEL, BANK_MODEL
@@ -39,6 +40,18 @@ def drift_settings() -> DriftSettings:
     )
 
 
+def default_max_batch_size(device: str) -> int:
+    """No batching on CPU, batches of up to 8 on a GPU.
+
+    On CPU a ViT is no faster per image in batches (ViT-S/16 at 448 px: 281 / 286 / 277 ms
+    at batch 1 / 3 / 4), and BentoML's batcher then holds a lone request back for about the
+    queueing delay it saw during the last burst: after a burst at 16 clients, one client
+    got 3 to 5 times less throughput (docs/PERFORMANCE.md). On a GPU batching multiplies
+    throughput; 8 is a starting point, not measured here (no GPU on the development machine).
+    """
+    return 1 if resolve_device(device).type == "cpu" else 8
+
+
 @dataclass(frozen=True)
 class Settings:
     backbone_tag: str
@@ -55,16 +68,16 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        device = os.environ.get("INSPECT_DEVICE", "auto")
         return cls(
             backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL", f"{BACKBONE_MODEL}:latest"),
             bank_tag=os.environ.get("INSPECT_BANK_MODEL", f"{BANK_MODEL}:latest"),
-            device=os.environ.get("INSPECT_DEVICE", "auto"),
+            device=device,
             half_precision=_bool("INSPECT_HALF_PRECISION", False),
             # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which
             # halves a CPU ViT's speed (measured: docs/PERFORMANCE.md).
             num_threads=_int("INSPECT_THREADS", len(os.sched_getaffinity(0))),
-            # On CPU a ViT gains little from batching (docs/PERFORMANCE.md); on a GPU raise it.
-            max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", 4) or 4,
+            max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", None) or default_max_batch_size(device),
             # BentoML answers 503 to a request whose wait plus predicted batch time (queue
             # length x its per-image estimate) passes this: a load-shedding budget that must
             # cover a full queue (16 clients x 0.55 s/img on 2 cores was shed at 30 s).

@@ -32,7 +32,10 @@ def png(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    with bentoml_serve(store, log, INSPECT_MAX_BYTES=str(MAX_BYTES)) as url:
+    # Batching is off by default on CPU; this server exercises the batching path a GPU uses.
+    with bentoml_serve(
+        store, log, INSPECT_MAX_BYTES=str(MAX_BYTES), INSPECT_MAX_BATCH_SIZE="4"
+    ) as url:
         yield url
 
 

@@ -1,0 +1,29 @@
+"""Service settings from the environment: defaults chosen by measurement, overrides honoured."""
+
+from __future__ import annotations
+
+import pytest
+
+from detector.settings import Settings, default_max_batch_size
+
+
+def test_batching_is_off_on_cpu_and_on_for_a_gpu_by_default() -> None:
+    assert default_max_batch_size("cpu") == 1
+    assert default_max_batch_size("cuda") == 8
+    assert default_max_batch_size("cuda:1") == 8
+
+
+def test_batch_size_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INSPECT_MAX_BATCH_SIZE", raising=False)
+    monkeypatch.setenv("INSPECT_DEVICE", "cpu")
+    assert Settings.from_env().max_batch_size == 1
+    monkeypatch.setenv("INSPECT_DEVICE", "cuda")
+    assert Settings.from_env().max_batch_size == 8
+    monkeypatch.setenv("INSPECT_MAX_BATCH_SIZE", "3")
+    assert Settings.from_env().max_batch_size == 3
+
+
+def test_a_malformed_number_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSPECT_MAX_BATCH_SIZE", "four")
+    with pytest.raises(ValueError):
+        Settings.from_env()
