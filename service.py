@@ -104,7 +104,7 @@ BATCHING: dict[str, Any] = (
     runner_connection={"max_requests": 2**31 - 1, "max_age": 86400.0},
 )
 class InspectionRunner:
-    """Decodes and scores batches of uploads; adaptive batching groups concurrent requests.
+    """Decodes and scores uploads; with batching on, concurrent requests arrive as one batch.
 
     Uploads arrive as their encoded bytes and are decoded here, not in the API: on a CPU
     machine the API process competes with the ViT for the same cores, and every millisecond

@@ -1,13 +1,15 @@
 """Soak test: 16 Locust users for 10 minutes against one service; RSS of every service
 process at the start and end, and the failure count. Goal: 0 failures, RSS growth < 5 %.
 
-    python benchmarks/soak.py [--minutes 10] [--users 16] [--warmup-minutes 3]
+    python benchmarks/soak.py [--minutes 10] [--users 16] [--warmup-minutes 5]
                               [--service-env MALLOC_ARENA_MAX=2 ...]
 
 "Start" is after a warm-up at full concurrency: the first minutes under 16 concurrent
-uploads raise allocator high-water marks once (docs/PERFORMANCE.md), and a leak is growth
-after that. --service-env sets variables for `bentoml serve` only, e.g. glibc's allocator
-settings (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_).
+uploads raise allocator high-water marks once, and a leak is growth after that. The API
+worker reaches its plateau after about 5 minutes of load (per-process samples, every 30 s,
+are printed: docs/PERFORMANCE.md, soak runs 5 and 6). --service-env sets variables for
+`bentoml serve` only, e.g. glibc's allocator settings (MALLOC_ARENA_MAX,
+MALLOC_MMAP_THRESHOLD_).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from benchmarks.service_benchmark import benchmark_store, served_throughput, upl
 from tests.servers import bentoml_serve, locust_command, service_env  # noqa: E402
 
 
+def role_of(command: str) -> str:
+    """'runner', 'api' or 'arbiter', from a server process's command line."""
+    if "--service-name inspection_runner" in command:
+        return "runner"
+    return "api" if "--service-name inspection_api" in command else "arbiter"
+
+
 def service_rss_mib() -> dict[str, float]:
     """RSS of each `bentoml` server process (the arbiter and its service workers)."""
     sizes = {}
@@ -43,7 +52,7 @@ def service_rss_mib() -> dict[str, float]:
         if "bentoml serve" in command or "_bentoml_impl" in command:
             rss_line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
             rss_kib = int(rss_line.split()[1])
-            sizes[f"{entry.name} {command[:90]}"] = round(rss_kib / 1024, 1)
+            sizes[f"{role_of(command)} {entry.name}"] = round(rss_kib / 1024, 1)
     return sizes
 
 
@@ -51,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--warmup-minutes", type=float, default=3)
+    parser.add_argument("--warmup-minutes", type=float, default=5)
     parser.add_argument("--service-env", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     service_only = dict(item.split("=", 1) for item in args.service_env)
@@ -80,12 +89,14 @@ def main() -> None:
                 )
             start = service_rss_mib()
             prefix = scratch / "soak"
-            samples: list[float] = []  # total service RSS every 30 s: plateau or leak?
+            # RSS of each process every 30 s: a plateau and a leak look alike in two snapshots.
+            samples: dict[str, list[float]] = {name: [] for name in start}
             stop_sampling = threading.Event()
 
             def sample() -> None:
                 while not stop_sampling.wait(30):
-                    samples.append(round(sum(service_rss_mib().values()), 1))
+                    for name, mib in service_rss_mib().items():
+                        samples.setdefault(name, []).append(mib)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -123,7 +134,7 @@ def main() -> None:
                 "rss_end_mib": end,
                 "rss_growth_percent": growth,
                 "max_growth_percent": max(growth.values(), default=None),
-                "total_rss_every_30s_mib": samples,
+                "rss_every_30s_mib": samples,
             }
         )
     )
