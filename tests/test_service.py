@@ -123,6 +123,13 @@ def test_inspect_batch_answers_in_order_with_errors_in_place(
         assert answer["score"] == pytest.approx(want.score, abs=1e-5)
 
 
+def metric_sum(metrics: str, prefix: str) -> float:
+    """Sum of every sample whose line starts with `prefix` (all label sets)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
 def test_concurrent_requests_are_all_right_and_get_batched(
     server: str, fitted_detector: AnomalyDetector, test_paths: list[Path]
 ) -> None:
@@ -141,22 +148,11 @@ def test_concurrent_requests_are_all_right_and_get_batched(
         assert score == pytest.approx(expected[path], abs=1e-5)
 
     metrics = httpx.get(f"{server}/metrics", timeout=10).text
-    batch_lines = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("bentoml_service_adaptive_batch_size_") and 'method_name="score"' in line
-    ]
-    count = sum(float(line.rsplit(" ", 1)[1]) for line in batch_lines if "_count{" in line)
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in batch_lines if "_sum{" in line)
-    assert count > 0, "\n".join(batch_lines)
-    assert total / count > 1.0, f"no batch larger than 1: {batch_lines}"
-
-
-def metric_sum(metrics: str, prefix: str) -> float:
-    """Sum of every sample whose line starts with `prefix` (all label sets)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
-    )
+    batch_sizes = 'bentoml_service_adaptive_batch_size_{}{{method_name="score"'
+    count = metric_sum(metrics, batch_sizes.format("count"))
+    total = metric_sum(metrics, batch_sizes.format("sum"))
+    assert count > 0, metrics
+    assert total / count > 1.0, f"no batch larger than 1: {total} images in {count} batches"
 
 
 def test_each_upload_is_scored_once_under_sustained_concurrency(server: str) -> None:
