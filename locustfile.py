@@ -16,8 +16,9 @@ from pathlib import Path
 
 from locust import HttpUser, between, events, task
 
+from detector.schema import check_answer
+
 IMAGES: list[tuple[str, bytes]] = []
-RESULT_KEYS = {"score", "threshold", "normalized_score", "is_anomalous", "image_width"}
 
 
 @events.init_command_line_parser.add_listener
@@ -43,7 +44,7 @@ def load_images(environment, **_) -> None:
         import numpy as np
         from PIL import Image
 
-        from detector.synthetic import carpet_texture
+        from detector.data.synthetic import carpet_texture
 
         rng = np.random.default_rng(0)
         for index in range(options.image_count):
@@ -55,17 +56,8 @@ def load_images(environment, **_) -> None:
         raise SystemExit(f"no images found in {options.image_dir}")
 
 
-def check_result(result: object) -> str | None:
-    """Why a result is wrong, or None when it is a well-formed inspection result."""
-    if not isinstance(result, dict) or not result.keys() >= RESULT_KEYS:
-        return f"missing keys in {result!r:.200}"
-    if not result["threshold"] > 0:
-        return "threshold is not positive"
-    if abs(result["normalized_score"] - result["score"] / result["threshold"]) > 1e-6:
-        return "normalized_score != score / threshold"
-    if result["is_anomalous"] != (result["score"] > result["threshold"]):
-        return "verdict disagrees with score and threshold"
-    return None
+# Every answer is checked against the one result schema (detector/schema.py).
+check_result = check_answer
 
 
 class InspectionUser(HttpUser):

@@ -14,13 +14,13 @@ from tqdm import tqdm
 from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
 from batch.results import ResultJournal, latest_per_path, read_rows, write_csv
-from batch.scorers import BatchSetupError
-from detector.data import GOOD, Sample
-from detector.drift_statistics import DriftSettings, drift_report, profile_to_list
-from detector.evaluation import EvaluationAccumulator
+from batch.scorers import BatchSetupError, Scorer
+from detector import schema
+from detector.data.mvtec import GOOD, Sample
+from detector.drift import DriftSettings, drift_report, profile_to_list
+from detector.reports.evaluation import EvaluationAccumulator
+from detector.reports.plots import overlay, save_score_histogram
 from detector.scoring import Calibration, make_result
-from detector.settings import drift_settings
-from detector.visualize import overlay, save_score_histogram
 
 
 @dataclass
@@ -32,6 +32,8 @@ class JobOptions:
     evaluate: bool = False
     shard: Shard | None = None
     progress: bool = True
+    # The service's drift window settings (window size is the whole run here).
+    drift: DriftSettings = DriftSettings()
 
 
 DRIFT_REFERENCE = "drift_reference.json"
@@ -72,7 +74,7 @@ def _mvtec_sample(input_dir: Path, relative: str):
     return Sample(input_dir / relative, label, defect, mask if label and mask.exists() else None)
 
 
-def save_drift_reference(scorer: Any, out_dir: Path) -> None:
+def save_drift_reference(scorer: Scorer, out_dir: Path) -> None:
     """Keep the bank's calibration profiles beside the results, so `merge` can recompute
     the drift statistic without loading any model."""
     reference = np.asarray(scorer.drift_reference(), dtype=np.float32)
@@ -84,14 +86,15 @@ def load_drift_reference(out_dir: Path) -> np.ndarray:
     return np.asarray(json.loads(path.read_text()) if path.exists() else [], dtype=np.float32)
 
 
-def run_drift_report(rows: list[dict[str, Any]], reference: np.ndarray) -> dict[str, Any]:
+def run_drift_report(
+    rows: list[dict[str, Any]], reference: np.ndarray, live: DriftSettings
+) -> dict[str, Any]:
     """The service's drift statistic with the whole run as its window.
 
     Below the service's minimum window the statistic is still given, with the status
     "too_few_images", since a short run is still worth a look.
     """
     profiles = [row["drift_profile"] for row in rows if row.get("drift_profile")]
-    live = drift_settings()
     whole_run = DriftSettings(max(1, len(profiles)), min_images=1, alert_level=live.alert_level)
     report = drift_report(reference, profiles, whole_run)
     report["min_images"] = live.min_images
@@ -100,7 +103,7 @@ def run_drift_report(rows: list[dict[str, Any]], reference: np.ndarray) -> dict[
     return report
 
 
-def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
+def run_job(options: JobOptions, scorer: Scorer) -> dict[str, Any]:
     images, others = find_images(options.input_dir)
     if options.shard:
         images = [path for path in images if options.shard.owns(path)]
@@ -110,12 +113,41 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
     journal = ResultJournal(options.out_dir / journal_name)
     save_drift_reference(scorer, options.out_dir)
     todo = [path for path in images if path not in journal.done]
-    with_maps = options.heatmaps or options.evaluate
-    accumulator = None
-    if options.evaluate:
-        accumulator = EvaluationAccumulator()
-
+    accumulator = EvaluationAccumulator() if options.evaluate else None
     started = time.perf_counter()
+    try:
+        _score_all(options, scorer, todo, journal, accumulator)
+    finally:
+        journal.close()
+    seconds = time.perf_counter() - started
+    rows = journal.compact()
+    write_csv(rows, options.out_dir / csv_name)
+    summary = summarise(rows, options.out_dir, others, skipped=len(images) - len(todo))
+    reference = load_drift_reference(options.out_dir)
+    summary["drift"] = run_drift_report(rows, reference, options.drift)
+    summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
+    summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
+    if accumulator is not None and accumulator.labels:
+        threshold = next((r["threshold"] for r in rows if not r.get("error")), 0.0)
+        summary["evaluation"] = accumulator.write(
+            options.out_dir / "evaluation", threshold, "batch: image ROC", {}
+        )
+    (options.out_dir / f"summary{options.shard.suffix if options.shard else ''}.json").write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )
+    return summary
+
+
+def _score_all(
+    options: JobOptions,
+    scorer: Scorer,
+    todo: list[str],
+    journal: ResultJournal,
+    accumulator: EvaluationAccumulator | None,
+) -> None:
+    """Score `todo` in batches as the loader threads prepare them; every file ends as one
+    journal row (its result or its error) the moment it is done."""
+    with_maps = options.heatmaps or options.evaluate
     bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not options.progress)
     batch: list[LoadedImage] = []
 
@@ -137,7 +169,7 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
     try:
         for loaded in prefetch(options.input_dir, todo, scorer.prepare):
             if loaded.error:
-                journal.append({"path": loaded.relative_path, "error": loaded.error})
+                journal.append(schema.error_row(loaded.relative_path, loaded.error))
                 bar.update(1)
                 continue
             batch.append(loaded)
@@ -147,23 +179,6 @@ def run_job(options: JobOptions, scorer: Any) -> dict[str, Any]:
             flush()
     finally:
         bar.close()
-        journal.close()
-    seconds = time.perf_counter() - started
-    rows = journal.compact()
-    write_csv(rows, options.out_dir / csv_name)
-    summary = summarise(rows, options.out_dir, others, skipped=len(images) - len(todo))
-    summary["drift"] = run_drift_report(rows, load_drift_reference(options.out_dir))
-    summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
-    summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
-    if accumulator is not None and accumulator.labels:
-        threshold = next((r["threshold"] for r in rows if not r.get("error")), 0.0)
-        summary["evaluation"] = accumulator.write(
-            options.out_dir / "evaluation", threshold, "batch: image ROC", {}
-        )
-    (options.out_dir / f"summary{options.shard.suffix if options.shard else ''}.json").write_text(
-        json.dumps(summary, indent=2) + "\n"
-    )
-    return summary
 
 
 def _save_heatmap(out_dir: Path, item: LoadedImage, heat: Any, row: dict[str, Any]) -> None:
@@ -200,7 +215,7 @@ def summarise(
     return summary
 
 
-def merge(out_dir: Path) -> dict[str, Any]:
+def merge(out_dir: Path, drift: DriftSettings | None = None) -> dict[str, Any]:
     """Combine shard journals into results.jsonl / results.csv / summary.json."""
     journals = sorted(out_dir.glob("results-shard-*.jsonl"))
     if not journals:
@@ -209,7 +224,9 @@ def merge(out_dir: Path) -> dict[str, Any]:
     (out_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     write_csv(rows, out_dir / "results.csv")
     summary = summarise(rows, out_dir, [])
-    summary["drift"] = run_drift_report(rows, load_drift_reference(out_dir))
+    summary["drift"] = run_drift_report(
+        rows, load_drift_reference(out_dir), drift or DriftSettings()
+    )
     summary["merged_shards"] = [journal.name for journal in journals]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

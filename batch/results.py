@@ -14,18 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-FIELDS = (
-    "path",
-    "score",
-    "threshold",
-    "normalized_score",
-    "is_anomalous",
-    "image_width",
-    "image_height",
-    "backbone_model",
-    "bank_model",
-    "error",
-)
+from detector.schema import CSV_COLUMNS
 
 
 def read_rows(journal: Path) -> list[dict[str, Any]]:
@@ -86,10 +75,10 @@ def write_csv(rows: Iterable[dict[str, Any]], path: Path) -> Path:
     """Write atomically (temp file + rename): a reader never sees half a CSV."""
     temporary = path.with_suffix(path.suffix + ".tmp")
     with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: row.get(key, "") for key in FIELDS})
+            writer.writerow({key: row.get(key, "") for key in CSV_COLUMNS})
     os.replace(temporary, path)
     return path
 

@@ -1,108 +1,84 @@
-"""Where the batch job's scores come from: the service's runner in-process, or a live service.
+"""Where the batch job's scores come from: the detector in-process, or a live service.
 
-In-process, the job instantiates `service.InspectionRunner`, the class `bentoml serve` runs,
-with the same models from the BentoML store, and scores through its `AnomalyDetector`. With
-`--url`, each image goes to a running service's /inspect (or /heatmap) endpoint instead.
+In-process, the job loads the model pair from the BentoML store with the same `load_pair`
+the service's runner uses and scores through the same `AnomalyDetector`. With `--url`, each
+image goes to a running service's /inspect (or /heatmap) endpoint instead. Either way a
+result becomes a journal row through `detector.schema`, so the rows look alike.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from batch.loader import LoadedImage
-from detector.drift_statistics import profile_to_list
+from detector import schema
+from detector.drift import profile_to_list
+from detector.errors import UserError
+
+Scored = tuple[dict[str, Any], Any]  # (journal row, anomaly map or heatmap PNG bytes or None)
 
 
-class BatchSetupError(RuntimeError):
+class BatchSetupError(UserError):
     """The job cannot start; the message says what to do."""
 
 
-def _row(relative: str, result: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
-    """A journal row; the drift profile is kept so a resumed or merged run's drift counts
-    every image, not only those scored in the last process."""
-    return {
-        "path": relative,
-        "score": result["score"],
-        "threshold": result["threshold"],
-        "normalized_score": result["normalized_score"],
-        "is_anomalous": result["is_anomalous"],
-        "image_width": result["image_width"],
-        "image_height": result["image_height"],
-        "backbone_model": tags.get("backbone", ""),
-        "bank_model": tags.get("bank", ""),
-        "error": "",
-        "drift_profile": result.get("drift_profile"),
-    }
+class Scorer(Protocol):
+    """What the job needs from a source of scores."""
 
+    # Preprocessing the loader threads run ahead of scoring; None: the scorer reads files.
+    prepare: Callable[[Image.Image], np.ndarray] | None
 
-def load_runner(bank_tag: str | None, backbone_tag: str | None) -> Any:
-    """The service's runner class, instantiated here, with the bank (and its backbone) chosen."""
-    import bentoml
-    from bentoml.exceptions import NotFound
+    def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]: ...
 
-    from detector.model_store import BACKBONE_MODEL, BANK_MODEL
-
-    wanted = bank_tag or f"{BANK_MODEL}:latest"
-    try:
-        bank = bentoml.models.get(wanted)
-    except NotFound:
-        raise BatchSetupError(
-            f"Model '{wanted}' is not in the BentoML model store (BENTOML_HOME="
-            f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector.export "
-            "<model_dir>` or pass --model with a tag that `bentoml models list` shows."
-        ) from None
-    backbone = (
-        backbone_tag or bank.info.metadata.get("backbone_model") or f"{BACKBONE_MODEL}:latest"
-    )
-    os.environ["INSPECT_BANK_MODEL"] = str(bank.tag)
-    os.environ["INSPECT_BACKBONE_MODEL"] = str(backbone)
-    try:
-        import service
-    except SystemExit as refusal:  # service.py refuses a missing or mismatched pair
-        raise BatchSetupError(str(refusal).removeprefix("error: ")) from None
-    return service.InspectionRunner()
+    def drift_reference(self) -> np.ndarray:
+        """The calibration profiles of the bank that scores, for the run's drift report."""
+        ...
 
 
 class LocalScorer:
-    """Scores prepared batches through the runner's detector, in this process."""
+    """Scores prepared batches through the stored detector, in this process."""
 
-    def __init__(self, bank_tag: str | None, backbone_tag: str | None, batch_size: int) -> None:
-        self.runner = load_runner(bank_tag, backbone_tag)
-        self.detector = self.runner.detector
-        self.detector.batch_size = batch_size
-        self.tags = {
-            "backbone": self.runner.info["backbone_model"],
-            "bank": self.runner.info["bank_model"],
-        }
+    def __init__(
+        self,
+        bank_tag: str | None,
+        backbone_tag: str | None,
+        batch_size: int,
+        device: str = "auto",
+        num_threads: int | None = None,
+    ) -> None:
+        from detector.serving.model_store import load_pair
+        from detector.threads import set_threads
+
+        set_threads(num_threads)
+        pair = load_pair(
+            bank_tag, backbone_tag, device=device, num_threads=num_threads, batch_size=batch_size
+        )
+        self.detector = pair.detector
+        self.models = {"backbone": pair.tags.backbone, "bank": pair.tags.bank}
         self.prepare = self.detector.extractor.prepare
 
-    def score(
-        self, batch: list[LoadedImage], with_maps: bool
-    ) -> list[tuple[dict, np.ndarray | None]]:
+    def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]:
         prepared = np.stack([item.prepared for item in batch])
         sizes = [item.image.size for item in batch]
         results = self.detector.predict_prepared(prepared, sizes, with_maps)
-        return [
-            (
-                _row(
-                    item.relative_path,
-                    {**result.to_dict(), "drift_profile": profile_to_list(result.drift_profile)},
-                    self.tags,
-                ),
-                result.anomaly_map,
-            )
-            for item, result in zip(batch, results, strict=True)
-        ]
+        random_weights = self.detector.extractor.random_weights
+        scored = []
+        for item, result in zip(batch, results, strict=True):
+            answer = schema.answer(result.to_dict(), self.models, random_weights)
+            answer["drift_profile"] = profile_to_list(result.drift_profile)
+            scored.append((schema.row(item.relative_path, answer), result.anomaly_map))
+        return scored
 
     def drift_reference(self) -> np.ndarray:
-        return self.runner.drift.reference
+        return np.asarray(self.detector.calibration.reference_profiles, dtype=np.float32)
 
 
 class RemoteScorer:
@@ -119,12 +95,11 @@ class RemoteScorer:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="client")
         self.local = threading.local()
         try:
-            info = httpx.post(f"{self.url}/model_info", headers=self.headers, timeout=30).json()
-        except httpx.HTTPError as error:
+            httpx.post(f"{self.url}/model_info", headers=self.headers, timeout=30).json()
+        except (httpx.HTTPError, ValueError) as error:
             raise BatchSetupError(
                 f"No inspection service answers at {self.url}: {error}."
             ) from None
-        self.tags = {"backbone": info.get("backbone_model", ""), "bank": info.get("bank_model", "")}
         self._client_class = bentoml.SyncHTTPClient
 
     def _client(self) -> Any:
@@ -134,18 +109,19 @@ class RemoteScorer:
             self.local.client.client.headers.update(self.headers)
         return self.local.client
 
-    def _inspect(self, item: LoadedImage) -> dict:
+    def _inspect(self, item: LoadedImage) -> dict[str, Any]:
         from bentoml.exceptions import BentoMLException
 
         try:
-            result = self._client().inspect(
+            answer = self._client().inspect(
                 image=self.root / item.relative_path, drift_profile=True
             )
         except BentoMLException as error:
-            return {"path": item.relative_path, "error": f"HTTP {error.error_code.value}: {error}"}
-        return _row(item.relative_path, result, self.tags)
+            message = f"HTTP {error.error_code.value}: {error}"
+            return schema.error_row(item.relative_path, message)
+        return schema.row(item.relative_path, answer)
 
-    def _one(self, item: LoadedImage, with_maps: bool) -> tuple[dict, bytes | None]:
+    def _one(self, item: LoadedImage, with_maps: bool) -> Scored:
         import httpx
 
         if not with_maps:
@@ -164,14 +140,13 @@ class RemoteScorer:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            return {
-                "path": item.relative_path,
-                "error": f"HTTP {response.status_code}: {message}",
-            }, None
-        result = json.loads(response.headers["x-inspection"])
-        return _row(item.relative_path, result, self.tags), response.content
+            return schema.error_row(
+                item.relative_path, f"HTTP {response.status_code}: {message}"
+            ), None
+        answer = json.loads(response.headers["x-inspection"])
+        return schema.row(item.relative_path, answer), response.content
 
-    def score(self, batch: list[LoadedImage], with_maps: bool) -> list[tuple[dict, bytes | None]]:
+    def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]:
         return list(self.pool.map(lambda item: self._one(item, with_maps), batch))
 
     def drift_reference(self) -> np.ndarray:

@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from detector.drift import run as run_drift  # noqa: E402
-from detector.evaluate import evaluate  # noqa: E402
-from detector.fit import fit  # noqa: E402
+from detector.commands.evaluate import evaluate  # noqa: E402
+from detector.commands.fit import fit  # noqa: E402
+from detector.commands.simulate_drift import run as run_drift  # noqa: E402
 
 OPTIONS = ("none", "texture")
 

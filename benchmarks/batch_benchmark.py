@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.service_benchmark import benchmark_store  # noqa: E402
-from detector.predictor import AnomalyDetector  # noqa: E402
-from detector.synthetic import carpet_texture  # noqa: E402
-from tests.servers import service_env  # noqa: E402
+from detector.anomaly_detector import AnomalyDetector  # noqa: E402
+from detector.data.synthetic import carpet_texture  # noqa: E402
+from detector.serving.local_server import service_env  # noqa: E402
 
 
 def main() -> None:

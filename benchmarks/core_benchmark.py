@@ -29,18 +29,18 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
+from detector.anomaly_detector import AnomalyDetector  # noqa: E402
 from detector.backbone import DinoBackbone  # noqa: E402
+from detector.commands.random_backbone import make_backbone  # noqa: E402
 from detector.coreset import (  # noqa: E402
     coreset_size,
     greedy_k_center,
     random_projection,
     streaming_coreset,
 )
-from detector.make_tiny_backbone import make_backbone  # noqa: E402
+from detector.data.synthetic import carpet_texture  # noqa: E402
 from detector.memory_bank import BankConfig, MemoryBank, build_index, l2_normalize  # noqa: E402
-from detector.predictor import AnomalyDetector  # noqa: E402
 from detector.scoring import calibrate  # noqa: E402
-from detector.synthetic import carpet_texture  # noqa: E402
 
 
 def timed(function, repeat: int) -> float:

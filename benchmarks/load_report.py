@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
+from detector.anomaly_detector import AnomalyDetector  # noqa: E402
 from detector.images import decode_image  # noqa: E402
-from detector.predictor import AnomalyDetector  # noqa: E402
-from tests.servers import bentoml_serve, locust_command, service_env  # noqa: E402
+from detector.serving.local_server import bentoml_serve, locust_command, service_env  # noqa: E402
 
 CONFIGS = {
     "batching off (default on CPU)": {"INSPECT_MAX_BATCH_SIZE": "1"},

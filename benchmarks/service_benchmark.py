@@ -26,13 +26,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from detector.anomaly_detector import AnomalyDetector  # noqa: E402
 from detector.backbone import DinoBackbone  # noqa: E402
+from detector.commands.random_backbone import make_backbone  # noqa: E402
+from detector.data.synthetic import carpet_texture, make_dataset  # noqa: E402
 from detector.images import decode_image  # noqa: E402
-from detector.make_tiny_backbone import make_backbone  # noqa: E402
 from detector.memory_bank import BankConfig  # noqa: E402
-from detector.predictor import AnomalyDetector  # noqa: E402
-from detector.synthetic import carpet_texture, make_dataset  # noqa: E402
-from tests.servers import bentoml_serve, export_models  # noqa: E402
+from detector.serving.local_server import bentoml_serve, export_models  # noqa: E402
 
 
 def build_models(scratch: Path, bank_rows: int) -> Path:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
-from tests.servers import bentoml_serve, locust_command, service_env  # noqa: E402
+from detector.serving.local_server import bentoml_serve, locust_command, service_env  # noqa: E402
 
 
 def role_of(command: str) -> str:

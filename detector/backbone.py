@@ -1,8 +1,9 @@
 """DINOv3 (or DINOv2) patch features through `transformers`, with Pillow/numpy preprocessing.
 
 The rest of the detector only sees `FeatureExtractor`: images in, a (B, h, w, D) float32
-patch grid out, plus a `spec` that the memory bank stores so a bank is never served with a
-backbone it was not fitted with.
+patch grid out, plus a `BackboneSpec` that the memory bank stores so a bank is never served
+with a backbone it was not fitted with. `build_extractor` is the one place an extractor is
+made; `BackboneSpec.build` makes the one a stored bank needs and checks it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+
+from detector.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +33,109 @@ _PIXEL_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[:, None, None
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
 
-class BackboneUnavailableError(RuntimeError):
+class BackboneUnavailableError(UserError):
     """The backbone weights cannot be loaded; the message says what the user should do."""
+
+
+class IncompatibleBankError(UserError):
+    """The memory bank was fitted with another backbone, resolution or layer set."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a bank records about the backbone that made its features.
+
+    Two specs are compatible when they would give the same features for the same image:
+    same weights (fingerprint), layers, input resolution, patch size and feature size. Where
+    the weights were loaded from (`source`) may differ: a model-store copy of a hub model is
+    the same backbone.
+    """
+
+    source: str  # hub id or folder the weights were loaded from
+    layers: tuple[int, ...]
+    resolution: int
+    patch_size: int
+    feature_dim: int
+    fingerprint: str | None = None  # None only in banks saved before fingerprints existed
+
+    MUST_MATCH = ("fingerprint", "layers", "resolution", "patch_size", "feature_dim")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; the source is stored as "backbone", as banks have always stored it."""
+        document = asdict(self)
+        document["backbone"] = document.pop("source")
+        document["layers"] = list(self.layers)
+        return document
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> BackboneSpec:
+        return cls(
+            source=str(document.get("backbone") or document.get("source")),
+            layers=tuple(int(layer) for layer in document.get("layers", (-1,))),
+            resolution=int(document["resolution"]),
+            patch_size=int(document["patch_size"]),
+            feature_dim=int(document["feature_dim"]),
+            fingerprint=document.get("fingerprint"),
+        )
+
+    def check_compatible(self, other: BackboneSpec) -> None:
+        """Raise `IncompatibleBankError` unless `other` gives the features this spec's bank
+        holds; a field that one side does not record (an old bank) is not compared."""
+        differences = [
+            f"{key} {getattr(self, key)!r} vs {getattr(other, key)!r}"
+            for key in self.MUST_MATCH
+            if None not in (getattr(self, key), getattr(other, key))
+            and getattr(self, key) != getattr(other, key)
+        ]
+        if differences:
+            raise IncompatibleBankError(
+                f"The memory bank was fitted with backbone '{self.source}' and cannot be used "
+                f"with '{other.source}' ({'; '.join(differences)}): refit the bank with this "
+                "backbone or serve it with the backbone it was fitted with."
+            )
+
+    def build(self, source: str | Path | None = None, **options: Any) -> FeatureExtractor:
+        """The extractor this spec describes, loaded from `source` (default: where the bank
+        was fitted from) and checked against the spec before it is used."""
+        extractor = build_extractor(
+            str(source or self.source), layers=self.layers, resolution=self.resolution, **options
+        )
+        self.check_compatible(extractor.spec)
+        return extractor
 
 
 class FeatureExtractor(Protocol):
     """What the detector needs from a backbone; any model that yields patch grids fits."""
 
-    spec: dict[str, Any]
+    spec: BackboneSpec
+    device: torch.device
+    random_weights: bool  # scores mean nothing; every surface that shows a score says so
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> a (3, H, W) float32 array ready for `embed`."""
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """A (B, 3, H, W) batch -> (B, h, w, D) float32 patch features."""
+
+
+def build_extractor(
+    source: str,
+    *,
+    layers: Sequence[int] = (-1,),
+    resolution: int = 448,
+    device: str = "auto",
+    half_precision: bool = False,
+    num_threads: int | None = None,
+) -> FeatureExtractor:
+    """The one factory for feature extractors: a hub id or a `save_pretrained` folder."""
+    return DinoBackbone(
+        source,
+        layers=layers,
+        resolution=resolution,
+        device=device,
+        half_precision=half_precision,
+        num_threads=num_threads,
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,7 +206,7 @@ class DinoBackbone:
         self,
         name: str = DEFAULT_BACKBONE,
         *,
-        layers: tuple[int, ...] | list[int] = (-1,),
+        layers: Sequence[int] = (-1,),
         resolution: int = 448,
         device: str = "auto",
         half_precision: bool = False,
@@ -149,14 +243,14 @@ class DinoBackbone:
                 "Use real DINOv3 weights for inspection.",
                 self.name,
             )
-        self.spec = {
-            "backbone": self.name,
-            "layers": list(self.layers),
-            "resolution": self.resolution,
-            "patch_size": self.patch_size,
-            "feature_dim": int(config.hidden_size) * len(self.layers),
-            "fingerprint": fingerprint,
-        }
+        self.spec = BackboneSpec(
+            source=self.name,
+            layers=self.layers,
+            resolution=self.resolution,
+            patch_size=self.patch_size,
+            feature_dim=int(config.hidden_size) * len(self.layers),
+            fingerprint=fingerprint,
+        )
 
     def _has_random_weights(self) -> bool:
         folder = Path(self.name)

@@ -1,160 +1,112 @@
-"""Drift simulation: how the fitted detector behaves when the line's images change.
+"""Has the line drifted? Incoming images compared with the calibration images, without labels.
 
-    python -m detector.drift data.root=/data/mvtec data.category=carpet
-    python -m detector.drift data=synthetic backbone=tiny_random drift.only=[brightness,blur]
+Every scored image leaves a *profile*: quantiles of its patch distances to the memory bank.
+The monitor pools the profiles of a sliding window of recent images and compares them with
+the profiles of the defect-free calibration images (stored with the bank) by the two-sample
+Kolmogorov-Smirnov statistic.
 
-Every test image is shifted (conf/drift.yaml: brightness, contrast, blur, noise, JPEG,
-rotation, scale, colour cast, camera position) at each severity and scored through the
-same `AnomalyDetector` the service uses. For every shift x severity the report gives the
-image AUROC (does it still rank defects above normal parts?), the false-alarm rate of
-defect-free images at the calibrated threshold (does the line stop for nothing?), the
-detection rate of defective ones, and the drift statistic the service would show for that
-traffic, so an operator can read a gauge value as "about this much blur".
-
-Writes drift.csv, drift.md and one plot per metric into the Hydra run folder.
+- Patch distances, not image scores: an image score is the top 1 % of one image, so a
+  calibration set of 30 images gives 30 numbers; its patches give thousands, and lighting,
+  focus or camera changes move all of them.
+- Only the lower 90 % of each image's patches: a defect is local and lives in the top
+  quantiles, so a window with defective parts still looks like defect-free traffic, while a
+  global change (exposure, blur, a moved camera) shifts the whole profile.
+- The KS *statistic*, not its p-value: patches of one image are correlated, so p-values
+  would claim certainty the data does not have. The statistic is a plain distance between
+  distributions: 0 = the same, 1 = no overlap at all. Backbone-agnostic: it only sees
+  distance grids.
 """
 
 from __future__ import annotations
 
-import csv
-import logging
-from collections.abc import Sequence
-from pathlib import Path
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from tqdm import tqdm
+from scipy.stats import ks_2samp
 
-from detector.cli import exit_on_user_error, start_test_run
-from detector.data import Sample
-from detector.drift_statistics import DriftSettings, drift_report
-from detector.images import read_image
-from detector.metrics import image_auroc
-from detector.predictor import AnomalyDetector
-from detector.shifts import SHIFTS, apply_shift
-from detector.visualize import save_severity_plot
-
-log = logging.getLogger(__name__)
-METRICS = ("image_auroc", "false_alarm_rate", "detection_rate", "drift_statistic")
-COLUMNS = ("shift", "severity", "parameter", *METRICS, "mean_normalized_score_good")
+PROFILE_QUANTILES = np.round(np.linspace(0.01, 0.90, 90), 2)
 
 
-def _rate(flags: Sequence[bool]) -> float | None:
-    return round(float(np.mean(flags)), 4) if len(flags) else None
+def patch_profile(patch_distances: np.ndarray) -> np.ndarray:
+    """(90,) float32: the 1st..90th percentiles of one image's patch-distance grid."""
+    values = np.asarray(patch_distances, dtype=np.float64).ravel()
+    return np.quantile(values, PROFILE_QUANTILES).astype(np.float32)
 
 
-def score_condition(
-    detector: AnomalyDetector,
-    samples: Sequence[Sample],
-    images: Sequence[Image.Image],
-    reference: np.ndarray,
+def profile_to_list(profile: np.ndarray) -> list[float]:
+    """JSON-ready profile: the shortest decimals that give back the same float32 values, so a
+    statistic recomputed from a journal equals the one computed live."""
+    return [float(str(value)) for value in np.asarray(profile, dtype=np.float32)]
+
+
+def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
+    """KS distance between pooled reference profiles and pooled recent profiles, in [0, 1]."""
+    reference = np.asarray(reference, dtype=np.float64).ravel()
+    recent = np.asarray(recent, dtype=np.float64).ravel()
+    if reference.size == 0 or recent.size == 0:
+        raise ValueError("drift needs reference profiles and at least one recent profile")
+    return float(ks_2samp(reference, recent).statistic)
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    window_size: int = 200  # images in the sliding window
+    min_images: int = 20  # no statistic before this many: a handful of images is noise
+    alert_level: float = 0.3  # statistic at which the status says "drifting" (docs/DRIFT.md)
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1 or not 1 <= self.min_images <= self.window_size:
+            raise ValueError("drift window needs window_size >= min_images >= 1")
+
+
+def drift_report(
+    reference: np.ndarray, profiles: Iterable[np.ndarray], settings: DriftSettings
 ) -> dict[str, Any]:
-    """Metrics of one set of (possibly shifted) test images."""
-    results = detector.predict(list(images), with_maps=False)
-    labels = np.array([sample.label for sample in samples])
-    scores = np.array([result.score for result in results])
-    good = [result for result, label in zip(results, labels, strict=True) if label == 0]
-    bad = [result for result, label in zip(results, labels, strict=True) if label == 1]
-    settings = DriftSettings(window_size=max(1, len(good)), min_images=1)
-    drift = drift_report(reference, [r.drift_profile for r in good], settings) if good else {}
-    auroc = image_auroc(labels, scores)
-    return {
-        "image_auroc": round(auroc, 4) if auroc is not None else None,
-        "false_alarm_rate": _rate([r.is_anomalous for r in good]),
-        "detection_rate": _rate([r.is_anomalous for r in bad]),
-        "drift_statistic": drift.get("statistic"),
-        "mean_normalized_score_good": (
-            round(float(np.mean([r.normalized_score for r in good])), 4) if good else None
-        ),
+    """The statistic for a set of images (a batch run, a simulated shift), with context."""
+    recent = [np.asarray(profile, dtype=np.float32) for profile in profiles]
+    reference = np.asarray(reference, dtype=np.float32)
+    report: dict[str, Any] = {
+        "statistic": None,
+        "images": len(recent),
+        "reference_images": int(reference.shape[0]) if reference.size else 0,
+        "min_images": settings.min_images,
+        "alert_level": settings.alert_level,
     }
+    if not report["reference_images"]:
+        report["status"] = "no_reference"
+    elif len(recent) < settings.min_images:
+        report["status"] = "warming_up"
+    else:
+        statistic = drift_statistic(reference, np.stack(recent))
+        report["statistic"] = round(statistic, 6)
+        report["status"] = "drifting" if statistic >= settings.alert_level else "ok"
+    return report
 
 
-def simulate(
-    detector: AnomalyDetector,
-    samples: Sequence[Sample],
-    shifts: dict[str, Sequence[float]],
-    seed: int,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """One row for the unshifted set, then one per shift x severity."""
-    originals = [read_image(sample.path) for sample in samples]
-    reference = np.asarray(detector.calibration.reference_profiles, dtype=np.float32)
-    rows = [
-        {"shift": "none", "severity": 0, "parameter": None}
-        | score_condition(detector, samples, originals, reference)
-    ]
-    conditions = [(name, i + 1, p) for name, ps in shifts.items() for i, p in enumerate(ps)]
-    for name, severity, parameter in tqdm(conditions, desc="drift", disable=not progress):
-        shifted = [
-            apply_shift(image, name, parameter, seed=seed + index)
-            for index, image in enumerate(originals)
-        ]
-        metrics = score_condition(detector, samples, shifted, reference)
-        rows.append({"shift": name, "severity": severity, "parameter": parameter} | metrics)
-    return rows
+class DriftMonitor:
+    """A thread-safe sliding window of profiles, for a service that scores concurrently."""
 
+    def __init__(self, reference: np.ndarray, settings: DriftSettings | None = None) -> None:
+        self.reference = np.asarray(reference, dtype=np.float32).reshape(-1, PROFILE_QUANTILES.size)
+        self.settings = settings or DriftSettings()
+        self._window: deque[np.ndarray] = deque(maxlen=self.settings.window_size)
+        self._lock = threading.Lock()
 
-def _cell(value: Any) -> str:
-    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    def add(self, profiles: Iterable[np.ndarray]) -> dict[str, Any]:
+        """Append profiles and return the status after them."""
+        with self._lock:
+            self._window.extend(np.asarray(p, dtype=np.float32) for p in profiles)
+            return self._status()
 
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._status()
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str) -> dict[str, Path]:
-    """drift.csv, drift.md and <metric>.png for each metric; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "drift.csv", "markdown": out_dir / "drift.md"}
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({key: row.get(key) for key in COLUMNS} for row in rows)
-    lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row.get(key)) for key in COLUMNS) + " |" for row in rows]
-    paths["markdown"].write_text("\n".join(lines) + "\n")
-    baseline = next(row for row in rows if row["shift"] == "none")
-    for metric in METRICS:
-        curves = {
-            name: [(0, baseline[metric])]
-            + [(row["severity"], row[metric]) for row in rows if row["shift"] == name]
-            for name in dict.fromkeys(row["shift"] for row in rows if row["shift"] != "none")
-        }
-        paths[metric] = save_severity_plot(curves, metric, out_dir / f"{metric}.png")
-    return paths
-
-
-def selected_shifts(drift_cfg: DictConfig) -> dict[str, list[float]]:
-    shifts = OmegaConf.to_container(drift_cfg.shifts)
-    wanted = list(drift_cfg.only) if drift_cfg.get("only") else list(shifts)
-    unknown = [name for name in wanted if name not in SHIFTS or name not in shifts]
-    if unknown:
-        raise ValueError(
-            f"unknown or unconfigured shift(s) {', '.join(unknown)}: choose from "
-            f"{', '.join(name for name in shifts if name in SHIFTS)}"
-        )
-    return {name: [float(p) for p in shifts[name]] for name in wanted}
-
-
-def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
-    shifts = selected_shifts(cfg.drift)  # refuse an unknown shift before loading anything
-    samples, detector = start_test_run(cfg, run_dir)
-    if not detector.calibration.reference_profiles:
-        log.warning(
-            "this bank has no drift reference: refit it or run `python -m detector.drift_reference`"
-        )
-    rows = simulate(detector, samples, shifts, int(cfg.seed), bool(cfg.progress))
-    title = f"Drift simulation: {cfg.data.category}, model {cfg.model_dir}"
-    write_report(rows, run_dir, title)
-    log.info("drift report for %d conditions -> %s", len(rows), run_dir)
-    return rows
-
-
-@hydra.main(config_path="conf", config_name="drift", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-if __name__ == "__main__":
-    main()
+    def _status(self) -> dict[str, Any]:
+        report = drift_report(self.reference, list(self._window), self.settings)
+        report["window_size"] = self.settings.window_size
+        return report

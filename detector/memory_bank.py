@@ -140,7 +140,7 @@ class MemoryBank:
         if missing:
             raise FileNotFoundError(
                 f"{directory} is not a saved memory bank (missing {', '.join(missing)}): "
-                "fit one with `python -m detector.fit`."
+                "fit one with `python -m detector fit`."
             )
         document = json.loads((directory / METADATA_FILE).read_text())
         config = BankConfig(**document.pop("bank"))

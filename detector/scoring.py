@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
-from detector.drift_statistics import profile_to_list
+from detector.drift import profile_to_list
 
 
 @dataclass

@@ -18,12 +18,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from detector.anomaly_detector import AnomalyDetector  # noqa: E402
 from detector.backbone import DinoBackbone  # noqa: E402
-from detector.data import MVTecCategory, split_calibration  # noqa: E402
-from detector.make_tiny_backbone import make_backbone  # noqa: E402
+from detector.commands.random_backbone import make_backbone  # noqa: E402
+from detector.data.mvtec import MVTecCategory, split_calibration  # noqa: E402
+from detector.data.synthetic import make_dataset  # noqa: E402
 from detector.memory_bank import BankConfig  # noqa: E402
-from detector.predictor import AnomalyDetector  # noqa: E402
-from detector.synthetic import make_dataset  # noqa: E402
 
 TEST_IMAGE_SIZE = 128
 TEST_RESOLUTION = 128
@@ -63,7 +63,7 @@ def fitted_detector(
         bank_config=BankConfig(coreset_ratio=0.25, seed=0),
         progress=False,
     )
-    detector.bank.metadata["category"] = "carpet"  # as detector.fit records it
+    detector.bank.metadata["category"] = "carpet"  # as `detector fit` records it
     return detector
 
 
@@ -77,7 +77,7 @@ def saved_detector_dir(
 @pytest.fixture(scope="module")
 def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BentoML home holding the fitted tiny detector as models, one per test module."""
-    from tests.servers import export_models
+    from detector.serving.local_server import export_models
 
     home = tmp_path_factory.mktemp("bentoml_home")
     result = export_models(saved_detector_dir, home)

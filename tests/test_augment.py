@@ -10,8 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from detector.augment import AugmentConfig, AugmentedImages
-from detector.fit import fit
+from detector.commands.fit import fit
+from detector.data.augment import AugmentConfig, AugmentedImages
 
 
 @pytest.fixture(scope="module")

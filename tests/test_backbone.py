@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from detector.backbone import BackboneUnavailableError, DinoBackbone
-from detector.make_tiny_backbone import make_backbone
+from detector.commands.random_backbone import make_backbone
 
 
 def test_patch_grid_drops_cls_and_register_tokens(tiny_backbone: DinoBackbone) -> None:
@@ -32,7 +32,7 @@ def test_several_layers_are_concatenated(tiny_backbone_dir: Path) -> None:
     backbone = DinoBackbone(str(tiny_backbone_dir), layers=[1, -1], resolution=64, device="cpu")
     features = backbone.embed(np.zeros((2, 3, 64, 64), np.float32))
     assert features.shape == (2, 8, 8, 96)
-    assert backbone.spec["feature_dim"] == 96 and backbone.spec["layers"] == [1, -1]
+    assert backbone.spec.feature_dim == 96 and backbone.spec.layers == (1, -1)
     with pytest.raises(ValueError, match="outside"):
         DinoBackbone(str(tiny_backbone_dir), layers=[5], device="cpu")
 
@@ -60,10 +60,10 @@ def test_dinov2_checkpoint_with_patch_14_loads_through_the_same_path(tmp_path: P
 
 
 def test_fingerprint_tells_checkpoints_apart(tmp_path: Path, tiny_backbone_dir: Path) -> None:
-    same = DinoBackbone(str(tiny_backbone_dir), device="cpu").spec["fingerprint"]
-    again = DinoBackbone(str(tiny_backbone_dir), device="cpu").spec["fingerprint"]
+    same = DinoBackbone(str(tiny_backbone_dir), device="cpu").spec.fingerprint
+    again = DinoBackbone(str(tiny_backbone_dir), device="cpu").spec.fingerprint
     other_dir = make_backbone(tmp_path / "other", "tiny", seed=1)
-    other = DinoBackbone(str(other_dir), device="cpu").spec["fingerprint"]
+    other = DinoBackbone(str(other_dir), device="cpu").spec.fingerprint
     assert same == again != other
 
 

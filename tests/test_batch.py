@@ -18,8 +18,8 @@ from PIL import Image
 from batch.files import Shard, find_images
 from batch.job import heatmap_path
 from batch.results import ResultJournal, read_rows
-from detector.predictor import AnomalyDetector
-from tests.servers import REPO, bentoml_serve, service_env
+from detector.anomaly_detector import AnomalyDetector
+from detector.serving.local_server import REPO, bentoml_serve, service_env
 
 
 @pytest.fixture(scope="module")

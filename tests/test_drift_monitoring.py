@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.shifts import apply_shift
-from detector.synthetic import make_dataset
-from tests.servers import REPO, bentoml_serve, service_env
+from detector.data.shifts import apply_shift
+from detector.data.synthetic import make_dataset
+from detector.serving.local_server import REPO, bentoml_serve, service_env
 
 WINDOW = "20"
 
@@ -71,9 +71,19 @@ def gauge(url: str) -> float | None:
 
 def batch_drift(store: Path, folder: Path, out: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "batch", str(folder), "--out", str(out), "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "batch",
+            str(folder),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--drift-min-images",
+            "10",
+        ],
         cwd=REPO,
-        env=service_env(store, INSPECT_DRIFT_MIN_IMAGES="10"),
+        env=service_env(store),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""`python -m detector.drift`: a table and plots per shift x severity, from a real fitted bank."""
+"""`python -m detector simulate-drift`: a table and plots per shift x severity, real bank."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def run_drift(tmp_path: Path, model_dir: Path, root: Path, backbone: Path, *extr
     command = [
         sys.executable,
         "-m",
-        "detector.drift",
+        "detector",
+        "simulate-drift",
         "data=synthetic",
         f"data.root={root}",
         "backbone=tiny_random",

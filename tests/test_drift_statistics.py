@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.drift_statistics import (
+from detector.anomaly_detector import AnomalyDetector
+from detector.data.shifts import apply_shift
+from detector.drift import (
     PROFILE_QUANTILES,
     DriftMonitor,
     DriftSettings,
@@ -21,8 +23,6 @@ from detector.drift_statistics import (
     drift_statistic,
     patch_profile,
 )
-from detector.predictor import AnomalyDetector
-from detector.shifts import apply_shift
 
 
 def profiles(rng: np.random.Generator, count: int, offset: float = 0.0) -> np.ndarray:
@@ -121,7 +121,14 @@ def test_reference_can_be_replaced_by_chosen_images(
     old = drift_report(np.asarray(before.calibration.reference_profiles), profiles, settings)
 
     result = subprocess.run(
-        [sys.executable, "-m", "detector.drift_reference", str(model_dir), str(accepted)],
+        [
+            sys.executable,
+            "-m",
+            "detector",
+            "set-drift-reference",
+            str(model_dir),
+            str(accepted),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -135,7 +142,14 @@ def test_reference_can_be_replaced_by_chosen_images(
     assert old["statistic"] > 0.8 and new["statistic"] < 0.35
 
     missing = subprocess.run(
-        [sys.executable, "-m", "detector.drift_reference", str(model_dir), str(tmp_path / "no")],
+        [
+            sys.executable,
+            "-m",
+            "detector",
+            "set-drift-reference",
+            str(model_dir),
+            str(tmp_path / "no"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

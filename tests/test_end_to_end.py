@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.backbone import DinoBackbone
-from detector.data import MVTecCategory, load_mask
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import DinoBackbone, IncompatibleBankError
+from detector.data.mvtec import MVTecCategory, load_mask
 from detector.images import InvalidImageError
 from detector.metrics import image_auroc
-from detector.predictor import AnomalyDetector, IncompatibleBankError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,14 +123,14 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
         "progress=false",
         "seed=3",
     ]
-    fit = run_cli("-m", "detector.fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
+    fit = run_cli("-m", "detector", "fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "model" / "index.faiss").exists()
     resolved = (tmp_path / "fit" / "resolved_config.yaml").read_text()
     assert "seed: 3" in resolved and str(tiny_backbone_dir) in resolved
     assert (tmp_path / "fit" / ".hydra" / "config.yaml").exists()
 
-    evaluate = run_cli("-m", "detector.evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
+    evaluate = run_cli("-m", "detector", "evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluate.returncode == 0, evaluate.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
@@ -149,7 +149,8 @@ def test_fit_reproduces_the_same_bank_for_the_same_seed(
     for name in ("a", "b"):
         result = run_cli(
             "-m",
-            "detector.fit",
+            "detector",
+            "fit",
             "data=synthetic",
             f"data.root={synthetic_root}",
             f"backbone.name={tiny_backbone_dir}",
@@ -169,7 +170,8 @@ def test_fit_reproduces_the_same_bank_for_the_same_seed(
 def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
     result = run_cli(
         "-m",
-        "detector.fit",
+        "detector",
+        "fit",
         "data=synthetic",
         f"data.root={tmp_path}",
         "data.generate.size=64",
@@ -186,7 +188,8 @@ def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
 def test_fit_with_missing_data_root_says_where_it_looked(tmp_path: Path) -> None:
     result = run_cli(
         "-m",
-        "detector.fit",
+        "detector",
+        "fit",
         f"data.root={tmp_path / 'nowhere'}",
         f"hydra.run.dir={tmp_path / 'r'}",
     )

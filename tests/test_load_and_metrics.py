@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import (
+from detector.serving.local_server import (
     REPO,
     bentoml_serve,
     export_models,
@@ -56,7 +56,7 @@ def test_locust_counts_wrong_answers_as_failures() -> None:
     code = """
 from locustfile import check_result
 good = {"score": 2.0, "threshold": 1.0, "normalized_score": 2.0, "is_anomalous": True,
-        "image_width": 8}
+        "image_width": 8, "image_height": 6}
 assert check_result(good) is None
 assert "verdict" in check_result({**good, "is_anomalous": False})
 assert "normalized" in check_result({**good, "normalized_score": 1.0})

@@ -11,8 +11,14 @@ import httpx
 import pytest
 import yaml
 
-from detector.make_tiny_backbone import make_backbone
-from tests.servers import REPO, bentoml_serve, export_models, serve_until_exit, service_env
+from detector.commands.random_backbone import make_backbone
+from detector.serving.local_server import (
+    REPO,
+    bentoml_serve,
+    export_models,
+    serve_until_exit,
+    service_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def test_serve_refuses_a_mismatched_pair_with_one_sentence(
 ) -> None:
     save = (
         "from detector.backbone import DinoBackbone\n"
-        "from detector.model_store import save_backbone\n"
+        "from detector.serving.model_store import save_backbone\n"
         f"save_backbone(DinoBackbone({str(other_backbone)!r}, resolution=128), 'other-backbone')"
     )
     subprocess.run([sys.executable, "-c", save], env=service_env(store), check=True, cwd=REPO)
@@ -56,7 +62,7 @@ def test_serve_refuses_a_mismatched_pair_with_one_sentence(
 def test_serve_without_models_says_what_to_do(tmp_path: Path) -> None:
     code, output = serve_until_exit(tmp_path, 120)
     assert code not in (None, 0)
-    assert "python -m detector.export" in output and "is not in the BentoML model store" in output
+    assert "python -m detector export" in output and "is not in the BentoML model store" in output
 
 
 def test_api_key_protects_scoring_but_not_health_or_metrics(
@@ -101,7 +107,7 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM python:3.11" in dockerfile and "libgomp1" in dockerfile
     assert "requirements.txt" in dockerfile and "EXPOSE 3000" in dockerfile
-    assert (bento_dir / "src" / "detector" / "static" / "index.html").exists()
+    assert (bento_dir / "src" / "detector" / "serving" / "static" / "index.html").exists()
 
     archive = tmp_path / "bundle.bento"
     subprocess.run(

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data import MVTecCategory
-from detector.predictor import AnomalyDetector
-from detector.synthetic import carpet_texture
-from tests.servers import bentoml_serve, service_env
+from detector.anomaly_detector import AnomalyDetector
+from detector.data.mvtec import MVTecCategory
+from detector.data.synthetic import carpet_texture
+from detector.serving.local_server import bentoml_serve, service_env
 
 MAX_BYTES = 1_000_000
 

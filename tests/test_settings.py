@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detector.settings import Settings, default_max_batch_size
+from detector.serving.settings import Settings, default_max_batch_size
 
 
 def test_batching_is_off_on_cpu_and_on_for_a_gpu_by_default() -> None:

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from scipy.ndimage import laplace
 
-from detector.shifts import SHIFTS, apply_shift
-from detector.synthetic import carpet_texture
+from detector.data.shifts import SHIFTS, apply_shift
+from detector.data.synthetic import carpet_texture
 
 
 @pytest.fixture(scope="module")

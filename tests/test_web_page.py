@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from detector.data import MVTecCategory
-from detector.predictor import AnomalyDetector
-from tests.servers import bentoml_serve, export_models
+from detector.anomaly_detector import AnomalyDetector
+from detector.data.mvtec import MVTecCategory
+from detector.serving.local_server import bentoml_serve, export_models
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [

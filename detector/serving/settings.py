@@ -1,7 +1,8 @@
-"""Service and batch settings from environment variables, read in one place.
+"""The service's settings from INSPECT_* environment variables, read in one place.
 
 Environment variables, not files, because that is what `docker run -e`, Cloud Run and
-Kubernetes set. Every variable is optional.
+Kubernetes set. Every variable is optional. Only the service reads them: the batch job and
+the commands take flags and Hydra configs.
 """
 
 from __future__ import annotations
@@ -9,10 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from detector.backbone import resolve_device
-from detector.drift_statistics import DriftSettings
+from detector.drift import DriftSettings
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from detector.model_store import BACKBONE_MODEL, BANK_MODEL
 
 
 def _int(name: str, default: int | None) -> int | None:
@@ -49,13 +48,15 @@ def default_max_batch_size(device: str) -> int:
     got 3 to 5 times less throughput (docs/PERFORMANCE.md). On a GPU batching multiplies
     throughput; 8 is a starting point, not measured here (no GPU on the development machine).
     """
+    from detector.backbone import resolve_device  # torch: only where batching is decided
+
     return 1 if resolve_device(device).type == "cpu" else 8
 
 
 @dataclass(frozen=True)
 class Settings:
-    backbone_tag: str
-    bank_tag: str
+    backbone_tag: str | None  # None: the backbone the bank was fitted with
+    bank_tag: str | None  # None: the latest inspection-bank
     device: str
     half_precision: bool
     num_threads: int | None
@@ -70,8 +71,8 @@ class Settings:
     def from_env(cls) -> Settings:
         device = os.environ.get("INSPECT_DEVICE", "auto")
         return cls(
-            backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL", f"{BACKBONE_MODEL}:latest"),
-            bank_tag=os.environ.get("INSPECT_BANK_MODEL", f"{BANK_MODEL}:latest"),
+            backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL") or None,
+            bank_tag=os.environ.get("INSPECT_BANK_MODEL") or None,
             device=device,
             half_precision=_bool("INSPECT_HALF_PRECISION", False),
             # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from detector.data.shifts import rotation
 from detector.images import read_image
-from detector.shifts import rotation
 
 QUARTER_TURNS = {
     90: Image.Transpose.ROTATE_90,

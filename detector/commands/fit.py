@@ -1,7 +1,7 @@
 """Fit a memory bank on defect-free images and calibrate its threshold.
 
-python -m detector.fit data.root=/data/mvtec data.category=carpet backbone=dinov3_vits16
-python -m detector.fit data=synthetic backbone=tiny_random
+python -m detector fit data.root=/data/mvtec data.category=carpet backbone=dinov3_vits16
+python -m detector fit data=synthetic backbone=tiny_random
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detector.augment import AugmentedImages
-from detector.cli import (
+from detector.anomaly_detector import AnomalyDetector
+from detector.commands.config import (
+    CONFIG_PATH,
     augment_config,
     bank_config,
     build_backbone,
     build_dataset,
-    exit_on_user_error,
     save_resolved_config,
     scoring_config,
     seed_everything,
     set_threads,
 )
-from detector.data import split_calibration
-from detector.predictor import AnomalyDetector
+from detector.data.augment import AugmentedImages
+from detector.data.mvtec import split_calibration
+from detector.errors import exits_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
     summary = {
         "model_dir": str(model_dir),
         "category": str(cfg.data.category),
-        "backbone": extractor.spec,
+        "backbone": extractor.spec.to_dict(),
         "random_weights": extractor.random_weights,
         "n_bank_images": len(bank_paths),
         "augmented_copies_per_image": augmentation.copies_per_image,
@@ -77,8 +78,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
     return detector
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-@exit_on_user_error
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@exits_on_user_error
 def main(cfg: DictConfig) -> None:
     fit(cfg, Path(HydraConfig.get().runtime.output_dir))
 

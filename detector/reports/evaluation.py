@@ -1,8 +1,8 @@
 """Collect scored test images and write metrics.json, roc.png and overlays.png.
 
-Used by `detector.evaluate` and by the batch job's `--evaluate`, so a folder scored offline
-gets exactly the numbers the evaluator would print. Maps and masks are kept at a small
-square size only, so memory stays flat on large test sets.
+Used by `python -m detector evaluate` and by the batch job's `--evaluate`, so a folder
+scored offline gets exactly the numbers the evaluator would print. Maps and masks are kept
+at a small square size only, so memory stays flat on large test sets.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detector.data import Sample, load_mask
+from detector.data.mvtec import Sample, load_mask
 from detector.metrics import all_metrics
+from detector.reports.plots import save_overlay_grid, save_roc_curve
 from detector.scoring import InspectionResult
-from detector.visualize import save_overlay_grid, save_roc_curve
 
 METRICS_FILE = "metrics.json"
 

@@ -4,12 +4,11 @@ MVTec AD cannot be downloaded everywhere, so tests and the demo use this: a bask
 texture with per-image jitter (so "normal" varies like a real line) and five defect kinds
 with pixel masks: colour stain, cut, hole, loose thread and metal contamination.
 
-    python -m detector.synthetic OUT_ROOT [--category carpet] [--size 256] [--train 40] ...
+    python -m detector synthetic-data OUT_ROOT [--category carpet] [--size 256] [--train 40] ...
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,29 +160,3 @@ def make_dataset(
             _save(image, folder / "test" / defect / f"{i:03d}.png")
             _save(mask.astype(np.float64), folder / "ground_truth" / defect / f"{i:03d}_mask.png")
     return folder
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root")
-    parser.add_argument("--category", default="carpet")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--train", type=int, default=40)
-    parser.add_argument("--test-good", type=int, default=10)
-    parser.add_argument("--per-defect", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    folder = make_dataset(
-        args.root,
-        args.category,
-        size=args.size,
-        n_train=args.train,
-        n_test_good=args.test_good,
-        n_per_defect=args.per_defect,
-        seed=args.seed,
-    )
-    print(f"wrote synthetic MVTec-layout dataset to {folder}")
-
-
-if __name__ == "__main__":
-    main()

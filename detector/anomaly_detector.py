@@ -11,14 +11,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from detector.backbone import DinoBackbone, FeatureExtractor
-from detector.drift_statistics import patch_profile
+from detector.backbone import BackboneSpec, FeatureExtractor
+from detector.drift import patch_profile
 from detector.images import read_image
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import (
@@ -32,30 +32,27 @@ from detector.scoring import (
 )
 
 ImageSource = Image.Image | str | Path
-# Keys of an extractor spec that must match between the bank and the backbone serving it.
-SPEC_KEYS_THAT_MUST_MATCH = ("fingerprint", "layers", "resolution", "patch_size", "feature_dim")
-
-
-class IncompatibleBankError(ValueError):
-    """The memory bank was fitted with another backbone, resolution or layer set."""
+Item = TypeVar("Item")
 
 
 def as_image(source: ImageSource) -> Image.Image:
     return source if isinstance(source, Image.Image) else read_image(source)
 
 
-def check_compatible(bank_spec: dict[str, Any], extractor_spec: dict[str, Any]) -> None:
-    differences = [
-        f"{key} {bank_spec.get(key)!r} vs {extractor_spec.get(key)!r}"
-        for key in SPEC_KEYS_THAT_MUST_MATCH
-        if key in bank_spec and key in extractor_spec and bank_spec[key] != extractor_spec[key]
-    ]
-    if differences:
-        raise IncompatibleBankError(
-            f"The memory bank was fitted with backbone '{bank_spec.get('backbone')}' and cannot "
-            f"be used with '{extractor_spec.get('backbone')}' ({'; '.join(differences)}): refit "
-            "the bank with this backbone or serve it with the backbone it was fitted with."
-        )
+def batched(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    """Consecutive slices of at most `size` items (itertools.batched needs Python 3.12)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def prepared_batches(
+    extractor: FeatureExtractor, sources: Sequence[ImageSource], batch_size: int
+) -> Iterator[tuple[list[Image.Image], np.ndarray]]:
+    """(decoded images, (B, 3, H, W) input) per batch; images are decoded lazily, one batch
+    at a time, so memory stays bounded whatever the number of images."""
+    for chunk in batched(sources, batch_size):
+        images = [as_image(source) for source in chunk]
+        yield images, np.stack([extractor.prepare(image) for image in images])
 
 
 class AnomalyDetector:
@@ -74,7 +71,13 @@ class AnomalyDetector:
         self.calibration = calibration
         self.scoring = scoring or ScoringConfig()
         self.batch_size = max(1, int(batch_size))
-        check_compatible(bank.metadata.get("extractor", {}), extractor.spec)
+        self.bank_spec.check_compatible(extractor.spec)
+
+    @property
+    def bank_spec(self) -> BackboneSpec:
+        """The backbone the bank was fitted with (the extractor's own spec before saving)."""
+        stored = self.bank.metadata.get("extractor")
+        return BackboneSpec.from_dict(stored) if stored else self.extractor.spec
 
     # ----- features -------------------------------------------------------------------
     @staticmethod
@@ -87,11 +90,9 @@ class AnomalyDetector:
     ) -> Iterator[np.ndarray]:
         """Yield (B, h, w, D) feature batches, decoding images lazily to bound memory."""
         with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                batch = np.stack([extractor.prepare(as_image(source)) for source in chunk])
+            for decoded, batch in prepared_batches(extractor, images, batch_size):
                 yield extractor.embed(batch)
-                bar.update(len(chunk))
+                bar.update(len(decoded))
 
     # ----- fitting --------------------------------------------------------------------
     @classmethod
@@ -117,7 +118,7 @@ class AnomalyDetector:
         bank = MemoryBank.fit_stream(
             chain([first], batches), rows_per_image * len(train_images), bank_config, progress
         )
-        bank.metadata["extractor"] = dict(extractor.spec)
+        bank.metadata["extractor"] = extractor.spec.to_dict()
         bank.metadata["n_train_images"] = len(train_images)
         placeholder = Calibration(threshold=float("inf"), false_alarm_rate=0.0)
         detector = cls(extractor, bank, placeholder, scoring, batch_size)
@@ -135,7 +136,7 @@ class AnomalyDetector:
     ) -> list[InspectionResult]:
         """Score a (B, h, w, D) feature batch; `image_sizes` are the originals' (width, height)."""
         distances = self.bank.distances(features)
-        input_size = int(self.extractor.spec["resolution"])
+        input_size = self.extractor.spec.resolution
         results = []
         for grid, size in zip(distances, image_sizes, strict=True):
             heatmap = anomaly_map(grid, input_size, size, self.scoring.sigma) if with_maps else None
@@ -151,30 +152,30 @@ class AnomalyDetector:
     ) -> list[InspectionResult]:
         """Score already-preprocessed (B, 3, H, W) arrays, for loaders that prepare in parallel."""
         results: list[InspectionResult] = []
-        for start in range(0, len(prepared), self.batch_size):
-            stop = start + self.batch_size
-            features = self.extractor.embed(prepared[start:stop])
-            results.extend(self.score_features(features, image_sizes[start:stop], with_maps))
+        size = self.batch_size
+        for rows, sizes in zip(batched(prepared, size), batched(image_sizes, size), strict=True):
+            results.extend(self.score_features(self.extractor.embed(rows), sizes, with_maps))
         return results
 
     def prepare(self, image: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
         loaded = as_image(image)
         return self.extractor.prepare(loaded), loaded.size
 
+    def iter_predict(
+        self, images: Sequence[ImageSource], with_maps: bool = True, progress: bool = False
+    ) -> Iterator[tuple[Image.Image, InspectionResult]]:
+        """(decoded image, result) pairs, one batch decoded at a time: for callers that need
+        the pixels too (evaluation thumbnails) without holding every image."""
+        with tqdm(total=len(images), desc="predict", unit="img", disable=not progress) as bar:
+            for decoded, batch in prepared_batches(self.extractor, images, self.batch_size):
+                sizes = [image.size for image in decoded]
+                yield from zip(decoded, self.predict_prepared(batch, sizes, with_maps), strict=True)
+                bar.update(len(decoded))
+
     def predict(
         self, images: Sequence[ImageSource], with_maps: bool = True, progress: bool = False
     ) -> list[InspectionResult]:
-        results: list[InspectionResult] = []
-        with tqdm(total=len(images), desc="predict", unit="img", disable=not progress) as bar:
-            for start in range(0, len(images), self.batch_size):
-                prepared = [
-                    self.prepare(image) for image in images[start : start + self.batch_size]
-                ]
-                batch = np.stack([array for array, _ in prepared])
-                sizes = [size for _, size in prepared]
-                results.extend(self.predict_prepared(batch, sizes, with_maps))
-                bar.update(len(prepared))
-        return results
+        return [result for _, result in self.iter_predict(images, with_maps, progress)]
 
     # ----- persistence ----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -201,14 +202,10 @@ class AnomalyDetector:
         batch_size: int = 8,
         **backbone_options: Any,
     ) -> AnomalyDetector:
-        spec = bank.metadata.get("extractor", {})
+        """Without `extractor`, the backbone the bank was fitted with is built from its spec
+        (`backbone_options`: `source` to load it from elsewhere, device, precision, threads)."""
         if extractor is None:
-            extractor = DinoBackbone(
-                spec["backbone"],
-                layers=spec["layers"],
-                resolution=spec["resolution"],
-                **backbone_options,
-            )
+            extractor = BackboneSpec.from_dict(bank.metadata["extractor"]).build(**backbone_options)
         scoring = ScoringConfig(**bank.metadata.get("scoring", {}))
         calibration = Calibration(**bank.metadata["calibration"])
         return cls(extractor, bank, calibration, scoring, batch_size)

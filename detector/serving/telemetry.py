@@ -6,6 +6,8 @@ BentoML runs workers with PROMETHEUS_MULTIPROC_DIR set and serves every worker's
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float("inf"))
@@ -51,3 +53,26 @@ def drift_statistic() -> Gauge:
             multiprocess_mode="livemax",
         )
     return _drift_statistic
+
+
+def publish_model_info(info: dict[str, Any]) -> None:
+    """The models being served as an info series (value 1), from a model_info dict."""
+    model_info.labels(
+        info["backbone_model"],
+        info["bank_model"],
+        info["category"],
+        str(info["random_weights"]).lower(),
+    ).set(1)
+
+
+def publish_drift(status: dict[str, Any]) -> None:
+    """The drift window's size always; the statistic once the window has one."""
+    if status["statistic"] is not None:
+        drift_statistic().set(status["statistic"])
+    drift_window_images.set(status["images"])
+
+
+def count_answer(result: dict[str, Any]) -> None:
+    """A scored image in the score histogram and the verdict counter."""
+    normalized_score.observe(result["normalized_score"])
+    verdicts.labels("anomalous" if result["is_anomalous"] else "normal").inc()

@@ -1,60 +1,30 @@
-"""Turn a Hydra config into detector objects, and user mistakes into one-sentence exits.
+"""Turn a Hydra config into detector objects: the shared start of the Hydra commands.
 
-Shared by `detector.fit`, `detector.evaluate` and `detector.demo` so every entry point
-builds backbones, datasets and configs the same way.
+`fit`, `evaluate`, `simulate-drift` and `demo` build backbones, datasets and configs here, so
+every entry point reads a config the same way.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import random
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detector.augment import AugmentConfig
-from detector.backbone import BackboneUnavailableError, DinoBackbone
-from detector.data import MVTecCategory, Sample
-from detector.images import InvalidImageError
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import FeatureExtractor, build_extractor
+from detector.data.augment import AugmentConfig
+from detector.data.mvtec import MVTecCategory, Sample
 from detector.memory_bank import BankConfig
-from detector.predictor import AnomalyDetector, IncompatibleBankError
 from detector.scoring import ScoringConfig
+from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (
-    BackboneUnavailableError,
-    FileNotFoundError,
-    IncompatibleBankError,
-    InvalidImageError,
-    ValueError,
-)
-
-
-def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a user error as one line on stderr and exit 2, instead of a traceback.
-
-    Set DETECTOR_DEBUG=1 to get the traceback back when the one line is not enough.
-    """
-
-    @functools.wraps(main)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return main(*args, **kwargs)
-        except USER_ERRORS as error:
-            if os.environ.get("DETECTOR_DEBUG"):
-                raise
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
+# Hydra's config package; `python -m detector <command> --help` lists its groups.
+CONFIG_PATH = "pkg://detector.conf"
 
 
 def seed_everything(seed: int) -> None:
@@ -63,21 +33,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(num_threads: int | None) -> None:
-    """Pin torch and faiss threads: on a shared box oversubscription costs more than it gives."""
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-        faiss.omp_set_num_threads(int(num_threads))
-
-
-def build_backbone(backbone: DictConfig, num_threads: int | None = None) -> DinoBackbone:
+def build_backbone(backbone: DictConfig, num_threads: int | None = None) -> FeatureExtractor:
     name = str(backbone.name)
     if backbone.get("random_preset") and not Path(name).exists():
-        from detector.make_tiny_backbone import make_backbone
+        from detector.commands.random_backbone import make_backbone
 
         log.warning("writing a random %s backbone to %s", backbone.random_preset, name)
         make_backbone(name, backbone.random_preset)
-    return DinoBackbone(
+    return build_extractor(
         name,
         layers=list(backbone.layers),
         resolution=int(backbone.resolution),
@@ -93,7 +56,7 @@ def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
         raise ValueError("data.root is not set: pass data.root=/path/to/mvtec (or data=synthetic)")
     dataset = MVTecCategory(Path(str(data.root)), str(data.category))
     if data.get("generate") and not dataset.folder.exists():
-        from detector.synthetic import make_dataset
+        from detector.data.synthetic import make_dataset
 
         log.info("generating a synthetic dataset in %s", dataset.folder)
         make_dataset(data.root, data.category, seed=seed, **OmegaConf.to_container(data.generate))

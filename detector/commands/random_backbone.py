@@ -4,7 +4,7 @@ Hub weights cannot be downloaded everywhere (CI, air-gapped plants), so tests an
 use these folders through the very same loading code as the real model. The `vits16` preset
 has the released ViT-S/16 shape, so benchmarks with it time what production would run.
 
-    python -m detector.make_tiny_backbone DIR [--preset tiny|vits16] [--seed 0]
+    python -m detector random-backbone DIR [--preset tiny|vits16] [--seed 0]
 """
 
 from __future__ import annotations

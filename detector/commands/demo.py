@@ -1,6 +1,6 @@
 """Generate the synthetic carpet set, fit and evaluate: the whole loop in one command.
 
-    python -m detector.demo [--out demo] [--backbone dinov3_vits16]
+    python -m detector demo [--out demo] [--backbone dinov3_vits16]
 
 Uses real DINOv3 weights when they can be loaded (hub access with HF_TOKEN, or
 `--backbone-path` to a local folder). Otherwise it falls back to a tiny random backbone and
@@ -17,9 +17,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from detector.backbone import BackboneUnavailableError
-from detector.cli import exit_on_user_error
-from detector.evaluate import evaluate
-from detector.fit import fit
+from detector.commands.evaluate import evaluate
+from detector.commands.fit import fit
+from detector.errors import exits_on_user_error
 
 WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -44,7 +44,7 @@ def demo_config(out: Path, backbone: str, extra: list[str]):
         return compose("config", overrides=overrides)
 
 
-@exit_on_user_error
+@exits_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"))

@@ -1,7 +1,7 @@
 """Replace a fitted bank's drift reference with profiles of images you choose.
 
-    python -m detector.drift_reference models/carpet /data/line3/accepted-after-relighting
-    python -m detector.export models/carpet        # a new inspection-bank version to serve
+    python -m detector set-drift-reference models/carpet /data/line3/accepted-relit
+    python -m detector export models/carpet        # a new inspection-bank version to serve
 
 By default the reference is the calibration images held out at fit time. After a change
 that was checked and accepted (new lights, a new camera), or to compare against a known-good
@@ -15,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from detector.cli import exit_on_user_error
-from detector.drift_statistics import profile_to_list
+from detector.anomaly_detector import AnomalyDetector
+from detector.drift import profile_to_list
+from detector.errors import exits_on_user_error
 from detector.images import is_image_path
-from detector.predictor import AnomalyDetector
 from detector.scoring import Calibration
 
 
@@ -39,7 +39,7 @@ def set_reference(model_dir: Path, image_dir: Path, limit: int | None = None) ->
     return detector.calibration
 
 
-@exit_on_user_error
+@exits_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="a fitted detector folder (bank.json)")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = set_reference(args.model_dir, args.image_dir, args.limit)
     print(
         f"drift reference of {args.model_dir}: {len(calibration.reference_profiles)} images "
-        f"from {args.image_dir}; run `python -m detector.export {args.model_dir}` to serve it"
+        f"from {args.image_dir}; run `python -m detector export {args.model_dir}` to serve it"
     )
 
 

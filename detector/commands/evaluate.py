@@ -1,6 +1,6 @@
 """Evaluate a fitted detector on the test split: metrics.json, roc.png, overlays.png.
 
-python -m detector.evaluate data.root=/data/mvtec data.category=carpet
+python -m detector evaluate data.root=/data/mvtec data.category=carpet
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from detector.cli import exit_on_user_error, start_test_run
-from detector.evaluation import EvaluationAccumulator
-from detector.images import read_image
+from detector.commands.config import CONFIG_PATH, start_test_run
+from detector.errors import exits_on_user_error
+from detector.reports.evaluation import EvaluationAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +28,14 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         fpr_limit=float(cfg.evaluation.fpr_limit),
         grid_images=int(cfg.evaluation.grid_images),
     )
-    step = int(cfg.batch_size)
-    with tqdm(total=len(samples), desc="evaluate", unit="img", disable=not cfg.progress) as bar:
-        for start in range(0, len(samples), step):
-            chunk = samples[start : start + step]
-            images = [read_image(sample.path) for sample in chunk]
-            for sample, image, result in zip(chunk, images, detector.predict(images), strict=True):
-                accumulator.add(sample, result, image)
-            bar.update(len(chunk))
+    predictions = detector.iter_predict([s.path for s in samples], progress=bool(cfg.progress))
+    for sample, (image, result) in zip(samples, predictions, strict=True):
+        accumulator.add(sample, result, image)
     extra = {
         "category": str(cfg.data.category),
         "model_dir": str(cfg.model_dir),
-        "backbone": detector.extractor.spec,
-        "random_weights": bool(getattr(detector.extractor, "random_weights", False)),
+        "backbone": detector.extractor.spec.to_dict(),
+        "random_weights": detector.extractor.random_weights,
         "threshold": detector.calibration.threshold,
     }
     title = f"{cfg.data.category}: image ROC"
@@ -54,8 +48,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-@exit_on_user_error
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@exits_on_user_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -1,4 +1,8 @@
-"""Start `bentoml serve` for real on a free port, and stop it (and its workers) afterwards."""
+"""Run the bundle locally from a checkout: export models, start `bentoml serve` on a free
+port and stop it (and its workers) afterwards, drive it with Locust.
+
+Tests and benchmarks share these, so a benchmark measures the server the tests check.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout holding service.py
 
 
 def free_port() -> int:
@@ -63,7 +67,7 @@ def locust_command(url: str, users: int, seconds: int, csv_prefix: Path, *extra:
 
 def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "detector.export", str(model_dir), *args],
+        [sys.executable, "-m", "detector", "export", str(model_dir), *args],
         cwd=REPO,
         env=service_env(bentoml_home),
         capture_output=True,

@@ -1,0 +1,24 @@
+"""Entry points: each module has a `main()` and runs as `python -m detector <name>`."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("detector.commands.demo", "synthetic data, fit, evaluate: the whole loop"),
+    "fit": ("detector.commands.fit", "fit a memory bank and calibrate its threshold (Hydra)"),
+    "evaluate": ("detector.commands.evaluate", "metrics and plots on the test split (Hydra)"),
+    "export": ("detector.commands.export", "save backbone and bank to the BentoML model store"),
+    "simulate-drift": (
+        "detector.commands.simulate_drift",
+        "score shifted test images: how the detector behaves when the line changes (Hydra)",
+    ),
+    "set-drift-reference": (
+        "detector.commands.set_drift_reference",
+        "replace a bank's drift reference with chosen defect-free images",
+    ),
+    "synthetic-data": (
+        "detector.commands.synthetic_data",
+        "write the synthetic carpet set in the MVTec AD layout",
+    ),
+    "random-backbone": (
+        "detector.commands.random_backbone",
+        "write a random-weight DINOv3 checkpoint (tests, timing)",
+    ),
+}

@@ -1,0 +1,56 @@
+"""Mistakes a user can fix, and the one way every entry point reports them.
+
+A command (`python -m detector ...`, `python -m batch`) or the service's start-up check that
+meets one prints a single `error: ...` line on stderr and exits with status 2, so a person
+reads what to do and an orchestrator can tell "could not run" from "crashed" (a traceback,
+status 1). Set DETECTOR_DEBUG=1 to get the traceback back when the one line is not enough.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
+
+USER_ERROR_EXIT_CODE = 2
+Main = TypeVar("Main", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """Something the user can fix (a missing model, a wrong path, a bad setting); the
+    message is one sentence saying what to do."""
+
+
+# ValueError and FileNotFoundError too: configuration parsers and file lookups raise them
+# for what are, at a command's top level, the user's mistakes.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, ValueError)
+
+
+def exit_with(error: BaseException | str) -> NoReturn:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+@contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Turn a user error raised inside the block into `error: ...` and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if os.environ.get("DETECTOR_DEBUG"):
+            raise
+        exit_with(error)
+
+
+def exits_on_user_error(main: Main) -> Main:
+    """`user_errors_exit` as a decorator, for a command's `main`."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_errors_exit():
+            return main(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

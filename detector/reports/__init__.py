@@ -1,0 +1,1 @@
+"""Reports people read: evaluation metrics files and the plots that go with them."""

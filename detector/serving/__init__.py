@@ -1,0 +1,1 @@
+"""Serving plumbing: settings, model store, metrics, the runner and API logic, the web page."""
