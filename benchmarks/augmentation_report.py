@@ -1,31 +1,28 @@
 """Augmentation on or off: evaluation metrics, bank size, speed, and rotation/brightness drift.
 
-    python benchmarks/augmentation_report.py [--backbone tiny_random] [--resolution 224]
+    python -m benchmarks.augmentation_report [--backbone tiny_random] [--resolution 224]
         [--out outputs/augmentation] [--markdown docs/AUGMENTATION.md]
 
-Fits the synthetic carpet set twice through `detector.fit` (augment=none and augment=texture,
-same seed and data), evaluates both through `detector.evaluate`, and runs `detector.drift`
-for rotation and brightness on both, so the only difference is the augmentation. Prints one
-Markdown report and writes it to --markdown. With random weights the numbers show the
-mechanics (bank growth, cost, how robustness moves), not DINOv3's detection quality.
+Fits the synthetic carpet set twice through `detector fit` (augment=none and
+augment=texture, same seed and data), evaluates both through `detector evaluate`, and runs
+`detector simulate-drift` for rotation and brightness on both, so the only difference is
+the augmentation. Prints one Markdown report and writes it to --markdown. With random
+weights the numbers show the mechanics (bank growth, cost, how robustness moves), not
+DINOv3's detection quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hydra import compose, initialize_config_module
 
-from hydra import compose, initialize_config_module  # noqa: E402
-
-from detector.commands.evaluate import evaluate  # noqa: E402
-from detector.commands.fit import fit  # noqa: E402
-from detector.commands.simulate_drift import run as run_drift  # noqa: E402
+from detector.commands.evaluate import evaluate
+from detector.commands.fit import fit
+from detector.commands.simulate_drift import run as run_drift
 
 OPTIONS = ("none", "texture")
 
@@ -91,7 +88,7 @@ def render(results: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Training augmentation: on or off",
         "",
-        f"Command: `python benchmarks/augmentation_report.py --backbone {args.backbone} "
+        f"Command: `python -m benchmarks.augmentation_report --backbone {args.backbone} "
         f"--resolution {args.resolution}` (synthetic carpet set: 60 bank + 20 calibration "
         "images, 20 good and 20 defective test images; seed 0; 2 CPU threads).",
         "Backbone with RANDOM weights: the numbers show the mechanics (bank growth, cost, "
@@ -120,8 +117,9 @@ def render(results: dict, args: argparse.Namespace) -> str:
     )
     lines += [
         "",
-        "Under drift (`detector.drift`, same shifted images for both banks): false-alarm rate "
-        "on defect-free images at each bank's own calibrated threshold, and image AUROC.",
+        "Under drift (`detector simulate-drift`, same shifted images for both banks): "
+        "false-alarm rate on defect-free images at each bank's own calibrated threshold, "
+        "and image AUROC.",
         "",
         "| shift | severity | parameter | false alarms none | false alarms texture "
         "| AUROC none | AUROC texture |",

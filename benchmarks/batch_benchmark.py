@@ -1,6 +1,6 @@
 """Batch-job throughput vs in-process `predict` on the same images, in one run.
 
-    python benchmarks/batch_benchmark.py [--images 200]
+    python -m benchmarks.batch_benchmark [--images 200]
 
 ViT-S/16-shaped random DINOv3 at 448 px; 512 px PNGs on disk. `predict` reads, decodes and
 scores the files in batches of 8 in one thread; the batch job does the same work with its
@@ -23,13 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.service_benchmark import benchmark_store  # noqa: E402
-from detector.anomaly_detector import AnomalyDetector  # noqa: E402
-from detector.data.synthetic import carpet_texture  # noqa: E402
-from detector.serving.local_server import service_env  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store
+from detector.anomaly_detector import AnomalyDetector
+from detector.data.synthetic import carpet_texture
+from detector.serving.local_server import REPO, service_env
 
 
 def main() -> None:

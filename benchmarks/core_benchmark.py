@@ -1,13 +1,13 @@
 """Detector core benchmark: ratios measured in one run, since this machine is shared and noisy.
 
-    python benchmarks/core_benchmark.py [--images 12] [--bank-images 280] [--skip-fit]
+    python -m benchmarks.core_benchmark [--images 12] [--bank-images 280] [--skip-fit]
 
 Prints, with a ViT-S/16-shaped random DINOv3 at 448 px:
   1. backbone forward time per image vs full `predict` time per image (goal <= 1.10), for an
      exact flat and an IVF bank the size of MVTec carpet's (280 images) at 1 % and 10 %;
   2. coreset selection time for 200k x 384 features at 10 % (goal: well under a minute),
      against plain greedy k-center timed on a slice and extrapolated;
-  3. peak memory (max RSS) of `detector.fit` on 300 synthetic images, in a child process.
+  3. peak memory (max RSS) of `python -m detector fit` on 300 synthetic images, in a child process.
 """
 
 from __future__ import annotations
@@ -23,24 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from PIL import Image  # noqa: E402
-
-from detector.anomaly_detector import AnomalyDetector  # noqa: E402
-from detector.backbone import DinoBackbone  # noqa: E402
-from detector.commands.random_backbone import make_backbone  # noqa: E402
-from detector.coreset import (  # noqa: E402
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import DinoBackbone
+from detector.commands.random_backbone import make_backbone
+from detector.coreset import (
     coreset_size,
     greedy_k_center,
     random_projection,
     streaming_coreset,
 )
-from detector.data.synthetic import carpet_texture  # noqa: E402
-from detector.memory_bank import BankConfig, MemoryBank, build_index, l2_normalize  # noqa: E402
-from detector.scoring import calibrate  # noqa: E402
+from detector.data.synthetic import carpet_texture
+from detector.memory_bank import BankConfig, MemoryBank, build_index, l2_normalize
+from detector.scoring import calibrate
+from detector.serving.local_server import REPO
 
 
 def timed(function, repeat: int) -> float:
@@ -175,10 +172,7 @@ def bench_fit_memory(backbone_dir: Path, n_images: int) -> dict:
             f"model_dir={scratch}/model",
             f"hydra.run.dir={scratch}/run",
         ]
-        fit_code = (
-            "import sys, runpy; sys.argv = ['detector.fit'] + "
-            f"{overrides!r}; runpy.run_module('detector.fit', run_name='__main__')"
-        )
+        fit_code = f"from detector.__main__ import main; main(['fit', *{overrides!r}])"
         started = time.perf_counter()
         fit_peak = child_peak_rss_mib(fit_code)
         seconds = time.perf_counter() - started

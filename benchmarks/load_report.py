@@ -1,7 +1,7 @@
 """Locust load report: requests/s and latency percentiles at 1, 4 and 16 users, batching off
 vs on, with the adaptive batch-size distribution from /metrics. All in one run.
 
-    python benchmarks/load_report.py [--seconds 30] [--users 1 4 16]
+    python -m benchmarks.load_report [--seconds 30] [--users 1 4 16]
 
 ViT-S/16-shaped random DINOv3 at 448 px (see service_benchmark.py), 512 px synthetic uploads,
 the locustfile's 16 : 3 : 1 mix of /inspect, /heatmap, /inspect_batch.
@@ -14,20 +14,16 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
-from detector.anomaly_detector import AnomalyDetector  # noqa: E402
-from detector.images import decode_image  # noqa: E402
-from detector.serving.local_server import bentoml_serve, locust_command, service_env  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
+from detector.anomaly_detector import AnomalyDetector
+from detector.images import decode_image
+from detector.serving.local_server import REPO, bentoml_serve, locust_command, service_env
 
 CONFIGS = {
     "batching off (default on CPU)": {"INSPECT_MAX_BATCH_SIZE": "1"},

@@ -1,6 +1,6 @@
 """Served throughput vs in-process `predict`, and `bentoml serve` cold start, in one run.
 
-    python benchmarks/service_benchmark.py [--clients 1 4 16] [--requests-per-client 4] [--rounds 3]
+    python -m benchmarks.service_benchmark [--clients 1 4 16] [--requests-per-client 4] [--rounds 3]
 
 ViT-S/16-shaped random DINOv3 at 448 px, a 2,195-row bank (1 % of MVTec carpet's patches),
 1024 px PNG uploads to /inspect. Prints img/s for each client count and the ratio to the
@@ -13,7 +13,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,16 +22,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from detector.anomaly_detector import AnomalyDetector  # noqa: E402
-from detector.backbone import DinoBackbone  # noqa: E402
-from detector.commands.random_backbone import make_backbone  # noqa: E402
-from detector.data.synthetic import carpet_texture, make_dataset  # noqa: E402
-from detector.images import decode_image  # noqa: E402
-from detector.memory_bank import BankConfig  # noqa: E402
-from detector.serving.local_server import bentoml_serve, export_models  # noqa: E402
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import DinoBackbone
+from detector.commands.random_backbone import make_backbone
+from detector.data.synthetic import carpet_texture, make_dataset
+from detector.images import decode_image
+from detector.memory_bank import BankConfig
+from detector.serving.local_server import bentoml_serve, export_models
 
 
 def build_models(scratch: Path, bank_rows: int) -> Path:

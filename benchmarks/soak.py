@@ -1,7 +1,7 @@
 """Soak test: 16 Locust users for 10 minutes against one service; RSS of every service
 process at the start and end, and the failure count. Goal: 0 failures, RSS growth < 5 %.
 
-    python benchmarks/soak.py [--minutes 10] [--users 16] [--warmup-minutes 5]
+    python -m benchmarks.soak [--minutes 10] [--users 16] [--warmup-minutes 5]
                               [--service-env MALLOC_ARENA_MAX=2 ...]
 
 "Start" is after a warm-up at full concurrency: the first minutes under 16 concurrent
@@ -19,16 +19,12 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes  # noqa: E402
-from detector.serving.local_server import bentoml_serve, locust_command, service_env  # noqa: E402
+from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
+from detector.serving.local_server import REPO, bentoml_serve, locust_command, service_env
 
 
 def role_of(command: str) -> str:

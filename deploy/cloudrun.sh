@@ -12,7 +12,7 @@
 #   CPU, MEMORY       per instance                            (4, 8Gi)
 #   CONCURRENCY       requests per instance before scaling    (16)
 #   API_KEY_SECRET    Secret Manager secret holding INSPECT_API_KEY (unset: no key required)
-#   INSPECT_*         passed through to the service (see detector/settings.py)
+#   INSPECT_*         passed through to the service (see detector/serving/settings.py)
 set -euo pipefail
 : "${PROJECT_ID:?set PROJECT_ID}"
 REGION=${REGION:-europe-west1}

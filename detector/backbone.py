@@ -118,24 +118,12 @@ class FeatureExtractor(Protocol):
         """A (B, 3, H, W) batch -> (B, h, w, D) float32 patch features."""
 
 
-def build_extractor(
-    source: str,
-    *,
-    layers: Sequence[int] = (-1,),
-    resolution: int = 448,
-    device: str = "auto",
-    half_precision: bool = False,
-    num_threads: int | None = None,
-) -> FeatureExtractor:
-    """The one factory for feature extractors: a hub id or a `save_pretrained` folder."""
-    return DinoBackbone(
-        source,
-        layers=layers,
-        resolution=resolution,
-        device=device,
-        half_precision=half_precision,
-        num_threads=num_threads,
-    )
+def build_extractor(source: str, **options: Any) -> FeatureExtractor:
+    """The one factory for feature extractors: a hub id or a `save_pretrained` folder.
+
+    `options` are DinoBackbone's: layers, resolution, device, half_precision, num_threads.
+    """
+    return DinoBackbone(source, **options)
 
 
 def resolve_device(device: str) -> torch.device:

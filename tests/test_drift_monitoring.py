@@ -70,18 +70,9 @@ def gauge(url: str) -> float | None:
 
 
 def batch_drift(store: Path, folder: Path, out: Path) -> dict:
+    command = ["batch", str(folder), "--out", str(out), "--drift-min-images", "10"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "batch",
-            str(folder),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--drift-min-images",
-            "10",
-        ],
+        [sys.executable, "-m", *command, "--no-progress"],
         cwd=REPO,
         env=service_env(store),
         capture_output=True,

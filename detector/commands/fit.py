@@ -26,11 +26,11 @@ from detector.commands.config import (
     save_resolved_config,
     scoring_config,
     seed_everything,
-    set_threads,
 )
 from detector.data.augment import AugmentedImages
 from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
+from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
 
