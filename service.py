@@ -23,11 +23,14 @@ from detector.serving.api import InspectionEndpoints
 from detector.serving.model_store import resolve_pair
 from detector.serving.settings import Settings
 
-# A missing or mismatched model pair, or a malformed setting, stops `bentoml serve` and
-# `bentoml build` here with one sentence, instead of workers that fail and restart forever.
+# A missing or mismatched model pair, an uninstalled runtime or a graph of other weights, or a
+# malformed setting, stops `bentoml serve` and `bentoml build` here with one sentence,
+# instead of workers that fail and restart forever.
 with user_errors_exit():
     SETTINGS = Settings.from_env()
-    _backbone, _bank = resolve_pair(SETTINGS.bank_tag, SETTINGS.backbone_tag)
+    _backbone, _bank = resolve_pair(
+        SETTINGS.bank_tag, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
+    )
 BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
 BANK_MODEL = bentoml.models.BentoModel(str(_bank.tag))
 PAGE = (Path(__file__).parent / "detector" / "serving" / "static" / "index.html").read_text()
@@ -71,6 +74,8 @@ class InspectionRunner:
         pair = load_pair(
             str(BANK_MODEL.tag),
             str(BACKBONE_MODEL.tag),
+            runtime=SETTINGS.runtime,
+            precision=SETTINGS.precision,
             device=SETTINGS.device,
             half_precision=SETTINGS.half_precision,
             num_threads=SETTINGS.num_threads,

@@ -22,6 +22,7 @@ from batch.job import JobOptions, check_writable, merge, run_job
 from batch.scorers import BatchSetupError, LocalScorer, RemoteScorer, Scorer
 from detector.drift import DriftSettings
 from detector.errors import user_errors_exit
+from detector.runtimes import PRECISIONS, RUNTIMES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +39,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="MVTec test folder: metrics too")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="backbone runtime; openvino and onnxruntime run the graph stored by export (CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="f32",
+        choices=PRECISIONS,
+        help="f32; bf16 with openvino on CPUs that have it; int8 with onnxruntime",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--shard", type=Shard.parse, help="I/N: this job's share of the files")
     parser.add_argument(
@@ -59,7 +72,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def make_scorer(args: argparse.Namespace) -> Scorer:
     if args.url:
         return RemoteScorer(args.url, args.input_dir, args.concurrency, args.api_key)
-    return LocalScorer(args.model, args.backbone_model, args.batch_size, args.device, args.threads)
+    return LocalScorer(
+        args.model,
+        args.backbone_model,
+        args.batch_size,
+        args.device,
+        args.threads,
+        args.runtime,
+        args.precision,
+    )
 
 
 def run(argv: list[str]) -> int:

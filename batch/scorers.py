@@ -53,13 +53,21 @@ class LocalScorer:
         batch_size: int,
         device: str = "auto",
         num_threads: int | None = None,
+        runtime: str = "torch",
+        precision: str = "f32",
     ) -> None:
         from detector.serving.model_store import load_pair
         from detector.threads import set_threads
 
         set_threads(num_threads)
         pair = load_pair(
-            bank_tag, backbone_tag, device=device, num_threads=num_threads, batch_size=batch_size
+            bank_tag,
+            backbone_tag,
+            runtime=runtime,
+            precision=precision,
+            device=device,
+            num_threads=num_threads,
+            batch_size=batch_size,
         )
         self.detector = pair.detector
         self.models = {"backbone": pair.tags.backbone, "bank": pair.tags.bank}

@@ -1,6 +1,7 @@
 """Served throughput vs in-process `predict`, and `bentoml serve` cold start, in one run.
 
     python -m benchmarks.service_benchmark [--clients 1 4 16] [--requests-per-client 4] [--rounds 3]
+        [--runtime torch|openvino|onnxruntime] [--precision f32|bf16|int8]
 
 ViT-S/16-shaped random DINOv3 at 448 px, a 2,195-row bank (1 % of MVTec carpet's patches),
 1024 px PNG uploads to /inspect. Prints img/s for each client count and the ratio to the
@@ -104,6 +105,8 @@ def main() -> None:
         default=3,
         help="served runs per client count, each between two in-process baselines",
     )
+    parser.add_argument("--runtime", default="torch", help="backbone runtime, both sides")
+    parser.add_argument("--precision", default="f32")
     parser.add_argument(
         "--service-env",
         nargs="*",
@@ -113,6 +116,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     service_only = dict(item.split("=", 1) for item in args.service_env)
+    service_only.update(INSPECT_RUNTIME=args.runtime, INSPECT_PRECISION=args.precision)
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
     results: dict = {
         "settings": {k: v for k, v in os.environ.items() if k.startswith("INSPECT_")},
@@ -128,7 +132,9 @@ def main() -> None:
         # minutes (a single short baseline swung the ratio by +-15 %), so the served runs
         # are interleaved with baselines: round r is compared with the baselines measured
         # just before and just after it.
-        detector = AnomalyDetector.load(model_dir, device="cpu", batch_size=1)
+        detector = AnomalyDetector.load(
+            model_dir, device="cpu", batch_size=1, runtime=args.runtime, precision=args.precision
+        )
         detector.predict([decode_image(uploads[0])], with_maps=False)
 
         def baseline() -> float:

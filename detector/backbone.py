@@ -118,12 +118,38 @@ class FeatureExtractor(Protocol):
         """A (B, 3, H, W) batch -> (B, h, w, D) float32 patch features."""
 
 
-def build_extractor(source: str, **options: Any) -> FeatureExtractor:
-    """The one factory for feature extractors: a hub id or a `save_pretrained` folder.
+def build_extractor(
+    source: str, *, runtime: str = "torch", precision: str = "f32", **options: Any
+) -> FeatureExtractor:
+    """The one factory for feature extractors: a hub id or a `save_pretrained` folder, run
+    by torch or, on CPU, by a graph runtime (detector.runtimes).
 
-    `options` are DinoBackbone's: layers, resolution, device, half_precision, num_threads.
+    `options`: layers, resolution, device, half_precision, num_threads; and for a graph
+    runtime `export_missing` (False in the service: only stored graphs are used).
     """
-    return DinoBackbone(source, **options)
+    if runtime == "torch":
+        from detector.runtimes import check_runtime
+
+        check_runtime(runtime, precision)
+        options.pop("export_missing", None)
+        return DinoBackbone(source, **options)
+    from detector.runtimes import build_graph_backbone
+
+    return build_graph_backbone(source, runtime, precision=precision, **options)
+
+
+def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
+    """Resize to a square `resolution` and normalise with ImageNet statistics: (3, H, W).
+
+    Squashing instead of cropping keeps every pixel of the part in view, so the anomaly map
+    can be stretched back over the whole original image. Every runtime prepares images here.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    resized = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32)
+    array *= _PIXEL_SCALE
+    array += _PIXEL_OFFSET
+    return array
 
 
 def resolve_device(device: str) -> torch.device:
@@ -245,27 +271,24 @@ class DinoBackbone:
         return folder.is_dir() and (folder / RANDOM_WEIGHTS_MARKER).exists()
 
     def prepare(self, image: Image.Image) -> np.ndarray:
-        """Resize to a square multiple of the patch size and normalise with ImageNet stats.
+        return preprocess(image, self.resolution)
 
-        Squashing instead of cropping keeps every pixel of the part in view, so the anomaly
-        map can be stretched back over the whole original image.
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h, w, D) normalised patch tokens of the chosen layers.
+
+        The computation `embed` runs and `detector.runtimes.export_graph` exports, so a graph
+        runtime computes exactly what torch does.
         """
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        resized = rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-        array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32)
-        array *= _PIXEL_SCALE
-        array += _PIXEL_OFFSET
-        return array
-
-    @torch.inference_mode()
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
         outputs = self.model(pixel_values=pixels, output_hidden_states=True)
         grid = self.resolution // self.patch_size
         selected = []
         for layer in self.layers:
             hidden = outputs.hidden_states[layer if layer > 0 else self.num_blocks + 1 + layer]
             tokens = self.final_norm(hidden)[:, self.num_prefix_tokens :, :]
-            selected.append(tokens.reshape(tokens.shape[0], grid, grid, tokens.shape[-1]))
-        features = torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
-        return features.float().cpu().numpy()
+            selected.append(tokens.reshape(-1, grid, grid, tokens.shape[-1]))
+        return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
+
+    @torch.inference_mode()
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
+        return self.patch_tokens(pixels).float().cpu().numpy()

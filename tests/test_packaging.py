@@ -128,4 +128,8 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     assert any(
         m.startswith("./models/inspection-bank/") and m.endswith("/index.faiss") for m in members
     )
+    # The CPU runtimes' graph travels with the backbone, and the runtimes with the image.
+    assert any(m.startswith("./models/dino-backbone/") and "/graphs/" in m for m in members)
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert all(name in requirements for name in ("openvino", "onnxruntime", "onnx"))
     assert info["labels"]["project"] == "dino-inspection"

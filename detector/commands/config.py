@@ -47,7 +47,16 @@ def build_backbone(backbone: DictConfig, num_threads: int | None = None) -> Feat
         device=str(backbone.device),
         half_precision=bool(backbone.half_precision),
         num_threads=num_threads,
+        **runtime_options(backbone),
     )
+
+
+def runtime_options(backbone: DictConfig) -> dict[str, str]:
+    """The backbone's runtime and precision (configs written before runtimes: torch, f32)."""
+    return {
+        "runtime": str(backbone.get("runtime", "torch")),
+        "precision": str(backbone.get("precision", "f32")),
+    }
 
 
 def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
@@ -97,5 +106,7 @@ def start_test_run(cfg: DictConfig, run_dir: Path) -> tuple[list[Sample], Anomal
         batch_size=int(cfg.batch_size),
         device=str(cfg.backbone.device),
         half_precision=bool(cfg.backbone.half_precision),
+        num_threads=cfg.num_threads,
+        **runtime_options(cfg.backbone),
     )
     return samples, detector

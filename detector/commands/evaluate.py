@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detector.commands.config import CONFIG_PATH, start_test_run
+from detector.commands.config import CONFIG_PATH, runtime_options, start_test_run
 from detector.errors import exits_on_user_error
 from detector.reports.evaluation import EvaluationAccumulator
 
@@ -36,6 +36,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "model_dir": str(cfg.model_dir),
         "backbone": detector.extractor.spec.to_dict(),
         "random_weights": detector.extractor.random_weights,
+        "runtime": runtime_options(cfg.backbone),
         "threshold": detector.calibration.threshold,
     }
     title = f"{cfg.data.category}: image ROC"

@@ -2,6 +2,7 @@
 
     python -m detector export models/carpet [--metrics outputs/evaluate/.../metrics.json]
                               [--backbone PATH_OR_HUB_ID] [--bank-name inspection-bank]
+                              [--no-graph]
 
 `bentoml models list` then shows both; `bentoml serve` picks up the `:latest` of each.
 """
@@ -27,12 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="checkpoint to store (default: the one in bank.json)")
     parser.add_argument("--backbone-name", default=BACKBONE_MODEL)
     parser.add_argument("--bank-name", default=BANK_MODEL)
+    parser.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="do not store the ONNX graph the CPU runtimes (openvino, onnxruntime) need",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     spec = BackboneSpec.from_dict(MemoryBank.load(args.model_dir).metadata["extractor"])
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     # Built and checked against the bank before anything is written to the store.
     loaded = spec.build(args.backbone, device="cpu")
-    backbone = save_backbone(loaded, args.backbone_name)
+    backbone = save_backbone(loaded, args.backbone_name, with_graph=not args.no_graph)
     bank = save_bank(args.model_dir, backbone, metrics, args.bank_name)
     print(f"saved backbone model {backbone.tag}\nsaved memory bank model {bank.tag}")
     return 0

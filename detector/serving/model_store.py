@@ -43,8 +43,11 @@ def _label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).strip("_")[:63] or "none"
 
 
-def save_backbone(backbone: FeatureExtractor, name: str = BACKBONE_MODEL) -> bentoml.Model:
-    """Copy a loaded checkpoint's folder (or a hub download of it) into the model store."""
+def save_backbone(
+    backbone: FeatureExtractor, name: str = BACKBONE_MODEL, with_graph: bool = True
+) -> bentoml.Model:
+    """Copy a loaded torch checkpoint's folder (or a hub download of it) into the model
+    store, with the ONNX graph the CPU runtimes run (detector.runtimes) exported from it."""
     spec = backbone.spec
     with bentoml.models.create(
         name,
@@ -53,6 +56,7 @@ def save_backbone(backbone: FeatureExtractor, name: str = BACKBONE_MODEL) -> ben
             "source": _label(spec.source),
             "resolution": str(spec.resolution),
             "random_weights": str(backbone.random_weights).lower(),
+            "graph": "onnx" if with_graph else "none",
         },
         metadata={**spec.to_dict(), "source": spec.source},
     ) as model:
@@ -61,6 +65,10 @@ def save_backbone(backbone: FeatureExtractor, name: str = BACKBONE_MODEL) -> ben
             shutil.copytree(folder, model.path, dirs_exist_ok=True)
         else:  # a hub id: write the cached weights out as a plain folder
             load_pretrained(spec.source).save_pretrained(model.path)
+        if with_graph:
+            from detector.runtimes import GRAPHS_FOLDER, export_graph
+
+            export_graph(backbone, Path(model.path) / GRAPHS_FOLDER)
     return model
 
 
@@ -114,17 +122,27 @@ def stored(tag: str | bentoml.Tag) -> bentoml.Model:
 
 
 def resolve_pair(
-    bank_tag: str | None = None, backbone_tag: str | None = None
+    bank_tag: str | None = None,
+    backbone_tag: str | None = None,
+    runtime: str = "torch",
+    precision: str = "f32",
 ) -> tuple[bentoml.Model, bentoml.Model]:
     """(backbone, bank) from the store: the bank's own backbone unless one is named.
 
-    Reads only metadata, so the service can refuse a missing or mismatched pair when it is
-    imported, before any worker loads weights.
+    Reads metadata (and, for a graph runtime, the stored graph's stamp), never weights, so
+    the service refuses a missing or mismatched pair, an uninstalled runtime or a graph of
+    other weights when it is imported, before any worker starts.
     """
+    from detector.runtimes import check_runtime, graph_stamp, locate_graph
+
+    check_runtime(runtime, precision)
     bank = stored(bank_tag or f"{BANK_MODEL}:latest")
     backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)
     bank_spec = BackboneSpec.from_dict(bank.info.metadata["extractor"])
     bank_spec.check_compatible(BackboneSpec.from_dict(backbone.info.metadata))
+    if runtime != "torch":
+        graph = locate_graph(backbone.path, bank_spec.layers, bank_spec.resolution, False)
+        bank_spec.check_compatible(BackboneSpec.from_dict(graph_stamp(graph)["spec"]))
     return backbone, bank
 
 
@@ -138,21 +156,31 @@ def load_pair(
     bank_tag: str | None = None,
     backbone_tag: str | None = None,
     *,
+    runtime: str = "torch",
+    precision: str = "f32",
     device: str = "auto",
     half_precision: bool = False,
     num_threads: int | None = None,
     batch_size: int = 8,
 ) -> LoadedPair:
-    """The detector the service's runner and the batch job score with, from the store."""
+    """The detector the service's runner and the batch job score with, from the store.
+
+    A graph runtime uses the graph stored with the backbone (`export` writes it); nothing is
+    exported here, so serving never traces or compiles a graph from scratch.
+    """
     from detector.anomaly_detector import AnomalyDetector
 
-    backbone, bank = resolve_pair(bank_tag, backbone_tag)
+    backbone, bank = resolve_pair(bank_tag, backbone_tag, runtime, precision)
+    options = {"export_missing": False} if runtime != "torch" else {}
     detector = AnomalyDetector.from_bank(
         MemoryBank.load(bank.path),
         batch_size=batch_size,
         source=backbone.path,
+        runtime=runtime,
+        precision=precision,
         device=device,
         half_precision=half_precision,
         num_threads=num_threads,
+        **options,
     )
     return LoadedPair(detector, ModelTags(str(backbone.tag), str(bank.tag)))

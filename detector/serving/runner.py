@@ -42,6 +42,8 @@ class ScoringRunner:
             "random_weights": detector.extractor.random_weights,
             "threshold": detector.calibration.threshold,
             "extractor": detector.extractor.spec.to_dict(),
+            "runtime": settings.runtime,
+            "precision": settings.precision,
         }
         telemetry.publish_model_info(self.info)
         self.drift = DriftMonitor(

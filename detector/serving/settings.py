@@ -59,6 +59,8 @@ class Settings:
     bank_tag: str | None  # None: the latest inspection-bank
     device: str
     half_precision: bool
+    runtime: str  # torch | openvino | onnxruntime (detector.runtimes)
+    precision: str  # f32; bf16 (openvino, CPUs with bf16) or int8 (onnxruntime)
     num_threads: int | None
     max_batch_size: int
     max_latency_ms: int
@@ -75,6 +77,8 @@ class Settings:
             bank_tag=os.environ.get("INSPECT_BANK_MODEL") or None,
             device=device,
             half_precision=_bool("INSPECT_HALF_PRECISION", False),
+            runtime=os.environ.get("INSPECT_RUNTIME", "").strip() or "torch",
+            precision=os.environ.get("INSPECT_PRECISION", "").strip() or "f32",
             # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which
             # halves a CPU ViT's speed (measured: docs/PERFORMANCE.md).
             num_threads=_int("INSPECT_THREADS", len(os.sched_getaffinity(0))),

@@ -1,0 +1,190 @@
+"""The backbone on OpenVINO and ONNX Runtime: same scores as torch, and clear refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import DinoBackbone
+from detector.commands.random_backbone import make_backbone
+from detector.data.mvtec import MVTecCategory
+from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
+from detector.serving.local_server import (
+    REPO,
+    bentoml_serve,
+    export_models,
+    serve_until_exit,
+    service_env,
+)
+
+F32_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Graphs exported by commands go to a cache of this module's own."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DINO_INSPECT_CACHE", str(cache))
+        yield
+
+
+@pytest.fixture(scope="module")
+def test_paths(synthetic_dataset: MVTecCategory) -> list[Path]:
+    return [sample.path for sample in synthetic_dataset.test_samples()]
+
+
+@pytest.fixture(scope="module")
+def torch_results(fitted_detector: AnomalyDetector, test_paths: list[Path]):
+    return fitted_detector.predict(test_paths)
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_f32_runtimes_score_like_torch(
+    runtime: str, saved_detector_dir: Path, test_paths: list[Path], torch_results
+) -> None:
+    detector = AnomalyDetector.load(saved_detector_dir, runtime=runtime, device="cpu")
+    assert isinstance(detector.extractor, GraphBackbone)
+    assert detector.extractor.spec == detector.bank_spec  # the graph says whose weights it has
+    for got, want in zip(detector.predict(test_paths), torch_results, strict=True):
+        assert got.score == pytest.approx(want.score, abs=F32_TOLERANCE)
+        assert got.is_anomalous == want.is_anomalous
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=F32_TOLERANCE)
+
+
+def test_int8_is_opt_in_and_moves_scores_only_a_little(
+    saved_detector_dir: Path, test_paths: list[Path], torch_results
+) -> None:
+    detector = AnomalyDetector.load(
+        saved_detector_dir, runtime="onnxruntime", precision="int8", device="cpu"
+    )
+    assert detector.extractor.graph.name.endswith("-int8.onnx")
+    results = detector.predict(test_paths, with_maps=False)
+    differences = [
+        abs(got.score - want.score) for got, want in zip(results, torch_results, strict=True)
+    ]
+    assert 0 < max(differences) < 0.05  # quantized for real, and still the same scale
+
+
+def test_a_precision_a_runtime_does_not_offer_is_one_sentence(saved_detector_dir: Path) -> None:
+    from detector.runtimes import RuntimeUnavailableError
+
+    with pytest.raises(RuntimeUnavailableError, match="does not run precision int8"):
+        AnomalyDetector.load(saved_detector_dir, runtime="openvino", precision="int8")
+    with pytest.raises(RuntimeUnavailableError, match="Unknown runtime"):
+        AnomalyDetector.load(saved_detector_dir, runtime="tensorrt")
+
+
+@pytest.fixture(scope="module")
+def runtime_store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    result = export_models(saved_detector_dir, home)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+def stored_graph(home: Path) -> Path:
+    (graph,) = (home / "models" / "dino-backbone").glob(f"*/{GRAPHS_FOLDER}/*.onnx")
+    return graph
+
+
+def test_export_stores_a_graph_stamped_with_the_banks_backbone(
+    runtime_store: Path, fitted_detector: AnomalyDetector
+) -> None:
+    stamp = graph_stamp(stored_graph(runtime_store))
+    assert stamp["spec"]["fingerprint"] == fitted_detector.extractor.spec.fingerprint
+    assert stamp["random_weights"] is True
+
+
+def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
+    runtime_store: Path, test_paths: list[Path], torch_results, tmp_path: Path
+) -> None:
+    with bentoml_serve(runtime_store, tmp_path / "serve.log", INSPECT_RUNTIME="openvino") as url:
+        info = httpx.post(f"{url}/model_info", timeout=30).json()
+        assert info["runtime"] == "openvino" and info["precision"] == "f32"
+        for path, want in zip(test_paths, torch_results, strict=True):
+            files = {"image": (path.name, path.read_bytes(), "image/png")}
+            got = httpx.post(f"{url}/inspect", files=files, timeout=60).json()
+            assert got["score"] == pytest.approx(want.score, abs=F32_TOLERANCE)
+    folder = test_paths[0].parent.parent  # the test split
+    out = tmp_path / "batch"
+    command = ["batch", str(folder), "--out", str(out), "--runtime", "openvino", "--no-progress"]
+    result = run(runtime_store, "-m", *command)
+    assert result.returncode == 0, result.stderr
+    from batch.results import read_rows
+
+    scores = {row["path"]: row["score"] for row in read_rows(out / "results.jsonl")}
+    for path, want in zip(test_paths, torch_results, strict=True):
+        assert scores[path.relative_to(folder).as_posix()] == pytest.approx(
+            want.score, abs=F32_TOLERANCE
+        )
+
+
+def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=service_env(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_error_line(output: str) -> str:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def without_openvino(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PYTHONPATH on which `import openvino` fails, as where it is not installed."""
+    folder = tmp_path_factory.mktemp("no_openvino")
+    (folder / "openvino").mkdir()
+    (folder / "openvino" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    return f"{folder}:{REPO}"
+
+
+def test_an_uninstalled_runtime_stops_commands_and_serve_with_one_sentence(
+    runtime_store: Path, test_paths: list[Path], without_openvino: str, tmp_path: Path
+) -> None:
+    folder = str(test_paths[0].parent)
+    batch = run(
+        runtime_store,
+        *("-m", "batch", folder, "--out", str(tmp_path / "o"), "--runtime", "openvino"),
+        PYTHONPATH=without_openvino,
+    )
+    assert batch.returncode == 2
+    assert "is not installed" in one_error_line(batch.stderr)
+    code, output = serve_until_exit(
+        runtime_store, 120, INSPECT_RUNTIME="openvino", PYTHONPATH=without_openvino
+    )
+    assert code not in (None, 0)
+    assert "`pip install openvino`" in one_error_line(output)
+
+
+def test_a_graph_of_other_weights_or_none_stops_serve_with_one_sentence(
+    saved_detector_dir: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    assert export_models(saved_detector_dir, home).returncode == 0
+    graph = stored_graph(home)
+    other_dir = make_backbone(tmp_path / "other", "tiny", seed=1)
+    resolution = graph_stamp(graph)["spec"]["resolution"]
+    other = export_graph(DinoBackbone(str(other_dir), resolution=resolution), tmp_path / "g")
+    shutil.copy(other, graph)  # another checkpoint's graph under this backbone's name
+    code, output = serve_until_exit(home, 120, INSPECT_RUNTIME="onnxruntime")
+    assert code not in (None, 0)
+    assert "fingerprint" in one_error_line(output)
+    graph.unlink()
+    code, output = serve_until_exit(home, 120, INSPECT_RUNTIME="onnxruntime")
+    assert code not in (None, 0)
+    assert "no exported graph" in one_error_line(output)
