@@ -27,6 +27,7 @@ from detector.scoring import (
     ScoringConfig,
     anomaly_map,
     calibrate,
+    check_threshold,
     image_score,
     make_result,
 )
@@ -37,6 +38,15 @@ Item = TypeVar("Item")
 
 def as_image(source: ImageSource) -> Image.Image:
     return source if isinstance(source, Image.Image) else read_image(source)
+
+
+def capped_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down to at most `max_side` on the long side, aspect kept."""
+    width, height = size
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def batched(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
@@ -132,14 +142,23 @@ class AnomalyDetector:
 
     # ----- prediction -----------------------------------------------------------------
     def score_features(
-        self, features: np.ndarray, image_sizes: Sequence[tuple[int, int]], with_maps: bool = True
+        self,
+        features: np.ndarray,
+        image_sizes: Sequence[tuple[int, int]],
+        with_maps: bool = True,
+        map_max_side: int | None = None,
     ) -> list[InspectionResult]:
-        """Score a (B, h, w, D) feature batch; `image_sizes` are the originals' (width, height)."""
+        """Score a (B, h, w, D) feature batch; `image_sizes` are the originals' (width, height).
+
+        Maps are made at the image's size, or with `map_max_side` no longer than that on
+        their long side (a 40 MP frame's full-size float map is 160 MB).
+        """
         distances = self.bank.distances(features)
         input_size = self.extractor.spec.resolution
         results = []
         for grid, size in zip(distances, image_sizes, strict=True):
-            heatmap = anomaly_map(grid, input_size, size, self.scoring.sigma) if with_maps else None
+            out = capped_size(size, map_max_side)
+            heatmap = anomaly_map(grid, input_size, out, self.scoring.sigma) if with_maps else None
             score = image_score(grid, self.scoring)
             results.append(make_result(score, self.calibration, size, heatmap, patch_profile(grid)))
         return results
@@ -149,12 +168,14 @@ class AnomalyDetector:
         prepared: np.ndarray,
         image_sizes: Sequence[tuple[int, int]],
         with_maps: bool = True,
+        map_max_side: int | None = None,
     ) -> list[InspectionResult]:
         """Score already-preprocessed (B, 3, H, W) arrays, for loaders that prepare in parallel."""
         results: list[InspectionResult] = []
         size = self.batch_size
         for rows, sizes in zip(batched(prepared, size), batched(image_sizes, size), strict=True):
-            results.extend(self.score_features(self.extractor.embed(rows), sizes, with_maps))
+            features = self.extractor.embed(rows)
+            results.extend(self.score_features(features, sizes, with_maps, map_max_side))
         return results
 
     def prepare(self, image: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
@@ -208,4 +229,5 @@ class AnomalyDetector:
             extractor = BackboneSpec.from_dict(bank.metadata["extractor"]).build(**backbone_options)
         scoring = ScoringConfig(**bank.metadata.get("scoring", {}))
         calibration = Calibration(**bank.metadata["calibration"])
+        check_threshold(calibration.threshold)
         return cls(extractor, bank, calibration, scoring, batch_size)

@@ -39,8 +39,13 @@ def patch_profile(patch_distances: np.ndarray) -> np.ndarray:
 
 def profile_to_list(profile: np.ndarray) -> list[float]:
     """JSON-ready profile: the shortest decimals that give back the same float32 values, so a
-    statistic recomputed from a journal equals the one computed live."""
-    return [float(str(value)) for value in np.asarray(profile, dtype=np.float32)]
+    statistic recomputed from a journal equals the one computed live. A profile that is not
+    all finite (an image whose features were not numbers) is empty: it is no evidence of
+    drift, and NaN is not JSON."""
+    values = np.asarray(profile, dtype=np.float32)
+    if not np.isfinite(values).all():
+        return []
+    return [float(str(value)) for value in values]
 
 
 def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
@@ -98,8 +103,9 @@ class DriftMonitor:
 
     def add(self, profiles: Iterable[np.ndarray]) -> dict[str, Any]:
         """Append profiles and return the status after them."""
+        finite = (np.asarray(p, dtype=np.float32) for p in profiles)
         with self._lock:
-            self._window.extend(np.asarray(p, dtype=np.float32) for p in profiles)
+            self._window.extend(p for p in finite if p.size and np.isfinite(p).all())
             return self._status()
 
     def status(self) -> dict[str, Any]:

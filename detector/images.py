@@ -8,16 +8,24 @@ upload becomes an `InvalidImageError` with an HTTP status instead of a crash.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# The only decoders untrusted bytes may reach: what cameras and image tools write. Pillow
+# would otherwise also try GIF, ICO, PCX, TGA, SGI, DDS, IM, QOI, XBM and more, each C
+# decoder one more place for a malformed file to find a bug.
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+# Full scale of integer greyscale modes by bit depth: one bright pixel must not change what
+# every other pixel means (scaling by the image's own maximum did).
+FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 4294967295.0}
 
 
 @dataclass
@@ -33,19 +41,22 @@ class InvalidImageError(ValueError):
 
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
-    """Convert any still-image mode to 8-bit RGB without clipping high-bit-depth data."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Convert any still-image mode to 8-bit RGB without clipping high-bit-depth data.
+
+    Integer greyscale is scaled by its bit depth (16-bit: 65535 is white; 32-bit: 2^32 - 1),
+    float greyscale is taken as 0..1.
+    """
+    if image.mode in (*FULL_SCALE, "F"):
         array = np.asarray(image, dtype=np.float64)
-        # 16-bit sensors store 0..65535; a plain convert("RGB") would clip them to white.
-        top = 65535.0 if array.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
-        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        top = 1.0 if image.mode == "F" else FULL_SCALE[image.mode]
+        gray = np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Flatten transparency onto white instead of the arbitrary colour hidden under alpha.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -58,7 +69,7 @@ def _open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             f"The upload is {len(data)} bytes; the limit is {max_bytes} bytes.",
             status=413,
         )
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidImageError(
@@ -93,10 +104,10 @@ def _checked(data: bytes, max_bytes: int, max_pixels: int, load: bool) -> Image.
     except UnidentifiedImageError:
         raise InvalidImageError(
             "not_an_image",
-            "The upload is not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP).",
+            "The upload is not an image in an accepted format (PNG, JPEG, BMP, TIFF, WebP).",
             status=415,
         ) from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except Exception as error:  # any decoder failure (TypeError, struct.error, ...) is the file's
         raise InvalidImageError(
             "corrupt", f"The image file is corrupt or truncated: {error}", status=400
         ) from None
@@ -122,18 +133,51 @@ def decode_image(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_to: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Decode bytes into a fully loaded RGB image, raising `InvalidImageError` on bad input."""
-    return _to_8bit_rgb(_checked(data, max_bytes, max_pixels, load=True))
+    """Decode bytes into a fully loaded RGB image, raising `InvalidImageError` on bad input.
 
-
-def read_image(path: str | Path, **limits: int) -> Image.Image:
-    """Read an image file through the same checks as an upload."""
+    The EXIF orientation is applied here, the one decoding path of fit, evaluate, the
+    service and the batch job, so a phone photo is the same way up everywhere (and as a
+    browser shows it). `reduce_to` (width, height) is for pictures, not scoring: a JPEG is
+    then decoded at a reduced scale and the result shrunk to fit that size.
+    """
+    image = _checked(data, max_bytes, max_pixels, load=False)
     try:
+        if reduce_to:
+            side = min(reduce_to)  # either orientation: EXIF may swap the axes below
+            image.draft("RGB", (side, side))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of a 40 MP frame
+    except Exception as error:  # a decoder or EXIF failure is the file's problem, not ours
+        raise InvalidImageError(
+            "corrupt", f"The image file is corrupt or truncated: {error}", status=400
+        ) from None
+    rgb = _to_8bit_rgb(image)
+    if reduce_to:
+        rgb.thumbnail(reduce_to, Image.Resampling.BILINEAR)
+    return rgb
+
+
+def read_image(
+    path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Read an image file through the same checks as an upload; its size is checked before
+    a byte is read, and only a regular file is read (a FIFO would block forever)."""
+    try:
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidImageError("not_a_file", f"{path} is not a regular file.")
+        if info.st_size > max_bytes:
+            raise InvalidImageError(
+                "too_large",
+                f"{path} is {info.st_size} bytes; the limit is {max_bytes} bytes.",
+                status=413,
+            )
         data = Path(path).read_bytes()
     except OSError as error:
         raise InvalidImageError("unreadable", f"Cannot read {path}: {error.strerror}.") from None
-    return decode_image(data, **limits)
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def is_image_path(path: Path) -> bool:

@@ -122,8 +122,13 @@ class MemoryBank:
         shape = queries.shape[:-1]
         if queries.shape[-1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[-1]}, the bank has {self.dim}")
-        similarities, _ = self.index.search(l2_normalize(queries), min(self.config.k, self.size))
-        return (1.0 - similarities.mean(axis=1)).astype(np.float32).reshape(shape)
+        normalized = l2_normalize(queries)
+        similarities, _ = self.index.search(normalized, min(self.config.k, self.size))
+        distances = (1.0 - similarities.mean(axis=1)).astype(np.float32)
+        # faiss answers a NaN query with a huge finite distance; say "not a number" instead,
+        # so the score is NaN and the verdict fails safe (anomalous) rather than looking real.
+        distances[~np.isfinite(normalized).all(axis=1)] = np.nan
+        return distances.reshape(shape)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -51,14 +51,32 @@ class InspectionResult:
     drift_profile: np.ndarray | None = None  # patch-distance quantiles, see drift_statistics
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: a score that is not a finite number (NaN features) becomes null, never
+        `NaN` (which strict JSON parsers refuse); the verdict is then anomalous."""
         return {
-            "score": self.score,
+            "score": finite_or_none(self.score),
             "threshold": self.threshold,
-            "normalized_score": self.normalized_score,
+            "normalized_score": finite_or_none(self.normalized_score),
             "is_anomalous": self.is_anomalous,
             "image_width": self.image_size[0],
             "image_height": self.image_size[1],
         }
+
+
+def finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def check_threshold(threshold: float) -> float:
+    """A usable threshold is a finite number above 0; anything else would flag every part
+    (or none) without saying so."""
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(
+            f"The calibrated threshold is {threshold}, not a finite number above 0: the "
+            "calibration images score 0 (they duplicate bank images) or not at all; "
+            "calibrate on other defect-free images."
+        )
+    return float(threshold)
 
 
 def image_score(patch_scores: np.ndarray, config: ScoringConfig) -> float:
@@ -124,7 +142,7 @@ def calibrate(
         raise ValueError("calibration needs at least one defect-free image")
     if not 0 <= false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
-    threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
+    threshold = check_threshold(float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher")))
     reference = [profile_to_list(profile) for profile in profiles or []]
     return Calibration(threshold, false_alarm_rate, [float(s) for s in scores], reference)
 
@@ -142,7 +160,8 @@ def make_result(
         score=float(score),
         threshold=float(threshold),
         normalized_score=float(normalized),
-        is_anomalous=bool(score > threshold),
+        # Fail safe: a score that is not a number is not "below the threshold".
+        is_anomalous=not bool(score <= threshold),
         image_size=(int(image_size[0]), int(image_size[1])),
         anomaly_map=anomaly_map_,
         drift_profile=drift_profile,

@@ -71,3 +71,40 @@ def test_separable_map_equals_upsample_blur_resize_step_by_step() -> None:
     step_by_step = gaussian_filter(resize(grid, 112, 112).numpy(), 4, truncate=4.0, mode="reflect")
     expected = resize(np.ascontiguousarray(step_by_step), 150, 230).numpy()
     np.testing.assert_allclose(anomaly_map(grid, 112, (230, 150), 4.0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scores", [[0.0, 0.0, 0.0], [float("nan"), 0.1], [float("inf"), 0.2]])
+def test_calibration_refuses_a_threshold_that_is_not_a_finite_number_above_0(scores) -> None:
+    with pytest.raises(ValueError, match="not a finite number above 0"):
+        calibrate(scores, 0.01)
+
+
+def test_a_score_that_is_not_a_number_is_anomalous_and_never_nan_in_json(
+    fitted_detector,
+) -> None:
+    """Features gone NaN (a broken backbone, fp16 overflow) must stop the line, not pass it,
+    and the answer must stay strict JSON."""
+    import json
+
+    from detector.anomaly_detector import AnomalyDetector
+
+    class NaNExtractor:
+        spec = fitted_detector.extractor.spec
+        device = fitted_detector.extractor.device
+        random_weights = True
+        prepare = fitted_detector.extractor.prepare
+
+        def embed(self, batch: np.ndarray) -> np.ndarray:
+            features = fitted_detector.extractor.embed(batch)
+            return np.full_like(features, np.nan)
+
+    detector = AnomalyDetector(
+        NaNExtractor(), fitted_detector.bank, fitted_detector.calibration, batch_size=1
+    )
+    from PIL import Image
+
+    (result,) = detector.predict([Image.new("RGB", (40, 30), (120, 90, 60))])
+    assert result.is_anomalous
+    answer = result.to_dict()
+    assert answer["score"] is None and answer["normalized_score"] is None
+    json.dumps(answer, allow_nan=False)  # raises on NaN or Infinity
