@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from detector.errors import user_errors_exit
 from detector.serving.api import InspectionEndpoints
+from detector.serving.gate import RequestGate
 from detector.serving.model_store import resolve_pair
 from detector.serving.settings import Settings
 
@@ -96,11 +97,7 @@ class InspectionRunner:
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
-        return self.runner.info
-
-    @bentoml.api
-    def drift_status(self, reference: bool = False) -> dict[str, Any]:
-        return self.runner.drift_status(reference)
+        return self.runner.model_info()
 
 
 ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
@@ -122,8 +119,7 @@ class InspectionAPI:
     ) -> dict[str, Any]:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
         `drift_profile=true` adds the image's patch-distance profile (for the batch job)."""
-        work = self.endpoints.inspect(image, ctx.request.headers, drift_profile)
-        return await self.endpoints.respond(ctx, work)
+        return await self.endpoints.respond(ctx, self.endpoints.inspect(image, drift_profile))
 
     @bentoml.api
     async def heatmap(
@@ -135,14 +131,13 @@ class InspectionAPI:
     ) -> Image.Image:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
-        work = self.endpoints.heatmap(image, ctx.request.headers, output, drift_profile)
+        work = self.endpoints.heatmap(image, output, drift_profile)
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
     async def inspect_batch(self, images: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
         """Several images -> one result each, in order; a bad image gets an error entry."""
-        work = self.endpoints.inspect_batch(images, ctx.request.headers)
-        return await self.endpoints.respond(ctx, work)
+        return await self.endpoints.respond(ctx, self.endpoints.inspect_batch(images))
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
@@ -153,3 +148,7 @@ class InspectionAPI:
         """Drift of recent traffic against the calibration images; `reference=true` adds the
         reference profiles."""
         return await self.endpoints.drift(reference)
+
+
+# Key, size, queue and upload-shape checks before BentoML reads a body (detector/serving/gate.py).
+InspectionAPI.add_asgi_middleware(RequestGate, settings=SETTINGS)

@@ -24,32 +24,13 @@ import threading
 from pathlib import Path
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
-from detector.serving.local_server import REPO, bentoml_serve, locust_command, service_env
-
-
-def role_of(command: str) -> str:
-    """'runner', 'api' or 'arbiter', from a server process's command line."""
-    if "--service-name inspection_runner" in command:
-        return "runner"
-    return "api" if "--service-name inspection_api" in command else "arbiter"
-
-
-def service_rss_mib() -> dict[str, float]:
-    """RSS of each `bentoml` server process (the arbiter and its service workers)."""
-    sizes = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        if "bentoml serve" in command or "_bentoml_impl" in command:
-            rss_line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
-            rss_kib = int(rss_line.split()[1])
-            sizes[f"{role_of(command)} {entry.name}"] = round(rss_kib / 1024, 1)
-    return sizes
+from detector.serving.local_server import (
+    REPO,
+    bentoml_serve,
+    locust_command,
+    service_env,
+    service_rss_mib,
+)
 
 
 def main() -> None:
@@ -83,7 +64,7 @@ def main() -> None:
                     capture_output=True,
                     timeout=args.warmup_minutes * 60 + 300,
                 )
-            start = service_rss_mib()
+            start = service_rss_mib(url)
             prefix = scratch / "soak"
             # RSS of each process every 30 s: a plateau and a leak look alike in two snapshots.
             samples: dict[str, list[float]] = {name: [] for name in start}
@@ -91,7 +72,7 @@ def main() -> None:
 
             def sample() -> None:
                 while not stop_sampling.wait(30):
-                    for name, mib in service_rss_mib().items():
+                    for name, mib in service_rss_mib(url).items():
                         samples.setdefault(name, []).append(mib)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -108,7 +89,7 @@ def main() -> None:
             )
             stop_sampling.set()
             sampler.join()
-            end = service_rss_mib()
+            end = service_rss_mib(url)
         with open(f"{prefix}_stats.csv") as handle:
             total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
     growth = {

@@ -82,31 +82,23 @@ def test_a_precision_a_runtime_does_not_offer_is_one_sentence(saved_detector_dir
         AnomalyDetector.load(saved_detector_dir, runtime="tensorrt")
 
 
-@pytest.fixture(scope="module")
-def runtime_store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    result = export_models(saved_detector_dir, home)
-    assert result.returncode == 0, result.stderr
-    return home
-
-
 def stored_graph(home: Path) -> Path:
     (graph,) = (home / "models" / "dino-backbone").glob(f"*/{GRAPHS_FOLDER}/*.onnx")
     return graph
 
 
 def test_export_stores_a_graph_stamped_with_the_banks_backbone(
-    runtime_store: Path, fitted_detector: AnomalyDetector
+    store: Path, fitted_detector: AnomalyDetector
 ) -> None:
-    stamp = graph_stamp(stored_graph(runtime_store))
+    stamp = graph_stamp(stored_graph(store))
     assert stamp["spec"]["fingerprint"] == fitted_detector.extractor.spec.fingerprint
     assert stamp["random_weights"] is True
 
 
 def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
-    runtime_store: Path, test_paths: list[Path], torch_results, tmp_path: Path
+    store: Path, test_paths: list[Path], torch_results, tmp_path: Path
 ) -> None:
-    with bentoml_serve(runtime_store, tmp_path / "serve.log", INSPECT_RUNTIME="openvino") as url:
+    with bentoml_serve(store, tmp_path / "serve.log", INSPECT_RUNTIME="openvino") as url:
         info = httpx.post(f"{url}/model_info", timeout=30).json()
         assert info["runtime"] == "openvino" and info["precision"] == "f32"
         for path, want in zip(test_paths, torch_results, strict=True):
@@ -116,7 +108,7 @@ def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
     folder = test_paths[0].parent.parent  # the test split
     out = tmp_path / "batch"
     command = ["batch", str(folder), "--out", str(out), "--runtime", "openvino", "--no-progress"]
-    result = run(runtime_store, "-m", *command)
+    result = run(store, "-m", *command)
     assert result.returncode == 0, result.stderr
     from batch.results import read_rows
 
@@ -154,18 +146,18 @@ def without_openvino(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_an_uninstalled_runtime_stops_commands_and_serve_with_one_sentence(
-    runtime_store: Path, test_paths: list[Path], without_openvino: str, tmp_path: Path
+    store: Path, test_paths: list[Path], without_openvino: str, tmp_path: Path
 ) -> None:
     folder = str(test_paths[0].parent)
     batch = run(
-        runtime_store,
+        store,
         *("-m", "batch", folder, "--out", str(tmp_path / "o"), "--runtime", "openvino"),
         PYTHONPATH=without_openvino,
     )
     assert batch.returncode == 2
     assert "is not installed" in one_error_line(batch.stderr)
     code, output = serve_until_exit(
-        runtime_store, 120, INSPECT_RUNTIME="openvino", PYTHONPATH=without_openvino
+        store, 120, INSPECT_RUNTIME="openvino", PYTHONPATH=without_openvino
     )
     assert code not in (None, 0)
     assert "`pip install openvino`" in one_error_line(output)

@@ -182,10 +182,10 @@ def test_each_upload_is_scored_once_under_sustained_concurrency(server: str) -> 
     assert runner_images == len(uploads), f"the runner scored {runner_images} images"
 
 
-def _animated_gif() -> bytes:
+def _animated(fmt: str) -> bytes:
     frames = [Image.new("RGB", (32, 32), (60 * i, 0, 0)) for i in range(3)]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:])
     return buffer.getvalue()
 
 
@@ -207,7 +207,8 @@ def _refused_uploads() -> dict[str, tuple[bytes, int, str]]:
         "text": (b"hello, this is not an image", 415, "not_an_image"),
         "truncated": (good[: len(good) // 2], 400, "corrupt"),
         "corrupt": (_flip_middle(good), 400, "corrupt"),
-        "animated": (_animated_gif(), 415, "animated"),
+        "animated": (_animated("WEBP"), 415, "animated"),
+        "gif": (_animated("GIF"), 415, "not_an_image"),  # not one of the five formats
         "bomb": (png(Image.new("L", (12000, 12000))), 413, "too_many_pixels"),
         "oversize": (png(Image.fromarray(noise)), 413, "too_large"),
     }

@@ -60,6 +60,17 @@ def test_upload_shows_score_verdict_and_overlay(
             score = float(page.inner_text("#d-score"))
             overlay_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
             page.screenshot(path=str(tmp_path / "page.png"))
+            # A phone photo stored sideways (EXIF orientation 6): the browser shows it upright,
+            # and the overlay must come back the same way round.
+            page.evaluate("document.getElementById('overlay').removeAttribute('src')")
+            page.set_input_files("#file", str(sideways_jpeg(tmp_path)))
+            page.wait_for_function(
+                "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
+            )
+            sizes = page.evaluate(
+                "['original', 'overlay'].map(id => { const i = document.getElementById(id);"
+                " return [i.naturalWidth, i.naturalHeight]; })"
+            )
         finally:
             browser.close()
     assert verdict == ("ANOMALOUS" if expected.is_anomalous else "Normal")
@@ -68,3 +79,14 @@ def test_upload_shows_score_verdict_and_overlay(
     # One upload is scored once (the verdict rides on the heatmap response) and enters the
     # drift window, which needs 20 images before it gives a statistic.
     assert drift == "Line drift: waiting for 20 images (1 so far)"
+    assert sizes == [[48, 96], [48, 96]]  # stored 96 x 48, shown upright by both
+
+
+def sideways_jpeg(folder: Path) -> Path:
+    from PIL import Image
+
+    path = folder / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (96, 48), (150, 110, 80)).save(path, "JPEG", exif=exif.tobytes())
+    return path

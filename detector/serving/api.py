@@ -1,18 +1,18 @@
 """What the public API service does, apart from its BentoML declarations in service.py.
 
-It checks the key and the uploads, calls the runner, counts results in the metrics, and
-turns answers into JSON and heatmap PNGs. Every refusal is an exception mapped in one place
-(`respond`) to the `{"error", "reason"}` answer and its HTTP status.
+It checks uploads, calls the runner, counts results in the metrics, and turns answers into
+JSON and heatmap PNGs. Key, size and queue checks come earlier, in `gate.RequestGate`. Every
+refusal here is an exception mapped in one place (`respond`) to the `{"error", "reason"}`
+answer and its HTTP status.
 """
 
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,16 @@ class InspectionEndpoints:
         self.runner = runner
         self.settings = settings
         self._model_info: dict[str, Any] | None = None
+        self._drift_reference: list[list[float]] = []
+        # The runner's drift status as of its latest answer: /drift answers from here, never
+        # waiting behind an image on the runner's one thread.
+        self._drift: dict[str, Any] | None = None
+        self._renders = anyio.Semaphore(settings.max_renders)
+        # Requests reach the runner in arrival order (the semaphore's waiters are a FIFO),
+        # so an accepted request waits for the ones ahead of it only, which is what bounds
+        # its latency to about INSPECT_MAX_QUEUE runner turns. One more slot than a batch,
+        # so the next upload is already on its way while the runner computes.
+        self._runner_slots = anyio.Semaphore(settings.max_batch_size + 1)
 
     # ----- the one exit for errors ---------------------------------------------------
     @staticmethod
@@ -83,13 +93,6 @@ class InspectionEndpoints:
             return JSONResponse(body, status_code=refusal.status)
 
     # ----- checks --------------------------------------------------------------------
-    def authorise(self, headers: Mapping[str, str]) -> None:
-        if not self.settings.api_key:
-            return
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), self.settings.api_key.encode()):
-            raise Refused(401, "unauthorised", "Missing or wrong API key: send it as X-API-Key.")
-
     def _read_upload(self, upload: Path) -> bytes:
         """The upload's bytes, once the checks that need no pixel decoding pass.
 
@@ -124,21 +127,33 @@ class InspectionEndpoints:
         no side effects, so one retry is safe.
         """
         call = getattr(self.runner.to_async, method)
-        try:
-            return await call(uploads)
-        except aiohttp.ClientConnectionError as error:
-            log.warning("runner connection dropped (%s); retrying once", error)
-            return await call(uploads)
+        async with self._runner_slots:
+            try:
+                answers = await call(uploads)
+            except aiohttp.ClientConnectionError as error:
+                log.warning("runner connection dropped (%s); retrying once", error)
+                answers = await call(uploads)
+        for answer in answers:
+            self._drift = answer.pop("drift", self._drift)
+        return answers
 
     async def model_info(self) -> dict[str, Any]:
         if self._model_info is None:
             info = await self.runner.to_async.model_info()
+            self._drift_reference = info.pop("drift_reference", [])
+            self._drift = self._drift or info.pop("drift", None)
+            info.pop("drift", None)
             telemetry.publish_model_info(info)
             self._model_info = info
         return self._model_info
 
     async def drift(self, reference: bool) -> dict[str, Any]:
-        return await self.runner.to_async.drift_status(reference=reference)
+        """Drift of the traffic the runner has scored, as of its latest answer."""
+        await self.model_info()  # the first call only: the reference and a first status
+        status = dict(self._drift or {})
+        if reference:
+            status["reference_profiles"] = self._drift_reference
+        return status
 
     async def _answer(self, result: dict[str, Any], with_profile: bool) -> dict[str, Any]:
         """The client's answer for a scored image, counted in the metrics. The drift
@@ -153,11 +168,8 @@ class InspectionEndpoints:
         return answer
 
     # ----- endpoints -----------------------------------------------------------------
-    async def inspect(
-        self, image: Path, headers: Mapping[str, str], drift_profile: bool
-    ) -> dict[str, Any]:
+    async def inspect(self, image: Path, drift_profile: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        self.authorise(headers)
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
         (result,) = await self._score("score", [upload])
@@ -169,11 +181,8 @@ class InspectionEndpoints:
         }
         return answer
 
-    async def heatmap(
-        self, image: Path, headers: Mapping[str, str], output: str, drift_profile: bool
-    ) -> Response:
+    async def heatmap(self, image: Path, output: str, drift_profile: bool) -> Response:
         started = time.perf_counter()
-        self.authorise(headers)
         if output not in HEATMAP_OUTPUTS:
             raise Refused(400, "bad_output", "output must be one of overlay, map, npy.")
         upload = await self.read_upload(image)
@@ -192,30 +201,36 @@ class InspectionEndpoints:
             buffer = io.BytesIO()
             np.save(buffer, anomaly_map)
             return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers_out)
-        picture = await anyio.to_thread.run_sync(
-            self._picture, upload, anomaly_map, answer["threshold"], output
-        )
+        async with self._renders:  # each render holds a decoded image: bounded at once
+            picture = await anyio.to_thread.run_sync(
+                self._picture, upload, anomaly_map, answer["threshold"], output
+            )
         return Response(picture, media_type="image/png", headers=headers_out)
 
-    @staticmethod
-    def _picture(upload: bytes, anomaly_map: np.ndarray, threshold: float, output: str) -> bytes:
-        """The heatmap PNG, in a worker thread. The overlay decodes the upload once more
-        (the runner's copy stays there): tens of milliseconds, for this endpoint only."""
-        picture = (
-            overlay(decode_image(upload), anomaly_map, threshold)
-            if output == "overlay"
-            else map_to_png_image(anomaly_map, threshold)
-        )
+    def _picture(
+        self, upload: bytes, anomaly_map: np.ndarray, threshold: float, output: str
+    ) -> bytes:
+        """The heatmap PNG, in a worker thread, at the map's (capped) size. The overlay
+        decodes the upload once more, with the service's limits, reduced while decoding
+        where the format allows (JPEG): the runner's copy stays in the runner."""
+        if output == "overlay":
+            height, width = anomaly_map.shape
+            image = decode_image(
+                upload,
+                max_bytes=self.settings.max_bytes,
+                max_pixels=self.settings.max_pixels,
+                reduce_to=(width, height),
+            )
+            picture = overlay(image, anomaly_map, threshold)
+        else:
+            picture = map_to_png_image(anomaly_map, threshold)
         buffer = io.BytesIO()
         # zlib level 1: 0.08 s instead of 0.5 s for a 1024 px overlay, ~18 % larger file.
         picture.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
-    async def inspect_batch(
-        self, images: list[Path], headers: Mapping[str, str]
-    ) -> list[dict[str, Any]]:
+    async def inspect_batch(self, images: list[Path]) -> list[dict[str, Any]]:
         """One answer per image, in order; a bad image gets its error in its place."""
-        self.authorise(headers)
         answers: list[dict[str, Any] | None] = [None] * len(images)
         readable: list[tuple[int, bytes]] = []
         for position, upload in enumerate(images):

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding service.py
+_SERVERS: dict[str, subprocess.Popen] = {}  # base URL -> its `bentoml serve` process
 
 
 def free_port() -> int:
@@ -102,6 +103,7 @@ def bentoml_serve(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    _SERVERS[url] = process
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -122,8 +124,31 @@ def bentoml_serve(
             time.sleep(0.5)
         yield url
     finally:
+        _SERVERS.pop(url, None)
         stop(process)
         log.close()
+
+
+def role_of(command: str) -> str:
+    """'runner', 'api' or 'arbiter', from a server process's command line."""
+    if "--service-name inspection_runner" in command:
+        return "runner"
+    return "api" if "--service-name inspection_api" in command else "arbiter"
+
+
+def service_rss_mib(url: str) -> dict[str, float]:
+    """RSS in MiB of each process of the server at `url`, keyed 'role pid'."""
+    import psutil
+
+    root = psutil.Process(_SERVERS[url].pid)
+    sizes = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            role = role_of(" ".join(process.cmdline()))
+            sizes[f"{role} {process.pid}"] = round(process.memory_info().rss / 2**20, 1)
+        except psutil.Error:  # a worker that just exited
+            continue
+    return sizes
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -80,26 +80,35 @@ class ScoringRunner:
         return answer
 
     def score_uploads(self, uploads: list[bytes], with_maps: bool) -> list[dict[str, Any]]:
-        """One answer per upload, in order: a result, or {error, reason, status}."""
+        """One answer per upload, in order: a result, or {error, reason, status}.
+
+        Maps are made at most `heatmap_max_side` long (all the API draws), and every answer
+        carries the drift status after it, so the API answers /drift without a call here.
+        """
         prepared = list(self.decoder.map(self._prepare, uploads))
         good = [item for item in prepared if not isinstance(item, InvalidImageError)]
         results: list[InspectionResult] = []
+        status = self.drift.status()
         if good:
             arrays = np.stack([array for array, _ in good])
             sizes = [size for _, size in good]
-            results = self.detector.predict_prepared(arrays, sizes, with_maps)
-            telemetry.publish_drift(self.drift.add([r.drift_profile for r in results]))
+            results = self.detector.predict_prepared(
+                arrays, sizes, with_maps, self.settings.heatmap_max_side
+            )
+            status = self.drift.add([r.drift_profile for r in results])
+            telemetry.publish_drift(status)
         answers = iter(self._answer(result, with_maps) for result in results)
         return [
-            {"error": item.message, "reason": item.reason, "status": item.status}
+            {"error": item.message, "reason": item.reason, "status": item.status, "drift": status}
             if isinstance(item, InvalidImageError)
-            else next(answers)
+            else {**next(answers), "drift": status}
             for item in prepared
         ]
 
-    def drift_status(self, reference: bool = False) -> dict[str, Any]:
-        """The drift window's state; with `reference`, the calibration profiles too."""
-        status = self.drift.status()
-        if reference:
-            status["reference_profiles"] = self.drift.reference.tolist()
-        return status
+    def model_info(self) -> dict[str, Any]:
+        """What is served, with the drift reference and status (the API keeps them)."""
+        return {
+            **self.info,
+            "drift": self.drift.status(),
+            "drift_reference": self.drift.reference.tolist(),
+        }

@@ -66,6 +66,12 @@ class Settings:
     max_latency_ms: int
     max_bytes: int
     max_pixels: int
+    max_batch_files: int
+    max_batch_bytes: int
+    max_queue: int  # requests in flight (reading, waiting, scoring) before 503
+    retry_after_s: int
+    heatmap_max_side: int  # heatmaps and overlays are made at most this long
+    max_renders: int  # overlays drawn at once (each holds a decoded image)
     api_key: str | None
     drift: DriftSettings
 
@@ -89,6 +95,15 @@ class Settings:
             max_latency_ms=_int("INSPECT_MAX_LATENCY_MS", 60000) or 60000,
             max_bytes=_int("INSPECT_MAX_BYTES", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES,
             max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
+            max_batch_files=_int("INSPECT_MAX_BATCH_FILES", 32) or 32,
+            max_batch_bytes=_int("INSPECT_MAX_BATCH_BYTES", 256 << 20) or 256 << 20,
+            # Waiting is bounded, not the number of clients: with the runner at ~0.35 s per
+            # 448 px image on 2 cores, 16 requests in flight keep an accepted request's
+            # wait under ~6 s; the rest get 503 + Retry-After at once (docs/PERFORMANCE.md).
+            max_queue=_int("INSPECT_MAX_QUEUE", 16) or 16,
+            retry_after_s=_int("INSPECT_RETRY_AFTER_S", 2) or 2,
+            heatmap_max_side=_int("INSPECT_HEATMAP_MAX_SIDE", 2048) or 2048,
+            max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
             # The drift window: images compared with the bank's calibration reference.
             drift=drift_settings(),

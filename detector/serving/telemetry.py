@@ -74,5 +74,6 @@ def publish_drift(status: dict[str, Any]) -> None:
 
 def count_answer(result: dict[str, Any]) -> None:
     """A scored image in the score histogram and the verdict counter."""
-    normalized_score.observe(result["normalized_score"])
+    if result["normalized_score"] is not None:  # None: a score that was not a number
+        normalized_score.observe(result["normalized_score"])
     verdicts.labels("anomalous" if result["is_anomalous"] else "normal").inc()
