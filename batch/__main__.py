@@ -6,7 +6,11 @@
 
 Writes OUT_DIR/results.jsonl (the journal, appended and fsynced row by row), results.csv,
 summary.json and scores.png. Re-running the same command after a crash or Ctrl-C skips the
-images already scored. Exit code: 0 all scored, 1 some files failed, 2 the job could not run.
+images already scored (the same file, scored by the same models).
+
+Exit codes, for orchestrators: 0 the run finished (files that failed are recorded and
+counted in summary.json), 2 the job could not run (one `error:` line says why), 3 the run
+was interrupted (SIGINT, SIGTERM) or crashed: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from batch.files import Shard
@@ -65,13 +71,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=defaults.alert_level,
         help="drift statistic at which the status says 'drifting' (as the service's)",
     )
+    parser.add_argument(
+        "--fsync-every",
+        type=int,
+        default=1,
+        help="journal rows per fsync (1: every row; e.g. 64 on a network-mounted bucket)",
+    )
+    parser.add_argument(
+        "--hash",
+        action="store_true",
+        help="resume compares each file's SHA-256 too, not only its size and mtime",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (--url)")
+    parser.add_argument("--retries", type=int, default=3, help="tries after the first (--url)")
+    parser.add_argument(
+        "--retry-backoff", type=float, default=1.0, help="first wait in seconds, doubling (--url)"
+    )
+    parser.add_argument("--heatmap-max-side", type=int, default=2048, help="long side of heatmaps")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def make_scorer(args: argparse.Namespace) -> Scorer:
     if args.url:
-        return RemoteScorer(args.url, args.input_dir, args.concurrency, args.api_key)
+        return RemoteScorer(
+            args.url,
+            args.input_dir,
+            args.concurrency,
+            args.api_key,
+            args.timeout,
+            attempts=args.retries + 1,
+            backoff_s=args.retry_backoff,
+        )
     return LocalScorer(
         args.model,
         args.backbone_model,
@@ -80,14 +111,19 @@ def make_scorer(args: argparse.Namespace) -> Scorer:
         args.threads,
         args.runtime,
         args.precision,
+        args.heatmap_max_side,
     )
 
 
 def run(argv: list[str]) -> int:
     if argv[:1] == ["merge"]:
-        if len(argv) != 2:
-            raise BatchSetupError("usage: python -m batch merge OUT_DIR")
-        print(json.dumps(merge(Path(argv[1])), indent=2))
+        merging = argparse.ArgumentParser(prog="python -m batch merge")
+        merging.add_argument("out_dir", type=Path)
+        merging.add_argument("--allow-mixed-models", action="store_true")
+        merging.add_argument("--no-progress", action="store_true")  # accepted, as for a run
+        options = merging.parse_args(argv[1:])
+        summary = merge(options.out_dir, allow_mixed_models=options.allow_mixed_models)
+        print(json.dumps(summary, indent=2))
         return 0
     args = parse_args(argv)
     if not args.input_dir.is_dir():
@@ -107,6 +143,8 @@ def run(argv: list[str]) -> int:
         args.shard or Shard.from_environment(),
         progress=not args.no_progress,
         drift=drift,
+        fsync_every=args.fsync_every,
+        content_hash=args.hash,
     )
     summary = run_job(options, make_scorer(args))
     counts = {
@@ -116,12 +154,27 @@ def run(argv: list[str]) -> int:
     print(json.dumps(counts))
     if summary["failed"]:
         print(f"{summary['failed']} file(s) failed; see {args.out}/summary.json", file=sys.stderr)
-    return 1 if summary["failed"] else 0
+    return 0
+
+
+INTERRUPTED_EXIT_CODE = 3
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwind: the journal closes (synced) and the lock is released
 
 
 def main(argv: list[str] | None = None) -> int:
-    with user_errors_exit():
-        return run(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminate)  # what Kubernetes and Cloud Run send first
+    try:
+        with user_errors_exit():
+            return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+        print("the job stopped unexpectedly; run the same command again to resume", file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,43 @@ class Shard:
         return f"-shard-{self.index:04d}-of-{self.count:04d}"
 
 
-def find_images(root: Path) -> tuple[list[str], list[str]]:
-    """(images, other files) under `root` as sorted relative POSIX paths.
+@dataclass
+class Listing:
+    """What a folder holds, as sorted relative POSIX paths."""
 
-    Images are recognised by extension, case-insensitively; whether they decode is found out
-    when they are scored. Other files are reported in the summary, not scored.
+    images: list[str]
+    others: list[str]  # regular files that are not images: reported, not scored
+    skipped: list[str]  # FIFOs, devices, sockets, links leaving INPUT, broken links
+
+
+def find_images(root: Path, exclude: Path | None = None) -> Listing:
+    """Images under `root`, recognised by extension, case-insensitively.
+
+    Only regular files inside `root` are read: a FIFO would block the job forever and a
+    link could point anywhere on the machine, so both are listed as skipped. `exclude` (the
+    job's own output folder, when it lies inside the input) is never walked.
     """
-    images, others = [], []
-    for folder, _, names in os.walk(root):
+    root = root.resolve()
+    excluded = exclude.resolve() if exclude else None
+    images, others, skipped = [], [], []
+    for folder, subfolders, names in os.walk(root):
+        here = Path(folder)
+        subfolders[:] = sorted(
+            name for name in subfolders if excluded is None or here / name != excluded
+        )
         for name in names:
-            path = Path(folder) / name
+            path = here / name
             relative = path.relative_to(root).as_posix()
-            (images if is_image_path(path) else others).append(relative)
-    return sorted(images), sorted(others)
+            try:
+                target = path.resolve(strict=True)
+                regular = stat.S_ISREG(target.stat().st_mode)
+            except OSError:  # a broken link
+                skipped.append(relative)
+                continue
+            if not regular or not target.is_relative_to(root):
+                skipped.append(relative)
+            elif excluded is not None and target.is_relative_to(excluded):
+                continue
+            else:
+                (images if is_image_path(path) else others).append(relative)
+    return Listing(sorted(images), sorted(others), sorted(skipped))

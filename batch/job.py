@@ -1,9 +1,19 @@
-"""Run one batch job: find, shard, skip what is done, score, journal, summarise."""
+"""Run one batch job: lock OUT, find, shard, skip what is current, score, journal, summarise.
+
+Everything a job writes carries its shard's suffix (or is written atomically), and OUT is
+locked for the whole run, so a second job on the same OUT (a replacement pod while the old
+one terminates) stops with one sentence instead of interleaving rows.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +23,7 @@ from tqdm import tqdm
 
 from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
-from batch.results import ResultJournal, latest_per_path, read_rows, write_csv
+from batch.results import ResultJournal, latest_per_path, read_rows, replace_durably, write_csv
 from batch.scorers import BatchSetupError, Scorer
 from detector import schema
 from detector.data.mvtec import GOOD, Sample
@@ -21,6 +31,8 @@ from detector.drift import DriftSettings, drift_report, profile_to_list
 from detector.reports.evaluation import EvaluationAccumulator
 from detector.reports.plots import overlay, save_score_histogram
 from detector.scoring import Calibration, make_result
+
+IDENTITY_FIELDS = ("input_root", "size", "mtime_ns", "sha256")
 
 
 @dataclass
@@ -34,20 +46,58 @@ class JobOptions:
     progress: bool = True
     # The service's drift window settings (window size is the whole run here).
     drift: DriftSettings = DriftSettings()
+    fsync_every: int = 1  # journal rows per fsync; raise it on network-mounted buckets
+    content_hash: bool = False  # resume compares SHA-256 too, not only size and mtime
 
 
-DRIFT_REFERENCE = "drift_reference.json"
+@dataclass(frozen=True)
+class Outputs:
+    """The files of one job (one shard) in OUT."""
 
+    out_dir: Path
+    suffix: str = ""
 
-def output_names(shard: Shard | None) -> tuple[str, str]:
-    suffix = shard.suffix if shard else ""
-    return f"results{suffix}.jsonl", f"results{suffix}.csv"
+    @classmethod
+    def of(cls, out_dir: Path, shard: Shard | None) -> Outputs:
+        return cls(out_dir, shard.suffix if shard else "")
+
+    def _named(self, stem: str, extension: str = "") -> Path:
+        return self.out_dir / f"{stem}{self.suffix}{extension}"
+
+    @property
+    def journal(self) -> Path:
+        return self._named("results", ".jsonl")
+
+    @property
+    def csv(self) -> Path:
+        return self._named("results", ".csv")
+
+    @property
+    def summary(self) -> Path:
+        return self._named("summary", ".json")
+
+    @property
+    def scores_plot(self) -> Path:
+        return self._named("scores", ".png")
+
+    @property
+    def drift_reference(self) -> Path:
+        return self._named("drift_reference", ".json")
+
+    @property
+    def evaluation(self) -> Path:
+        return self._named("evaluation")
+
+    @property
+    def lock(self) -> Path:
+        return self._named(".lock")
 
 
 def heatmap_path(out_dir: Path, relative: str) -> Path:
-    """OUT/heatmaps/<relative path>.png, refusing any path that would leave OUT."""
+    """OUT/heatmaps/<relative path>.png (a.jpg -> a.jpg.png, so a.png and a.jpg never share
+    a file), refusing any path that would leave OUT."""
     base = (out_dir / "heatmaps").resolve()
-    target = (base / relative).with_suffix(".png").resolve()
+    target = (base / f"{relative}.png").resolve()
     if not target.is_relative_to(base):
         raise ValueError(f"{relative} would be written outside {base}")
     return target
@@ -56,13 +106,72 @@ def heatmap_path(out_dir: Path, relative: str) -> Path:
 def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"  # unique: shards share OUT
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
         raise BatchSetupError(
             f"Cannot write to {out_dir}: {error.strerror}; choose another --out."
         ) from None
+
+
+@contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` for the block, or stop with one sentence."""
+    handle = lock_path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BatchSetupError(
+                f"Another batch job ({holder}) is writing to {lock_path.parent}: wait for it to "
+                "finish or choose another --out."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def file_identity(root: Path, relative: str, content_hash: bool) -> dict[str, Any]:
+    """What a journal row records of its input file, so a resumed run can tell it is the
+    same file: the input root, size and modification time (and the SHA-256 on request)."""
+    path = root / relative
+    try:
+        info = path.stat()
+    except OSError:
+        return {"input_root": str(root)}
+    identity: dict[str, Any] = {
+        "input_root": str(root),
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+    }
+    if content_hash:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        identity["sha256"] = digest.hexdigest()
+    return identity
+
+
+def is_current(
+    row: dict[str, Any] | None, identity: dict[str, Any], models: dict[str, str]
+) -> bool:
+    """A journal row still stands for this file and these models (else: score it again)."""
+    if row is None or row.get("error"):
+        return False
+    same_file = all(row.get(key) == identity.get(key) for key in IDENTITY_FIELDS)
+    same_models = all(
+        row.get(column) == models[name]
+        for name, column in zip(schema.MODEL_FIELDS, schema.ROW_MODEL_COLUMNS, strict=True)
+    )
+    return same_file and same_models
 
 
 def _mvtec_sample(input_dir: Path, relative: str):
@@ -74,16 +183,16 @@ def _mvtec_sample(input_dir: Path, relative: str):
     return Sample(input_dir / relative, label, defect, mask if label and mask.exists() else None)
 
 
-def save_drift_reference(scorer: Scorer, out_dir: Path) -> None:
+def save_drift_reference(scorer: Scorer, path: Path) -> None:
     """Keep the bank's calibration profiles beside the results, so `merge` can recompute
     the drift statistic without loading any model."""
     reference = np.asarray(scorer.drift_reference(), dtype=np.float32)
-    (out_dir / DRIFT_REFERENCE).write_text(json.dumps([profile_to_list(p) for p in reference]))
+    replace_durably(path, json.dumps([profile_to_list(p) for p in reference]))
 
 
-def load_drift_reference(out_dir: Path) -> np.ndarray:
-    path = out_dir / DRIFT_REFERENCE
-    return np.asarray(json.loads(path.read_text()) if path.exists() else [], dtype=np.float32)
+def load_drift_reference(paths: list[Path]) -> np.ndarray:
+    found = [path for path in paths if path.exists()]
+    return np.asarray(json.loads(found[0].read_text()) if found else [], dtype=np.float32)
 
 
 def run_drift_report(
@@ -104,73 +213,94 @@ def run_drift_report(
 
 
 def run_job(options: JobOptions, scorer: Scorer) -> dict[str, Any]:
-    images, others = find_images(options.input_dir)
+    outputs = Outputs.of(options.out_dir, options.shard)
+    with locked(outputs.lock):
+        return _run_locked(options, scorer, outputs)
+
+
+def _run_locked(options: JobOptions, scorer: Scorer, outputs: Outputs) -> dict[str, Any]:
+    root = options.input_dir.resolve()
+    listing = find_images(root, exclude=options.out_dir)
+    images = listing.images
     if options.shard:
         images = [path for path in images if options.shard.owns(path)]
-    if not images and not others:
+    if not images and not listing.others:
         raise BatchSetupError(f"{options.input_dir} holds no files to inspect.")
-    journal_name, csv_name = output_names(options.shard)
-    journal = ResultJournal(options.out_dir / journal_name)
-    save_drift_reference(scorer, options.out_dir)
-    todo = [path for path in images if path not in journal.done]
+    journal = ResultJournal(outputs.journal, options.fsync_every)
+    save_drift_reference(scorer, outputs.drift_reference)
+    identities = {path: file_identity(root, path, options.content_hash) for path in images}
+    done = [
+        path
+        for path in images
+        if is_current(journal.latest.get(path), identities[path], scorer.models)
+    ]
+    todo = sorted(set(images) - set(done))
     accumulator = EvaluationAccumulator() if options.evaluate else None
     started = time.perf_counter()
     try:
-        _score_all(options, scorer, todo, journal, accumulator)
+        _score_all(options, scorer, todo, journal, accumulator, identities)
+        if accumulator is not None and done:  # the journal keeps no maps: score them again
+            _score_all(options, scorer, done, None, accumulator, identities)
     finally:
         journal.close()
     seconds = time.perf_counter() - started
-    rows = journal.compact()
-    write_csv(rows, options.out_dir / csv_name)
-    summary = summarise(rows, options.out_dir, others, skipped=len(images) - len(todo))
-    reference = load_drift_reference(options.out_dir)
+    wanted = set(images)
+    rows = [row for row in journal.compact() if row["path"] in wanted]
+    write_csv(rows, outputs.csv)
+    summary = summarise(rows, outputs.scores_plot, listing.others, scorer.models)
+    summary["skipped_already_done"] = len(done)
+    summary["skipped_special_files"] = listing.skipped[:100]
+    reference = load_drift_reference([outputs.drift_reference])
     summary["drift"] = run_drift_report(rows, reference, options.drift)
     summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
     summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
     if accumulator is not None and accumulator.labels:
         threshold = next((r["threshold"] for r in rows if not r.get("error")), 0.0)
         summary["evaluation"] = accumulator.write(
-            options.out_dir / "evaluation", threshold, "batch: image ROC", {}
+            outputs.evaluation, threshold, "batch: image ROC", {}
         )
-    (options.out_dir / f"summary{options.shard.suffix if options.shard else ''}.json").write_text(
-        json.dumps(summary, indent=2) + "\n"
-    )
+    replace_durably(outputs.summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _score_all(
     options: JobOptions,
     scorer: Scorer,
-    todo: list[str],
-    journal: ResultJournal,
+    paths: list[str],
+    journal: ResultJournal | None,
     accumulator: EvaluationAccumulator | None,
+    identities: dict[str, dict[str, Any]],
 ) -> None:
-    """Score `todo` in batches as the loader threads prepare them; every file ends as one
-    journal row (its result or its error) the moment it is done."""
-    with_maps = options.heatmaps or options.evaluate
-    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not options.progress)
+    """Score `paths` in batches as the loader threads prepare them; with a journal every
+    file ends as one row (its result or its error) the moment it is done, without one the
+    results only feed the evaluation."""
+    with_maps = (options.heatmaps and journal is not None) or options.evaluate
+    bar = tqdm(total=len(paths), desc="inspect", unit="img", disable=not options.progress)
     batch: list[LoadedImage] = []
+
+    def record(row: dict[str, Any]) -> None:
+        if journal is not None:
+            journal.append({**row, **identities[row["path"]]})
+        bar.update(1)
 
     def flush() -> None:
         for item, (row, heat) in zip(batch, scorer.score(batch, with_maps), strict=True):
-            if options.heatmaps and heat is not None and not row.get("error"):
+            if journal is not None and options.heatmaps and heat is not None and not row["error"]:
                 _save_heatmap(options.out_dir, item, heat, row)
-            if accumulator is not None and heat is not None:
+            if accumulator is not None and heat is not None and not row["error"]:
                 result = make_result(
                     row["score"], Calibration(row["threshold"], 0.0), item.image.size, heat
                 )
                 accumulator.add(
                     _mvtec_sample(options.input_dir, item.relative_path), result, item.image
                 )
-            journal.append(row)
-            bar.update(1)
+            record(row)
         batch.clear()
 
     try:
-        for loaded in prefetch(options.input_dir, todo, scorer.prepare):
+        for loaded in prefetch(options.input_dir, paths, scorer.prepare):
             if loaded.error:
-                journal.append(schema.error_row(loaded.relative_path, loaded.error))
-                bar.update(1)
+                record(schema.error_row(loaded.relative_path, loaded.error))
                 continue
             batch.append(loaded)
             if len(batch) >= options.batch_size:
@@ -191,9 +321,12 @@ def _save_heatmap(out_dir: Path, item: LoadedImage, heat: Any, row: dict[str, An
 
 
 def summarise(
-    rows: list[dict[str, Any]], out_dir: Path, others: list[str], skipped: int = 0
+    rows: list[dict[str, Any]],
+    plot: Path,
+    others: list[str],
+    models: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Counts, anomaly rate, failures and a score histogram with the threshold marked."""
+    """Counts, anomaly rate, failures, the models that scored, and a score histogram."""
     scored = [row for row in rows if not row.get("error")]
     failed = [row for row in rows if row.get("error")]
     anomalous = sum(1 for row in scored if row["is_anomalous"])
@@ -204,29 +337,54 @@ def summarise(
         "anomaly_rate": round(anomalous / len(scored), 4) if scored else None,
         "failed": len(failed),
         "failures": [{"path": row["path"], "error": row["error"]} for row in failed[:100]],
-        "skipped_already_done": skipped,
         "non_image_files": len(others),
         "non_image_examples": others[:20],
+        "models": models_used(scored) or ([dict(models)] if models else []),
     }
     if scored:
         threshold = scored[0]["threshold"]
-        save_score_histogram([row["score"] for row in scored], threshold, out_dir / "scores.png")
+        save_score_histogram([row["score"] for row in scored], threshold, plot)
         summary["threshold"] = threshold
     return summary
 
 
-def merge(out_dir: Path, drift: DriftSettings | None = None) -> dict[str, Any]:
-    """Combine shard journals into results.jsonl / results.csv / summary.json."""
-    journals = sorted(out_dir.glob("results-shard-*.jsonl"))
-    if not journals:
-        raise BatchSetupError(f"{out_dir} holds no shard results (results-shard-*.jsonl).")
-    rows = latest_per_path(row for journal in journals for row in read_rows(journal))
-    (out_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    write_csv(rows, out_dir / "results.csv")
-    summary = summarise(rows, out_dir, [])
-    summary["drift"] = run_drift_report(
-        rows, load_drift_reference(out_dir), drift or DriftSettings()
-    )
-    summary["merged_shards"] = [journal.name for journal in journals]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+def models_used(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each (backbone, bank, threshold) that scored some rows, with its count."""
+    counts: dict[tuple[str, str, float], int] = {}
+    for row in rows:
+        key = (row.get("backbone_model", ""), row.get("bank_model", ""), row["threshold"])
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        {"backbone": backbone, "bank": bank, "threshold": threshold, "images": count}
+        for (backbone, bank, threshold), count in sorted(counts.items())
+    ]
+
+
+def merge(
+    out_dir: Path, drift: DriftSettings | None = None, allow_mixed_models: bool = False
+) -> dict[str, Any]:
+    """Combine shard journals into results.jsonl / results.csv / summary.json.
+
+    Shards scored by different models (or thresholds) are refused: one summary with two
+    thresholds would count anomalies on two scales without saying so.
+    """
+    with locked(out_dir / ".lock-merge"):
+        journals = sorted(out_dir.glob("results-shard-*.jsonl"))
+        if not journals:
+            raise BatchSetupError(f"{out_dir} holds no shard results (results-shard-*.jsonl).")
+        rows = latest_per_path(row for journal in journals for row in read_rows(journal))
+        used = models_used([row for row in rows if not row.get("error")])
+        if len(used) > 1 and not allow_mixed_models:
+            names = "; ".join(f"{m['bank']} ({m['images']} images)" for m in used)
+            raise BatchSetupError(
+                f"The shards in {out_dir} were scored by different models or thresholds "
+                f"({names}): score the stale shards again, or pass --allow-mixed-models."
+            )
+        replace_durably(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_csv(rows, out_dir / "results.csv")
+        summary = summarise(rows, out_dir / "scores.png", [])
+        reference = load_drift_reference(sorted(out_dir.glob("drift_reference*.json")))
+        summary["drift"] = run_drift_report(rows, reference, drift or DriftSettings())
+        summary["merged_shards"] = [journal.name for journal in journals]
+        replace_durably(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,14 +1,18 @@
 """Crash-safe results: an append-only JSONL journal, rendered to CSV at the end.
 
-Each row is written with one `write` of a complete line, then flushed and fsynced, so after a
-kill -9 the journal holds whole rows plus at most one torn tail. Re-opening drops that tail,
-and the set of paths already in the journal is what a resumed run skips.
+Each row is written with one `write` of a complete line and flushed; it is fsynced with every
+row by default (after a kill -9 the journal holds whole rows plus at most one torn tail), or
+every `fsync_every` rows where each fsync is costly (a bucket mounted over the network).
+Re-opening drops the torn tail and skips, with a warning, any complete line that does not
+decode, so one damaged line never stops a resume.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,29 +20,63 @@ from typing import Any
 
 from detector.schema import CSV_COLUMNS
 
+log = logging.getLogger(__name__)
+
 
 def read_rows(journal: Path) -> list[dict[str, Any]]:
-    """Complete rows of a journal; a torn last line (no newline) is ignored."""
+    """Complete rows of a journal; a torn last line (no newline) is ignored and an
+    undecodable complete line is skipped with a warning."""
     if not journal.exists():
         return []
     rows = []
     with journal.open("rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith(b"\n"):
                 break
-            rows.append(json.loads(line))
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "path" not in row:
+                    raise ValueError("not a result row")
+            except ValueError as error:
+                log.warning(
+                    "%s line %d skipped (%s): its file will be scored again", journal, number, error
+                )
+                continue
+            rows.append(row)
     return rows
 
 
-class ResultJournal:
-    """Append rows durably; remembers which paths are done."""
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the directory entry is data too)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
-    def __init__(self, path: Path) -> None:
+
+def replace_durably(path: Path, text: str) -> None:
+    """Write `text` to a temporary file, fsync it, rename it over `path`, fsync the folder:
+    after a crash the file is either the old one or the new one, whole."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_folder(path.parent)
+
+
+class ResultJournal:
+    """Append rows durably; `latest` is the newest row per path."""
+
+    def __init__(self, path: Path, fsync_every: int = 1) -> None:
         self.path = path
+        self.fsync_every = max(1, fsync_every)
+        self._unsynced = 0
         self._drop_torn_tail()
         self.rows = read_rows(path)
-        # Rows with an error are retried on the next run; the newest row per path wins.
-        self.done = {row["path"] for row in self.rows if not row.get("error")}
+        self.latest = {row["path"]: row for row in self.rows}
         self._handle = path.open("a", encoding="utf-8")
 
     def _drop_torn_tail(self) -> None:
@@ -51,35 +89,41 @@ class ResultJournal:
                 handle.truncate(end)
 
     def append(self, row: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(row) + "\n")
+        self._handle.write(json.dumps(row, allow_nan=False) + "\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._unsynced += 1
+        if self._unsynced >= self.fsync_every:
+            self.sync()
         self.rows.append(row)
-        self.done.add(row["path"])
+        self.latest[row["path"]] = row
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._handle.fileno())
+            self._unsynced = 0
 
     def close(self) -> None:
-        self._handle.close()
+        if not self._handle.closed:
+            self.sync()
+            self._handle.close()
 
     def compact(self) -> list[dict[str, Any]]:
-        """Rewrite the journal with one row per path (atomically); returns those rows."""
+        """Rewrite the journal with one row per path (durably); returns those rows."""
         rows = latest_per_path(self.rows)
         if len(rows) != len(self.rows):
-            temporary = self.path.with_suffix(".jsonl.tmp")
-            temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            os.replace(temporary, self.path)
+            replace_durably(self.path, "".join(json.dumps(row) + "\n" for row in rows))
             self.rows = rows
         return rows
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: Path) -> Path:
-    """Write atomically (temp file + rename): a reader never sees half a CSV."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key, "") for key in CSV_COLUMNS})
-    os.replace(temporary, path)
+    """Write durably and atomically: a reader never sees half a CSV."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row.get(key, "") for key in CSV_COLUMNS})
+    replace_durably(path, buffer.getvalue())
     return path
 
 

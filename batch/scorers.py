@@ -9,7 +9,7 @@ result becomes a journal row through `detector.schema`, so the rows look alike.
 from __future__ import annotations
 
 import json
-import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +33,7 @@ class BatchSetupError(UserError):
 class Scorer(Protocol):
     """What the job needs from a source of scores."""
 
+    models: dict[str, str]  # {"backbone": tag, "bank": tag}: what a resumed row must match
     # Preprocessing the loader threads run ahead of scoring; None: the scorer reads files.
     prepare: Callable[[Image.Image], np.ndarray] | None
 
@@ -55,6 +56,7 @@ class LocalScorer:
         num_threads: int | None = None,
         runtime: str = "torch",
         precision: str = "f32",
+        heatmap_max_side: int = 2048,
     ) -> None:
         from detector.serving.model_store import load_pair
         from detector.threads import set_threads
@@ -72,11 +74,12 @@ class LocalScorer:
         self.detector = pair.detector
         self.models = {"backbone": pair.tags.backbone, "bank": pair.tags.bank}
         self.prepare = self.detector.extractor.prepare
+        self.heatmap_max_side = heatmap_max_side
 
     def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]:
         prepared = np.stack([item.prepared for item in batch])
         sizes = [item.image.size for item in batch]
-        results = self.detector.predict_prepared(prepared, sizes, with_maps)
+        results = self.detector.predict_prepared(prepared, sizes, with_maps, self.heatmap_max_side)
         random_weights = self.detector.extractor.random_weights
         scored = []
         for item, result in zip(batch, results, strict=True):
@@ -90,79 +93,104 @@ class LocalScorer:
 
 
 class RemoteScorer:
-    """Sends images to a running inspection service, several at a time so it can batch."""
+    """Sends images to a running inspection service, several at a time so it can batch.
+
+    A request that times out, loses its connection or meets a busy service (502/503/504) is
+    tried again with backoff; after the last try the file gets an error row, never a
+    traceback. A refusal of the file itself (4xx) is recorded at once.
+    """
 
     prepare = None
+    RETRIED_STATUSES = (502, 503, 504)
 
-    def __init__(self, url: str, root: Path, concurrency: int, api_key: str | None) -> None:
-        import bentoml
+    def __init__(
+        self,
+        url: str,
+        root: Path,
+        concurrency: int,
+        api_key: str | None,
+        timeout: float = 120.0,
+        attempts: int = 4,
+        backoff_s: float = 1.0,
+    ) -> None:
         import httpx
 
         self.url, self.root = url.rstrip("/"), root
-        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.attempts, self.backoff_s = max(1, attempts), backoff_s
+        headers = {"X-API-Key": api_key} if api_key else {}
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.Client(headers=headers, timeout=timeout, limits=limits)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="client")
-        self.local = threading.local()
+        info = self._setup_call("/model_info")
+        self.models = {
+            "backbone": info.get("backbone_model", ""),
+            "bank": info.get("bank_model", ""),
+        }
+
+    def _setup_call(self, endpoint: str, **body: Any) -> dict[str, Any]:
+        import httpx
+
         try:
-            httpx.post(f"{self.url}/model_info", headers=self.headers, timeout=30).json()
-        except (httpx.HTTPError, ValueError) as error:
+            response = self.client.post(f"{self.url}{endpoint}", json=body)
+        except httpx.HTTPError as error:
             raise BatchSetupError(
                 f"No inspection service answers at {self.url}: {error}."
             ) from None
-        self._client_class = bentoml.SyncHTTPClient
-
-    def _client(self) -> Any:
-        """One BentoML client per worker thread (a client holds one connection pool)."""
-        if not hasattr(self.local, "client"):
-            self.local.client = self._client_class(self.url, server_ready_timeout=30)
-            self.local.client.client.headers.update(self.headers)
-        return self.local.client
-
-    def _inspect(self, item: LoadedImage) -> dict[str, Any]:
-        from bentoml.exceptions import BentoMLException
-
-        try:
-            answer = self._client().inspect(
-                image=self.root / item.relative_path, drift_profile=True
+        if response.status_code == 401:
+            raise BatchSetupError(
+                f"{self.url} refused the API key: pass --api-key (or set INSPECT_API_KEY)."
             )
-        except BentoMLException as error:
-            message = f"HTTP {error.error_code.value}: {error}"
-            return schema.error_row(item.relative_path, message)
-        return schema.row(item.relative_path, answer)
+        if response.status_code != 200:
+            raise BatchSetupError(f"{self.url}{endpoint} answered HTTP {response.status_code}.")
+        return response.json()
+
+    def _post(self, item: LoadedImage, with_maps: bool) -> Any:
+        """The service's response for one file, after retries; raises the last failure."""
+        import httpx
+
+        path = self.root / item.relative_path
+        files = {"image": (path.name, path.read_bytes(), "application/octet-stream")}
+        endpoint = f"{self.url}/heatmap" if with_maps else f"{self.url}/inspect"
+        last = self.attempts - 1
+        for attempt in range(self.attempts):
+            wait = self.backoff_s * 2**attempt
+            try:
+                response = self.client.post(endpoint, files=files, data={"drift_profile": "true"})
+            except httpx.TransportError:  # timeouts, refused or dropped connections
+                if attempt == last:
+                    raise
+            else:
+                if response.status_code not in self.RETRIED_STATUSES or attempt == last:
+                    return response
+                retry_after = response.headers.get("retry-after", "")
+                wait = max(wait, float(retry_after)) if retry_after.isdigit() else wait
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _one(self, item: LoadedImage, with_maps: bool) -> Scored:
         import httpx
 
-        if not with_maps:
-            return self._inspect(item), None
-        path = self.root / item.relative_path
-        files = {"image": (path.name, path.read_bytes(), "application/octet-stream")}
-        response = httpx.post(
-            f"{self.url}/heatmap",
-            files=files,
-            data={"drift_profile": "true"},
-            headers=self.headers,
-            timeout=600,
-        )
+        try:
+            response = self._post(item, with_maps)
+        except (httpx.HTTPError, OSError) as error:
+            message = f"{type(error).__name__} after {self.attempts} tries: {error}"
+            return schema.error_row(item.relative_path, message), None
         if response.status_code != 200:
             try:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            return schema.error_row(
-                item.relative_path, f"HTTP {response.status_code}: {message}"
-            ), None
-        answer = json.loads(response.headers["x-inspection"])
-        return schema.row(item.relative_path, answer), response.content
+            row = schema.error_row(item.relative_path, f"HTTP {response.status_code}: {message}")
+            return row, None
+        if with_maps:
+            answer = json.loads(response.headers["x-inspection"])
+            return schema.row(item.relative_path, answer), response.content
+        return schema.row(item.relative_path, response.json()), None
 
     def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]:
         return list(self.pool.map(lambda item: self._one(item, with_maps), batch))
 
     def drift_reference(self) -> np.ndarray:
         """The calibration profiles of the bank the service runs, from its /drift endpoint."""
-        import httpx
-
-        response = httpx.post(
-            f"{self.url}/drift", json={"reference": True}, headers=self.headers, timeout=60
-        )
-        response.raise_for_status()
-        return np.asarray(response.json().get("reference_profiles", []), dtype=np.float32)
+        profiles = self._setup_call("/drift", reference=True).get("reference_profiles", [])
+        return np.asarray(profiles, dtype=np.float32)
