@@ -154,6 +154,7 @@ def run(argv: list[str]) -> int:
     print(json.dumps(counts))
     if summary["failed"]:
         print(f"{summary['failed']} file(s) failed; see {args.out}/summary.json", file=sys.stderr)
+    print(f"results: {args.out} (results.csv, summary.json, scores.png)", file=sys.stderr)
     return 0
 
 

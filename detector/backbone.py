@@ -8,6 +8,7 @@ made; `BackboneSpec.build` makes the one a stored bank needs and checks it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -178,12 +179,49 @@ def _unavailable_message(name_or_path: str, error: Exception) -> str:
     )
 
 
+# How long the hub may take to answer one question before it counts as unreachable: the
+# hub client's own retries with backoff took about 30 s to give up (FACTS.md).
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+@functools.lru_cache(maxsize=8)
+def hub_reachable(repo_id: str) -> bool:
+    """Whether the Hugging Face hub answers at all (any HTTP status, a 401 for a gated model
+    included) to one request within a couple of seconds. `HF_HUB_OFFLINE=1` skips it."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        httpx.head(f"{constants.ENDPOINT}/api/models/{repo_id}", timeout=HUB_PROBE_TIMEOUT_S)
+    except httpx.HTTPError as error:  # timeouts, refused connections, DNS: no hub from here
+        log.info("the hub did not answer (%s)", type(error).__name__)
+        return False
+    return True
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def load_pretrained(name_or_path: str) -> torch.nn.Module:
-    """Load a transformers vision backbone from a hub id or a local folder, or explain why not."""
+    """Load a transformers vision backbone from a hub id or a local folder, or explain why not.
+
+    A hub id is tried on the hub only when the hub answers a quick probe; otherwise only the
+    local cache is read, so an unreachable hub costs seconds, not a retry storm.
+    """
     from transformers import AutoModel
 
+    is_hub_id = not Path(name_or_path).exists()
+    offline = is_hub_id and not hub_reachable(name_or_path)
+    if offline and not _in_local_cache(name_or_path):
+        error = OSError("the hub is unreachable and the weights are not in the local cache")
+        raise BackboneUnavailableError(_unavailable_message(name_or_path, error)) from None
     try:
-        return AutoModel.from_pretrained(name_or_path)
+        return AutoModel.from_pretrained(name_or_path, local_files_only=offline)
     except (OSError, ValueError) as error:
         raise BackboneUnavailableError(_unavailable_message(name_or_path, error)) from None
     except Exception as error:  # hub client errors are not all OSErrors

@@ -28,12 +28,16 @@ CSV_COLUMNS = ("path", *RESULT_FIELDS, *ROW_MODEL_COLUMNS, "error")
 ERROR_FIELDS = ("error", "reason")
 
 
-def answer(result: dict[str, Any], models: dict[str, str], random_weights: bool) -> dict[str, Any]:
-    """The service's JSON for one scored image: the result fields plus who decided."""
+def answer(
+    result: dict[str, Any], models: dict[str, str], random_weights: bool, demo: bool = False
+) -> dict[str, Any]:
+    """The service's JSON for one scored image: the result fields plus who decided, and
+    whether that was a random-weight or demo model (never to be trusted on a line)."""
     return {
         **{key: result[key] for key in RESULT_FIELDS},
         "models": {name: models[name] for name in MODEL_FIELDS},
         "random_weights": random_weights,
+        "demo": demo,
     }
 
 

@@ -13,6 +13,8 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bentoml-home-"))
+# Commands track their runs with MLflow; the tests' runs go to a folder of their own.
+os.environ["MLFLOW_TRACKING_URI"] = "file:" + tempfile.mkdtemp(prefix="mlruns-")
 
 from pathlib import Path  # noqa: E402
 

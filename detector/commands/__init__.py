@@ -5,6 +5,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("detector.commands.fit", "fit a memory bank and calibrate its threshold (Hydra)"),
     "evaluate": ("detector.commands.evaluate", "metrics and plots on the test split (Hydra)"),
     "export": ("detector.commands.export", "save backbone and bank to the BentoML model store"),
+    "pipeline": (
+        "detector.commands.pipeline",
+        "fit, evaluate and export (and ship with bentoml models export): the training job",
+    ),
     "simulate-drift": (
         "detector.commands.simulate_drift",
         "score shifted test images: how the detector behaves when the line changes (Hydra)",

@@ -1,6 +1,6 @@
-"""Generate the synthetic carpet set, fit and evaluate: the whole loop in one command.
+"""Generate the synthetic carpet set, fit, evaluate, export and serve: the whole loop.
 
-    python -m detector demo [--out demo] [--backbone dinov3_vits16]
+    python -m detector demo [--out demo] [--backbone dinov3_vits16] [--serve] [--port 3000]
 
 Uses real DINOv3 weights when they can be loaded (hub access with HF_TOKEN, or
 `--backbone-path` to a local folder). Otherwise it falls back to a tiny random backbone and
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,12 +45,44 @@ def demo_config(out: Path, backbone: str, extra: list[str]):
         return compose("config", overrides=overrides)
 
 
+def export_demo(model_dir: Path, metrics_file: Path) -> None:
+    """Mark the bank as a demo model and save both models to the BentoML store."""
+    from detector.commands import export
+    from detector.memory_bank import MemoryBank
+
+    bank = MemoryBank.load(model_dir)
+    bank.metadata["demo"] = True  # shown by `bentoml models get`, /model_info and the page
+    bank.save(model_dir)
+    backbone, bank_model = export.export_models(model_dir, metrics=metrics_file)
+    print(f"saved models {backbone.tag} and {bank_model.tag} (marked demo)")
+
+
+def serve(port: int) -> None:
+    """`bentoml serve` in the foreground of this checkout, with the page's URL once ready."""
+    from detector.serving.local_server import REPO, wait_until_ready
+
+    command = [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI"]
+    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO)
+    try:
+        url = f"http://localhost:{port}"
+        wait_until_ready(url, process, timeout=300)
+        print(f"\nServing the DEMO model: open {url}/ui/ (Ctrl-C stops the server)", flush=True)
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @exits_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"))
     parser.add_argument("--backbone", default="dinov3_vits16", help="a conf/backbone option")
     parser.add_argument("--backbone-path", help="local folder with real DINOv3 weights")
+    parser.add_argument(
+        "--serve", action="store_true", help="export to the BentoML store and serve it"
+    )
+    parser.add_argument("--port", type=int, default=3000)
     args, hydra_overrides = parser.parse_known_args()
     out = args.out.resolve()
     extra = list(hydra_overrides)
@@ -68,6 +101,11 @@ def main() -> None:
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold")
     print(json.dumps({key: metrics.get(key) for key in keys}, indent=2))
     print(f"model: {out / 'model'}\nmetrics and pictures: {out / 'evaluate'}")
+    if args.serve:
+        export_demo(out / "model", out / "evaluate" / "metrics.json")
+        serve(args.port)
+    else:
+        print(f"next: python -m detector export {out / 'model'} && bentoml serve")
 
 
 if __name__ == "__main__":

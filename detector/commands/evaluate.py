@@ -14,14 +14,25 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from detector.commands.config import CONFIG_PATH, runtime_options, start_test_run
+from detector.commands.tracking import tracked
 from detector.errors import exits_on_user_error
-from detector.reports.evaluation import EvaluationAccumulator
+from detector.reports.evaluation import METRICS_FILE, EvaluationAccumulator
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Score every test image with maps and write the metrics; returns the metrics dict."""
+    with tracked(cfg, "evaluate") as run:
+        metrics = _evaluate(cfg, run_dir)
+        run.metrics(metrics)
+        run.tags({"fingerprint": metrics["backbone"]["fingerprint"]})
+        run.artifacts(*(run_dir / name for name in (METRICS_FILE, "roc.png", "overlays.png")))
+    print(f"next: python -m detector export {cfg.model_dir} --metrics {run_dir / METRICS_FILE}")
+    return metrics
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     samples, detector = start_test_run(cfg, run_dir)
     accumulator = EvaluationAccumulator(
         eval_size=int(cfg.evaluation.pixel_eval_size),

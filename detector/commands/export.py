@@ -14,10 +14,39 @@ import json
 import sys
 from pathlib import Path
 
+import bentoml
+
 from detector.backbone import BackboneSpec
 from detector.errors import exits_on_user_error
 from detector.memory_bank import MemoryBank
 from detector.serving.model_store import BACKBONE_MODEL, BANK_MODEL, save_backbone, save_bank
+
+
+def step(message: str) -> None:
+    """A progress line on stderr: exporting takes seconds to a minute (the graph trace)."""
+    print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+def export_models(
+    model_dir: Path,
+    *,
+    metrics: Path | None = None,
+    backbone_source: str | None = None,
+    backbone_name: str = BACKBONE_MODEL,
+    bank_name: str = BANK_MODEL,
+    with_graph: bool = True,
+) -> tuple[bentoml.Model, bentoml.Model]:
+    """Both models into the store; the backbone is built and checked against the bank
+    before anything is written."""
+    spec = BackboneSpec.from_dict(MemoryBank.load(model_dir).metadata["extractor"])
+    scores = json.loads(metrics.read_text()) if metrics else None
+    step(f"loading the backbone {backbone_source or spec.source}")
+    loaded = spec.build(backbone_source, device="cpu")
+    step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
+    backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
+    step("saving the memory bank")
+    bank = save_bank(model_dir, backbone, scores, bank_name)
+    return backbone, bank
 
 
 @exits_on_user_error
@@ -34,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         help="do not store the ONNX graph the CPU runtimes (openvino, onnxruntime) need",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    spec = BackboneSpec.from_dict(MemoryBank.load(args.model_dir).metadata["extractor"])
-    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-    # Built and checked against the bank before anything is written to the store.
-    loaded = spec.build(args.backbone, device="cpu")
-    backbone = save_backbone(loaded, args.backbone_name, with_graph=not args.no_graph)
-    bank = save_bank(args.model_dir, backbone, metrics, args.bank_name)
+    backbone, bank = export_models(
+        args.model_dir,
+        metrics=args.metrics,
+        backbone_source=args.backbone,
+        backbone_name=args.backbone_name,
+        bank_name=args.bank_name,
+        with_graph=not args.no_graph,
+    )
     print(f"saved backbone model {backbone.tag}\nsaved memory bank model {bank.tag}")
+    print("next: bentoml serve   (web page at http://localhost:3000/ui/)")
     return 0
 
 

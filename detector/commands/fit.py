@@ -28,6 +28,7 @@ from detector.commands.config import (
     scoring_config,
     seed_everything,
 )
+from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentedImages
 from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
@@ -38,14 +39,21 @@ log = logging.getLogger(__name__)
 
 def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
     """Fit and save a detector as the config says; returns it for callers like the demo."""
+    with tracked(cfg, "fit") as run:
+        return _fit(cfg, run_dir, run)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     save_resolved_config(cfg, run_dir)
     seed_everything(int(cfg.seed))
     set_threads(cfg.num_threads)
+    # The backbone first: a missing checkpoint or an unreachable hub is found in seconds,
+    # before any data is read or generated.
+    extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
     bank_paths, calibration_paths = split_calibration(
         dataset.train_paths(), float(cfg.calibration_fraction), int(cfg.seed)
     )
-    extractor = build_backbone(cfg.backbone, cfg.num_threads)
     augmentation = augment_config(cfg)
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
     started = time.perf_counter()
@@ -60,6 +68,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
     )
     detector.bank.metadata["category"] = str(cfg.data.category)
     detector.bank.metadata["augmentation"] = asdict(augmentation)
+    if run.run_id:  # `detector export` puts it on the BentoML models' labels
+        detector.bank.metadata["mlflow_run_id"] = run.run_id
     model_dir = detector.save(Path(str(cfg.model_dir)))
     summary = {
         "model_dir": str(model_dir),
@@ -76,7 +86,13 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
         "fit_seconds": round(time.perf_counter() - started, 2),
     }
     (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.metrics(summary)
+    run.tags(
+        {"fingerprint": extractor.spec.fingerprint, "random_weights": extractor.random_weights}
+    )
+    run.artifacts(run_dir / "fit_summary.json", run_dir / "resolved_config.yaml")
     log.info("saved detector to %s (bank %d rows)", model_dir, detector.bank.size)
+    print(f"next: python -m detector evaluate (same overrides), then export {model_dir}")
     return detector
 
 

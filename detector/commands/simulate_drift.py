@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from detector.anomaly_detector import AnomalyDetector
 from detector.commands.config import CONFIG_PATH, start_test_run
+from detector.commands.tracking import tracked
 from detector.data.mvtec import Sample
 from detector.data.shifts import SHIFTS, apply_shift
 from detector.drift import DriftSettings, drift_report
@@ -145,10 +146,17 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
             "this bank has no drift reference: refit it or run "
             "`python -m detector set-drift-reference MODEL_DIR IMAGE_DIR`"
         )
-    rows = simulate(detector, samples, shifts, int(cfg.seed), bool(cfg.progress))
-    title = f"Drift simulation: {cfg.data.category}, model {cfg.model_dir}"
-    write_report(rows, run_dir, title)
+    with tracked(cfg, "simulate-drift") as tracked_run:
+        rows = simulate(detector, samples, shifts, int(cfg.seed), bool(cfg.progress))
+        title = f"Drift simulation: {cfg.data.category}, model {cfg.model_dir}"
+        paths = write_report(rows, run_dir, title)
+        for row in rows:  # one metric per shift x severity, e.g. brightness_3.false_alarm_rate
+            condition = f"{row['shift']}_{row['severity']}"
+            tracked_run.metrics({f"{condition}.{key}": row.get(key) for key in METRICS})
+        tracked_run.tags({"fingerprint": detector.extractor.spec.fingerprint})
+        tracked_run.artifacts(*paths.values())
     log.info("drift report for %d conditions -> %s", len(rows), run_dir)
+    print(f"report: {paths['markdown']} (plots beside it)")
     return rows
 
 

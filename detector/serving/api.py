@@ -162,7 +162,7 @@ class InspectionEndpoints:
         telemetry.count_answer(result)
         info = await self.model_info()
         models = {"backbone": info["backbone_model"], "bank": info["bank_model"]}
-        answer = schema.answer(result, models, info["random_weights"])
+        answer = schema.answer(result, models, info["random_weights"], info.get("demo", False))
         if with_profile:
             answer["drift_profile"] = result.get("drift_profile")
         return answer

@@ -105,28 +105,31 @@ def bentoml_serve(
     url = f"http://127.0.0.1:{port}"
     _SERVERS[url] = process
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"bentoml serve exited with {process.returncode}:\n"
-                    + log_path.read_text()[-4000:]
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    "bentoml serve not ready in time:\n" + log_path.read_text()[-4000:]
-                )
-            time.sleep(0.5)
+        try:
+            wait_until_ready(url, process, timeout)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}\n" + log_path.read_text()[-4000:]) from None
         yield url
     finally:
         _SERVERS.pop(url, None)
         stop(process)
         log.close()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Return once /readyz answers 200; raise if the server exits or is not ready in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("bentoml serve was not ready in time")
+        time.sleep(0.5)
 
 
 def role_of(command: str) -> str:

@@ -87,6 +87,10 @@ def save_bank(
         "category": _label(bank.metadata.get("category", "unknown")),
         "backbone_model": _label(backbone_model.tag),
     }
+    if bank.metadata.get("demo"):
+        labels["demo"] = "true"  # a synthetic-set demo model, not for a real line
+    if bank.metadata.get("mlflow_run_id"):
+        labels["mlflow_run_id"] = str(bank.metadata["mlflow_run_id"])
     if metrics:
         labels.update(
             {

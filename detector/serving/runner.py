@@ -40,6 +40,7 @@ class ScoringRunner:
             "bank_model": tags.bank,
             "category": bank.get("category", "unknown"),
             "random_weights": detector.extractor.random_weights,
+            "demo": bool(bank.get("demo", False)),
             "threshold": detector.calibration.threshold,
             "extractor": detector.extractor.spec.to_dict(),
             "runtime": settings.runtime,

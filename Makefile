@@ -1,0 +1,19 @@
+# Two commands from a fresh clone:
+#   make demo   set up .venv, fit a demo model on the synthetic carpet set, serve it
+#   make test   the test suite exactly as CI runs it (.ci/run: fresh venv, lint, pytest)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PORT ?= 3000
+
+.PHONY: demo test
+
+demo: .venv/.installed
+	.venv/bin/python -m detector demo --out demo --serve --port $(PORT)
+
+test:
+	bash .ci/run
+
+.venv/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps -e .
+	touch $@
