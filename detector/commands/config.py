@@ -59,11 +59,20 @@ def runtime_options(backbone: DictConfig) -> dict[str, str]:
     }
 
 
-def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
-    """The MVTec-layout category; a synthetic one is generated on first use."""
+def check_dataset(data: DictConfig) -> MVTecCategory:
+    """The cheap part of `build_dataset`: a missing data.root, or a real dataset's missing
+    folder, is refused before anything slow (loading a backbone, generating data) runs."""
     if OmegaConf.is_missing(data, "root"):
         raise ValueError("data.root is not set: pass data.root=/path/to/mvtec (or data=synthetic)")
     dataset = MVTecCategory(Path(str(data.root)), str(data.category))
+    if not data.get("generate"):
+        dataset.train_paths()  # says where it looked, in the MVTec AD layout
+    return dataset
+
+
+def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
+    """The MVTec-layout category; a synthetic one is generated on first use."""
+    dataset = check_dataset(data)
     if data.get("generate") and not dataset.folder.exists():
         from detector.data.synthetic import make_dataset
 

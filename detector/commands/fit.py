@@ -23,6 +23,7 @@ from detector.commands.config import (
     bank_config,
     build_backbone,
     build_dataset,
+    check_dataset,
     runtime_options,
     save_resolved_config,
     scoring_config,
@@ -47,8 +48,9 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     save_resolved_config(cfg, run_dir)
     seed_everything(int(cfg.seed))
     set_threads(cfg.num_threads)
-    # The backbone first: a missing checkpoint or an unreachable hub is found in seconds,
-    # before any data is read or generated.
+    # Cheap checks, then the backbone (a missing checkpoint or an unreachable hub is found in
+    # seconds), then the data work (a synthetic set may be generated).
+    check_dataset(cfg.data)
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
     bank_paths, calibration_paths = split_calibration(
