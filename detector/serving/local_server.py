@@ -155,6 +155,14 @@ def service_rss_mib(url: str) -> dict[str, float]:
 
 
 def stop(process: subprocess.Popen) -> None:
+    """Stop a server and every process it started. BentoML's workers may run in process
+    groups of their own, out of reach of the arbiter's group: each one seen is ended too."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -162,6 +170,9 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for leftover in alive:
+        leftover.kill()
 
 
 def serve_until_exit(
