@@ -18,7 +18,7 @@ from PIL import Image
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
 from detector.data.synthetic import carpet_texture
-from detector.serving.local_server import bentoml_serve, service_env
+from detector.serving.local_server import bentoml_serve, service_env, stored_model
 
 MAX_BYTES = 1_000_000
 
@@ -59,14 +59,7 @@ def test_models_list_shows_backbone_and_bank(store: Path) -> None:
     )
     tags = {row["tag"].split(":")[0]: row for row in json.loads(listing.stdout)}
     assert {"dino-backbone", "inspection-bank"} <= set(tags)
-    shown = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", "inspection-bank:latest", "-o", "json"],
-        env=service_env(store),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    bank = json.loads(shown.stdout)
+    bank = stored_model(store, "inspection-bank:latest")
     assert bank["labels"]["category"] == "carpet"
     assert bank["labels"]["backbone_model"].startswith("dino-backbone")
     assert bank["metadata"]["extractor"]["resolution"] == 128

@@ -21,6 +21,7 @@ from detector.serving.local_server import (
     free_port,
     service_env,
     stop,
+    stored_model,
 )
 
 FIT_OVERRIDES = [
@@ -119,14 +120,8 @@ def test_fit_and_evaluate_are_tracked_and_export_labels_the_run(
 
     exported = run_command(tmp_path, "export", str(tmp_path / "model"))
     assert exported.returncode == 0, exported.stderr
-    shown = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", "inspection-bank:latest", "-o", "json"],
-        env=command_env(tmp_path),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(shown.stdout)["labels"]["mlflow_run_id"] == fit_run.info.run_id
+    labels = stored_model(tmp_path, "inspection-bank:latest")["labels"]
+    assert labels["mlflow_run_id"] == fit_run.info.run_id
 
 
 def test_an_unreachable_tracking_server_costs_one_warning_not_the_run(
@@ -248,11 +243,4 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             stop(process)
-    shown = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", "inspection-bank:latest", "-o", "json"],
-        env=command_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(shown.stdout)["labels"]["demo"] == "true"
+    assert stored_model(tmp_path / "home", "inspection-bank:latest")["labels"]["demo"] == "true"

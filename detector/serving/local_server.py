@@ -66,6 +66,20 @@ def locust_command(url: str, users: int, seconds: int, csv_prefix: Path, *extra:
     ]
 
 
+def stored_model(bentoml_home: Path, tag: str) -> dict:
+    """What `bentoml models get TAG -o json` shows for a model in `bentoml_home`."""
+    import json
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "get", tag, "-o", "json"],
+        env=service_env(bentoml_home),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(shown.stdout)
+
+
 def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "detector", "export", str(model_dir), *args],
