@@ -21,19 +21,22 @@ from starlette.routing import Route
 from detector.errors import user_errors_exit
 from detector.serving.api import InspectionEndpoints
 from detector.serving.gate import RequestGate
-from detector.serving.model_store import resolve_pair
+from detector.serving.model_store import resolve_models
+from detector.serving.product_routes import products_app
 from detector.serving.settings import Settings
 
-# A missing or mismatched model pair, an uninstalled runtime or a graph of other weights, or a
+# No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
 # malformed setting, stops `bentoml serve` and `bentoml build` here with one sentence,
 # instead of workers that fail and restart forever.
 with user_errors_exit():
     SETTINGS = Settings.from_env()
-    _backbone, _bank = resolve_pair(
-        SETTINGS.bank_tag, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
+    _backbone, _banks = resolve_models(
+        SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
     )
 BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
-BANK_MODEL = bentoml.models.BentoModel(str(_bank.tag))
+# Each product's live bank at start, declared so `bentoml build` packs it; later versions
+# are read from the model store as they are made (detector/serving/catalog.py).
+BANK_MODELS = {name: bentoml.models.BentoModel(str(bank.tag)) for name, bank in _banks.items()}
 PAGE = (Path(__file__).parent / "detector" / "serving" / "static" / "index.html").read_text()
 
 # INSPECT_MAX_BATCH_SIZE=1 (the default on CPU, see detector/serving/settings.py) turns
@@ -64,49 +67,73 @@ class InspectionRunner:
     """Decodes and scores uploads; with batching on, concurrent requests arrive as one batch."""
 
     backbone_model = BACKBONE_MODEL
-    bank_model = BANK_MODEL
 
     def __init__(self) -> None:
-        from detector.serving.model_store import load_pair
+        from detector.serving.model_store import checked_spec, load_extractor
         from detector.serving.runner import ScoringRunner
         from detector.threads import set_threads
 
         set_threads(SETTINGS.num_threads)
-        pair = load_pair(
-            str(BANK_MODEL.tag),
-            str(BACKBONE_MODEL.tag),
-            runtime=SETTINGS.runtime,
+        backbone = BACKBONE_MODEL.stored
+        banks = {name: model.stored for name, model in BANK_MODELS.items()}
+        extractor = load_extractor(
+            backbone,
+            checked_spec(backbone, banks, SETTINGS.runtime, SETTINGS.precision),
+            SETTINGS.runtime,
             precision=SETTINGS.precision,
             device=SETTINGS.device,
             half_precision=SETTINGS.half_precision,
             num_threads=SETTINGS.num_threads,
-            batch_size=SETTINGS.max_batch_size,
         )
-        self.runner = ScoringRunner(pair.detector, pair.tags, SETTINGS)
+        self.runner = ScoringRunner(extractor, str(backbone.tag), list(banks), SETTINGS)
 
     def __is_ready__(self) -> bool:
         return getattr(self, "runner", None) is not None
 
     @bentoml.api(**BATCHING)
-    def score(self, uploads: list[bytes]) -> list[dict[str, Any]]:
+    def score(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=False)
 
     @bentoml.api(**BATCHING)
-    def score_with_maps(self, uploads: list[bytes]) -> list[dict[str, Any]]:
+    def score_with_maps(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=True)
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
         return self.runner.model_info()
 
+    @bentoml.api
+    def drift(self, product: str, reference: bool) -> dict[str, Any]:
+        return self.runner.drift(product, reference)
+
+    @bentoml.api
+    def products(self) -> list[dict[str, Any]]:
+        return self.runner.products()
+
+    @bentoml.api
+    def history(self, product: str) -> dict[str, Any]:
+        return self.runner.history(product)
+
+    @bentoml.api
+    def add_images(
+        self, product: str, uploads: list[bytes], reason: str, calibration: list[bytes]
+    ) -> dict[str, Any]:
+        return self.runner.add_images(product, uploads, reason, calibration)
+
+    @bentoml.api
+    def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
+        return self.runner.rollback(product, version, reason)
+
 
 ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.asgi_app(products_app, path="/products")
 @bentoml.service(name="inspection_api", workers=1, traffic={"timeout": 300})
 class InspectionAPI:
-    """Public endpoints: /inspect, /heatmap, /inspect_batch, /model_info, /drift, /ui."""
+    """Public endpoints: /inspect, /heatmap, /inspect_batch, /model_info, /drift, /ui, and
+    /products (detector/serving/product_routes.py)."""
 
     runner = bentoml.depends(InspectionRunner)
 
@@ -115,39 +142,47 @@ class InspectionAPI:
 
     @bentoml.api
     async def inspect(
-        self, image: Path, ctx: bentoml.Context, drift_profile: bool = False
+        self, image: Path, ctx: bentoml.Context, product: str = "", drift_profile: bool = False
     ) -> dict[str, Any]:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
-        `drift_profile=true` adds the image's patch-distance profile (for the batch job)."""
-        return await self.endpoints.respond(ctx, self.endpoints.inspect(image, drift_profile))
+        `product` may be left out when one product is served; `drift_profile=true` adds the
+        image's patch-distance profile (for the batch job)."""
+        work = self.endpoints.inspect(image, product, drift_profile)
+        return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
     async def heatmap(
         self,
         image: Path,
         ctx: bentoml.Context,
+        product: str = "",
         output: str = "overlay",
         drift_profile: bool = False,
     ) -> Image.Image:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
-        work = self.endpoints.heatmap(image, output, drift_profile)
+        work = self.endpoints.heatmap(image, product, output, drift_profile)
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
-    async def inspect_batch(self, images: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
-        """Several images -> one result each, in order; a bad image gets an error entry."""
-        return await self.endpoints.respond(ctx, self.endpoints.inspect_batch(images))
+    async def inspect_batch(
+        self, images: list[Path], ctx: bentoml.Context, product: str = ""
+    ) -> list[dict[str, Any]]:
+        """Several images of one product -> one result each, in order; a bad image gets an
+        error entry."""
+        return await self.endpoints.respond(ctx, self.endpoints.inspect_batch(images, product))
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
         return await self.endpoints.model_info()
 
     @bentoml.api(route="/drift")
-    async def drift(self, reference: bool = False) -> dict[str, Any]:
-        """Drift of recent traffic against the calibration images; `reference=true` adds the
-        reference profiles."""
-        return await self.endpoints.drift(reference)
+    async def drift(
+        self, ctx: bentoml.Context, product: str = "", reference: bool = False
+    ) -> dict[str, Any]:
+        """A product's recent traffic against its calibration images; `reference=true` adds
+        the reference profiles."""
+        return await self.endpoints.respond(ctx, self.endpoints.drift(product, reference))
 
 
 # Key, size, queue and upload-shape checks before BentoML reads a body (detector/serving/gate.py).

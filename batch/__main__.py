@@ -1,6 +1,6 @@
 """Score a folder of images offline, crash-safe and resumable.
 
-    python -m batch INPUT_DIR --out OUT_DIR [--model TAG] [--heatmaps] [--batch-size N]
+    python -m batch INPUT_DIR --out OUT_DIR [--product NAME] [--heatmaps] [--batch-size N]
                     [--url http://host:3000] [--shard I/N] [--evaluate]
     python -m batch merge OUT_DIR
 
@@ -36,7 +36,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m batch", description=__doc__.splitlines()[0])
     parser.add_argument("input_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", help="memory-bank model tag (default inspection-bank:latest)")
+    parser.add_argument(
+        "--product", help="the product whose live bank scores (optional when there is one)"
+    )
+    parser.add_argument("--model", help="a bank version's tag instead (e.g. bank-carpet:v2)")
     parser.add_argument("--backbone-model", help="backbone tag (default: the bank's own)")
     parser.add_argument("--url", help="score through a running service instead of in-process")
     parser.add_argument("--api-key", default=os.environ.get("INSPECT_API_KEY"))
@@ -102,8 +105,10 @@ def make_scorer(args: argparse.Namespace) -> Scorer:
             args.timeout,
             attempts=args.retries + 1,
             backoff_s=args.retry_backoff,
+            product=args.product,
         )
     return LocalScorer(
+        args.product,
         args.model,
         args.backbone_model,
         args.batch_size,

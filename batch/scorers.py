@@ -49,6 +49,7 @@ class LocalScorer:
 
     def __init__(
         self,
+        product: str | None,
         bank_tag: str | None,
         backbone_tag: str | None,
         batch_size: int,
@@ -65,6 +66,7 @@ class LocalScorer:
         pair = load_pair(
             bank_tag,
             backbone_tag,
+            product=product,
             runtime=runtime,
             precision=precision,
             device=device,
@@ -112,26 +114,38 @@ class RemoteScorer:
         timeout: float = 120.0,
         attempts: int = 4,
         backoff_s: float = 1.0,
+        product: str | None = None,
     ) -> None:
         import httpx
 
         self.url, self.root = url.rstrip("/"), root
+        self.product = product or ""
         self.attempts, self.backoff_s = max(1, attempts), backoff_s
         headers = {"X-API-Key": api_key} if api_key else {}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.client = httpx.Client(headers=headers, timeout=timeout, limits=limits)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="client")
         info = self._setup_call("/model_info")
-        self.models = {
-            "backbone": info.get("backbone_model", ""),
-            "bank": info.get("bank_model", ""),
-        }
+        bank = info.get("bank_model", "") if not product else ""
+        if not bank:  # several products, or one named: its live version
+            listing = self._setup_call("/products", method="GET")
+            named = [entry for entry in listing if entry["name"] == (product or "")]
+            if not named:
+                known = ", ".join(entry["name"] for entry in listing)
+                raise BatchSetupError(
+                    f"Name one of the service's products with --product: {known}."
+                )
+            bank = named[0]["tag"]
+        self.models = {"backbone": info.get("backbone_model", ""), "bank": bank}
 
-    def _setup_call(self, endpoint: str, **body: Any) -> dict[str, Any]:
+    def _setup_call(self, endpoint: str, method: str = "POST", **body: Any) -> Any:
         import httpx
 
         try:
-            response = self.client.post(f"{self.url}{endpoint}", json=body)
+            if method == "GET":
+                response = self.client.get(f"{self.url}{endpoint}")
+            else:
+                response = self.client.post(f"{self.url}{endpoint}", json=body)
         except httpx.HTTPError as error:
             raise BatchSetupError(
                 f"No inspection service answers at {self.url}: {error}."
@@ -155,7 +169,8 @@ class RemoteScorer:
         for attempt in range(self.attempts):
             wait = self.backoff_s * 2**attempt
             try:
-                response = self.client.post(endpoint, files=files, data={"drift_profile": "true"})
+                form = {"drift_profile": "true", "product": self.product}
+                response = self.client.post(endpoint, files=files, data=form)
             except httpx.TransportError:  # timeouts, refused or dropped connections
                 if attempt == last:
                     raise
@@ -192,5 +207,6 @@ class RemoteScorer:
 
     def drift_reference(self) -> np.ndarray:
         """The calibration profiles of the bank the service runs, from its /drift endpoint."""
-        profiles = self._setup_call("/drift", reference=True).get("reference_profiles", [])
+        drift = self._setup_call("/drift", reference=True, product=self.product)
+        profiles = drift.get("reference_profiles", [])
         return np.asarray(profiles, dtype=np.float32)

@@ -132,7 +132,7 @@ def bench_coreset(rows: int = 200_000, dim: int = 384, ratio: float = 0.1) -> di
     sample_keep = coreset_size(len(sample), ratio)
     projection = random_projection(dim, 128, 0)
     plain = sample[greedy_k_center(sample, sample_keep, projection=projection)]
-    streamed = streaming_coreset([sample], len(sample), sample_keep, progress=False)
+    streamed = streaming_coreset([sample], len(sample), sample_keep, progress=False).rows
     return {
         "covering_radius_streaming_over_plain_30k": round(
             covering_radius(sample, streamed) / covering_radius(sample, plain), 3

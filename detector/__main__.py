@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
     # Each command parses sys.argv itself (argparse, or Hydra's overrides).
     sys.argv = [f"python -m detector {name}", *arguments]
-    result = module.main()
+    result = entry()
     if isinstance(result, int):
         raise SystemExit(result)
 

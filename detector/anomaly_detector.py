@@ -140,6 +140,35 @@ class AnomalyDetector:
         )
         return detector
 
+    # ----- learning -------------------------------------------------------------------
+    def embed_prepared(self, prepared: np.ndarray) -> np.ndarray:
+        """(B, h, w, D) features of already-preprocessed images, `batch_size` at a time."""
+        return np.concatenate(
+            [self.extractor.embed(rows) for rows in batched(prepared, self.batch_size)]
+        )
+
+    def learned(self, features: np.ndarray) -> tuple[AnomalyDetector, int]:
+        """A detector whose bank also covers these defect-free features, and how many rows
+        that took; this one is untouched and keeps serving meanwhile."""
+        bank = self.bank.copy()
+        added = bank.extend(features)
+        learned = AnomalyDetector(
+            self.extractor, bank, self.calibration, self.scoring, self.batch_size
+        )
+        return learned, added
+
+    def recalibrated(self, images: Sequence[ImageSource]) -> AnomalyDetector:
+        """The same bank with threshold and drift reference set on these held-out images."""
+        normal = self.predict(images, with_maps=False)
+        calibration = calibrate(
+            [r.score for r in normal],
+            self.scoring.false_alarm_rate,
+            [r.drift_profile for r in normal],
+        )
+        return AnomalyDetector(
+            self.extractor, self.bank, calibration, self.scoring, self.batch_size
+        )
+
     # ----- prediction -----------------------------------------------------------------
     def score_features(
         self,

@@ -1,16 +1,31 @@
-"""Greedy k-center coreset (PatchCore) that runs in seconds on a CPU and streams its input.
+"""Greedy k-center coreset (PatchCore) close to plain greedy's coverage in seconds on a CPU,
+from features that stream in, and extendable later without refitting.
 
-Plain greedy k-center over 200k patches touches every patch once per selected centre: about
-350 s on 2 cores at 10 % (measured, see docs/PERFORMANCE.md). Here the features arrive in
-chunks (consecutive images), each chunk keeps its share of centres by greedy k-center on a
-seeded random projection, and only the kept rows are held. Each chunk's working set fits in
-cache, memory stays at one chunk plus the coreset, and every input row is within its chunk's
-covering radius of a kept row, so the union covers the whole training set.
+Plain greedy k-center touches every patch once per selected centre: 27 s for 200k rows at
+1 % on 2 cores even on a 128-d projection. Choosing centres per chunk of images is fast but
+spends centres on patterns every chunk shares: its covering radius was 41 % above plain
+greedy's on 13 chunks of ViT features (docs/PERFORMANCE.md). Here:
+
+1. rows stream in once and are kept (L2-normalised; in a temporary file when large);
+2. greedy k-center on a random sample (`oversample` x the centres wanted, on a seeded random
+   projection) picks the first half of the centres: the bulk of the coverage, cheaply;
+3. greedy continues over *all* rows from those centres for the second half, exactly as plain
+   greedy would continue (`farthest_points`), but only the rows the current centres cover
+   worst are searched, and all rows are re-checked by one matrix product whenever those
+   become covered better than the rest. This step is what an update of a fitted bank runs.
+
+The result keeps plain greedy's property where it matters: the worst-covered rows get
+centres. The bank records its covering radius (the largest cosine distance from a training
+row to its nearest centre), so an update adds exactly the new patches the bank does not
+already cover as tightly as its own training patches.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +33,16 @@ from tqdm import tqdm
 
 DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_PROJECTION_DIM = 128
+DEFAULT_OVERSAMPLE = 4  # the random sample the first half of the centres comes from
+DEFAULT_IN_MEMORY_BYTES = 1 << 30  # normalised rows above this go to a temporary file
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """The kept rows, and how tightly they cover what they were chosen from."""
+
+    rows: np.ndarray
+    radius: float  # largest cosine distance from a training row to its nearest kept row
 
 
 def coreset_size(total_rows: int, ratio: float | None = None, size: int | None = None) -> int:
@@ -41,27 +66,57 @@ def random_projection(dim: int, projection_dim: int, seed: int) -> torch.Tensor 
     return torch.randn(dim, projection_dim, generator=generator) / np.sqrt(projection_dim)
 
 
-def greedy_k_center(
-    features: np.ndarray, n_select: int, *, seed: int = 0, projection: torch.Tensor | None = None
-) -> np.ndarray:
-    """Indices of `n_select` rows chosen by greedy farthest-point selection (Gonzalez, 1985)."""
-    rows = features.shape[0]
-    if n_select >= rows:
-        return np.arange(rows)
+def _points(features: np.ndarray, projection: torch.Tensor | None) -> torch.Tensor:
     points = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if projection is not None:
-        points = points @ projection
+    return points @ projection if projection is not None else points
+
+
+def farthest_points(
+    points: torch.Tensor,
+    nearest: torch.Tensor,
+    count: int,
+    *,
+    radius: float | None = None,
+    first: int | None = None,
+) -> np.ndarray:
+    """Greedy farthest-point selection (Gonzalez, 1985) continued from `nearest`, each point's
+    squared distance to the centres chosen so far (inf: none yet); updated in place.
+
+    Stops after `count` picks, or once every point is within `radius` (Euclidean) of a centre.
+    """
     squared_norms = (points * points).sum(dim=1)
-    nearest = torch.full((rows,), float("inf"))
-    selected = np.empty(n_select, dtype=np.int64)
-    index = int(np.random.default_rng(seed).integers(rows))
-    for step in range(n_select):
-        selected[step] = index
+    limit = -1.0 if radius is None else radius * radius
+    selected: list[int] = []
+    index = int(torch.argmax(nearest)) if first is None else first
+    while len(selected) < count and (first is not None and not selected or nearest[index] > limit):
+        selected.append(index)
         distances = squared_norms - 2.0 * torch.mv(points, points[index]) + squared_norms[index]
         torch.minimum(nearest, distances, out=nearest)
         nearest[index] = -1.0  # never pick a centre twice, even with duplicate rows
         index = int(torch.argmax(nearest))
-    return selected
+    return np.asarray(selected, dtype=np.int64)
+
+
+def greedy_k_center(
+    features: np.ndarray, n_select: int, *, seed: int = 0, projection: torch.Tensor | None = None
+) -> np.ndarray:
+    """Indices of `n_select` rows chosen by plain greedy k-center from a seeded first row."""
+    rows = features.shape[0]
+    if n_select >= rows:
+        return np.arange(rows)
+    first = int(np.random.default_rng(seed).integers(rows))
+    nearest = torch.full((rows,), float("inf"))
+    return farthest_points(_points(features, projection), nearest, n_select, first=first)
+
+
+def covering_radius(rows: np.ndarray, centres: np.ndarray) -> float:
+    """Largest cosine distance from an L2-normalised row to its nearest centre, by faiss."""
+    import faiss  # the memory bank's search, so the radius is measured as scores are
+
+    index = faiss.IndexFlatIP(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    similarities, _ = index.search(np.ascontiguousarray(rows, dtype=np.float32), 1)
+    return float(max(0.0, 1.0 - float(similarities.min()))) if len(rows) else 0.0
 
 
 def _rechunk(chunks: Iterable[np.ndarray], chunk_rows: int) -> Iterator[np.ndarray]:
@@ -82,6 +137,77 @@ def _rechunk(chunks: Iterable[np.ndarray], chunk_rows: int) -> Iterator[np.ndarr
         yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
 
+def nearest_centre(points: torch.Tensor, centres: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """Each point's squared Euclidean distance to its nearest centre, by matrix products."""
+    point_norms = (points * points).sum(dim=1)
+    centre_norms = (centres * centres).sum(dim=1)
+    nearest = torch.empty(points.shape[0])
+    for start in range(0, points.shape[0], block):
+        part = points[start : start + block]
+        squared = point_norms[start : start + block, None] - 2.0 * part @ centres.T
+        nearest[start : start + block] = (squared + centre_norms[None]).min(dim=1).values
+    return nearest
+
+
+def continue_greedy(
+    points: torch.Tensor, selected: np.ndarray, count: int
+) -> tuple[np.ndarray, float]:
+    """`count` more centres, exactly as plain greedy continues from `selected`, searching
+    only the worst-covered rows; and the covering radius after them (Euclidean).
+
+    Greedy always picks the row farthest from every centre, so while the rows searched are
+    all farther than any row left out, the result is plain greedy's. Once they are covered
+    better than that, every row is measured again against the new centres and the search
+    moves on to the new worst-covered rows.
+    """
+    nearest = nearest_centre(points, points[torch.from_numpy(selected)])
+    nearest[torch.from_numpy(selected)] = -1.0
+    picked: list[int] = []
+    new = torch.empty(0, dtype=torch.long)
+    while len(picked) < count:
+        wanted = count - len(picked)
+        searched = min(points.shape[0], max(8 * wanted, points.shape[0] // 20))
+        worst, rows = torch.topk(nearest, searched)
+        left_out = float(worst[-1]) if searched < points.shape[0] else -1.0
+        radius = float(np.sqrt(left_out)) if left_out > 0 else None
+        subset = nearest[rows].clone()
+        found = farthest_points(points[rows], subset, wanted, radius=radius)
+        nearest[rows] = subset
+        if not len(found):
+            break  # every row is a centre already, or all remaining rows coincide
+        new = rows[torch.from_numpy(found)]
+        picked.extend(new.tolist())
+        if len(picked) < count:
+            nearest = torch.minimum(nearest, nearest_centre(points, points[new]))
+            nearest[torch.tensor(picked)] = -1.0
+    # Rows left out of the last search may not know its centres yet: those that could still
+    # be the worst covered are measured against them, so the radius is exact.
+    stale = (nearest > float(nearest.max() if not len(new) else subset.max())).nonzero()[:, 0]
+    if len(stale) and len(new):
+        nearest[stale] = torch.minimum(nearest[stale], nearest_centre(points[stale], points[new]))
+    return np.asarray(picked, dtype=np.int64), float(np.sqrt(max(float(nearest.max()), 0.0)))
+
+
+class _Spill:
+    """The normalised rows as they stream in: in memory when small, else in a temporary file
+    (a memory map), so fitting on many images holds only their projection in memory."""
+
+    def __init__(self, rows: int, dim: int, limit_bytes: int) -> None:
+        self._file = None
+        if rows * dim * 4 > limit_bytes:
+            self._file = tempfile.TemporaryFile(prefix="coreset-")  # noqa: SIM115 (closed in take)
+            self.rows: Any = np.memmap(self._file, dtype=np.float32, mode="w+", shape=(rows, dim))
+        else:
+            self.rows = np.empty((rows, dim), dtype=np.float32)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        taken = np.asarray(self.rows[np.sort(indices)], dtype=np.float32)
+        if self._file is not None:
+            del self.rows
+            self._file.close()
+        return taken
+
+
 def streaming_coreset(
     chunks: Iterable[np.ndarray],
     total_rows: int,
@@ -90,34 +216,36 @@ def streaming_coreset(
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     projection_dim: int = DEFAULT_PROJECTION_DIM,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    in_memory_bytes: int = DEFAULT_IN_MEMORY_BYTES,
     progress: bool = True,
-) -> np.ndarray:
-    """Keep `n_select` of `total_rows` streamed feature rows; returns the kept rows.
+) -> Coreset:
+    """Keep `n_select` of `total_rows` streamed, L2-normalised feature rows.
 
-    Each chunk keeps a share proportional to its size (largest remainders get the leftover
-    rows), so the result has exactly `n_select` rows and the same seed gives the same rows.
+    The rows are held in memory up to `in_memory_bytes`, beyond that in a temporary file
+    that the page cache serves; the same seed gives the same rows.
     """
     if not 1 <= n_select <= total_rows:
         raise ValueError(f"cannot keep {n_select} of {total_rows} rows")
-    kept: list[np.ndarray] = []
-    projection: torch.Tensor | None = None
-    seen = kept_rows = 0
-    bar = tqdm(total=n_select, desc="coreset", unit="row", disable=not progress)
-    for number, chunk in enumerate(_rechunk(chunks, chunk_rows)):
-        if projection is None:
-            projection = random_projection(chunk.shape[1], projection_dim, seed)
-        seen += chunk.shape[0]
-        if seen > total_rows:
+    spill: _Spill | None = None
+    seen = 0
+    bar = tqdm(total=total_rows, desc="coreset", unit="row", disable=not progress)
+    for chunk in _rechunk(chunks, chunk_rows):
+        if spill is None:
+            spill = _Spill(total_rows, chunk.shape[1], in_memory_bytes)
+        if seen + chunk.shape[0] > total_rows:
             raise ValueError(f"received more than the announced {total_rows} rows")
-        # Cumulative rounding keeps the per-chunk shares summing to exactly n_select.
-        target = int(round(n_select * seen / total_rows))
-        share = min(chunk.shape[0], target - kept_rows)
-        if share > 0:
-            picked = greedy_k_center(chunk, share, seed=seed + number, projection=projection)
-            kept.append(chunk[np.sort(picked)].copy())
-            kept_rows += share
-            bar.update(share)
+        spill.rows[seen : seen + chunk.shape[0]] = chunk
+        seen += chunk.shape[0]
+        bar.update(chunk.shape[0])
     bar.close()
-    if seen != total_rows:
+    if seen != total_rows or spill is None:
         raise ValueError(f"received {seen} rows, {total_rows} were announced")
-    return np.concatenate(kept) if len(kept) > 1 else kept[0]
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(total_rows, min(total_rows, oversample * n_select), replace=False))
+    projection = random_projection(spill.rows.shape[1], projection_dim, seed)
+    rows = np.asarray(spill.rows[sample])
+    start = sample[greedy_k_center(rows, (n_select + 1) // 2, seed=seed, projection=projection)]
+    finish, radius = continue_greedy(torch.from_numpy(spill.rows), start, n_select - len(start))
+    # Unit vectors: squared Euclidean distance = 2 x cosine distance.
+    return Coreset(spill.take(np.concatenate([start, finish])), radius * radius / 2.0)

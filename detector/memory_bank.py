@@ -7,6 +7,7 @@ L2-normalised, so inner product is cosine similarity and a patch's distance is
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -15,11 +16,14 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from detector.coreset import (
     DEFAULT_CHUNK_ROWS,
+    DEFAULT_OVERSAMPLE,
     DEFAULT_PROJECTION_DIM,
     coreset_size,
+    farthest_points,
     streaming_coreset,
 )
 
@@ -42,6 +46,7 @@ class BankConfig:
     seed: int = 0
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     projection_dim: int = DEFAULT_PROJECTION_DIM
+    oversample: int = DEFAULT_OVERSAMPLE
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -96,18 +101,75 @@ class MemoryBank:
         """Fit from feature blocks as they are extracted, never holding the full feature set."""
         config = config or BankConfig()
         keep = coreset_size(total_rows, config.coreset_ratio, config.coreset_size)
-        vectors = streaming_coreset(
+        coreset = streaming_coreset(
             (l2_normalize(block) for block in blocks),
             total_rows,
             keep,
             seed=config.seed,
             chunk_rows=config.chunk_rows,
             projection_dim=config.projection_dim,
+            oversample=config.oversample,
             progress=progress,
         )
-        bank = cls(build_index(vectors, config), config)
-        bank.metadata.update(n_train_features=int(total_rows), bank_size=int(vectors.shape[0]))
+        bank = cls(build_index(coreset.rows, config), config)
+        bank.metadata.update(
+            n_train_features=int(total_rows),
+            bank_size=int(coreset.rows.shape[0]),
+            covering_radius=coreset.radius,
+        )
         return bank
+
+    # ----- learning ---------------------------------------------------------------------
+    def copy(self) -> MemoryBank:
+        """An independent bank to extend while this one keeps serving."""
+        return MemoryBank(faiss.clone_index(self.index), self.config, copy.deepcopy(self.metadata))
+
+    def vectors(self) -> np.ndarray:
+        """The bank's rows (for flat and HNSW indexes as stored; IVF needs a direct map)."""
+        if self.config.index == "ivf":
+            faiss.extract_index_ivf(self.index).make_direct_map()
+        return self.index.reconstruct_n(0, self.size)
+
+    @property
+    def covering_radius(self) -> float:
+        """How tightly the bank covers its own training patches (cosine distance).
+
+        Banks fitted before the radius was recorded estimate it from their spacing: greedy
+        k-center only picks a centre farther than the final radius from every other one, so
+        the closest pair of distinct rows is an upper bound that greedy banks nearly meet.
+        """
+        if "covering_radius" in self.metadata:
+            return float(self.metadata["covering_radius"])
+        rows = self.vectors()
+        probe = faiss.IndexFlatIP(self.dim)
+        probe.add(rows)
+        similarities, _ = probe.search(rows, min(2, self.size))
+        distances = 1.0 - similarities[:, -1]
+        distinct = distances[distances > 1e-6]
+        return float(distinct.min()) if distinct.size else 0.0
+
+    def extend(self, features: np.ndarray) -> int:
+        """Add the new patches the bank does not already cover within its covering radius;
+        returns how many rows were added.
+
+        Greedy k-center continued from the existing rows: the new patch farthest from the bank
+        becomes a row, then the next farthest from the bank plus it, until every new patch is
+        as close to a row as the training patches were. An image flagged by a false alarm
+        gains rows where it was flagged and nowhere else.
+        """
+        new = l2_normalize(features)
+        new = new[np.isfinite(new).all(axis=1)]
+        if not len(new):
+            return 0
+        similarities, _ = self.index.search(new, 1)
+        # Squared Euclidean distance between unit vectors: 2 - 2 cos.
+        nearest = torch.from_numpy(np.maximum(2.0 - 2.0 * similarities[:, 0], 0.0))
+        radius = float(np.sqrt(2.0 * self.covering_radius))
+        picked = farthest_points(torch.from_numpy(new), nearest, len(new), radius=radius)
+        if len(picked):
+            self.index.add(new[np.sort(picked)])
+        self.metadata["bank_size"] = self.size
+        return int(len(picked))
 
     @property
     def size(self) -> int:

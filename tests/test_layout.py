@@ -60,9 +60,10 @@ def test_backbone_spec_round_trips_and_refuses_other_weights(tiny_backbone: Dino
 def test_every_command_is_listed_importable_and_unknown_ones_exit_2() -> None:
     listing = run_python("-m", "detector", "--help")
     assert listing.returncode == 0
-    for name, (module, _) in COMMANDS.items():
+    for name, (entry, _) in COMMANDS.items():
         assert name in listing.stdout
-        assert callable(importlib.import_module(module).main)
+        module, _, function = entry.partition(":")
+        assert callable(getattr(importlib.import_module(module), function or "main"))
     unknown = run_python("-m", "detector", "no-such-command")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command")
 

@@ -2,8 +2,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from detector.coreset import coreset_size, greedy_k_center, streaming_coreset
+from detector.coreset import (
+    continue_greedy,
+    coreset_size,
+    farthest_points,
+    greedy_k_center,
+    nearest_centre,
+    streaming_coreset,
+)
 from detector.memory_bank import BankConfig, MemoryBank, l2_normalize
 
 
@@ -54,7 +62,7 @@ def test_covering_radius_shrinks_as_ratio_grows(features: np.ndarray) -> None:
     for ratio in (0.01, 0.05, 0.2):
         kept = streaming_coreset(
             [features], len(features), coreset_size(len(features), ratio), chunk_rows=1024
-        )
+        ).rows
         rows = {row.tobytes() for row in features}
         assert all(row.tobytes() in rows for row in kept), "coreset rows must come from the input"
         radii.append(covering_radius(features, kept))
@@ -69,7 +77,7 @@ def test_greedy_covers_better_than_random_choice(features: np.ndarray) -> None:
 
 def test_streaming_keeps_exact_count_across_uneven_blocks(features: np.ndarray) -> None:
     blocks = [features[:700], features[700:701], features[701:]]
-    kept = streaming_coreset(blocks, len(features), 301, chunk_rows=512, progress=False)
+    kept = streaming_coreset(blocks, len(features), 301, chunk_rows=512, progress=False).rows
     assert kept.shape == (301, 32)
     with pytest.raises(ValueError, match="announced"):
         streaming_coreset([features[:10]], 20, 5, progress=False)
@@ -107,3 +115,68 @@ def test_query_dimension_mismatch_is_refused(features: np.ndarray) -> None:
     bank = MemoryBank.fit(features, BankConfig(coreset_ratio=0.1))
     with pytest.raises(ValueError, match="dimension"):
         bank.distances(np.zeros((2, 16), np.float32))
+
+
+def clustered(rows: int, seed: int) -> np.ndarray:
+    """Rows around 40 shared centres: every chunk holds the same patterns, as image chunks do."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, 32))
+    return l2_normalize(centres[rng.integers(0, 40, rows)] + 0.15 * rng.normal(size=(rows, 32)))
+
+
+def test_coreset_covers_like_plain_greedy_and_better_than_chunk_shares() -> None:
+    rows = clustered(8000, 0)
+    blocks = [rows[start : start + 500] for start in range(0, len(rows), 500)]
+    ours = streaming_coreset(blocks, len(rows), 80, chunk_rows=500, progress=False)
+    plain = rows[greedy_k_center(rows, 80)]
+    # What the fit did before: each chunk of images keeps its own share of centres.
+    shares = np.concatenate([b[greedy_k_center(b, 5, seed=i)] for i, b in enumerate(blocks)])
+    assert covering_radius(rows, ours.rows) <= 1.05 * covering_radius(rows, plain)
+    assert covering_radius(rows, ours.rows) < covering_radius(rows, shares)
+    # The recorded radius is the cosine distance scoring sees, to the worst-covered row.
+    measured = 1 - (ours.rows @ rows.T).max(axis=0)
+    assert ours.radius == pytest.approx(float(measured.max()), abs=1e-5)
+
+
+def test_spilled_rows_give_the_same_coreset() -> None:
+    rows = clustered(3000, 6)
+    in_memory = streaming_coreset([rows], len(rows), 60, progress=False)
+    spilled = streaming_coreset([rows], len(rows), 60, in_memory_bytes=0, progress=False)
+    np.testing.assert_array_equal(in_memory.rows, spilled.rows)
+
+
+def test_continuing_on_the_worst_rows_equals_plain_greedy() -> None:
+    points = torch.from_numpy(clustered(6000, 5))
+    start = np.array([0, 1, 2])
+    nearest = nearest_centre(points, points[torch.from_numpy(start)])
+    nearest[torch.from_numpy(start)] = -1.0
+    plain = farthest_points(points, nearest, 150)
+    picked, radius = continue_greedy(points, start, 150)
+    np.testing.assert_array_equal(picked, plain)
+    assert radius == pytest.approx(float(nearest.max().sqrt()), rel=1e-4)
+
+
+def test_extend_covers_new_patches_as_tightly_as_the_training_patches() -> None:
+    train = clustered(4000, 1)
+    bank = MemoryBank.fit(train, BankConfig(coreset_ratio=0.05))
+    before = bank.vectors().copy()
+    radius = bank.covering_radius
+    shifted = l2_normalize(clustered(600, 2) + 0.8)  # a new normal the bank has not seen
+    assert bank.distances(shifted).max() > radius
+    added = bank.extend(shifted)
+    assert 0 < added < len(shifted), "covers the new patches without keeping them all"
+    assert bank.size == len(before) + added == bank.metadata["bank_size"]
+    np.testing.assert_array_equal(bank.vectors()[: len(before)], before)
+    assert bank.distances(shifted).max() <= radius + 1e-5
+    assert bank.extend(train[:300]) == 0, "patches already covered add nothing"
+
+
+def test_extend_works_on_a_copy_and_without_a_recorded_radius(tmp_path: Path) -> None:
+    train = clustered(3000, 3)
+    bank = MemoryBank.fit(train, BankConfig(coreset_ratio=0.05, index="hnsw"))
+    del bank.metadata["covering_radius"]  # a bank saved before the radius was recorded
+    estimate = bank.covering_radius
+    assert 0 < estimate < 1
+    copy = bank.copy()
+    copy.extend(l2_normalize(clustered(300, 4) - 0.8))
+    assert copy.size > bank.size == bank.metadata["bank_size"]

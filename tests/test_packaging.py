@@ -103,7 +103,7 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     runner = next(s for s in info["services"] if s["name"] == "inspection_runner")
     names = sorted(model["tag"].split(":")[0] for model in runner["models"])
-    assert names == ["dino-backbone", "inspection-bank"]
+    assert names == ["bank-carpet", "dino-backbone"]
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM python:3.11" in dockerfile and "libgomp1" in dockerfile
     assert "requirements.txt" in dockerfile and "EXPOSE 3000" in dockerfile
@@ -119,14 +119,14 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     )
     with tarfile.open(archive) as bundle:
         members = bundle.getnames()
-    for name in ("dino-backbone", "inspection-bank"):
+    for name in ("dino-backbone", "bank-carpet"):
         assert any(m.startswith(f"./models/{name}/") and m.endswith("model.yaml") for m in members)
     assert any(
         m.startswith("./models/dino-backbone/") and m.endswith("/model.safetensors")
         for m in members
     )
     assert any(
-        m.startswith("./models/inspection-bank/") and m.endswith("/index.faiss") for m in members
+        m.startswith("./models/bank-carpet/") and m.endswith("/index.faiss") for m in members
     )
     # The CPU runtimes' graph travels with the backbone, and the runtimes with the image.
     assert any(m.startswith("./models/dino-backbone/") and "/graphs/" in m for m in members)

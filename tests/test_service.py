@@ -58,8 +58,8 @@ def test_models_list_shows_backbone_and_bank(store: Path) -> None:
         check=True,
     )
     tags = {row["tag"].split(":")[0]: row for row in json.loads(listing.stdout)}
-    assert {"dino-backbone", "inspection-bank"} <= set(tags)
-    bank = stored_model(store, "inspection-bank:latest")
+    assert {"dino-backbone", "bank-carpet"} <= set(tags)
+    bank = stored_model(store, "bank-carpet:latest")
     assert bank["labels"]["category"] == "carpet"
     assert bank["labels"]["backbone_model"].startswith("dino-backbone")
     assert bank["metadata"]["extractor"]["resolution"] == 128
@@ -76,7 +76,7 @@ def test_served_scores_equal_in_process_predict(
             assert got["threshold"] == pytest.approx(want.threshold, abs=1e-9)
             assert got["is_anomalous"] == want.is_anomalous
             assert got["models"]["backbone"].startswith("dino-backbone:")
-            assert got["models"]["bank"].startswith("inspection-bank:")
+            assert got["models"]["bank"].startswith("bank-carpet:")
             assert got["timing_ms"]["total"] > 0
 
 
@@ -249,7 +249,7 @@ def test_metrics_expose_custom_series(server: str, test_paths: list[Path]) -> No
     post_image(server, "inspect", b"garbage")
     metrics = httpx.get(f"{server}/metrics", timeout=10).text
     assert "inspection_normalized_score_bucket" in metrics
-    assert 'inspection_verdicts_total{verdict="' in metrics
+    assert 'inspection_verdicts_total{product="carpet",verdict="' in metrics
     assert 'inspection_rejected_inputs_total{reason="not_an_image"}' in metrics
     info = [line for line in metrics.splitlines() if line.startswith("inspection_model_info{")]
     assert info and 'category="carpet"' in info[0] and info[0].endswith(" 1.0")

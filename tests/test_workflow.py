@@ -120,7 +120,7 @@ def test_fit_and_evaluate_are_tracked_and_export_labels_the_run(
 
     exported = run_command(tmp_path, "export", str(tmp_path / "model"))
     assert exported.returncode == 0, exported.stderr
-    labels = stored_model(tmp_path, "inspection-bank:latest")["labels"]
+    labels = stored_model(tmp_path, "bank-carpet:latest")["labels"]
     assert labels["mlflow_run_id"] == fit_run.info.run_id
 
 
@@ -243,4 +243,4 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             stop(process)
-    assert stored_model(tmp_path / "home", "inspection-bank:latest")["labels"]["demo"] == "true"
+    assert stored_model(tmp_path / "home", "bank-carpet:latest")["labels"]["demo"] == "true"

@@ -1,4 +1,5 @@
-"""Entry points: each module has a `main()` and runs as `python -m detector <name>`."""
+"""Entry points: `python -m detector <name>` runs the module's `main()`, or the function
+named after a colon."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("detector.commands.demo", "synthetic data, fit, evaluate: the whole loop"),
@@ -12,6 +13,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate-drift": (
         "detector.commands.simulate_drift",
         "score shifted test images: how the detector behaves when the line changes (Hydra)",
+    ),
+    "products": (
+        "detector.commands.banks:products_main",
+        "list products and their live bank versions, or one product's history",
+    ),
+    "add-images": (
+        "detector.commands.banks:add_images_main",
+        "add defect-free images to a product's bank: a new version, live without a restart",
+    ),
+    "rollback": (
+        "detector.commands.banks:rollback_main",
+        "serve an earlier version of a product's bank again (as a new version)",
     ),
     "set-drift-reference": (
         "detector.commands.set_drift_reference",

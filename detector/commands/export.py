@@ -19,7 +19,7 @@ import bentoml
 from detector.backbone import BackboneSpec
 from detector.errors import exits_on_user_error
 from detector.memory_bank import MemoryBank
-from detector.serving.model_store import BACKBONE_MODEL, BANK_MODEL, save_backbone, save_bank
+from detector.serving.model_store import BACKBONE_MODEL, find_backbone, save_backbone, save_bank
 
 
 def step(message: str) -> None:
@@ -33,19 +33,24 @@ def export_models(
     metrics: Path | None = None,
     backbone_source: str | None = None,
     backbone_name: str = BACKBONE_MODEL,
-    bank_name: str = BANK_MODEL,
+    product: str | None = None,
     with_graph: bool = True,
 ) -> tuple[bentoml.Model, bentoml.Model]:
-    """Both models into the store; the backbone is built and checked against the bank
-    before anything is written."""
+    """The bank into the store as a new version of its product, with its backbone: a stored
+    backbone of the same weights is reused (every product shares one), else the backbone
+    is built, checked against the bank and stored first."""
     spec = BackboneSpec.from_dict(MemoryBank.load(model_dir).metadata["extractor"])
     scores = json.loads(metrics.read_text()) if metrics else None
-    step(f"loading the backbone {backbone_source or spec.source}")
-    loaded = spec.build(backbone_source, device="cpu")
-    step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
-    backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
+    backbone = None if backbone_source else find_backbone(spec, backbone_name, with_graph)
+    if backbone is not None:
+        step(f"reusing the stored backbone {backbone.tag} (same weights)")
+    else:
+        step(f"loading the backbone {backbone_source or spec.source}")
+        loaded = spec.build(backbone_source, device="cpu")
+        step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
+        backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
     step("saving the memory bank")
-    bank = save_bank(model_dir, backbone, scores, bank_name)
+    bank = save_bank(model_dir, backbone, scores, product)
     return backbone, bank
 
 
@@ -56,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, help="metrics.json from `detector evaluate`")
     parser.add_argument("--backbone", help="checkpoint to store (default: the one in bank.json)")
     parser.add_argument("--backbone-name", default=BACKBONE_MODEL)
-    parser.add_argument("--bank-name", default=BANK_MODEL)
+    parser.add_argument(
+        "--product", help="product to add this bank to (default: the one `fit` recorded)"
+    )
     parser.add_argument(
         "--no-graph",
         action="store_true",
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=args.metrics,
         backbone_source=args.backbone,
         backbone_name=args.backbone_name,
-        bank_name=args.bank_name,
+        product=args.product,
         with_graph=not args.no_graph,
     )
     print(f"saved backbone model {backbone.tag}\nsaved memory bank model {bank.tag}")

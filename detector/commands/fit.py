@@ -33,6 +33,7 @@ from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentedImages
 from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
+from detector.serving.products import check_product
 from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     # Cheap checks, then the backbone (a missing checkpoint or an unreachable hub is found in
     # seconds), then the data work (a synthetic set may be generated).
     check_dataset(cfg.data)
+    product = check_product(str(cfg.product))
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
     bank_paths, calibration_paths = split_calibration(
@@ -69,6 +71,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
         progress=bool(cfg.progress),
     )
     detector.bank.metadata["category"] = str(cfg.data.category)
+    detector.bank.metadata["product"] = product
     detector.bank.metadata["augmentation"] = asdict(augmentation)
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id
@@ -76,6 +79,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     summary = {
         "model_dir": str(model_dir),
         "category": str(cfg.data.category),
+        "product": str(cfg.product),
         "backbone": extractor.spec.to_dict(),
         "random_weights": extractor.random_weights,
         "runtime": runtime_options(cfg.backbone),

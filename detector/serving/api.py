@@ -30,6 +30,7 @@ from detector.serving.settings import Settings
 log = logging.getLogger("inspection")
 RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
 HEATMAP_OUTPUTS = ("overlay", "map", "npy")
+MODEL_INFO_TTL_S = 5.0
 
 
 class Refused(Exception):
@@ -68,10 +69,10 @@ class InspectionEndpoints:
         self.runner = runner
         self.settings = settings
         self._model_info: dict[str, Any] | None = None
-        self._drift_reference: list[list[float]] = []
-        # The runner's drift status as of its latest answer: /drift answers from here, never
-        # waiting behind an image on the runner's one thread.
-        self._drift: dict[str, Any] | None = None
+        self._model_info_at = 0.0
+        # Each product's drift status as of the runner's latest answer for it: /drift
+        # answers from here, never waiting behind an image on the runner's one thread.
+        self._drift: dict[str, dict[str, Any]] = {}
         self._renders = anyio.Semaphore(settings.max_renders)
         # Requests reach the runner in arrival order (the semaphore's waiters are a FIFO),
         # so an accepted request waits for the ones ahead of it only, which is what bounds
@@ -116,11 +117,11 @@ class InspectionEndpoints:
         return await anyio.to_thread.run_sync(self._read_upload, upload)
 
     # ----- the runner ----------------------------------------------------------------
-    async def _score(self, method: str, uploads: list[bytes]) -> list[dict[str, Any]]:
+    async def _score(self, method: str, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         """Call the runner, retrying once when a pooled connection turns out to be dead.
 
-        Uploads travel as their encoded bytes (pickled raw; a PIL image would be PNG-encoded
-        on the way, about 1 s for a 1024 px frame) and the runner decodes them.
+        Uploads travel as (product, encoded bytes) pairs (pickled raw; a PIL image would be
+        PNG-encoded on the way, about 1 s for a 1024 px frame) and the runner decodes them.
 
         BentoML's inter-service client keeps idle connections longer than the runner's
         server does (BentoML issue #4971), so a write can hit a closed socket. Scoring has
@@ -134,45 +135,80 @@ class InspectionEndpoints:
                 log.warning("runner connection dropped (%s); retrying once", error)
                 answers = await call(uploads)
         for answer in answers:
-            self._drift = answer.pop("drift", self._drift)
+            if "product" in answer:
+                self._drift[answer["product"]] = answer.pop("drift")
         return answers
 
+    async def _change(self, method: str, *args: Any) -> Any:
+        """A bank change or listing on the runner; never retried (a change is not idempotent)."""
+        answer = await getattr(self.runner.to_async, method)(*args)
+        self._model_info = None
+        return refused_answer(answer) if isinstance(answer, dict) else answer
+
     async def model_info(self) -> dict[str, Any]:
-        if self._model_info is None:
+        """What is served, cached for a few seconds: the runner answers it between images."""
+        if self._model_info is None or time.monotonic() - self._model_info_at > MODEL_INFO_TTL_S:
             info = await self.runner.to_async.model_info()
-            self._drift_reference = info.pop("drift_reference", [])
-            self._drift = self._drift or info.pop("drift", None)
-            info.pop("drift", None)
-            telemetry.publish_model_info(info)
-            self._model_info = info
+            info.pop("drift_reference", None)
+            drift = info.pop("drift", None)
+            if drift is not None and info.get("product"):
+                self._drift.setdefault(info["product"], drift)
+            self._model_info, self._model_info_at = info, time.monotonic()
         return self._model_info
 
-    async def drift(self, reference: bool) -> dict[str, Any]:
-        """Drift of the traffic the runner has scored, as of its latest answer."""
-        await self.model_info()  # the first call only: the reference and a first status
-        status = dict(self._drift or {})
-        if reference:
-            status["reference_profiles"] = self._drift_reference
-        return status
+    async def drift(self, product: str | None, reference: bool) -> dict[str, Any]:
+        """Drift of the traffic the runner has scored for a product, as of its latest
+        answer; the runner is asked only for the reference or a product not yet seen."""
+        name = product or None
+        if name is None:
+            names = (await self.model_info()).get("products", [])
+            name = names[0] if len(names) == 1 else None
+        if not reference and name in self._drift:
+            return {"product": name, **self._drift[name]}
+        return await self._change("drift", name or "", reference)
 
     async def _answer(self, result: dict[str, Any], with_profile: bool) -> dict[str, Any]:
         """The client's answer for a scored image, counted in the metrics. The drift
         profile (90 numbers only a client computing its own drift statistic needs) is
         included only on request."""
-        telemetry.count_answer(result)
-        info = await self.model_info()
-        models = {"backbone": info["backbone_model"], "bank": info["bank_model"]}
-        answer = schema.answer(result, models, info["random_weights"], info.get("demo", False))
+        telemetry.count_answer(result["product"], result)
+        answer = schema.answer(result, result["models"], result["random_weights"], result["demo"])
+        answer["product"] = result["product"]
         if with_profile:
             answer["drift_profile"] = result.get("drift_profile")
         return answer
 
+    # ----- products ------------------------------------------------------------------
+    async def products(self) -> list[dict[str, Any]]:
+        return await self._change("products")
+
+    async def history(self, product: str) -> dict[str, Any]:
+        return await self._change("history", product)
+
+    async def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
+        if not version:
+            raise Refused(400, "bad_request", "Name the version to restore (e.g. v2).")
+        return await self._change("rollback", product, version, reason)
+
+    async def add_images(
+        self, product: str, images: list[bytes], reason: str, calibration: list[bytes]
+    ) -> dict[str, Any]:
+        """Checked like scored uploads; any refused image refuses the whole change."""
+        if not images:
+            raise Refused(400, "no_images", "Send at least one defect-free image as 'images'.")
+        limits = {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels}
+        for data in images + calibration:
+            check_image_header(data, **limits)
+        uploads, held_out = images, calibration
+        async with self._runner_slots:
+            return await self._change("add_images", product, uploads, reason, held_out)
+
     # ----- endpoints -----------------------------------------------------------------
-    async def inspect(self, image: Path, drift_profile: bool) -> dict[str, Any]:
+    async def inspect(self, image: Path, product: str, drift_profile: bool) -> dict[str, Any]:
         started = time.perf_counter()
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
-        (result,) = await self._score("score", [upload])
+        (result,) = await self._score("score", [(product, upload)])
         answer = await self._answer(refused_answer(result), drift_profile)
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
@@ -181,12 +217,14 @@ class InspectionEndpoints:
         }
         return answer
 
-    async def heatmap(self, image: Path, output: str, drift_profile: bool) -> Response:
+    async def heatmap(
+        self, image: Path, product: str, output: str, drift_profile: bool
+    ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
             raise Refused(400, "bad_output", "output must be one of overlay, map, npy.")
         upload = await self.read_upload(image)
-        (result,) = await self._score("score_with_maps", [upload])
+        (result,) = await self._score("score_with_maps", [(product, upload)])
         result = refused_answer(result)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
         answer = await self._answer(result, drift_profile)
@@ -229,7 +267,7 @@ class InspectionEndpoints:
         picture.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
-    async def inspect_batch(self, images: list[Path]) -> list[dict[str, Any]]:
+    async def inspect_batch(self, images: list[Path], product: str) -> list[dict[str, Any]]:
         """One answer per image, in order; a bad image gets its error in its place."""
         answers: list[dict[str, Any] | None] = [None] * len(images)
         readable: list[tuple[int, bytes]] = []
@@ -238,7 +276,8 @@ class InspectionEndpoints:
                 readable.append((position, await self.read_upload(upload)))
             except InvalidImageError as error:
                 answers[position] = self._batch_error(error)
-        results = await self._score("score", [data for _, data in readable]) if readable else []
+        pairs = [(product, data) for _, data in readable]
+        results = await self._score("score", pairs) if readable else []
         for (position, _), result in zip(readable, results, strict=True):
             try:
                 answers[position] = await self._answer(refused_answer(result), False)

@@ -5,7 +5,8 @@ runs, so checks in the method come too late: an anonymous 300 MB upload raised t
 RSS by 300 MB. This ASGI middleware runs first, in this order:
 
 1. the API key, for every endpoint that scores or reveals models (health, /metrics and the
-   web page stay open);
+   web page stay open); a bank change under /products needs `INSPECT_ADMIN_KEY` when one is
+   set, else the API key;
 2. the declared size (Content-Length) against the endpoint's limit;
 3. the queue: beyond `INSPECT_MAX_QUEUE` images in flight (an /inspect_batch request counts
    its images once its parts are read), 503 with Retry-After;
@@ -56,6 +57,7 @@ class Rule:
     file_fields: frozenset[str] = frozenset()  # multipart fields that must be file uploads
     max_files: int | None = None
     queued: bool = False  # counts against INSPECT_MAX_QUEUE (it waits for the runner)
+    admin: bool = False  # changes a bank: the admin key when one is set
 
 
 def rules(settings: Settings) -> dict[str, Rule]:
@@ -72,7 +74,27 @@ def rules(settings: Settings) -> dict[str, Rule]:
         ),
         "/drift": Rule(SMALL_BODY),
         "/model_info": Rule(SMALL_BODY),
+        "/products/": Rule(SMALL_BODY),
+        "/products/*/history": Rule(SMALL_BODY),
+        "/products/*/rollback": Rule(SMALL_BODY, admin=True),
+        "/products/*/images": Rule(
+            settings.max_batch_bytes + MULTIPART_OVERHEAD,
+            frozenset({"images", "calibration_images"}),
+            max_files=settings.max_batch_files,
+            queued=True,
+            admin=True,
+        ),
     }
+
+
+def rule_key(path: str) -> str:
+    """The rules' key for a path: /products/NAME/ACTION matches /products/*/ACTION."""
+    if path == "/products":
+        return "/products/"
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1] == "products" and parts[2]:
+        return f"/products/*/{parts[3]}"
+    return path
 
 
 def authorised(headers: dict[str, str], api_key: str | None) -> bool:
@@ -149,9 +171,13 @@ class RequestGate:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rule = self.rules.get(scope.get("path", "")) if scope["type"] == "http" else None
+        path = scope.get("path", "")
+        rule = self.rules.get(rule_key(path)) if scope["type"] == "http" else None
         if rule is None:
             return await self.app(scope, receive, send)
+        if path == "/products":  # the mounted app's root, without a redirect
+            scope["path"] = "/products/"
+            scope["raw_path"] = b"/products/"
         weight = int(rule.queued and scope.get("method") == "POST")
         try:
             self._check_headers(scope, rule)
@@ -187,8 +213,14 @@ class RequestGate:
 
     def _check_headers(self, scope: Scope, rule: Rule) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not authorised(headers, self.settings.api_key):
-            raise Refusal(401, "unauthorised", "Missing or wrong API key: send it as X-API-Key.")
+        key = (self.settings.admin_key if rule.admin else None) or self.settings.api_key
+        if not authorised(headers, key):
+            which = (
+                "admin key (INSPECT_ADMIN_KEY)"
+                if rule.admin and self.settings.admin_key
+                else "API key"
+            )
+            raise Refusal(401, "unauthorised", f"Missing or wrong {which}: send it as X-API-Key.")
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > rule.max_body):
             raise Refusal(

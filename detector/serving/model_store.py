@@ -18,12 +18,16 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from detector.backbone import BackboneSpec, FeatureExtractor, load_pretrained
+from detector.backbone import (
+    BackboneSpec,
+    FeatureExtractor,
+    IncompatibleBankError,
+    load_pretrained,
+)
 from detector.errors import UserError
-from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
+from detector.memory_bank import MemoryBank
 
 BACKBONE_MODEL = "dino-backbone"
-BANK_MODEL = "inspection-bank"
 
 
 class ModelMissingError(UserError):
@@ -72,18 +76,49 @@ def save_backbone(
     return model
 
 
+def find_backbone(
+    spec: BackboneSpec, name: str = BACKBONE_MODEL, with_graph: bool = True
+) -> bentoml.Model | None:
+    """A stored backbone of exactly these weights (and a graph, if one is wanted), newest
+    first: exporting a second product reuses it instead of storing the weights again."""
+    if spec.fingerprint is None:
+        return None
+    try:
+        candidates = bentoml.models.list(name)
+    except (NotFound, bentoml.exceptions.BentoMLException):
+        return None
+    for model in sorted(candidates, key=lambda m: m.info.creation_time, reverse=True):
+        labels = model.info.labels
+        if with_graph and labels.get("graph") != "onnx":
+            continue
+        stored_spec = BackboneSpec.from_dict(model.info.metadata)
+        if (
+            stored_spec.fingerprint == spec.fingerprint
+            and stored_spec.feature_dim == spec.feature_dim
+        ):
+            return model
+    return None
+
+
 def save_bank(
     bank_dir: str | Path,
     backbone_model: bentoml.Model,
     metrics: dict[str, Any] | None = None,
-    name: str = BANK_MODEL,
+    product: str | None = None,
 ) -> bentoml.Model:
-    """Copy a fitted detector folder (index + bank.json) into the model store."""
+    """A fitted detector folder (index + bank.json) as a new version of its product's bank.
+
+    The product is `product`, else the one `fit` recorded (`product=`), else the category.
+    """
+    from detector.serving.products import check_product, commit_version
+
     bank = MemoryBank.load(bank_dir)
     spec = BackboneSpec.from_dict(bank.metadata["extractor"])
     spec.check_compatible(BackboneSpec.from_dict(backbone_model.info.metadata))
+    product = check_product(
+        product or bank.metadata.get("product") or _label(bank.metadata.get("category", "default"))
+    )
     labels = {
-        "kind": "memory-bank",
         "category": _label(bank.metadata.get("category", "unknown")),
         "backbone_model": _label(backbone_model.tag),
     }
@@ -99,17 +134,19 @@ def save_bank(
                 if isinstance(metrics.get(key), float)
             }
         )
-    metadata = {
-        "extractor": spec.to_dict(),
-        "backbone_model": str(backbone_model.tag),
-        "bank_size": bank.size,
-        "threshold": bank.metadata.get("calibration", {}).get("threshold"),
-        "metrics": metrics or {},
+    change = {
+        "action": "fit",
+        "source": str(Path(bank_dir).resolve()),
+        "train_images": bank.metadata.get("n_train_images"),
+        "mlflow_run_id": bank.metadata.get("mlflow_run_id"),
     }
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        for filename in (INDEX_FILE, METADATA_FILE):
-            shutil.copy2(Path(bank_dir) / filename, Path(model.path) / filename)
-    return model
+    return commit_version(
+        product,
+        lambda parent: (Path(bank_dir), change),
+        backbone_model=str(backbone_model.tag),
+        labels=labels,
+        metrics=metrics or {},
+    )
 
 
 def stored(tag: str | bentoml.Tag) -> bentoml.Model:
@@ -125,29 +162,70 @@ def stored(tag: str | bentoml.Tag) -> bentoml.Model:
         ) from None
 
 
-def resolve_pair(
-    bank_tag: str | None = None,
-    backbone_tag: str | None = None,
-    runtime: str = "torch",
-    precision: str = "f32",
-) -> tuple[bentoml.Model, bentoml.Model]:
-    """(backbone, bank) from the store: the bank's own backbone unless one is named.
-
-    Reads metadata (and, for a graph runtime, the stored graph's stamp), never weights, so
-    the service refuses a missing or mismatched pair, an uninstalled runtime or a graph of
-    other weights when it is imported, before any worker starts.
-    """
+def checked_spec(
+    backbone: bentoml.Model, banks: dict[str, bentoml.Model], runtime: str, precision: str
+) -> BackboneSpec:
+    """The one spec every bank was fitted with, checked against the backbone, the runtime
+    and its stored graph: one forward pass serves every product, so banks of other layers
+    or resolution cannot share it."""
     from detector.runtimes import check_runtime, graph_stamp, locate_graph
 
     check_runtime(runtime, precision)
-    bank = stored(bank_tag or f"{BANK_MODEL}:latest")
-    backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)
-    bank_spec = BackboneSpec.from_dict(bank.info.metadata["extractor"])
-    bank_spec.check_compatible(BackboneSpec.from_dict(backbone.info.metadata))
+    specs = {
+        name: BackboneSpec.from_dict(bank.info.metadata["extractor"])
+        for name, bank in banks.items()
+    }
+    first_name, first = next(iter(specs.items()))
+    for name, spec in specs.items():
+        spec.check_compatible(BackboneSpec.from_dict(backbone.info.metadata))
+        if (spec.layers, spec.resolution) != (first.layers, first.resolution):
+            raise IncompatibleBankError(
+                f"Products {first_name!r} and {name!r} were fitted with different layers or "
+                "resolution; one server needs one backbone setting: serve them separately "
+                "(INSPECT_PRODUCTS) or refit one."
+            )
     if runtime != "torch":
-        graph = locate_graph(backbone.path, bank_spec.layers, bank_spec.resolution, False)
-        bank_spec.check_compatible(BackboneSpec.from_dict(graph_stamp(graph)["spec"]))
-    return backbone, bank
+        graph = locate_graph(backbone.path, first.layers, first.resolution, False)
+        first.check_compatible(BackboneSpec.from_dict(graph_stamp(graph)["spec"]))
+    return first
+
+
+def resolve_models(
+    products: list[str] | None = None,
+    backbone_tag: str | None = None,
+    runtime: str = "torch",
+    precision: str = "f32",
+) -> tuple[bentoml.Model, dict[str, bentoml.Model]]:
+    """(backbone, {product: live bank}) from the store: every product unless some are named.
+
+    Reads metadata (and, for a graph runtime, the stored graph's stamp), never weights, so
+    the service refuses a missing or mismatched set, an uninstalled runtime or a graph of
+    other weights when it is imported, before any worker starts.
+    """
+    from detector.serving.products import check_product, list_products, live_model
+
+    names = [check_product(name) for name in products] if products else list_products()
+    if not names:
+        raise ModelMissingError(
+            f"No product banks in the BentoML model store (BENTOML_HOME="
+            f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector export "
+            "<model_dir>` after `python -m detector fit`."
+        )
+    banks = {name: live_model(name) for name in names}
+    first = next(iter(banks.values()))
+    backbone = stored(backbone_tag or first.info.metadata.get("backbone_model") or BACKBONE_MODEL)
+    checked_spec(backbone, banks, runtime, precision)
+    return backbone, banks
+
+
+def load_extractor(
+    backbone: bentoml.Model, spec: BackboneSpec, runtime: str = "torch", **options: Any
+) -> FeatureExtractor:
+    """The stored backbone, run as `spec` says. A graph runtime uses the graph stored with the
+    backbone (`export` writes it); serving never traces or compiles one from scratch."""
+    if runtime != "torch":
+        options["export_missing"] = False
+    return spec.build(source=backbone.path, runtime=runtime, **options)
 
 
 @dataclass
@@ -160,6 +238,7 @@ def load_pair(
     bank_tag: str | None = None,
     backbone_tag: str | None = None,
     *,
+    product: str | None = None,
     runtime: str = "torch",
     precision: str = "f32",
     device: str = "auto",
@@ -167,24 +246,32 @@ def load_pair(
     num_threads: int | None = None,
     batch_size: int = 8,
 ) -> LoadedPair:
-    """The detector the service's runner and the batch job score with, from the store.
-
-    A graph runtime uses the graph stored with the backbone (`export` writes it); nothing is
-    exported here, so serving never traces or compiles a graph from scratch.
-    """
+    """One product's detector from the store, for the batch job: the bank `bank_tag`, else
+    the live version of `product`, else of the only product in the store."""
     from detector.anomaly_detector import AnomalyDetector
+    from detector.serving.products import UnknownProductError, list_products, live_model
 
-    backbone, bank = resolve_pair(bank_tag, backbone_tag, runtime, precision)
-    options = {"export_missing": False} if runtime != "torch" else {}
-    detector = AnomalyDetector.from_bank(
-        MemoryBank.load(bank.path),
-        batch_size=batch_size,
-        source=backbone.path,
-        runtime=runtime,
+    if bank_tag:
+        bank = stored(bank_tag)
+    else:
+        if product is None:
+            known = list_products()
+            if len(known) != 1:
+                if not known:
+                    resolve_models()  # the one sentence for an empty store
+                raise UnknownProductError(None, known)
+            product = known[0]
+        bank = live_model(product)
+    backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)
+    spec = checked_spec(backbone, {str(bank.tag): bank}, runtime, precision)
+    extractor = load_extractor(
+        backbone,
+        spec,
+        runtime,
         precision=precision,
         device=device,
         half_precision=half_precision,
         num_threads=num_threads,
-        **options,
     )
+    detector = AnomalyDetector.from_bank(MemoryBank.load(bank.path), extractor, batch_size)
     return LoadedPair(detector, ModelTags(str(backbone.tag), str(bank.tag)))

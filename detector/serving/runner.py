@@ -1,7 +1,8 @@
 """What the scoring runner does, apart from its BentoML declarations in service.py.
 
 It decodes uploads, scores them through `AnomalyDetector` (the object the batch job and the
-evaluator use too) and keeps the drift window of the traffic it has seen.
+evaluator use too) with each product's live bank (`catalog.BankCatalog`), keeps each
+product's drift window, and makes new bank versions from added images.
 
 Uploads arrive as their encoded bytes and are decoded here, not in the API: on a CPU machine
 the API process competes with the ViT for the same cores, and every millisecond it spent
@@ -11,105 +12,220 @@ decoding cost the runner about a millisecond (docs/PERFORMANCE.md). Decoding her
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from detector.anomaly_detector import AnomalyDetector
-from detector.drift import DriftMonitor, profile_to_list
+from detector.backbone import FeatureExtractor
+from detector.drift import profile_to_list
+from detector.errors import UserError
 from detector.images import InvalidImageError, decode_image
 from detector.scoring import InspectionResult
+from detector.serving import products as store
 from detector.serving import telemetry
-from detector.serving.model_store import ModelTags
+from detector.serving.catalog import BankCatalog
 from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection")
+# One upload to score: (product name or "" for the only product, encoded image bytes).
+Upload = tuple[str, bytes]
+
+
+def refusal(error: UserError | InvalidImageError) -> dict[str, Any]:
+    """A refused upload or change as the runner answers it: {error, reason, status}."""
+    if isinstance(error, InvalidImageError):
+        return {"error": error.message, "reason": error.reason, "status": error.status}
+    if isinstance(error, store.UnknownProductError):
+        if error.name is None:  # several products served and none named
+            return {"error": str(error), "reason": "product_required", "status": 400}
+        return {"error": str(error), "reason": "unknown_product", "status": 404}
+    if isinstance(error, store.VersionError):
+        return {"error": str(error), "reason": "unknown_version", "status": 404}
+    return {"error": str(error), "reason": "bad_request", "status": 400}
 
 
 class ScoringRunner:
-    """One detector, its drift window and a decoding pool; answers are plain dicts."""
+    """One extractor, every product's live bank, a decoding pool; answers are plain dicts."""
 
-    def __init__(self, detector: AnomalyDetector, tags: ModelTags, settings: Settings) -> None:
-        self.detector = detector
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        backbone_tag: str,
+        products: list[str],
+        settings: Settings,
+    ) -> None:
         self.settings = settings
-        bank = detector.bank.metadata
+        self.catalog = BankCatalog(extractor, backbone_tag, products, settings)
         self.info = {
-            "backbone_model": tags.backbone,
-            "bank_model": tags.bank,
-            "category": bank.get("category", "unknown"),
-            "random_weights": detector.extractor.random_weights,
-            "demo": bool(bank.get("demo", False)),
-            "threshold": detector.calibration.threshold,
-            "extractor": detector.extractor.spec.to_dict(),
+            "backbone_model": backbone_tag,
+            "random_weights": extractor.random_weights,
+            "extractor": extractor.spec.to_dict(),
             "runtime": settings.runtime,
             "precision": settings.precision,
         }
-        telemetry.publish_model_info(self.info)
-        self.drift = DriftMonitor(
-            np.asarray(detector.calibration.reference_profiles), settings.drift
-        )
-        if not self.drift.reference.size:
-            log.warning(
-                "the bank has no drift reference (fitted before drift monitoring existed): "
-                "refit it, or set one with `python -m detector set-drift-reference`"
-            )
-        telemetry.publish_drift(self.drift.status())
         # Pillow's decoders and resize release the GIL: a batch's uploads decode in parallel.
         self.decoder = ThreadPoolExecutor(
             max_workers=settings.num_threads or 2, thread_name_prefix="decode"
         )
 
+    # ----- scoring -------------------------------------------------------------------
     def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
         """Decode and preprocess one upload; a bad one becomes its error, never the batch's."""
         try:
             image = decode_image(
                 upload, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
             )
-            return self.detector.prepare(image)
+            return self.catalog.extractor.prepare(image), image.size
         except InvalidImageError as error:
             return error
         except Exception as error:  # a decoder bug on one upload must not fail its batch-mates
             log.warning("could not decode an upload: %r", error)
             return InvalidImageError("corrupt", f"The image could not be decoded: {error}")
 
-    def _answer(self, result: InspectionResult, with_maps: bool) -> dict[str, Any]:
-        answer = {**result.to_dict(), "drift_profile": profile_to_list(result.drift_profile)}
+    def _resolve(self, upload: Upload) -> str | store.UnknownProductError:
+        try:
+            return self.catalog.resolve(upload[0] or None)
+        except store.UnknownProductError as error:
+            return error
+
+    def score_uploads(self, uploads: list[Upload], with_maps: bool) -> list[dict[str, Any]]:
+        """One answer per upload, in order: a result, or {error, reason, status}.
+
+        One backbone pass serves the whole batch whatever products it mixes (the forward
+        pass does not depend on the product); only the k-NN search differs. Maps are made
+        at most `heatmap_max_side` long (all the API draws); every answer carries its
+        product's drift status, so the API answers /drift without a call here.
+        """
+        names = [self._resolve(upload) for upload in uploads]
+        prepared: list[Any] = [
+            name if isinstance(name, UserError) else item
+            for name, item in zip(
+                names, self.decoder.map(self._prepare, [data for _, data in uploads]), strict=True
+            )
+        ]
+        good = [i for i, item in enumerate(prepared) if not isinstance(item, Exception)]
+        answers: list[dict[str, Any]] = [
+            refusal(item) if isinstance(item, Exception) else {} for item in prepared
+        ]
+        if not good:
+            return answers
+        first_bank = self.catalog.bank(names[good[0]])
+        features = first_bank.detector.embed_prepared(np.stack([prepared[i][0] for i in good]))
+        for product in dict.fromkeys(names[i] for i in good):
+            rows = [row for row, i in enumerate(good) if names[i] == product]
+            live = self.catalog.bank(product)
+            sizes = [prepared[good[row]][1] for row in rows]
+            results = live.detector.score_features(
+                features[rows], sizes, with_maps, self.settings.heatmap_max_side
+            )
+            drift = self.catalog.drift(product)
+            status = drift.add([r.drift_profile for r in results])
+            telemetry.publish_drift(product, status)
+            for row, result in zip(rows, results, strict=True):
+                answers[good[row]] = self._answer(result, live, status, with_maps)
+        return answers
+
+    def _answer(
+        self, result: InspectionResult, live: Any, drift: dict[str, Any], with_maps: bool
+    ) -> dict[str, Any]:
+        answer = {
+            **result.to_dict(),
+            "drift_profile": profile_to_list(result.drift_profile),
+            "product": live.product,
+            "models": {"backbone": self.catalog.backbone_tag, "bank": live.tag},
+            "random_weights": self.catalog.extractor.random_weights,
+            "demo": live.demo,
+            "drift": drift,
+        }
         if with_maps:
             answer["anomaly_map"] = result.anomaly_map
         return answer
 
-    def score_uploads(self, uploads: list[bytes], with_maps: bool) -> list[dict[str, Any]]:
-        """One answer per upload, in order: a result, or {error, reason, status}.
-
-        Maps are made at most `heatmap_max_side` long (all the API draws), and every answer
-        carries the drift status after it, so the API answers /drift without a call here.
-        """
-        prepared = list(self.decoder.map(self._prepare, uploads))
-        good = [item for item in prepared if not isinstance(item, InvalidImageError)]
-        results: list[InspectionResult] = []
-        status = self.drift.status()
-        if good:
-            arrays = np.stack([array for array, _ in good])
-            sizes = [size for _, size in good]
-            results = self.detector.predict_prepared(
-                arrays, sizes, with_maps, self.settings.heatmap_max_side
+    # ----- products and bank changes --------------------------------------------------
+    def add_images(
+        self, product: str, uploads: list[bytes], reason: str, calibration: list[bytes]
+    ) -> dict[str, Any]:
+        """A new bank version that also covers these defect-free images, live here at once
+        and in every other worker and replica within INSPECT_BANK_REFRESH_S."""
+        try:
+            product = self.catalog.resolve(product)
+            live = self.catalog.bank(product)
+            prepared = list(self.decoder.map(self._prepare, uploads + calibration))
+            bad = next((item for item in prepared if isinstance(item, InvalidImageError)), None)
+            if bad is not None:
+                return refusal(bad)
+            added = np.stack([array for array, _ in prepared[: len(uploads)]])
+            features = live.detector.embed_prepared(added)
+            model, report = store.add_images(
+                product,
+                features,
+                [hashlib.sha256(data).hexdigest() for data in uploads],
+                self.catalog.extractor,
+                reason=reason,
+                calibration_images=[decode_image(data) for data in calibration] or None,
+                batch_size=self.settings.max_batch_size,
             )
-            status = self.drift.add([r.drift_profile for r in results])
-            telemetry.publish_drift(status)
-        answers = iter(self._answer(result, with_maps) for result in results)
-        return [
-            {"error": item.message, "reason": item.reason, "status": item.status, "drift": status}
-            if isinstance(item, InvalidImageError)
-            else {**next(answers), "drift": status}
-            for item in prepared
-        ]
+        except (UserError, InvalidImageError) as error:
+            return refusal(error)
+        self.catalog.install(model)
+        return report
+
+    def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
+        try:
+            product = self.catalog.resolve(product)
+            model = store.rollback(product, version, reason)
+        except UserError as error:
+            return refusal(error)
+        self.catalog.install(model)
+        return {"product": product, "version": str(model.tag.version), "restored": version}
+
+    def history(self, product: str) -> dict[str, Any]:
+        try:
+            product = self.catalog.resolve(product)
+            return {"product": product, "versions": store.history(product)}
+        except UserError as error:
+            return refusal(error)
+
+    def products(self) -> list[dict[str, Any]]:
+        """Every product served: its live version, how it was built, and its drift."""
+        self.catalog._rescan()
+        loaded = self.catalog.loaded()
+        listing = []
+        for product in self.catalog.names:
+            model = store.live_model(product)
+            listing.append(
+                {
+                    "name": product,
+                    **store.describe(model),
+                    "in_memory": product in loaded,
+                    "drift": self.catalog.drift(product).status(),
+                }
+            )
+        return listing
 
     def model_info(self) -> dict[str, Any]:
-        """What is served, with the drift reference and status (the API keeps them)."""
-        return {
-            **self.info,
-            "drift": self.drift.status(),
-            "drift_reference": self.drift.reference.tolist(),
-        }
+        """What is served; with one product, also its bank and drift (the API keeps them)."""
+        info: dict[str, Any] = {**self.info, "products": list(self.catalog.names)}
+        if len(self.catalog.names) == 1:
+            live = self.catalog.bank(self.catalog.names[0])
+            drift = self.catalog.drift(live.product)
+            info.update(
+                self.catalog.info(live),
+                drift=drift.status(),
+                drift_reference=drift.reference.tolist(),
+            )
+        return info
+
+    def drift(self, product: str, reference: bool) -> dict[str, Any]:
+        try:
+            product = self.catalog.resolve(product or None)
+        except UserError as error:
+            return refusal(error)
+        monitor = self.catalog.drift(product)
+        status = {"product": product, **monitor.status()}
+        if reference:
+            status["reference_profiles"] = monitor.reference.tolist()
+        return status

@@ -55,8 +55,10 @@ def default_max_batch_size(device: str) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    backbone_tag: str | None  # None: the backbone the bank was fitted with
-    bank_tag: str | None  # None: the latest inspection-bank
+    backbone_tag: str | None  # None: the backbone the banks were fitted with
+    products: list[str]  # served products; empty: every product in the model store
+    bank_cache_mb: int  # banks kept in memory, least recently used evicted first
+    bank_refresh_s: float  # how often a served product's live version is checked
     device: str
     half_precision: bool
     runtime: str  # torch | openvino | onnxruntime (detector.runtimes)
@@ -73,6 +75,7 @@ class Settings:
     heatmap_max_side: int  # heatmaps and overlays are made at most this long
     max_renders: int  # overlays drawn at once (each holds a decoded image)
     api_key: str | None
+    admin_key: str | None  # for bank changes; without it, the API key guards them too
     drift: DriftSettings
 
     @classmethod
@@ -80,7 +83,13 @@ class Settings:
         device = os.environ.get("INSPECT_DEVICE", "auto")
         return cls(
             backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL") or None,
-            bank_tag=os.environ.get("INSPECT_BANK_MODEL") or None,
+            products=[
+                name.strip()
+                for name in os.environ.get("INSPECT_PRODUCTS", "").split(",")
+                if name.strip()
+            ],
+            bank_cache_mb=_int("INSPECT_BANK_CACHE_MB", 1024) or 1024,
+            bank_refresh_s=_float("INSPECT_BANK_REFRESH_S", 1.0),
             device=device,
             half_precision=_bool("INSPECT_HALF_PRECISION", False),
             runtime=os.environ.get("INSPECT_RUNTIME", "").strip() or "torch",
@@ -105,6 +114,7 @@ class Settings:
             heatmap_max_side=_int("INSPECT_HEATMAP_MAX_SIDE", 2048) or 2048,
             max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
+            admin_key=os.environ.get("INSPECT_ADMIN_KEY") or None,
             # The drift window: images compared with the bank's calibration reference.
             drift=drift_settings(),
         )

@@ -15,16 +15,19 @@ SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float
 normalized_score = Histogram(
     "inspection_normalized_score",
     "Anomaly score divided by the calibrated threshold (1.0 = threshold)",
+    ["product"],
     buckets=SCORE_BUCKETS,
 )
-verdicts = Counter("inspection_verdicts", "Inspected images by verdict", ["verdict"])
+# The product label only ever holds names of products in the store (an unknown one is
+# refused before it is counted), so the number of series stays bounded.
+verdicts = Counter("inspection_verdicts", "Inspected images by verdict", ["product", "verdict"])
 rejected_inputs = Counter(
     "inspection_rejected_inputs", "Uploads refused before scoring, by reason", ["reason"]
 )
 model_info = Gauge(
     "inspection_model_info",
-    "Models being served (value is always 1)",
-    ["backbone_model", "bank_model", "category", "random_weights"],
+    "Models being served: 1 for each product's live bank, 0 for a version it replaced",
+    ["product", "backbone_model", "bank_model", "category", "random_weights"],
     multiprocess_mode="max",
 )
 # Set by the runner, which sees every scored image; "livemax" keeps one series even when
@@ -32,6 +35,7 @@ model_info = Gauge(
 drift_window_images = Gauge(
     "inspection_drift_window_images",
     "Images in the drift window",
+    ["product"],
     multiprocess_mode="livemax",
 )
 _drift_statistic: Gauge | None = None
@@ -50,30 +54,32 @@ def drift_statistic() -> Gauge:
             "inspection_drift_statistic",
             "KS distance between recent images' patch-distance profiles and the calibration "
             "reference (0 = same, 1 = no overlap); absent until the window holds enough images",
+            ["product"],
             multiprocess_mode="livemax",
         )
     return _drift_statistic
 
 
-def publish_model_info(info: dict[str, Any]) -> None:
-    """The models being served as an info series (value 1), from a model_info dict."""
+def publish_model_info(info: dict[str, Any], live: bool = True) -> None:
+    """A product's bank as an info series: 1 while it is live, 0 once replaced."""
     model_info.labels(
+        info["product"],
         info["backbone_model"],
         info["bank_model"],
         info["category"],
         str(info["random_weights"]).lower(),
-    ).set(1)
+    ).set(1 if live else 0)
 
 
-def publish_drift(status: dict[str, Any]) -> None:
+def publish_drift(product: str, status: dict[str, Any]) -> None:
     """The drift window's size always; the statistic once the window has one."""
     if status["statistic"] is not None:
-        drift_statistic().set(status["statistic"])
-    drift_window_images.set(status["images"])
+        drift_statistic().labels(product).set(status["statistic"])
+    drift_window_images.labels(product).set(status["images"])
 
 
-def count_answer(result: dict[str, Any]) -> None:
+def count_answer(product: str, result: dict[str, Any]) -> None:
     """A scored image in the score histogram and the verdict counter."""
     if result["normalized_score"] is not None:  # None: a score that was not a number
-        normalized_score.observe(result["normalized_score"])
-    verdicts.labels("anomalous" if result["is_anomalous"] else "normal").inc()
+        normalized_score.labels(product).observe(result["normalized_score"])
+    verdicts.labels(product, "anomalous" if result["is_anomalous"] else "normal").inc()

@@ -1,0 +1,120 @@
+"""A product's bank versions from the command line: list, history, add images, roll back.
+
+    python -m detector products                          # every product and its live version
+    python -m detector products carpet                   # carpet's history, oldest first
+    python -m detector add-images carpet DIR --reason "new yarn batch" [--calibration DIR]
+    python -m detector rollback carpet v2 --reason "v3 missed a stain"
+
+They change the BentoML model store the service reads, as its /products endpoints do: a
+running `bentoml serve` on the same store serves the new version within a few seconds
+(INSPECT_BANK_REFRESH_S), without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from detector.anomaly_detector import AnomalyDetector
+from detector.errors import UserError, exits_on_user_error
+from detector.images import is_image_path
+from detector.memory_bank import MemoryBank
+from detector.serving import products as store
+from detector.serving.model_store import checked_spec, load_extractor, stored
+from detector.threads import set_threads
+
+
+def images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of images.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+    if not paths:
+        raise UserError(f"{folder} holds no images.")
+    return paths
+
+
+def add_folder(
+    product: str,
+    folder: Path,
+    reason: str = "",
+    calibration: Path | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict:
+    """Add a folder of defect-free images to a product's bank: only they pass the backbone."""
+    paths = images_in(folder)
+    held_out = images_in(calibration) if calibration is not None else []
+    live = store.live_model(product)
+    backbone = stored(live.info.metadata["backbone_model"])
+    extractor = load_extractor(
+        backbone, checked_spec(backbone, {product: live}, "torch", "f32"), device=device
+    )
+    detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
+    features = np.concatenate(list(AnomalyDetector.iter_features(extractor, paths, batch_size)))
+    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+    _, report = store.add_images(
+        product,
+        features,
+        hashes,
+        detector.extractor,
+        reason=reason,
+        calibration_images=held_out or None,
+        batch_size=batch_size,
+    )
+    return report
+
+
+@exits_on_user_error
+def products_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="List products, or one product's history.")
+    parser.add_argument("product", nargs="?", help="show this product's versions")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.product:
+        listing = store.history(store.check_product(args.product))
+    else:
+        listing = [
+            {"name": name, **store.describe(store.live_model(name))}
+            for name in store.list_products()
+        ]
+    print(json.dumps(listing, indent=2))
+
+
+@exits_on_user_error
+def add_images_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Add defect-free images to a product's bank.")
+    parser.add_argument("product")
+    parser.add_argument("image_dir", type=Path)
+    parser.add_argument("--reason", default="", help="why: kept in the version's history")
+    parser.add_argument(
+        "--calibration", type=Path, help="held-out defect-free images: set the threshold anew"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(args.threads)
+    report = add_folder(
+        store.check_product(args.product),
+        args.image_dir,
+        args.reason,
+        args.calibration,
+        args.batch_size,
+        args.device,
+    )
+    print(json.dumps(report, indent=2))
+
+
+@exits_on_user_error
+def rollback_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve an earlier version of a product's bank.")
+    parser.add_argument("product")
+    parser.add_argument("version", help="e.g. v2 (see `python -m detector products PRODUCT`)")
+    parser.add_argument("--reason", default="")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    model = store.rollback(store.check_product(args.product), args.version, args.reason)
+    print(f"{args.product}: {model.tag} is live, with the files of {args.version}")

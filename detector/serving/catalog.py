@@ -1,0 +1,187 @@
+"""The runner's products: one shared feature extractor, each product's live bank in memory.
+
+Banks load on first use and stay up to a memory budget (`INSPECT_BANK_CACHE_MB`, least
+recently used evicted first). A product's live version is checked at most every
+`INSPECT_BANK_REFRESH_S` seconds by reading one small file the store keeps
+(`products.live_version`), so a version made by another worker, replica or command is served
+within that time plus its load, with no restart: the new detector is built beside the old
+one and swapped in one assignment, so no request ever sees half a bank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import FeatureExtractor
+from detector.drift import DriftMonitor
+from detector.memory_bank import INDEX_FILE, MemoryBank
+from detector.serving import products as store
+from detector.serving import telemetry
+from detector.serving.settings import Settings
+
+log = logging.getLogger("inspection")
+
+
+@dataclass(frozen=True)
+class LiveBank:
+    product: str
+    version: str
+    tag: str
+    detector: AnomalyDetector
+    nbytes: int
+
+    @property
+    def demo(self) -> bool:
+        return bool(self.detector.bank.metadata.get("demo", False))
+
+    @property
+    def category(self) -> str:
+        return str(self.detector.bank.metadata.get("category", "unknown"))
+
+
+class BankCatalog:
+    """Products served by one runner; thread-safe, so any worker thread may score."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        backbone_tag: str,
+        products: list[str],
+        settings: Settings,
+    ) -> None:
+        self.extractor = extractor
+        self.backbone_tag = backbone_tag
+        self.settings = settings
+        self.names = list(products)
+        self._pinned = bool(settings.products)  # INSPECT_PRODUCTS: no others are served
+        self._live: OrderedDict[str, LiveBank] = OrderedDict()
+        self._checked: dict[str, float] = {}
+        self._drift: dict[str, DriftMonitor] = {}
+        self._references: dict[str, list[list[float]]] = {}
+        self._rescanned = 0.0
+        self._lock = threading.RLock()
+
+    # ----- names ---------------------------------------------------------------------
+    def resolve(self, name: str | None) -> str:
+        """The product a request means: the named one, or the only one when none is named."""
+        if not name:
+            if len(self.names) == 1:
+                return self.names[0]
+            raise store.UnknownProductError(None, self.names)
+        if name not in self.names and not self._pinned:
+            self._rescan()
+        if name not in self.names:
+            raise store.UnknownProductError(name, self.names)
+        return name
+
+    def _rescan(self) -> None:
+        """Products exported since start join without a restart (at most once a second)."""
+        with self._lock:
+            if time.monotonic() - self._rescanned < 1.0:
+                return
+            self._rescanned = time.monotonic()
+            self.names = sorted(set(self.names) | set(store.list_products()))
+
+    # ----- banks ---------------------------------------------------------------------
+    def bank(self, product: str) -> LiveBank:
+        """The product's live bank, loaded or refreshed if its version changed."""
+        with self._lock:
+            live = self._live.get(product)
+            now = time.monotonic()
+            if (
+                live is not None
+                and now - self._checked.get(product, 0) < self.settings.bank_refresh_s
+            ):
+                self._live.move_to_end(product)
+                return live
+            self._checked[product] = now
+            version = store.live_version(product)
+            if live is not None and live.version == version:
+                self._live.move_to_end(product)
+                return live
+            if version is None:
+                raise store.UnknownProductError(product, self.names)
+            return self.install(store.version_model(product, version))
+
+    def install(self, model: bentoml.Model) -> LiveBank:
+        """Serve this bank version of its product from now on (after an update here)."""
+        product = str(model.info.metadata["product"])
+        detector = AnomalyDetector.from_bank(
+            MemoryBank.load(model.path), self.extractor, self.settings.max_batch_size
+        )
+        live = LiveBank(
+            product,
+            str(model.tag.version),
+            str(model.tag),
+            detector,
+            os.path.getsize(Path(model.path) / INDEX_FILE),
+        )
+        with self._lock:
+            old = self._live.pop(product, None)
+            self._live[product] = live
+            self._checked[product] = time.monotonic()
+            if product not in self.names:
+                self.names = sorted([*self.names, product])
+            self._keep_drift(product, detector)
+            self._evict()
+        if old is not None:
+            telemetry.publish_model_info(self.info(old), live=False)
+            log.info("%s: now serving %s (was %s)", product, live.tag, old.tag)
+        telemetry.publish_model_info(self.info(live))
+        return live
+
+    def _keep_drift(self, product: str, detector: AnomalyDetector) -> None:
+        """One drift window per product; a new reference (a recalibration) starts it afresh."""
+        reference = detector.calibration.reference_profiles
+        if product in self._drift and self._references.get(product) == reference:
+            return
+        self._references[product] = reference
+        self._drift[product] = DriftMonitor(np.asarray(reference), self.settings.drift)
+        if not reference:
+            log.warning(
+                "%s: the bank has no drift reference: refit it, or set one with "
+                "`python -m detector set-drift-reference`",
+                product,
+            )
+
+    def _evict(self) -> None:
+        budget = self.settings.bank_cache_mb << 20
+        while len(self._live) > 1 and sum(b.nbytes for b in self._live.values()) > budget:
+            product, evicted = self._live.popitem(last=False)
+            self._checked.pop(product, None)
+            log.info(
+                "%s: bank %s evicted from memory (INSPECT_BANK_CACHE_MB)", product, evicted.tag
+            )
+
+    def drift(self, product: str) -> DriftMonitor:
+        with self._lock:
+            if product not in self._drift:
+                self.bank(product)
+            return self._drift[product]
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._live)
+
+    def info(self, live: LiveBank) -> dict[str, Any]:
+        """What answers and /metrics say about the bank that decided."""
+        return {
+            "product": live.product,
+            "backbone_model": self.backbone_tag,
+            "bank_model": live.tag,
+            "category": live.category,
+            "random_weights": self.extractor.random_weights,
+            "demo": live.demo,
+            "threshold": live.detector.calibration.threshold,
+        }

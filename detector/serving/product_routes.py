@@ -1,0 +1,97 @@
+"""/products: list products, add images to a bank, roll back, read a bank's history.
+
+BentoML APIs take no path parameters, so these routes are a small Starlette app mounted at
+/products on the API service; they call the same `InspectionEndpoints` as every other
+endpoint, and the same `RequestGate` checks keys (the admin key for changes) and sizes first.
+
+    GET  /products                        every product, its live version, threshold, drift
+    GET  /products/{name}/history         every version: what changed, why, when
+    POST /products/{name}/images          multipart: images (files), reason, calibration_images
+    POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from detector.serving import telemetry
+from detector.serving.api import REFUSALS, InspectionEndpoints, Refused
+
+
+def _endpoints() -> InspectionEndpoints:
+    return bentoml.get_current_service().endpoints
+
+
+async def _json(work: Awaitable[Any]) -> JSONResponse:
+    try:
+        return JSONResponse(await work)
+    except REFUSALS as error:
+        refusal = Refused.of(error)
+        telemetry.rejected_inputs.labels(refusal.reason).inc()
+        body = {"error": refusal.message, "reason": refusal.reason}
+        return JSONResponse(body, status_code=refusal.status)
+
+
+async def list_products(request: Request) -> JSONResponse:
+    return await _json(_endpoints().products())
+
+
+async def history(request: Request) -> JSONResponse:
+    return await _json(_endpoints().history(request.path_params["name"]))
+
+
+async def _files(form: Any, field: str) -> list[bytes]:
+    return [await item.read() for item in form.getlist(field) if isinstance(item, UploadFile)]
+
+
+async def add_images(request: Request) -> JSONResponse:
+    async def work() -> dict[str, Any]:
+        endpoints = _endpoints()
+        limit = endpoints.settings.max_batch_files
+        try:
+            form = await request.form(max_files=2 * limit, max_fields=16)
+        except Exception as error:  # malformed multipart
+            raise Refused(400, "bad_multipart", f"Malformed multipart: {error}") from None
+        async with form:
+            images = await _files(form, "images")
+            calibration = await _files(form, "calibration_images")
+            reason = str(form.get("reason") or "")[:500]
+        name = request.path_params["name"]
+        return await endpoints.add_images(name, images, reason, calibration)
+
+    return await _json(work())
+
+
+async def rollback(request: Request) -> JSONResponse:
+    async def work() -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise Refused(
+                400, "bad_json", 'Send JSON: {"version": "v2", "reason": "..."}.'
+            ) from None
+        if not isinstance(body, dict):
+            raise Refused(400, "bad_json", 'Send JSON: {"version": "v2", "reason": "..."}.')
+        version, reason = str(body.get("version") or ""), str(body.get("reason") or "")[:500]
+        return await _endpoints().rollback(request.path_params["name"], version, reason)
+
+    return await _json(work())
+
+
+products_app = Starlette(
+    routes=[
+        Route("/", list_products, methods=["GET"]),
+        Route("/{name}/history", history, methods=["GET"]),
+        Route("/{name}/images", add_images, methods=["POST"]),
+        Route("/{name}/rollback", rollback, methods=["POST"]),
+    ]
+)

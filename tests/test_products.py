@@ -1,0 +1,239 @@
+"""Many products on one backbone, and banks that learn: versions, hot swap, history, rollback.
+
+The store tests run in this process against the session's temporary BentoML home; the
+served tests start `bentoml serve` on a store of their own (with keys set) and drive it
+over HTTP, as a line's clients and an operator would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import pytest
+from PIL import Image
+
+from detector.anomaly_detector import AnomalyDetector
+from detector.backbone import DinoBackbone
+from detector.data.mvtec import MVTecCategory
+from detector.data.shifts import apply_shift
+from detector.memory_bank import BankConfig
+from detector.serving import products as store
+from detector.serving.model_store import save_backbone, save_bank
+from detector.serving.runner import ScoringRunner
+from detector.serving.settings import Settings
+
+API_KEY, ADMIN_KEY = "scoring-key", "admin-key"
+
+
+def brighter(path: Path, seed: int = 0) -> Image.Image:
+    return apply_shift(Image.open(path).convert("RGB"), "brightness", 1.1, seed)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def product_dirs(
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """Three products of one backbone: banks from different images and coreset sizes."""
+    train = synthetic_dataset.train_paths()
+    plans = {"carpet": (train[:12], 0.25), "line2": (train[8:20], 0.5), "line3": (train[2:14], 0.1)}
+    root = tmp_path_factory.mktemp("products")
+    dirs = {}
+    for product, (paths, ratio) in plans.items():
+        detector = AnomalyDetector.fit(
+            tiny_backbone,
+            paths,
+            train[20:],
+            bank_config=BankConfig(coreset_ratio=ratio, seed=0),
+            progress=False,
+        )
+        detector.bank.metadata.update(category="carpet", product=product)
+        dirs[product] = detector.save(root / product)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def in_process_store(product_dirs: dict[str, Path], tiny_backbone: DinoBackbone) -> dict:
+    """The products in this process's (temporary) model store, under names of their own."""
+    backbone = save_backbone(tiny_backbone, "dino-backbone", with_graph=False)
+    return {
+        name: save_bank(folder, backbone, product=f"ip-{name}")
+        for name, folder in product_dirs.items()
+    }
+
+
+def runner_for(names: list[str], tiny_backbone: DinoBackbone, **settings) -> ScoringRunner:
+    config = dataclasses.replace(Settings.from_env(), products=names, max_batch_size=8, **settings)
+    return ScoringRunner(tiny_backbone, "dino-backbone:test", names, config)
+
+
+# ----- the store: versions, history, rollback, concurrency -----------------------------
+def test_export_makes_version_one_of_each_product(in_process_store: dict) -> None:
+    assert {"ip-carpet", "ip-line2", "ip-line3"} <= set(store.list_products())
+    for model in in_process_store.values():
+        assert model.tag.version == "v1" and model.info.labels["version"] == "1"
+        assert model.info.metadata["change"]["action"] == "fit"
+        assert "parent" not in model.info.metadata["change"]
+    listed = {str(m.tag) for m in bentoml.models.list() if m.tag.name.startswith("bank-ip-")}
+    assert {"bank-ip-carpet:v1", "bank-ip-line2:v1", "bank-ip-line3:v1"} <= listed
+
+
+def test_a_mixed_batch_scores_each_image_with_its_product_bank(
+    in_process_store: dict,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+) -> None:
+    names = ["ip-carpet", "ip-line2", "ip-line3"]
+    runner = runner_for(names, tiny_backbone)
+    paths = [sample.path for sample in synthetic_dataset.test_samples()][:6]
+    uploads = [(names[i % 3], path.read_bytes()) for i, path in enumerate(paths)]
+    calls = []
+    embed = tiny_backbone.embed
+    tiny_backbone.embed = lambda batch: calls.append(len(batch)) or embed(batch)  # type: ignore[method-assign]
+    try:
+        answers = runner.score_uploads(uploads, with_maps=False)
+    finally:
+        del tiny_backbone.embed
+    assert calls == [6], "one backbone pass for a batch that mixes products"
+    for (name, _), path, answer in zip(uploads, paths, answers, strict=True):
+        product = name.removeprefix("ip-")
+        expected = AnomalyDetector.load(product_dirs[product], tiny_backbone).predict([path])[0]
+        assert answer["product"] == name and answer["models"]["bank"] == f"bank-{name}:v1"
+        assert answer["score"] == pytest.approx(expected.score, abs=1e-5)
+        assert answer["threshold"] == pytest.approx(expected.threshold)
+    unknown, unnamed = runner.score_uploads([("nope", b""), ("", b"")], with_maps=False)
+    assert unknown["status"] == 404 and "ip-line2" in unknown["error"]
+    assert unnamed["status"] == 400 and unnamed["reason"] == "product_required"
+
+
+def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
+    in_process_store: dict, tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    runner = runner_for(["ip-line2"], tiny_backbone)
+    train, good = synthetic_dataset.train_paths(), synthetic_dataset.test_samples()
+    new_normal = [png(brighter(path, seed)) for seed, path in enumerate(train[:6])]
+    held_out = png(brighter(next(s.path for s in good if s.label == 0), 99))
+    (before,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
+
+    report = runner.add_images("ip-line2", new_normal, "new yarn batch", [])
+    assert report["version"] == "v2" and report["rows_added"] > 0
+    assert report["bank_rows_after"] == report["bank_rows_before"] + report["rows_added"]
+    spec = runner.catalog.extractor.spec
+    patches = 6 * (spec.resolution // spec.patch_size) ** 2
+    assert report["rows_added"] < patches, "covers the new images, not all their patches"
+    (after,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
+    assert after["models"]["bank"] == "bank-ip-line2:v2"
+    assert after["score"] < before["score"]
+    assert after["threshold"] == before["threshold"], "the threshold is kept unless asked"
+
+    history = runner.history("ip-line2")["versions"]
+    assert [v["version"] for v in history] == ["v1", "v2"] and history[1]["live"]
+    change = history[1]["change"]
+    assert change["parent"] == "bank-ip-line2:v1" and change["reason"] == "new yarn batch"
+    assert change["added_images"] == 6 and len(change["added_sha256"]) == 6
+
+    restored = runner.rollback("ip-line2", "v1", "v2 hid a stain")
+    assert restored["version"] == "v3"
+    (rolled_back,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
+    assert rolled_back["models"]["bank"] == "bank-ip-line2:v3"
+    assert rolled_back["score"] == before["score"], "exactly the earlier version's scores"
+    assert runner.history("ip-line2")["versions"][-1]["change"]["restored"] == "v1"
+    assert runner.rollback("ip-line2", "v9", "")["status"] == 404
+
+
+def test_recalibration_sets_the_threshold_and_reports_how_scores_moved(
+    in_process_store: dict, tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    runner = runner_for(["ip-line3"], tiny_backbone)
+    train = synthetic_dataset.train_paths()
+    added = [png(brighter(path, seed)) for seed, path in enumerate(train[:4])]
+    calibration = [png(brighter(path, 50 + seed)) for seed, path in enumerate(train[20:24])]
+    report = runner.add_images("ip-line3", added, "relit", calibration)
+    moved = report["calibration"]
+    assert moved["images"] == 4 and moved["scores_after"]["max"] <= moved["scores_before"]["max"]
+    assert moved["threshold_after"] == pytest.approx(moved["scores_after"]["max"])
+    live = store.live_model("ip-line3")
+    assert live.info.metadata["change"]["action"] == "recalibrate"
+    assert live.info.metadata["threshold"] == pytest.approx(moved["threshold_after"])
+    assert runner.add_images("ip-line3", [b"not an image"], "", [])["status"] == 415
+    assert store.live_model("ip-line3").tag == live.tag, "a refused change changes nothing"
+
+
+def test_concurrent_adds_to_one_product_both_land(
+    in_process_store: dict, tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    train = synthetic_dataset.train_paths()
+    batches = [
+        [png(brighter(path, seed)) for seed, path in enumerate(train[:5])],
+        [png(apply_shift(Image.open(p).convert("RGB"), "contrast", 0.8, 1)) for p in train[5:10]],
+    ]
+    start = int(store.live_version("ip-carpet")[1:])
+    runners = [runner_for(["ip-carpet"], tiny_backbone) for _ in batches]
+    barrier = threading.Barrier(2)
+
+    def add(index: int) -> dict:
+        barrier.wait()
+        return runners[index].add_images("ip-carpet", batches[index], f"add {index}", [])
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(add, range(2)))
+    assert sorted(int(r["version"][1:]) for r in reports) == [start + 1, start + 2]
+    final = store.history("ip-carpet")[-1]
+    first = store.history("ip-carpet")[-2]
+    assert final["change"]["parent"] == first["tag"], "the second add extended the first"
+    hashes = {
+        h
+        for version in store.history("ip-carpet")
+        for h in version["change"].get("added_sha256", [])
+    }
+    assert len(hashes) == 10
+    later = reports[0] if reports[0]["version"] == final["version"] else reports[1]
+    earlier = reports[1] if later is reports[0] else reports[0]
+    assert later["bank_rows_before"] == earlier["bank_rows_after"]
+
+
+def test_a_version_made_elsewhere_is_served_after_the_refresh_interval(
+    in_process_store: dict, tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    runner = runner_for(["ip-line3"], tiny_backbone, bank_refresh_s=0.2)
+    image = synthetic_dataset.train_paths()[0].read_bytes()
+    (first,) = runner.score_uploads([("ip-line3", image)], with_maps=False)
+    other = store.rollback("ip-line3", "v1", "made by another replica")
+    time.sleep(0.3)
+    (second,) = runner.score_uploads([("ip-line3", image)], with_maps=False)
+    assert first["models"]["bank"] != second["models"]["bank"] == str(other.tag)
+
+
+def test_banks_beyond_the_memory_budget_are_evicted_least_recently_used(
+    in_process_store: dict, tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    names = ["ip-carpet", "ip-line2", "ip-line3"]
+    runner = runner_for(names, tiny_backbone, bank_cache_mb=0)  # room for one bank only
+    image = synthetic_dataset.train_paths()[0].read_bytes()
+    for name in names:
+        (answer,) = runner.score_uploads([(name, image)], with_maps=False)
+        assert answer["product"] == name
+    assert runner.catalog.loaded() == ["ip-line3"]
+
+
+def test_bad_product_names_and_versions_are_one_sentence() -> None:
+    with pytest.raises(store.UserError, match="not valid"):
+        store.check_product("Line 3/../x")
+    with pytest.raises(store.UnknownProductError, match="Unknown product"):
+        store.live_model("never-exported")
+    with pytest.raises(store.UnknownProductError):
+        store.history("never-exported")
