@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
+import httpx
 import pytest
 from PIL import Image
 
@@ -24,6 +27,7 @@ from detector.data.mvtec import MVTecCategory
 from detector.data.shifts import apply_shift
 from detector.memory_bank import BankConfig
 from detector.serving import products as store
+from detector.serving.local_server import REPO, bentoml_serve, service_env
 from detector.serving.model_store import save_backbone, save_bank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
@@ -237,3 +241,165 @@ def test_bad_product_names_and_versions_are_one_sentence() -> None:
         store.live_model("never-exported")
     with pytest.raises(store.UnknownProductError):
         store.history("never-exported")
+
+
+# ----- served: one `bentoml serve`, three products, keys set ----------------------------
+EXPORT_ALL = """
+import sys
+from pathlib import Path
+from detector.commands.export import export_models
+for folder in sys.argv[1:]:
+    export_models(Path(folder), with_graph=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def served_home(product_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("products_home")
+    folders = [str(folder) for folder in product_dirs.values()]
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_ALL, *folders],
+        cwd=REPO,
+        env=service_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("reusing the stored backbone") == 2, "one backbone for all"
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(served_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with bentoml_serve(
+        served_home,
+        log,
+        INSPECT_API_KEY=API_KEY,
+        INSPECT_ADMIN_KEY=ADMIN_KEY,
+        INSPECT_MAX_BATCH_SIZE="4",  # batches that mix products, as on a GPU
+    ) as url:
+        yield url
+
+
+def inspect(url: str, product: str | None, data: bytes, key: str = API_KEY) -> httpx.Response:
+    form = {"product": product} if product is not None else {}
+    files = {"image": ("part.png", data, "image/png")}
+    return httpx.post(
+        f"{url}/inspect", files=files, data=form, headers={"X-API-Key": key}, timeout=60
+    )
+
+
+def test_products_are_listed_with_their_live_version_and_keys_guard_them(server: str) -> None:
+    assert httpx.get(f"{server}/products", timeout=30).status_code == 401
+    listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
+    assert [entry["name"] for entry in listing] == ["carpet", "line2", "line3"]
+    for entry in listing:
+        assert entry["version"] == "v1" and entry["tag"] == f"bank-{entry['name']}:v1"
+        assert entry["bank_rows"] > 0 and entry["threshold"] > 0
+        assert entry["change"]["action"] == "fit" and entry["drift"]["images"] == 0
+    files = {"images": ("a.png", b"x", "image/png")}
+    for key in (None, API_KEY):  # a bank change needs the admin key once one is set
+        headers = {"X-API-Key": key} if key else {}
+        refused = httpx.post(f"{server}/products/carpet/images", files=files, headers=headers)
+        assert refused.status_code == 401 and "admin key" in refused.json()["error"]
+    admin = {"X-API-Key": ADMIN_KEY}
+    empty = httpx.post(f"{server}/products/carpet/rollback", json={}, headers=admin)
+    assert empty.status_code == 400
+    unknown = httpx.get(f"{server}/products/nope/history", headers={"X-API-Key": API_KEY})
+    assert unknown.status_code == 404 and "carpet" in unknown.json()["error"]
+
+
+def test_concurrent_requests_for_different_products_equal_in_process_predict(
+    server: str,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+) -> None:
+    paths = [sample.path for sample in synthetic_dataset.test_samples()][:4]
+    jobs = [(product, path) for product in product_dirs for path in paths]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: inspect(server, job[0], job[1].read_bytes()), jobs))
+    for (product, path), response in zip(jobs, answers, strict=True):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected = AnomalyDetector.load(product_dirs[product], tiny_backbone).predict([path])[0]
+        assert answer["product"] == product
+        assert answer["score"] == pytest.approx(expected.score, abs=1e-5)
+        assert answer["models"]["bank"] == f"bank-{product}:v1"
+    data = paths[0].read_bytes()
+    unknown = inspect(server, "nope", data)
+    assert unknown.status_code == 404 and "line3" in unknown.json()["error"]
+    unnamed = inspect(server, None, data)
+    assert unnamed.status_code == 400 and unnamed.json()["reason"] == "product_required"
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    for product in product_dirs:
+        assert f'inspection_verdicts_total{{product="{product}",' in metrics
+
+
+def test_an_update_from_the_command_is_served_without_restart_then_rolled_back(
+    server: str, served_home: Path, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    train = synthetic_dataset.train_paths()
+    new_normal = tmp_path / "relit"
+    new_normal.mkdir()
+    for seed, path in enumerate(train[:6]):
+        brighter(path, seed).save(new_normal / f"{seed}.png")
+    held_out = png(
+        brighter(next(s.path for s in synthetic_dataset.test_samples() if s.label == 0), 7)
+    )
+    before = inspect(server, "line2", held_out).json()
+
+    command = [sys.executable, "-m", "detector", "add-images", "line2", str(new_normal)]
+    added = subprocess.run(
+        [*command, "--reason", "relit line"],
+        cwd=REPO,
+        env=service_env(served_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert added.returncode == 0, added.stderr[-3000:]
+    done = time.monotonic()
+    while (answer := inspect(server, "line2", held_out).json())["models"][
+        "bank"
+    ] != "bank-line2:v2":
+        assert time.monotonic() - done < 5, "the new version is served within 5 s"
+        time.sleep(0.2)
+    assert answer["score"] < before["score"]
+
+    admin = {"X-API-Key": ADMIN_KEY}
+    body = {"version": "v1", "reason": "back to v1"}
+    rolled = httpx.post(f"{server}/products/line2/rollback", json=body, headers=admin, timeout=60)
+    assert rolled.status_code == 200 and rolled.json()["version"] == "v3"
+    after = inspect(server, "line2", held_out).json()
+    assert after["models"]["bank"] == "bank-line2:v3" and after["score"] == before["score"]
+    history = httpx.get(f"{server}/products/line2/history", headers={"X-API-Key": API_KEY}).json()
+    changes = [version["change"] for version in history["versions"]]
+    assert [c["action"] for c in changes] == ["fit", "add_images", "rollback"]
+    assert changes[1]["reason"] == "relit line" and changes[2]["restored"] == "v1"
+
+
+def test_images_added_over_http_make_a_version(
+    server: str, synthetic_dataset: MVTecCategory
+) -> None:
+    train = synthetic_dataset.train_paths()
+    files = [
+        ("images", (f"{i}.png", png(brighter(p, i)), "image/png")) for i, p in enumerate(train[:3])
+    ]
+    admin = {"X-API-Key": ADMIN_KEY}
+    url = f"{server}/products/line3/images"
+    response = httpx.post(
+        url, files=files, data={"reason": "false alarm"}, headers=admin, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["version"] == "v2" and report["rows_added"] > 0
+    bad = [("images", ("bad.png", b"not an image", "image/png"))]
+    refused = httpx.post(url, files=bad, headers=admin, timeout=60)
+    assert refused.status_code == 415
+    none = httpx.post(url, data={"reason": "x"}, headers=admin, timeout=60)
+    assert none.status_code in (400, 415)
+    listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}).json()
+    assert {e["name"]: e["version"] for e in listing}["line3"] == "v2"

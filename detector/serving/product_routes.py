@@ -19,6 +19,7 @@ from typing import Any
 import bentoml
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -58,13 +59,12 @@ async def add_images(request: Request) -> JSONResponse:
         endpoints = _endpoints()
         limit = endpoints.settings.max_batch_files
         try:
-            form = await request.form(max_files=2 * limit, max_fields=16)
-        except Exception as error:  # malformed multipart
+            async with request.form(max_files=2 * limit, max_fields=16) as form:
+                images = await _files(form, "images")
+                calibration = await _files(form, "calibration_images")
+                reason = str(form.get("reason") or "")[:500]
+        except MultiPartException as error:
             raise Refused(400, "bad_multipart", f"Malformed multipart: {error}") from None
-        async with form:
-            images = await _files(form, "images")
-            calibration = await _files(form, "calibration_images")
-            reason = str(form.get("reason") or "")[:500]
         name = request.path_params["name"]
         return await endpoints.add_images(name, images, reason, calibration)
 
