@@ -27,7 +27,13 @@ from detector.data.mvtec import MVTecCategory
 from detector.data.shifts import apply_shift
 from detector.memory_bank import BankConfig
 from detector.serving import products as store
-from detector.serving.local_server import REPO, bentoml_serve, service_env
+from detector.serving.local_server import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    REPO,
+    bentoml_serve,
+    service_env,
+)
 from detector.serving.model_store import save_backbone, save_bank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
@@ -403,3 +409,40 @@ def test_images_added_over_http_make_a_version(
     assert none.status_code in (400, 415)
     listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}).json()
     assert {e["name"]: e["version"] for e in listing}["line3"] == "v2"
+
+
+def test_the_web_page_scores_with_the_product_the_operator_picks(
+    server: str,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+) -> None:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
+    # What the API says for line2, whatever version is live; carpet (the first option)
+    # scores the image differently, so the page's score shows which bank it used.
+    expected = inspect(server, "line2", image.read_bytes()).json()["score"]
+    assert inspect(server, "carpet", image.read_bytes()).json()["score"] != expected
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/ui/")
+            page.fill("#apikey", API_KEY)
+            page.dispatch_event("#apikey", "change")
+            page.wait_for_function("document.querySelectorAll('#product option').length === 3")
+            page.select_option("#product", "line2")
+            page.wait_for_function(
+                "document.getElementById('product-info').textContent.includes('bank v')"
+            )
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("document.getElementById('d-product') !== null", timeout=60_000)
+            assert page.inner_text("#d-product") == "line2"
+            assert float(page.inner_text("#d-score")) == pytest.approx(expected, abs=1e-4)
+        finally:
+            browser.close()

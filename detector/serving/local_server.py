@@ -7,6 +7,7 @@ Tests and benchmarks share these, so a benchmark measures the server the tests c
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,19 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding service.py
 _SERVERS: dict[str, subprocess.Popen] = {}  # base URL -> its `bentoml serve` process
+
+
+# Debian's headless Chromium, for the web page's tests.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
