@@ -2,6 +2,7 @@
 
     locust -f locustfile.py --host http://localhost:3000 --headless -u 16 -r 4 -t 2m
     locust -f locustfile.py --host ... --image-dir /data/samples --api-key KEY
+    locust -f locustfile.py --host ... --products carpet,line3-grey   # each request picks one
 
 Users post images to /inspect, /heatmap and /inspect_batch in a 16 : 3 : 1 mix (operators
 mostly need the verdict, sometimes the heatmap; a few clients send several frames at once).
@@ -27,6 +28,9 @@ def add_options(parser) -> None:
     parser.add_argument("--image-count", type=int, default=12, help="synthetic images to make")
     parser.add_argument("--image-size", type=int, default=512, help="synthetic image size")
     parser.add_argument("--api-key", default="", help="sent as X-API-Key")
+    parser.add_argument(
+        "--products", default="", help="comma-separated products; each request names one"
+    )
 
 
 @events.test_start.add_listener
@@ -90,9 +94,16 @@ class InspectionUser(HttpUser):
         name, data = random.choice(IMAGES)
         return {"image": (name, data, "application/octet-stream")}
 
+    def _form(self) -> dict:
+        """The product field, when the service serves several (else it may be left out)."""
+        products = [p for p in self.environment.parsed_options.products.split(",") if p]
+        return {"product": random.choice(products)} if products else {}
+
     @task(16)
     def inspect(self) -> None:
-        with self.client.post("/inspect", files=self._upload(), catch_response=True) as response:
+        with self.client.post(
+            "/inspect", files=self._upload(), data=self._form(), catch_response=True
+        ) as response:
             if self.overloaded(response):
                 return
             if response.status_code != 200:
@@ -102,7 +113,9 @@ class InspectionUser(HttpUser):
 
     @task(3)
     def heatmap(self) -> None:
-        with self.client.post("/heatmap", files=self._upload(), catch_response=True) as response:
+        with self.client.post(
+            "/heatmap", files=self._upload(), data=self._form(), catch_response=True
+        ) as response:
             if self.overloaded(response):
                 return
             if response.status_code != 200:
@@ -119,7 +132,11 @@ class InspectionUser(HttpUser):
             (field, (name, data, "application/octet-stream")) for field, (name, data) in uploads
         ]
         with self.client.post(
-            "/inspect_batch", files=files, catch_response=True, name="/inspect_batch"
+            "/inspect_batch",
+            files=files,
+            data=self._form(),
+            catch_response=True,
+            name="/inspect_batch",
         ) as response:
             if self.overloaded(response):
                 return

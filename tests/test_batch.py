@@ -243,7 +243,9 @@ def test_heatmap_paths_are_distinct_per_file_and_cannot_escape_the_output(
         heatmap_path(tmp_path, "../../etc/passwd")
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "missing_model", "unwritable_output"])
+@pytest.mark.parametrize(
+    "case", ["empty_folder", "missing_model", "unknown_product", "unwritable_output"]
+)
 def test_fatal_problems_give_one_sentence_and_exit_2(
     case: str, store: Path, inspection_folder: Path, tmp_path: Path
 ) -> None:
@@ -253,10 +255,11 @@ def test_fatal_problems_give_one_sentence_and_exit_2(
         folder.mkdir()
     elif case == "missing_model":
         home = tmp_path / "empty_home"
-    else:
+    elif case != "unknown_product":
         out = tmp_path / "a_file"
         out.write_text("not a folder")
-    result = run_batch(home, str(folder), "--out", str(out))
+    product = ["--product", "no-such-product"] if case == "unknown_product" else []
+    result = run_batch(home, str(folder), "--out", str(out), *product)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
@@ -264,6 +267,7 @@ def test_fatal_problems_give_one_sentence_and_exit_2(
     expected = {
         "empty_folder": "holds no files",
         "missing_model": "No product banks in the BentoML model store",
+        "unknown_product": "Unknown product 'no-such-product'; known products: carpet",
         "unwritable_output": "Cannot write",
     }[case]
     assert expected in errors[0]

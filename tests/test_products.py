@@ -18,6 +18,7 @@ from pathlib import Path
 
 import bentoml
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -125,6 +126,7 @@ def test_a_mixed_batch_scores_each_image_with_its_product_bank(
         assert answer["product"] == name and answer["models"]["bank"] == f"bank-{name}:v1"
         assert answer["score"] == pytest.approx(expected.score, abs=1e-5)
         assert answer["threshold"] == pytest.approx(expected.threshold)
+    assert [runner.drift(name, False)["images"] for name in names] == [2, 2, 2], "per product"
     unknown, unnamed = runner.score_uploads([("nope", b""), ("", b"")], with_maps=False)
     assert unknown["status"] == 404 and "ip-line2" in unknown["error"]
     assert unnamed["status"] == 400 and unnamed["reason"] == "product_required"
@@ -446,3 +448,36 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
             assert float(page.inner_text("#d-score")) == pytest.approx(expected, abs=1e-4)
         finally:
             browser.close()
+
+
+def test_learning_a_brighter_normal_cuts_its_false_alarms_and_keeps_defects_ranked(
+    fitted_detector: AnomalyDetector, synthetic_dataset: MVTecCategory
+) -> None:
+    from detector.metrics import image_auroc
+
+    samples = synthetic_dataset.test_samples()
+    test = [brighter(s.path, 100 + i) for i, s in enumerate(samples)]
+    labels = np.array([s.label for s in samples])
+    good = [image for image, label in zip(test, labels, strict=True) if label == 0]
+    train = synthetic_dataset.train_paths()
+    features = np.concatenate(
+        list(
+            AnomalyDetector.iter_features(
+                fitted_detector.extractor, [brighter(p, i) for i, p in enumerate(train)], 8
+            )
+        )
+    )
+    learned, added = fitted_detector.learned(features)
+
+    def false_alarms(model: AnomalyDetector) -> float:
+        return float(np.mean([r.is_anomalous for r in model.predict(good, with_maps=False)]))
+
+    def auroc(model: AnomalyDetector) -> float:
+        return image_auroc(
+            labels, np.array([r.score for r in model.predict(test, with_maps=False)])
+        )
+
+    assert false_alarms(learned) < false_alarms(fitted_detector)
+    assert auroc(learned) >= auroc(fitted_detector) - 0.02
+    assert 0 < added < features.shape[0] * features.shape[1] * features.shape[2]
+    assert fitted_detector.bank.size < learned.bank.size, "the served detector is untouched"

@@ -1,7 +1,7 @@
 """Save a fitted detector's backbone and memory bank as BentoML models.
 
     python -m detector export models/carpet [--metrics outputs/evaluate/.../metrics.json]
-                              [--backbone PATH_OR_HUB_ID] [--bank-name inspection-bank]
+                              [--backbone PATH_OR_HUB_ID] [--product NAME]
                               [--no-graph]
 
 `bentoml models list` then shows both; `bentoml serve` picks up the `:latest` of each.

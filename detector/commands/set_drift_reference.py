@@ -1,7 +1,7 @@
 """Replace a fitted bank's drift reference with profiles of images you choose.
 
     python -m detector set-drift-reference models/carpet /data/line3/accepted-relit
-    python -m detector export models/carpet        # a new inspection-bank version to serve
+    python -m detector export models/carpet        # a new bank-carpet version to serve
 
 By default the reference is the calibration images held out at fit time. After a change
 that was checked and accepted (new lights, a new camera), or to compare against a known-good

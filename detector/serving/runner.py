@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -150,6 +151,7 @@ class ScoringRunner:
     ) -> dict[str, Any]:
         """A new bank version that also covers these defect-free images, live here at once
         and in every other worker and replica within INSPECT_BANK_REFRESH_S."""
+        started = time.perf_counter()
         try:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
@@ -158,7 +160,9 @@ class ScoringRunner:
             if bad is not None:
                 return refusal(bad)
             added = np.stack([array for array, _ in prepared[: len(uploads)]])
+            embedding = time.perf_counter()
             features = live.detector.embed_prepared(added)
+            embedded = time.perf_counter()
             model, report = store.add_images(
                 product,
                 features,
@@ -171,7 +175,13 @@ class ScoringRunner:
         except (UserError, InvalidImageError) as error:
             return refusal(error)
         self.catalog.install(model)
-        return report
+        timing = {
+            "decode": round(embedding - started, 3),
+            "backbone": round(embedded - embedding, 3),
+            "total": round(time.perf_counter() - started, 3),
+        }
+        log.info("%s: %s live, %d images added in %s s", product, model.tag, len(uploads), timing)
+        return {**report, "timing_s": timing}
 
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         try:
