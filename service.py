@@ -125,6 +125,10 @@ class InspectionRunner:
         return self.runner.rollback(product, version, reason)
 
 
+# Each product's bank is declared for `bentoml build` to pack, as a class attribute would be
+# (BentoML collects them into `models` when the class is decorated).
+InspectionRunner.models.extend(BANK_MODELS.values())
+
 ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
 
 

@@ -24,6 +24,7 @@ import torch
 
 from detector.coreset import (
     DEFAULT_PROJECTION_DIM,
+    chunk_shares,
     coreset_size,
     covering_radius,
     greedy_k_center,
@@ -59,17 +60,6 @@ def carpet_features(rows: int, seed: int = 0) -> np.ndarray:
     return features
 
 
-def chunk_shares(chunks, total_rows, keep, projection) -> np.ndarray:
-    """The fit's selection before: each chunk's share of centres by greedy on that chunk."""
-    kept, seen, taken = [], 0, 0
-    for number, chunk in enumerate(chunks):
-        seen += len(chunk)
-        share = int(round(keep * seen / total_rows)) - taken
-        kept.append(chunk[greedy_k_center(chunk, share, seed=number, projection=projection)])
-        taken += share
-    return np.concatenate(kept)
-
-
 def timed(function, *args, **kwargs):
     started = time.perf_counter()
     value = function(*args, **kwargs)
@@ -91,12 +81,12 @@ def main() -> None:
 
     ours, ours_s = timed(streaming_coreset, chunks, len(features), keep, progress=False)
     projection = random_projection(features.shape[1], DEFAULT_PROJECTION_DIM, 0)
-    chunk_only, chunk_only_s = timed(chunk_shares, chunks, len(features), keep, projection)
+    chunk_only, chunk_only_s = timed(chunk_shares, chunks, len(features), keep, progress=False)
     plain, plain_s = timed(greedy_k_center, features, keep, projection=projection)
 
     radius = {
         "ours": covering_radius(features, ours.rows),
-        "chunk_only": covering_radius(features, chunk_only),
+        "chunk_only": covering_radius(features, chunk_only.rows),
         "plain_greedy": covering_radius(features, features[plain]),
     }
     seconds = {"ours": ours_s, "chunk_only": chunk_only_s, "plain_greedy": plain_s}

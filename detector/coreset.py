@@ -15,9 +15,13 @@ greedy's on 13 chunks of ViT features (docs/PERFORMANCE.md). Here:
    become covered better than the rest. This step is what an update of a fitted bank runs.
 
 The result keeps plain greedy's property where it matters: the worst-covered rows get
-centres. The bank records its covering radius (the largest cosine distance from a training
-row to its nearest centre), so an update adds exactly the new patches the bank does not
-already cover as tightly as its own training patches.
+centres. Step 3 measures every row against every centre (fast matrix products, but their
+cost grows with rows x centres), so above `DEFAULT_GLOBAL_LIMIT` centres each chunk keeps
+its own share instead: with that many centres per chunk the global pass gains little.
+
+The bank records its covering radius (the largest cosine distance from a training row to
+its nearest centre), so an update adds exactly the new patches the bank does not already
+cover as tightly as its own training patches.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from tqdm import tqdm
 DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_PROJECTION_DIM = 128
 DEFAULT_OVERSAMPLE = 4  # the random sample the first half of the centres comes from
-DEFAULT_IN_MEMORY_BYTES = 1 << 30  # normalised rows above this go to a temporary file
+DEFAULT_IN_MEMORY_BYTES = 512 << 20  # normalised rows above this go to a temporary file
+DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the global greedy pass runs
 
 
 @dataclass(frozen=True)
@@ -218,15 +223,24 @@ def streaming_coreset(
     projection_dim: int = DEFAULT_PROJECTION_DIM,
     oversample: int = DEFAULT_OVERSAMPLE,
     in_memory_bytes: int = DEFAULT_IN_MEMORY_BYTES,
+    global_limit: int = DEFAULT_GLOBAL_LIMIT,
     progress: bool = True,
 ) -> Coreset:
-    """Keep `n_select` of `total_rows` streamed, L2-normalised feature rows.
+    """Keep `n_select` of `total_rows` streamed, L2-normalised feature rows; the same seed
+    gives the same rows.
 
-    The rows are held in memory up to `in_memory_bytes`, beyond that in a temporary file
-    that the page cache serves; the same seed gives the same rows.
+    Up to `global_limit` centres, the rows are kept (in memory up to `in_memory_bytes`,
+    beyond in a temporary file the page cache serves) for the global greedy pass. Beyond
+    it, every chunk keeps its own share (`chunk_shares`): the global pass measures every row
+    against every centre, a cost that grows with their product, while with that many
+    centres each chunk holds enough of them that the pass gains little.
     """
     if not 1 <= n_select <= total_rows:
         raise ValueError(f"cannot keep {n_select} of {total_rows} rows")
+    if n_select > global_limit:
+        return chunk_shares(
+            chunks, total_rows, n_select, seed, chunk_rows, projection_dim, progress
+        )
     spill: _Spill | None = None
     seen = 0
     bar = tqdm(total=total_rows, desc="coreset", unit="row", disable=not progress)
@@ -249,3 +263,45 @@ def streaming_coreset(
     finish, radius = continue_greedy(torch.from_numpy(spill.rows), start, n_select - len(start))
     # Unit vectors: squared Euclidean distance = 2 x cosine distance.
     return Coreset(spill.take(np.concatenate([start, finish])), radius * radius / 2.0)
+
+
+def chunk_shares(
+    chunks: Iterable[np.ndarray],
+    total_rows: int,
+    n_select: int,
+    seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    projection_dim: int = DEFAULT_PROJECTION_DIM,
+    progress: bool = True,
+) -> Coreset:
+    """Each chunk's share of the centres by greedy k-center on that chunk (on a projection);
+    memory holds one chunk and the kept rows. The radius is the largest chunk's own, measured
+    exactly: an upper bound, since another chunk's centre may be nearer."""
+    kept: list[np.ndarray] = []
+    projection: torch.Tensor | None = None
+    seen = kept_rows = 0
+    radius_sq = 0.0
+    bar = tqdm(total=total_rows, desc="coreset", unit="row", disable=not progress)
+    for number, chunk in enumerate(_rechunk(chunks, chunk_rows)):
+        if projection is None:
+            projection = random_projection(chunk.shape[1], projection_dim, seed)
+        seen += chunk.shape[0]
+        if seen > total_rows:
+            raise ValueError(f"received more than the announced {total_rows} rows")
+        # Cumulative rounding keeps the per-chunk shares summing to exactly n_select.
+        share = min(chunk.shape[0], int(round(n_select * seen / total_rows)) - kept_rows)
+        if share > 0:
+            picked = np.sort(
+                greedy_k_center(chunk, share, seed=seed + number, projection=projection)
+            )
+            points = torch.from_numpy(np.ascontiguousarray(chunk))
+            nearest = nearest_centre(points, points[torch.from_numpy(picked)])
+            radius_sq = max(radius_sq, float(nearest.max()))
+            kept.append(chunk[picked].copy())
+            kept_rows += share
+        bar.update(chunk.shape[0])
+    bar.close()
+    if seen != total_rows:
+        raise ValueError(f"received {seen} rows, {total_rows} were announced")
+    rows = np.concatenate(kept) if len(kept) > 1 else kept[0]
+    return Coreset(rows, max(radius_sq, 0.0) / 2.0)

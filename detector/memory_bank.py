@@ -20,6 +20,7 @@ import torch
 
 from detector.coreset import (
     DEFAULT_CHUNK_ROWS,
+    DEFAULT_GLOBAL_LIMIT,
     DEFAULT_OVERSAMPLE,
     DEFAULT_PROJECTION_DIM,
     coreset_size,
@@ -47,6 +48,7 @@ class BankConfig:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     projection_dim: int = DEFAULT_PROJECTION_DIM
     oversample: int = DEFAULT_OVERSAMPLE
+    global_limit: int = DEFAULT_GLOBAL_LIMIT  # more centres: each chunk keeps its share
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -109,6 +111,7 @@ class MemoryBank:
             chunk_rows=config.chunk_rows,
             projection_dim=config.projection_dim,
             oversample=config.oversample,
+            global_limit=config.global_limit,
             progress=progress,
         )
         bank = cls(build_index(coreset.rows, config), config)
@@ -148,14 +151,15 @@ class MemoryBank:
         distinct = distances[distances > 1e-6]
         return float(distinct.min()) if distinct.size else 0.0
 
-    def extend(self, features: np.ndarray) -> int:
+    def extend(self, features: np.ndarray, radius: float | None = None) -> int:
         """Add the new patches the bank does not already cover within its covering radius;
         returns how many rows were added.
 
         Greedy k-center continued from the existing rows: the new patch farthest from the bank
         becomes a row, then the next farthest from the bank plus it, until every new patch is
-        as close to a row as the training patches were. An image flagged by a false alarm
-        gains rows where it was flagged and nowhere else.
+        as close to a row as the training patches were (or within `radius`, a cosine
+        distance, when given). An image flagged by a false alarm gains rows where it was
+        flagged and nowhere else.
         """
         new = l2_normalize(features)
         new = new[np.isfinite(new).all(axis=1)]
@@ -164,8 +168,9 @@ class MemoryBank:
         similarities, _ = self.index.search(new, 1)
         # Squared Euclidean distance between unit vectors: 2 - 2 cos.
         nearest = torch.from_numpy(np.maximum(2.0 - 2.0 * similarities[:, 0], 0.0))
-        radius = float(np.sqrt(2.0 * self.covering_radius))
-        picked = farthest_points(torch.from_numpy(new), nearest, len(new), radius=radius)
+        tightness = self.covering_radius if radius is None else radius
+        euclidean = float(np.sqrt(2.0 * max(tightness, 0.0)))
+        picked = farthest_points(torch.from_numpy(new), nearest, len(new), radius=euclidean)
         if len(picked):
             self.index.add(new[np.sort(picked)])
         self.metadata["bank_size"] = self.size

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from detector.coreset import (
+    chunk_shares,
     continue_greedy,
     coreset_size,
     farthest_points,
@@ -129,10 +130,14 @@ def test_coreset_covers_like_plain_greedy_and_better_than_chunk_shares() -> None
     blocks = [rows[start : start + 500] for start in range(0, len(rows), 500)]
     ours = streaming_coreset(blocks, len(rows), 80, chunk_rows=500, progress=False)
     plain = rows[greedy_k_center(rows, 80)]
-    # What the fit did before: each chunk of images keeps its own share of centres.
-    shares = np.concatenate([b[greedy_k_center(b, 5, seed=i)] for i, b in enumerate(blocks)])
+    # What the fit did before (and still does above `global_limit` centres).
+    shares = chunk_shares(blocks, len(rows), 80, chunk_rows=500, progress=False).rows
     assert covering_radius(rows, ours.rows) <= 1.05 * covering_radius(rows, plain)
     assert covering_radius(rows, ours.rows) < covering_radius(rows, shares)
+    many = streaming_coreset(blocks, len(rows), 80, chunk_rows=500, global_limit=10)
+    np.testing.assert_array_equal(many.rows, shares)  # beyond the limit: chunk shares
+    # Each chunk's own radius, measured exactly: at least the radius over all centres.
+    assert many.radius >= float((1 - (shares @ rows.T).max(axis=0)).max()) - 1e-5
     # The recorded radius is the cosine distance scoring sees, to the worst-covered row.
     measured = 1 - (ours.rows @ rows.T).max(axis=0)
     assert ours.radius == pytest.approx(float(measured.max()), abs=1e-5)

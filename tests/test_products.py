@@ -26,7 +26,7 @@ from detector.anomaly_detector import AnomalyDetector
 from detector.backbone import DinoBackbone
 from detector.data.mvtec import MVTecCategory
 from detector.data.shifts import apply_shift
-from detector.memory_bank import BankConfig
+from detector.memory_bank import BankConfig, MemoryBank
 from detector.serving import products as store
 from detector.serving.local_server import (
     CHROMIUM,
@@ -190,8 +190,8 @@ def test_concurrent_adds_to_one_product_both_land(
 ) -> None:
     train = synthetic_dataset.train_paths()
     batches = [
-        [png(brighter(path, seed)) for seed, path in enumerate(train[:5])],
-        [png(apply_shift(Image.open(p).convert("RGB"), "contrast", 0.8, 1)) for p in train[5:10]],
+        [png(brighter(path, seed)) for seed, path in enumerate(train[:10])],
+        [png(apply_shift(Image.open(p).convert("RGB"), "contrast", 0.8, 1)) for p in train[10:20]],
     ]
     start = int(store.live_version("ip-carpet")[1:])
     runners = [runner_for(["ip-carpet"], tiny_backbone) for _ in batches]
@@ -212,10 +212,15 @@ def test_concurrent_adds_to_one_product_both_land(
         for version in store.history("ip-carpet")
         for h in version["change"].get("added_sha256", [])
     }
-    assert len(hashes) == 10
+    assert len(hashes) == 20, "both adds of 10 images are in the history"
     later = reports[0] if reports[0]["version"] == final["version"] else reports[1]
     earlier = reports[1] if later is reports[0] else reports[0]
     assert later["bank_rows_before"] == earlier["bank_rows_after"]
+    # The live bank covers every patch of both batches as tightly as its training patches.
+    bank = MemoryBank.load(store.live_model("ip-carpet").path)
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in batches[0] + batches[1]]
+    features = np.concatenate(list(AnomalyDetector.iter_features(tiny_backbone, decoded, 8)))
+    assert bank.distances(features).max() <= bank.covering_radius + 1e-5
 
 
 def test_a_version_made_elsewhere_is_served_after_the_refresh_interval(
