@@ -317,13 +317,15 @@ def test_resume_rescores_changed_files_other_folders_and_other_models(
     elsewhere = small_folder(tmp_path / "elsewhere", seed=5)  # same names, other folder
     assert run_batch(store, str(elsewhere), "--out", str(out)).returncode == 0
     assert summary_of(out)["scored_this_run"] == 3
-    exported = export_models(saved_detector_dir, store, "--bank-name", "second-bank")
+    exported = export_models(saved_detector_dir, store)  # a new version of the same bank
     assert exported.returncode == 0, exported.stderr
-    result = run_batch(store, str(elsewhere), "--out", str(out), "--model", "second-bank:latest")
+    result = run_batch(store, str(elsewhere), "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = summary_of(out)
     assert summary["scored_this_run"] == 3
-    assert [model["bank"].split(":")[0] for model in summary["models"]] == ["second-bank"]
+    new_tag = exported.stdout.split("saved memory bank model ")[1].split()[0]
+    assert [model["bank"] for model in summary["models"]] == [new_tag]
+    assert summary["models"][0]["bank"] != "bank-carpet:v1"
 
 
 def test_evaluate_on_a_resumed_run_covers_every_image(

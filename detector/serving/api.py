@@ -73,6 +73,11 @@ class InspectionEndpoints:
         # Each product's drift status as of the runner's latest answer for it: /drift
         # answers from here, never waiting behind an image on the runner's one thread.
         self._drift: dict[str, dict[str, Any]] = {}
+        # The bank version that answered last for each product, and each product's drift
+        # reference with the version it belongs to: a reference is asked for again only
+        # when another version (a recalibration, a rollback) has answered since.
+        self._banks: dict[str, str] = {}
+        self._references: dict[str, tuple[str, list[list[float]]]] = {}
         self._renders = anyio.Semaphore(settings.max_renders)
         # Requests reach the runner in arrival order (the semaphore's waiters are a FIFO),
         # so an accepted request waits for the ones ahead of it only, which is what bounds
@@ -137,6 +142,7 @@ class InspectionEndpoints:
         for answer in answers:
             if "product" in answer:
                 self._drift[answer["product"]] = answer.pop("drift")
+                self._banks[answer["product"]] = answer["models"]["bank"]
         return answers
 
     async def _change(self, method: str, *args: Any) -> Any:
@@ -149,10 +155,13 @@ class InspectionEndpoints:
         """What is served, cached for a few seconds: the runner answers it between images."""
         if self._model_info is None or time.monotonic() - self._model_info_at > MODEL_INFO_TTL_S:
             info = await self.runner.to_async.model_info()
-            info.pop("drift_reference", None)
+            reference = info.pop("drift_reference", None)
             drift = info.pop("drift", None)
             if drift is not None and info.get("product"):
-                self._drift.setdefault(info["product"], drift)
+                product, bank = info["product"], info["bank_model"]
+                self._drift.setdefault(product, drift)
+                self._banks.setdefault(product, bank)
+                self._references[product] = (bank, reference or [])
             self._model_info, self._model_info_at = info, time.monotonic()
         return self._model_info
 
@@ -163,9 +172,15 @@ class InspectionEndpoints:
         if name is None:
             names = (await self.model_info()).get("products", [])
             name = names[0] if len(names) == 1 else None
-        if not reference and name in self._drift:
-            return {"product": name, **self._drift[name]}
-        return await self._change("drift", name or "", reference)
+        cached = self._references.get(name or "")
+        if name in self._drift and (not reference or cached and cached[0] == self._banks[name]):
+            status = {"product": name, **self._drift[name]}
+            return {**status, "reference_profiles": cached[1]} if reference and cached else status
+        status = await self._change("drift", name or "", reference)
+        self._banks.setdefault(status["product"], status["bank"])
+        if reference:
+            self._references[status["product"]] = (status["bank"], status["reference_profiles"])
+        return status
 
     async def _answer(self, result: dict[str, Any], with_profile: bool) -> dict[str, Any]:
         """The client's answer for a scored image, counted in the metrics. The drift

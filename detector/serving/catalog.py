@@ -80,15 +80,15 @@ class BankCatalog:
                 return self.names[0]
             raise store.UnknownProductError(None, self.names)
         if name not in self.names and not self._pinned:
-            self._rescan()
+            self.rescan()
         if name not in self.names:
             raise store.UnknownProductError(name, self.names)
         return name
 
-    def _rescan(self) -> None:
+    def rescan(self) -> None:
         """Products exported since start join without a restart (at most once a second)."""
         with self._lock:
-            if time.monotonic() - self._rescanned < 1.0:
+            if self._pinned or time.monotonic() - self._rescanned < 1.0:
                 return
             self._rescanned = time.monotonic()
             self.names = sorted(set(self.names) | set(store.list_products()))
@@ -169,6 +169,13 @@ class BankCatalog:
             if product not in self._drift:
                 self.bank(product)
             return self._drift[product]
+
+    def drift_if_watched(self, product: str) -> dict[str, Any] | None:
+        """A product's drift status, or None before its bank was first used (listing the
+        products must not load every bank)."""
+        with self._lock:
+            monitor = self._drift.get(product)
+            return monitor.status() if monitor is not None else None
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import numpy as np
 
+from detector.backbone import FeatureExtractor
 from detector.errors import UserError
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 
@@ -99,7 +101,11 @@ def list_products() -> list[str]:
     root = store_dir()
     if not root.is_dir():
         return []
-    names = (entry.name.removeprefix(BANK_PREFIX) for entry in root.iterdir())
+    names = (
+        entry.name.removeprefix(BANK_PREFIX)
+        for entry in root.iterdir()
+        if entry.name.startswith(BANK_PREFIX)
+    )
     return sorted(name for name in names if PRODUCT_NAME.match(name) and _numbers(name))
 
 
@@ -260,9 +266,9 @@ def _summary(scores: list[float]) -> dict[str, float]:
 
 def add_images(
     product: str,
-    features: Any,
+    features: np.ndarray,
     hashes: list[str],
-    extractor: Any,
+    extractor: FeatureExtractor,
     *,
     reason: str = "",
     calibration_images: list[Any] | None = None,

@@ -73,12 +73,14 @@ class ScoringRunner:
         )
 
     # ----- scoring -------------------------------------------------------------------
+    def _decode(self, upload: bytes) -> Any:
+        limits = {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels}
+        return decode_image(upload, **limits)
+
     def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
         """Decode and preprocess one upload; a bad one becomes its error, never the batch's."""
         try:
-            image = decode_image(
-                upload, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
-            )
+            image = self._decode(upload)
             return self.catalog.extractor.prepare(image), image.size
         except InvalidImageError as error:
             return error
@@ -169,7 +171,7 @@ class ScoringRunner:
                 [hashlib.sha256(data).hexdigest() for data in uploads],
                 self.catalog.extractor,
                 reason=reason,
-                calibration_images=[decode_image(data) for data in calibration] or None,
+                calibration_images=[self._decode(data) for data in calibration] or None,
                 batch_size=self.settings.max_batch_size,
             )
         except (UserError, InvalidImageError) as error:
@@ -201,7 +203,7 @@ class ScoringRunner:
 
     def products(self) -> list[dict[str, Any]]:
         """Every product served: its live version, how it was built, and its drift."""
-        self.catalog._rescan()
+        self.catalog.rescan()
         loaded = self.catalog.loaded()
         listing = []
         for product in self.catalog.names:
@@ -211,7 +213,7 @@ class ScoringRunner:
                     "name": product,
                     **store.describe(model),
                     "in_memory": product in loaded,
-                    "drift": self.catalog.drift(product).status(),
+                    "drift": self.catalog.drift_if_watched(product),
                 }
             )
         return listing
@@ -235,7 +237,7 @@ class ScoringRunner:
         except UserError as error:
             return refusal(error)
         monitor = self.catalog.drift(product)
-        status = {"product": product, **monitor.status()}
+        status = {"product": product, "bank": self.catalog.bank(product).tag, **monitor.status()}
         if reference:
             status["reference_profiles"] = monitor.reference.tolist()
         return status
