@@ -10,14 +10,15 @@ greedy's on 13 chunks of ViT features (docs/PERFORMANCE.md). Here:
 2. greedy k-center on a random sample (`oversample` x the centres wanted, on a seeded random
    projection) picks the first half of the centres: the bulk of the coverage, cheaply;
 3. greedy continues over *all* rows from those centres for the second half, exactly as plain
-   greedy would continue (`farthest_points`), but only the rows the current centres cover
-   worst are searched, and all rows are re-checked by one matrix product whenever those
-   become covered better than the rest. This step is what an update of a fitted bank runs.
+   greedy would continue (`continue_greedy`): every row starts with an upper bound of its
+   distance to the centres (its exact distance to the centre nearest on the projection),
+   and only the rows that look worst are measured against every centre and searched. An
+   update of a fitted bank runs the same farthest-point step (`farthest_points`).
 
 The result keeps plain greedy's property where it matters: the worst-covered rows get
-centres. Step 3 measures every row against every centre (fast matrix products, but their
-cost grows with rows x centres), so above `DEFAULT_GLOBAL_LIMIT` centres each chunk keeps
-its own share instead: with that many centres per chunk the global pass gains little.
+centres. Step 3's bounds still cost rows x centres on the projection, so above
+`DEFAULT_GLOBAL_LIMIT` centres each chunk keeps its own share instead: with that many
+centres per chunk the global pass gains little.
 
 The bank records its covering radius (the largest cosine distance from a training row to
 its nearest centre), so an update adds exactly the new patches the bank does not already
@@ -40,6 +41,7 @@ DEFAULT_PROJECTION_DIM = 128
 DEFAULT_OVERSAMPLE = 4  # the random sample the first half of the centres comes from
 DEFAULT_IN_MEMORY_BYTES = 512 << 20  # normalised rows above this go to a temporary file
 DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the global greedy pass runs
+SAMPLED_SHARE = 0.5  # of the centres, picked on the random sample before the global pass
 
 
 @dataclass(frozen=True)
@@ -154,43 +156,84 @@ def nearest_centre(points: torch.Tensor, centres: torch.Tensor, block: int = 163
     return nearest
 
 
-def continue_greedy(
-    points: torch.Tensor, selected: np.ndarray, count: int
-) -> tuple[np.ndarray, float]:
-    """`count` more centres, exactly as plain greedy continues from `selected`, searching
-    only the worst-covered rows; and the covering radius after them (Euclidean).
+def bounded_nearest(
+    points: torch.Tensor, centres: torch.Tensor, projection: torch.Tensor, block: int = 16384
+) -> torch.Tensor:
+    """Each point's exact squared distance to the centre that is nearest on the projection:
+    an upper bound of its distance to the nearest centre, at a fraction of the cost of
+    measuring every centre in full (the few points whose bound matters are measured later)."""
+    projected_centres = centres @ projection
+    centre_norms = (projected_centres * projected_centres).sum(dim=1)
+    bound = torch.empty(points.shape[0])
+    for start in range(0, points.shape[0], block):
+        part = points[start : start + block]
+        projected = part @ projection
+        scores = centre_norms[None] - 2.0 * projected @ projected_centres.T
+        assigned = centres[scores.argmin(dim=1)]
+        bound[start : start + block] = ((part - assigned) ** 2).sum(dim=1)
+    return bound
 
-    Greedy always picks the row farthest from every centre, so while the rows searched are
-    all farther than any row left out, the result is plain greedy's. Once they are covered
-    better than that, every row is measured again against the new centres and the search
-    moves on to the new worst-covered rows.
+
+def continue_greedy(
+    points: torch.Tensor,
+    selected: np.ndarray,
+    count: int,
+    projection: torch.Tensor | None = None,
+) -> tuple[np.ndarray, float]:
+    """`count` more centres, exactly as plain greedy continues from `selected`, and the
+    covering radius after them (Euclidean). With a `projection`, rows start from upper
+    bounds (`bounded_nearest`) instead of their exact distances.
+
+    Greedy always picks the row farthest from every centre, so only the worst-covered rows
+    need to know their exact distance. Each round searches the rows that currently look
+    worst; a row's value may be stale (not yet measured against centres picked since), but
+    a stale value is an upper bound, so measuring the stale rows among the worst ones until
+    the worst ones are all up to date gives exactly plain greedy's choices, while most rows
+    are never measured against most centres.
     """
-    nearest = nearest_centre(points, points[torch.from_numpy(selected)])
+    rows_total = points.shape[0]
+    starting = points[torch.from_numpy(selected)]
+    centres = [int(index) for index in selected]
+    # How many of `centres` each row's value accounts for (0: an upper bound only).
+    if projection is None:
+        nearest = nearest_centre(points, starting)
+        measured = torch.full((rows_total,), len(centres), dtype=torch.long)
+    else:
+        nearest = bounded_nearest(points, starting, projection)
+        measured = torch.zeros(rows_total, dtype=torch.long)
     nearest[torch.from_numpy(selected)] = -1.0
     picked: list[int] = []
-    new = torch.empty(0, dtype=torch.long)
+
+    def worst_up_to_date(searched: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            worst, rows = torch.topk(nearest, searched)
+            stale = rows[measured[rows] < len(centres)]
+            if not len(stale):
+                return worst, rows
+            since = int(measured[stale].min())
+            newer = torch.tensor(centres[since:])
+            nearest[stale] = torch.minimum(
+                nearest[stale], nearest_centre(points[stale], points[newer])
+            )
+            measured[stale] = len(centres)
+
     while len(picked) < count:
         wanted = count - len(picked)
-        searched = min(points.shape[0], max(8 * wanted, points.shape[0] // 20))
-        worst, rows = torch.topk(nearest, searched)
-        left_out = float(worst[-1]) if searched < points.shape[0] else -1.0
+        searched = min(rows_total, max(8 * wanted, rows_total // 20))
+        worst, rows = worst_up_to_date(searched)
+        left_out = float(worst[-1]) if searched < rows_total else -1.0
         radius = float(np.sqrt(left_out)) if left_out > 0 else None
         subset = nearest[rows].clone()
         found = farthest_points(points[rows], subset, wanted, radius=radius)
         nearest[rows] = subset
         if not len(found):
             break  # every row is a centre already, or all remaining rows coincide
-        new = rows[torch.from_numpy(found)]
-        picked.extend(new.tolist())
-        if len(picked) < count:
-            nearest = torch.minimum(nearest, nearest_centre(points, points[new]))
-            nearest[torch.tensor(picked)] = -1.0
-    # Rows left out of the last search may not know its centres yet: those that could still
-    # be the worst covered are measured against them, so the radius is exact.
-    stale = (nearest > float(nearest.max() if not len(new) else subset.max())).nonzero()[:, 0]
-    if len(stale) and len(new):
-        nearest[stale] = torch.minimum(nearest[stale], nearest_centre(points[stale], points[new]))
-    return np.asarray(picked, dtype=np.int64), float(np.sqrt(max(float(nearest.max()), 0.0)))
+        new = rows[torch.from_numpy(found)].tolist()
+        picked.extend(new)
+        centres.extend(new)
+        measured[rows] = len(centres)  # the subset was measured against each new centre
+    worst, _ = worst_up_to_date(1)
+    return np.asarray(picked, dtype=np.int64), float(np.sqrt(max(float(worst[0]), 0.0)))
 
 
 class _Spill:
@@ -259,8 +302,11 @@ def streaming_coreset(
     sample = np.sort(rng.choice(total_rows, min(total_rows, oversample * n_select), replace=False))
     projection = random_projection(spill.rows.shape[1], projection_dim, seed)
     rows = np.asarray(spill.rows[sample])
-    start = sample[greedy_k_center(rows, (n_select + 1) // 2, seed=seed, projection=projection)]
-    finish, radius = continue_greedy(torch.from_numpy(spill.rows), start, n_select - len(start))
+    first = max(1, int(n_select * SAMPLED_SHARE))
+    start = sample[greedy_k_center(rows, first, seed=seed, projection=projection)]
+    finish, radius = continue_greedy(
+        torch.from_numpy(spill.rows), start, n_select - len(start), projection
+    )
     # Unit vectors: squared Euclidean distance = 2 x cosine distance.
     return Coreset(spill.take(np.concatenate([start, finish])), radius * radius / 2.0)
 

@@ -11,6 +11,7 @@ from detector.coreset import (
     farthest_points,
     greedy_k_center,
     nearest_centre,
+    random_projection,
     streaming_coreset,
 )
 from detector.memory_bank import BankConfig, MemoryBank, l2_normalize
@@ -159,6 +160,11 @@ def test_continuing_on_the_worst_rows_equals_plain_greedy() -> None:
     picked, radius = continue_greedy(points, start, 150)
     np.testing.assert_array_equal(picked, plain)
     assert radius == pytest.approx(float(nearest.max().sqrt()), rel=1e-4)
+    # Starting from upper bounds (distances to the centre nearest on a projection) and
+    # measuring only the rows that look worst changes nothing.
+    bounded, bounded_radius = continue_greedy(points, start, 150, random_projection(32, 8, 1))
+    np.testing.assert_array_equal(bounded, plain)
+    assert bounded_radius == pytest.approx(radius, rel=1e-5)
 
 
 def test_extend_covers_new_patches_as_tightly_as_the_training_patches() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from detector.errors import UserError
 from detector.serving.settings import Settings, default_max_batch_size
 
 
@@ -26,4 +27,14 @@ def test_batch_size_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatc
 def test_a_malformed_number_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INSPECT_MAX_BATCH_SIZE", "four")
     with pytest.raises(ValueError):
+        Settings.from_env()
+
+
+def test_products_and_the_retired_bank_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSPECT_PRODUCTS", " carpet, line3-grey ,")
+    monkeypatch.setenv("INSPECT_BANK_CACHE_MB", "64")
+    settings = Settings.from_env()
+    assert settings.products == ["carpet", "line3-grey"] and settings.bank_cache_mb == 64
+    monkeypatch.setenv("INSPECT_BANK_MODEL", "inspection-bank:latest")
+    with pytest.raises(UserError, match="INSPECT_PRODUCTS"):
         Settings.from_env()

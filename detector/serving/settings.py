@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from detector.drift import DriftSettings
+from detector.errors import UserError
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 
@@ -80,6 +81,12 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        if os.environ.get("INSPECT_BANK_MODEL"):
+            raise UserError(
+                "INSPECT_BANK_MODEL is no longer read: banks are the models bank-<product> "
+                "now; name the products to serve with INSPECT_PRODUCTS (after `python -m "
+                "detector export`), or roll a product back to the version you want served."
+            )
         device = os.environ.get("INSPECT_DEVICE", "auto")
         return cls(
             backbone_tag=os.environ.get("INSPECT_BACKBONE_MODEL") or None,
