@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import ks_2samp
 
 PROFILE_QUANTILES = np.round(np.linspace(0.01, 0.90, 90), 2)
 
@@ -50,6 +49,8 @@ def profile_to_list(profile: np.ndarray) -> list[float]:
 
 def drift_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
     """KS distance between pooled reference profiles and pooled recent profiles, in [0, 1]."""
+    from scipy.stats import ks_2samp  # ~1 s to import: only where a statistic is computed
+
     reference = np.asarray(reference, dtype=np.float64).ravel()
     recent = np.asarray(recent, dtype=np.float64).ravel()
     if reference.size == 0 or recent.size == 0:

@@ -8,8 +8,9 @@ component, integrated over false-positive rates up to a limit and normalised by 
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import label as connected_components
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+# scikit-learn and scipy.ndimage are imported where a metric is computed: importing them
+# costs about a second, which every batch job and service process paid without evaluating.
 
 
 def _two_classes(labels: np.ndarray) -> bool:
@@ -19,6 +20,8 @@ def _two_classes(labels: np.ndarray) -> bool:
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     """None when the test set has only one class (AUROC is undefined there)."""
     labels = np.asarray(labels)
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores)) if _two_classes(labels) else None
 
 
@@ -27,6 +30,8 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
     labels = np.asarray(labels)
     if not _two_classes(labels):
         return None
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return float(f1.max())
@@ -34,6 +39,8 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
     masks = np.asarray(masks, dtype=bool).ravel()
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(masks, np.asarray(maps).ravel())) if _two_classes(masks) else None
 
 
@@ -44,6 +51,8 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float 
     the PRO (1 / (region size * number of regions)) gives the exact curve at every distinct
     threshold, as the MVTec reference code does.
     """
+    from scipy.ndimage import label as label_components
+
     masks = np.asarray(masks, dtype=bool)
     maps = np.asarray(maps, dtype=np.float64)
     if masks.shape != maps.shape:
@@ -55,7 +64,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float 
     pro_step = np.zeros_like(maps)
     regions: list[np.ndarray] = []
     for index in range(masks.shape[0]):
-        labelled, count = connected_components(masks[index])
+        labelled, count = label_components(masks[index])
         regions.extend((index, labelled == region) for region in range(1, count + 1))
     for index, region in regions:
         pro_step[index][region] = 1.0 / (region.sum() * len(regions))
