@@ -247,6 +247,13 @@ def test_banks_beyond_the_memory_budget_are_evicted_least_recently_used(
     assert runner.catalog.loaded() == ["ip-line3"]
 
 
+def test_a_deleted_live_version_gives_way_to_the_newest_one_left(in_process_store: dict) -> None:
+    newest = store.rollback("ip-line2", "v1", "to be deleted")
+    bentoml.models.delete(str(newest.tag))  # what an operator might do by hand
+    assert store.live_version("ip-line2") == store.history("ip-line2")[-1]["version"]
+    assert store.live_model("ip-line2").tag != newest.tag
+
+
 def test_bad_product_names_and_versions_are_one_sentence() -> None:
     with pytest.raises(store.UserError, match="not valid"):
         store.check_product("Line 3/../x")
@@ -305,7 +312,8 @@ def inspect(url: str, product: str | None, data: bytes, key: str = API_KEY) -> h
 
 
 def test_products_are_listed_with_their_live_version_and_keys_guard_them(server: str) -> None:
-    assert httpx.get(f"{server}/products", timeout=30).status_code == 401
+    for path in ("/products", "/products/", "/products/carpet", "/products/carpet/history/"):
+        assert httpx.get(f"{server}{path}", timeout=30).status_code == 401, path
     listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
     assert [entry["name"] for entry in listing] == ["carpet", "line2", "line3"]
     for entry in listing:

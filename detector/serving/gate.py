@@ -60,6 +60,9 @@ class Rule:
     admin: bool = False  # changes a bank: the admin key when one is set
 
 
+PRODUCT_ACTIONS = ("history", "rollback", "images")
+
+
 def rules(settings: Settings) -> dict[str, Rule]:
     one_image = settings.max_bytes + MULTIPART_OVERHEAD
     image = frozenset({"image"})
@@ -88,13 +91,15 @@ def rules(settings: Settings) -> dict[str, Rule]:
 
 
 def rule_key(path: str) -> str:
-    """The rules' key for a path: /products/NAME/ACTION matches /products/*/ACTION."""
-    if path == "/products":
-        return "/products/"
-    parts = path.split("/")
-    if len(parts) == 4 and parts[1] == "products" and parts[2]:
+    """The rules' key for a path: /products/NAME/ACTION matches /products/*/ACTION, and any
+    other path under /products (a trailing slash, a typo) the listing's rule, so nothing
+    under it is ever reached without the key."""
+    if path != "/products" and not path.startswith("/products/"):
+        return path
+    parts = path.rstrip("/").split("/")
+    if len(parts) == 4 and parts[2] and parts[3] in PRODUCT_ACTIONS:
         return f"/products/*/{parts[3]}"
-    return path
+    return "/products/"
 
 
 def authorised(headers: dict[str, str], api_key: str | None) -> bool:

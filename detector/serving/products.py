@@ -111,9 +111,11 @@ def list_products() -> list[str]:
 
 def live_version(product: str) -> str | None:
     """'vN' of the live version: the pointer file, or the newest complete version."""
+    folder = _product_dir(product)
     try:
-        version = (_product_dir(product) / LIVE_FILE).read_text().strip()
-        if VERSION_NAME.match(version):
+        version = (folder / LIVE_FILE).read_text().strip()
+        # A version deleted with `bentoml models delete` falls back to the newest one left.
+        if VERSION_NAME.match(version) and (folder / version / "model.yaml").exists():
             return version
     except OSError:
         pass
