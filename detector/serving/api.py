@@ -88,13 +88,15 @@ class InspectionEndpoints:
     # ----- the one exit for errors ---------------------------------------------------
     @staticmethod
     async def respond(ctx: Any, work: Awaitable[Any]) -> Any:
-        """Await an endpoint's work; a refusal becomes its JSON error and HTTP status."""
+        """Await an endpoint's work; a refusal becomes its JSON error and HTTP status
+        (`ctx` is BentoML's request context, None outside a BentoML API method)."""
         try:
             return await work
         except REFUSALS as error:
             refusal = Refused.of(error)
             telemetry.rejected_inputs.labels(refusal.reason).inc()
-            ctx.response.status_code = refusal.status
+            if ctx is not None:
+                ctx.response.status_code = refusal.status
             body = {"error": refusal.message, "reason": refusal.reason}
             return JSONResponse(body, status_code=refusal.status)
 
@@ -114,9 +116,14 @@ class InspectionEndpoints:
                 status=413,
             )
         data = upload.read_bytes()
-        limits = {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels}
-        check_image_header(data, **limits)
+        self.check_header(data)
         return data
+
+    def check_header(self, data: bytes) -> None:
+        """Format, size, pixel count and animation, from the header alone."""
+        check_image_header(
+            data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
+        )
 
     async def read_upload(self, upload: Path) -> bytes:
         return await anyio.to_thread.run_sync(self._read_upload, upload)
@@ -211,9 +218,8 @@ class InspectionEndpoints:
         """Checked like scored uploads; any refused image refuses the whole change."""
         if not images:
             raise Refused(400, "no_images", "Send at least one defect-free image as 'images'.")
-        limits = {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels}
         for data in images + calibration:
-            check_image_header(data, **limits)
+            self.check_header(data)
         uploads, held_out = images, calibration
         async with self._runner_slots:
             return await self._change("add_images", product, uploads, reason, held_out)

@@ -190,6 +190,14 @@ def checked_spec(
     return first
 
 
+def no_banks() -> ModelMissingError:
+    return ModelMissingError(
+        f"No product banks in the BentoML model store (BENTOML_HOME="
+        f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector export "
+        "<model_dir>` after `python -m detector fit`."
+    )
+
+
 def resolve_models(
     products: list[str] | None = None,
     backbone_tag: str | None = None,
@@ -206,11 +214,7 @@ def resolve_models(
 
     names = [check_product(name) for name in products] if products else list_products()
     if not names:
-        raise ModelMissingError(
-            f"No product banks in the BentoML model store (BENTOML_HOME="
-            f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector export "
-            "<model_dir>` after `python -m detector fit`."
-        )
+        raise no_banks()
     banks = {name: live_model(name) for name in names}
     first = next(iter(banks.values()))
     backbone = stored(backbone_tag or first.info.metadata.get("backbone_model") or BACKBONE_MODEL)
@@ -257,9 +261,7 @@ def load_pair(
         if product is None:
             known = list_products()
             if len(known) != 1:
-                if not known:
-                    resolve_models()  # the one sentence for an empty store
-                raise UnknownProductError(None, known)
+                raise no_banks() if not known else UnknownProductError(None, known)
             product = known[0]
         bank = live_model(product)
     backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)

@@ -24,8 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from detector.serving import telemetry
-from detector.serving.api import REFUSALS, InspectionEndpoints, Refused
+from detector.serving.api import InspectionEndpoints, Refused
 
 
 def _endpoints() -> InspectionEndpoints:
@@ -33,13 +32,9 @@ def _endpoints() -> InspectionEndpoints:
 
 
 async def _json(work: Awaitable[Any]) -> JSONResponse:
-    try:
-        return JSONResponse(await work)
-    except REFUSALS as error:
-        refusal = Refused.of(error)
-        telemetry.rejected_inputs.labels(refusal.reason).inc()
-        body = {"error": refusal.message, "reason": refusal.reason}
-        return JSONResponse(body, status_code=refusal.status)
+    """The endpoints' one exit for errors (`InspectionEndpoints.respond`), as a response."""
+    answer = await InspectionEndpoints.respond(None, work)
+    return answer if isinstance(answer, JSONResponse) else JSONResponse(answer)
 
 
 async def list_products(request: Request) -> JSONResponse:

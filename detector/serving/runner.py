@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from detector.backbone import FeatureExtractor
 from detector.drift import profile_to_list
@@ -73,20 +74,25 @@ class ScoringRunner:
         )
 
     # ----- scoring -------------------------------------------------------------------
-    def _decode(self, upload: bytes) -> Any:
-        limits = {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels}
-        return decode_image(upload, **limits)
-
-    def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
-        """Decode and preprocess one upload; a bad one becomes its error, never the batch's."""
+    def _decode(self, upload: bytes) -> Image.Image | InvalidImageError:
+        """Decode one upload with the service's limits; a bad one becomes its error, never
+        the batch's."""
         try:
-            image = self._decode(upload)
-            return self.catalog.extractor.prepare(image), image.size
+            return decode_image(
+                upload, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
+            )
         except InvalidImageError as error:
             return error
         except Exception as error:  # a decoder bug on one upload must not fail its batch-mates
             log.warning("could not decode an upload: %r", error)
             return InvalidImageError("corrupt", f"The image could not be decoded: {error}")
+
+    def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
+        """Decode and preprocess one upload for the backbone."""
+        image = self._decode(upload)
+        if isinstance(image, InvalidImageError):
+            return image
+        return self.catalog.extractor.prepare(image), image.size
 
     def _resolve(self, upload: Upload) -> str | store.UnknownProductError:
         try:
@@ -157,11 +163,13 @@ class ScoringRunner:
         try:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
-            prepared = list(self.decoder.map(self._prepare, uploads + calibration))
-            bad = next((item for item in prepared if isinstance(item, InvalidImageError)), None)
+            prepared = list(self.decoder.map(self._prepare, uploads))
+            held_out = list(self.decoder.map(self._decode, calibration))
+            items = prepared + held_out
+            bad = next((item for item in items if isinstance(item, InvalidImageError)), None)
             if bad is not None:
                 return refusal(bad)
-            added = np.stack([array for array, _ in prepared[: len(uploads)]])
+            added = np.stack([array for array, _ in prepared])
             embedding = time.perf_counter()
             features = live.detector.embed_prepared(added)
             embedded = time.perf_counter()
@@ -171,7 +179,7 @@ class ScoringRunner:
                 [hashlib.sha256(data).hexdigest() for data in uploads],
                 self.catalog.extractor,
                 reason=reason,
-                calibration_images=[self._decode(data) for data in calibration] or None,
+                calibration_images=held_out or None,
                 batch_size=self.settings.max_batch_size,
             )
         except (UserError, InvalidImageError) as error:
