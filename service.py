@@ -19,10 +19,12 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from detector.errors import user_errors_exit
-from detector.serving.api import InspectionEndpoints
+from detector.serving.api import InspectionEndpoints, caller
 from detector.serving.gate import RequestGate
 from detector.serving.model_store import resolve_models
 from detector.serving.product_routes import products_app
+from detector.serving.record_routes import records_app
+from detector.serving.records import open_recorder, prepare_database
 from detector.serving.settings import Settings
 
 # No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
@@ -33,6 +35,8 @@ with user_errors_exit():
     _backbone, _banks = resolve_models(
         SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
     )
+    # The records database's schema: migrated, or checked (INSPECT_RECORDS_MIGRATE=check).
+    prepare_database(SETTINGS)
 BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
 # Each product's live bank at start, declared so `bentoml build` packs it; later versions
 # are read from the model store as they are made (detector/serving/catalog.py).
@@ -116,9 +120,14 @@ class InspectionRunner:
 
     @bentoml.api
     def add_images(
-        self, product: str, uploads: list[bytes], reason: str, calibration: list[bytes]
+        self,
+        product: str,
+        uploads: list[bytes],
+        reason: str,
+        calibration: list[bytes],
+        records: list[str],
     ) -> dict[str, Any]:
-        return self.runner.add_images(product, uploads, reason, calibration)
+        return self.runner.add_images(product, uploads, reason, calibration, records)
 
     @bentoml.api
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
@@ -134,15 +143,22 @@ ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
 
 @bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.asgi_app(products_app, path="/products")
+@bentoml.asgi_app(records_app, path="/records")
 @bentoml.service(name="inspection_api", workers=1, traffic={"timeout": 300})
 class InspectionAPI:
-    """Public endpoints: /inspect, /heatmap, /inspect_batch, /model_info, /drift, /ui, and
-    /products (detector/serving/product_routes.py)."""
+    """Public endpoints: /inspect, /heatmap, /inspect_batch, /model_info, /drift, /ui,
+    /products (detector/serving/product_routes.py) and /records (record_routes.py)."""
 
     runner = bentoml.depends(InspectionRunner)
 
     def __init__(self) -> None:
-        self.endpoints = InspectionEndpoints(self.runner, SETTINGS)
+        self.endpoints = InspectionEndpoints(self.runner, SETTINGS, open_recorder(SETTINGS))
+
+    @bentoml.on_shutdown
+    def close_records(self) -> None:
+        """Write the records still queued (or spool them) before the worker exits."""
+        if self.endpoints.recorder is not None:
+            self.endpoints.recorder.close()
 
     @bentoml.api
     async def inspect(
@@ -151,7 +167,7 @@ class InspectionAPI:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
         `product` may be left out when one product is served; `drift_profile=true` adds the
         image's patch-distance profile (for the batch job)."""
-        work = self.endpoints.inspect(image, product, drift_profile)
+        work = self.endpoints.inspect(image, product, drift_profile, caller(ctx))
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
@@ -165,7 +181,7 @@ class InspectionAPI:
     ) -> Image.Image:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
-        work = self.endpoints.heatmap(image, product, output, drift_profile)
+        work = self.endpoints.heatmap(image, product, output, drift_profile, caller(ctx))
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
@@ -174,7 +190,8 @@ class InspectionAPI:
     ) -> list[dict[str, Any]]:
         """Several images of one product -> one result each, in order; a bad image gets an
         error entry."""
-        return await self.endpoints.respond(ctx, self.endpoints.inspect_batch(images, product))
+        work = self.endpoints.inspect_batch(images, product, caller(ctx))
+        return await self.endpoints.respond(ctx, work)
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:

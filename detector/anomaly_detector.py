@@ -7,6 +7,8 @@ wherever it is inspected.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from itertools import chain
@@ -88,6 +90,20 @@ class AnomalyDetector:
         """The backbone the bank was fitted with (the extractor's own spec before saving)."""
         stored = self.bank.metadata.get("extractor")
         return BackboneSpec.from_dict(stored) if stored else self.extractor.spec
+
+    def settings_hash(self, **context: str) -> str:
+        """16 hex digits naming everything but the bank's rows that decides a score: the
+        backbone's weights and input, the scoring rule, the threshold, and `context` (the
+        runtime and precision that ran the backbone). A record keeps it, so a replay with
+        other settings is told so rather than reported as a changed decision."""
+        document = {
+            "extractor": self.extractor.spec.to_dict(),
+            "scoring": asdict(self.scoring),
+            "threshold": self.calibration.threshold,
+            **context,
+        }
+        encoded = json.dumps(document, sort_keys=True, default=str).encode()
+        return hashlib.sha256(encoded).hexdigest()[:16]
 
     # ----- features -------------------------------------------------------------------
     @staticmethod

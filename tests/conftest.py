@@ -85,3 +85,102 @@ def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     result = export_models(saved_detector_dir, home)
     assert result.returncode == 0, result.stderr
     return home
+
+
+class PostgresServer:
+    """A real PostgreSQL server in a temporary folder, run as the `postgres` user when the
+    tests run as root (initdb refuses root). `stop` and `start` simulate an outage."""
+
+    def __init__(self, bin_dir: Path, folder: Path, port: int) -> None:
+        self.bin_dir, self.folder, self.port = bin_dir, folder, port
+        self.data = folder / "data"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, *command: str) -> None:
+        import subprocess
+
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [*prefix, str(self.bin_dir / command[0]), *command[1:]],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            import shutil
+
+            shutil.chown(self.folder, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.folder / "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+def postgres_bin_dir() -> Path | None:
+    import glob
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """Skipped, with the reason, where the Debian package `postgresql` is not installed."""
+    import pwd
+    import shutil
+
+    from detector.serving.local_server import free_port
+
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
+    server = PostgresServer(bin_dir, Path(tempfile.mkdtemp(prefix="pg-")), free_port())
+    server.init()
+    server.start()
+    yield server
+    try:
+        server.stop()
+    finally:
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty records database of each kind: an SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'records.sqlite'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    import psycopg
+
+    name = f"records_{os.getpid()}_{abs(hash(request.node.name)) % 10**8}"
+    with psycopg.connect(
+        f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres", autocommit=True
+    ) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server.url.rsplit("/", 1)[0] + "/" + name

@@ -26,6 +26,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "detector.commands.banks:rollback_main",
         "serve an earlier version of a product's bank again (as a new version)",
     ),
+    "replay": (
+        "detector.commands.records:replay_main",
+        "rescore recorded images with the recorded model versions; report changed decisions",
+    ),
+    "export-reviews": (
+        "detector.commands.records:export_reviews_main",
+        "reviewed images in the MVTec AD layout (train/good, test/confirmed_defect)",
+    ),
+    "migrate-records": (
+        "detector.commands.records:migrate_main",
+        "bring the records database's schema up to date (Alembic)",
+    ),
     "set-drift-reference": (
         "detector.commands.set_drift_reference",
         "replace a bank's drift reference with chosen defect-free images",

@@ -19,16 +19,28 @@ from typing import Any
 import aiohttp
 import anyio
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 
 from detector import schema
-from detector.images import InvalidImageError, check_image_header, decode_image
+from detector.images import (
+    ALLOWED_FORMATS,
+    InvalidImageError,
+    check_image_header,
+    decode_image,
+)
+from detector.records.store import RecordsError
 from detector.reports.plots import map_to_png_image, overlay
 from detector.serving import telemetry
+from detector.serving.gate import CALLER_SCOPE_KEY
+from detector.serving.products import model_name
+from detector.serving.records import Recorder
 from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection")
 RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
+RECORDS_DOWN = "The records database is not reachable; retry shortly (see the server log)."
+RECORDS_OFF = "Recording is off on this service (INSPECT_RECORDS=off)."
 HEATMAP_OUTPUTS = ("overlay", "map", "npy")
 MODEL_INFO_TTL_S = 5.0
 
@@ -49,10 +61,26 @@ class Refused(Exception):
             return cls(error.status, error.reason, error.message)
         if isinstance(error, aiohttp.ClientConnectionError):
             return cls(503, "runner_unavailable", RUNNER_DOWN)
+        if isinstance(error, RecordsError):
+            return cls(error.status, error.reason, str(error))
+        if isinstance(error, SQLAlchemyError):
+            log.warning("records database error: %s", type(error).__name__)
+            return cls(503, "records_unavailable", RECORDS_DOWN)
         raise TypeError(f"{type(error).__name__} is not a refusal") from error
 
 
-REFUSALS = (Refused, InvalidImageError, aiohttp.ClientConnectionError)
+REFUSALS = (
+    Refused,
+    InvalidImageError,
+    aiohttp.ClientConnectionError,
+    RecordsError,
+    SQLAlchemyError,
+)
+
+
+def caller(ctx: Any) -> str | None:
+    """The name of the API key a request came with (set by the gate), for its record."""
+    return ctx.request.scope.get(CALLER_SCOPE_KEY) if ctx is not None else None
 
 
 def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
@@ -62,12 +90,24 @@ def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
     return runner_answer
 
 
+def image_media_type(data: bytes) -> str:
+    """The media type of a kept image, from its header (Pillow reads no pixels here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError):
+        return "application/octet-stream"
+
+
 class InspectionEndpoints:
     """The endpoints' work; `runner` is the BentoML dependency on the scoring runner."""
 
-    def __init__(self, runner: Any, settings: Settings) -> None:
+    def __init__(self, runner: Any, settings: Settings, recorder: Recorder | None = None) -> None:
         self.runner = runner
         self.settings = settings
+        self.recorder = recorder
         self._model_info: dict[str, Any] | None = None
         self._model_info_at = 0.0
         # Each product's drift status as of the runner's latest answer for it: /drift
@@ -189,13 +229,24 @@ class InspectionEndpoints:
             self._references[status["product"]] = (status["bank"], status["reference_profiles"])
         return status
 
-    async def _answer(self, result: dict[str, Any], with_profile: bool) -> dict[str, Any]:
-        """The client's answer for a scored image, counted in the metrics. The drift
-        profile (90 numbers only a client computing its own drift statistic needs) is
-        included only on request."""
+    def _answer(
+        self,
+        result: dict[str, Any],
+        with_profile: bool,
+        upload: bytes,
+        who: str | None,
+        started: float,
+    ) -> dict[str, Any]:
+        """The client's answer for a scored image, counted in the metrics and recorded
+        (its `record_id` names the record to review). The drift profile (90 numbers only
+        a client computing its own drift statistic needs) is included only on request."""
         telemetry.count_answer(result["product"], result)
         answer = schema.answer(result, result["models"], result["random_weights"], result["demo"])
         answer["product"] = result["product"]
+        if self.recorder is not None:
+            latency_ms = round((time.perf_counter() - started) * 1000, 2)
+            record = {**answer, "settings_hash": result["settings_hash"]}
+            answer["record_id"] = self.recorder.record(record, upload, latency_ms, who)
         if with_profile:
             answer["drift_profile"] = result.get("drift_profile")
         return answer
@@ -213,24 +264,93 @@ class InspectionEndpoints:
         return await self._change("rollback", product, version, reason)
 
     async def add_images(
-        self, product: str, images: list[bytes], reason: str, calibration: list[bytes]
+        self,
+        product: str,
+        images: list[bytes],
+        reason: str,
+        calibration: list[bytes],
+        records: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Checked like scored uploads; any refused image refuses the whole change."""
+        """Checked like scored uploads; any refused image refuses the whole change. The
+        images of `records` (reviewed false alarms of this product) are added too, and each
+        record then names the version it went into."""
+        records = list(dict.fromkeys(records or []))
+        if len(records) > self.settings.max_batch_files:
+            raise Refused(
+                413, "too_many_files", f"At most {self.settings.max_batch_files} records at once."
+            )
+        if records:
+            recorder = self._recorder()
+            images = images + await anyio.to_thread.run_sync(
+                recorder.false_alarm_images, records, product
+            )
         if not images:
-            raise Refused(400, "no_images", "Send at least one defect-free image as 'images'.")
+            raise Refused(
+                400, "no_images", "Send at least one defect-free image as 'images' or 'records'."
+            )
         for data in images + calibration:
             self.check_header(data)
-        uploads, held_out = images, calibration
         async with self._runner_slots:
-            return await self._change("add_images", product, uploads, reason, held_out)
+            report = await self._change("add_images", product, images, reason, calibration, records)
+        if records:
+            tag = f"{model_name(report['product'])}:{report['version']}"
+            await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
+            report["records"] = records
+        return report
+
+    # ----- records -------------------------------------------------------------------
+    def _recorder(self) -> Recorder:
+        if self.recorder is None:
+            raise Refused(404, "records_off", RECORDS_OFF)
+        return self.recorder
+
+    async def records(self, params: dict[str, str]) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self._recorder().list, params)
+
+    async def review_summary(self) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self._recorder().summary)
+
+    async def record(self, record_id: str) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self._recorder().get, record_id)
+
+    async def record_image(self, record_id: str) -> Response:
+        _, data = await anyio.to_thread.run_sync(self._recorder().image, record_id)
+        return Response(data, media_type=image_media_type(data))
+
+    async def record_heatmap(self, record_id: str) -> Response:
+        """The overlay of a record's kept image, drawn by its product's live bank; the
+        X-Bank-Model header says which version that was (the decision's is in the record)."""
+        record, data = await anyio.to_thread.run_sync(self._recorder().image, record_id)
+        (result,) = await self._score("score_with_maps", [(record["product"], data)])
+        result = refused_answer(result)
+        anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
+        async with self._renders:
+            picture = await anyio.to_thread.run_sync(
+                self._picture, data, anomaly_map, result["threshold"], "overlay"
+            )
+        headers = {
+            "X-Bank-Model": result["models"]["bank"],
+            "X-Anomaly-Score": f"{result['score']:.8g}",
+        }
+        return Response(picture, media_type="image/png", headers=headers)
+
+    async def review(
+        self, record_id: str, label: str, note: str, reviewer: str, who: str | None
+    ) -> dict[str, Any]:
+        recorder = self._recorder()
+        return await anyio.to_thread.run_sync(
+            recorder.review, record_id, label, note, reviewer, who
+        )
 
     # ----- endpoints -----------------------------------------------------------------
-    async def inspect(self, image: Path, product: str, drift_profile: bool) -> dict[str, Any]:
+    async def inspect(
+        self, image: Path, product: str, drift_profile: bool, who: str | None = None
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
         (result,) = await self._score("score", [(product, upload)])
-        answer = await self._answer(refused_answer(result), drift_profile)
+        answer = self._answer(refused_answer(result), drift_profile, upload, who, started)
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
             "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
@@ -239,7 +359,7 @@ class InspectionEndpoints:
         return answer
 
     async def heatmap(
-        self, image: Path, product: str, output: str, drift_profile: bool
+        self, image: Path, product: str, output: str, drift_profile: bool, who: str | None = None
     ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
@@ -248,7 +368,7 @@ class InspectionEndpoints:
         (result,) = await self._score("score_with_maps", [(product, upload)])
         result = refused_answer(result)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
-        answer = await self._answer(result, drift_profile)
+        answer = self._answer(result, drift_profile, upload, who, started)
         answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
         headers_out = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
@@ -288,8 +408,11 @@ class InspectionEndpoints:
         picture.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
-    async def inspect_batch(self, images: list[Path], product: str) -> list[dict[str, Any]]:
+    async def inspect_batch(
+        self, images: list[Path], product: str, who: str | None = None
+    ) -> list[dict[str, Any]]:
         """One answer per image, in order; a bad image gets its error in its place."""
+        started = time.perf_counter()
         answers: list[dict[str, Any] | None] = [None] * len(images)
         readable: list[tuple[int, bytes]] = []
         for position, upload in enumerate(images):
@@ -299,9 +422,9 @@ class InspectionEndpoints:
                 answers[position] = self._batch_error(error)
         pairs = [(product, data) for _, data in readable]
         results = await self._score("score", pairs) if readable else []
-        for (position, _), result in zip(readable, results, strict=True):
+        for (position, data), result in zip(readable, results, strict=True):
             try:
-                answers[position] = await self._answer(refused_answer(result), False)
+                answers[position] = self._answer(refused_answer(result), False, data, who, started)
             except Refused as error:
                 answers[position] = self._batch_error(error)
         return answers

@@ -40,6 +40,7 @@ class LiveBank:
     tag: str
     detector: AnomalyDetector
     nbytes: int
+    settings_hash: str  # what decided besides the rows (AnomalyDetector.settings_hash)
 
     @property
     def demo(self) -> bool:
@@ -126,6 +127,9 @@ class BankCatalog:
             str(model.tag),
             detector,
             os.path.getsize(Path(model.path) / INDEX_FILE),
+            detector.settings_hash(
+                runtime=self.settings.runtime, precision=self.settings.precision
+            ),
         )
         with self._lock:
             old = self._live.pop(product, None)

@@ -61,6 +61,8 @@ class Rule:
 
 
 PRODUCT_ACTIONS = ("history", "rollback", "images")
+RECORD_ACTIONS = ("image", "heatmap", "review")
+CALLER_SCOPE_KEY = "inspection.caller"
 
 
 def rules(settings: Settings) -> dict[str, Rule]:
@@ -87,26 +89,43 @@ def rules(settings: Settings) -> dict[str, Rule]:
             queued=True,
             admin=True,
         ),
+        "/records/": Rule(SMALL_BODY),
+        "/records/*": Rule(SMALL_BODY),
+        "/records/*/image": Rule(SMALL_BODY),
+        "/records/*/heatmap": Rule(SMALL_BODY),
+        "/records/*/review": Rule(SMALL_BODY),
     }
 
 
+MOUNTED = {"/products": PRODUCT_ACTIONS, "/records": RECORD_ACTIONS}
+
+
 def rule_key(path: str) -> str:
-    """The rules' key for a path: /products/NAME/ACTION matches /products/*/ACTION, and any
-    other path under /products (a trailing slash, a typo) the listing's rule, so nothing
-    under it is ever reached without the key."""
-    if path != "/products" and not path.startswith("/products/"):
+    """The rules' key for a path. Under a mounted app (/products, /records), PREFIX/NAME/ACTION
+    matches PREFIX/*/ACTION, /records/ID matches /records/*, and any other path under it (a
+    trailing slash, a typo) the listing's rule, so nothing under it is reached without the
+    key."""
+    prefix = "/" + path.split("/")[1] if path.count("/") >= 1 else path
+    actions = MOUNTED.get(prefix)
+    if actions is None or (path != prefix and not path.startswith(prefix + "/")):
         return path
     parts = path.rstrip("/").split("/")
-    if len(parts) == 4 and parts[2] and parts[3] in PRODUCT_ACTIONS:
-        return f"/products/*/{parts[3]}"
-    return "/products/"
+    if len(parts) == 4 and parts[2] and parts[3] in actions:
+        return f"{prefix}/*/{parts[3]}"
+    if len(parts) == 3 and parts[2] and prefix == "/records" and parts[2] != "summary":
+        return "/records/*"
+    return f"{prefix}/"
 
 
-def authorised(headers: dict[str, str], api_key: str | None) -> bool:
-    if not api_key:
-        return True
+def caller_of(headers: dict[str, str], keys: dict[str, str]) -> str | None:
+    """The name of the key the request carries, or None when it carries none of `keys`.
+    Every key is compared (in constant time), so the time taken says nothing about which."""
     given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-    return hmac.compare_digest(given.encode(), api_key.encode())
+    found = None
+    for name, key in keys.items():
+        if hmac.compare_digest(given.encode(), key.encode()):
+            found = name
+    return found
 
 
 class MultipartShape:
@@ -180,9 +199,9 @@ class RequestGate:
         rule = self.rules.get(rule_key(path)) if scope["type"] == "http" else None
         if rule is None:
             return await self.app(scope, receive, send)
-        if path == "/products":  # the mounted app's root, without a redirect
-            scope["path"] = "/products/"
-            scope["raw_path"] = b"/products/"
+        if path in MOUNTED:  # a mounted app's root, without a redirect
+            scope["path"] = path + "/"
+            scope["raw_path"] = path.encode() + b"/"
         weight = int(rule.queued and scope.get("method") == "POST")
         try:
             self._check_headers(scope, rule)
@@ -218,14 +237,17 @@ class RequestGate:
 
     def _check_headers(self, scope: Scope, rule: Rule) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = (self.settings.admin_key if rule.admin else None) or self.settings.api_key
-        if not authorised(headers, key):
+        keys = self.settings.admin_keys if rule.admin else self.settings.user_keys
+        caller = caller_of(headers, keys or self.settings.user_keys)
+        if keys and caller is None:
             which = (
                 "admin key (INSPECT_ADMIN_KEY)"
                 if rule.admin and self.settings.admin_key
                 else "API key"
             )
             raise Refusal(401, "unauthorised", f"Missing or wrong {which}: send it as X-API-Key.")
+        # Which key sent the request, by name, for its record (api.caller); never the key.
+        scope[CALLER_SCOPE_KEY] = caller
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > rule.max_body):
             raise Refusal(

@@ -6,7 +6,8 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
 
     GET  /products                        every product, its live version, threshold, drift
     GET  /products/{name}/history         every version: what changed, why, when
-    POST /products/{name}/images          multipart: images (files), reason, calibration_images
+    POST /products/{name}/images          multipart: images (files), reason, calibration_images,
+                                          records (ids of reviewed false alarms: their images)
     POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
 """
 
@@ -58,10 +59,17 @@ async def add_images(request: Request) -> JSONResponse:
                 images = await _files(form, "images")
                 calibration = await _files(form, "calibration_images")
                 reason = str(form.get("reason") or "")[:500]
+                records = [
+                    part.strip()
+                    for field in form.getlist("records")
+                    if isinstance(field, str)
+                    for part in field.split(",")
+                    if part.strip()
+                ]
         except MultiPartException as error:
             raise Refused(400, "bad_multipart", f"Malformed multipart: {error}") from None
         name = request.path_params["name"]
-        return await endpoints.add_images(name, images, reason, calibration)
+        return await endpoints.add_images(name, images, reason, calibration, records)
 
     return await _json(work())
 

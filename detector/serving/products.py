@@ -275,6 +275,7 @@ def add_images(
     reason: str = "",
     calibration_images: list[Any] | None = None,
     batch_size: int = 8,
+    records: list[str] | None = None,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version whose bank also covers these defect-free images' features.
 
@@ -316,6 +317,8 @@ def add_images(
             "rows_added": added,
             "calibration_images": len(calibration_images or []),
         }
+        if records:  # reviewed false alarms: the version points back to their records
+            change["records"] = list(records)
         return folder, change
 
     with tempfile.TemporaryDirectory(prefix="bank-update-") as scratch:

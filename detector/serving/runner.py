@@ -145,6 +145,7 @@ class ScoringRunner:
             "drift_profile": profile_to_list(result.drift_profile),
             "product": live.product,
             "models": {"backbone": self.catalog.backbone_tag, "bank": live.tag},
+            "settings_hash": live.settings_hash,
             "random_weights": self.catalog.extractor.random_weights,
             "demo": live.demo,
             "drift": drift,
@@ -155,10 +156,16 @@ class ScoringRunner:
 
     # ----- products and bank changes --------------------------------------------------
     def add_images(
-        self, product: str, uploads: list[bytes], reason: str, calibration: list[bytes]
+        self,
+        product: str,
+        uploads: list[bytes],
+        reason: str,
+        calibration: list[bytes],
+        records: list[str] | None = None,
     ) -> dict[str, Any]:
         """A new bank version that also covers these defect-free images, live here at once
-        and in every other worker and replica within INSPECT_BANK_REFRESH_S."""
+        and in every other worker and replica within INSPECT_BANK_REFRESH_S; `records` are
+        the ids of the reviewed records the images came from, kept in the version."""
         started = time.perf_counter()
         try:
             product = self.catalog.resolve(product)
@@ -181,6 +188,7 @@ class ScoringRunner:
                 reason=reason,
                 calibration_images=held_out or None,
                 batch_size=self.settings.max_batch_size,
+                records=records,
             )
         except (UserError, InvalidImageError) as error:
             return refusal(error)

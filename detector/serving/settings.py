@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from detector.drift import DriftSettings
 from detector.errors import UserError
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from detector.records.images import KEEP_POLICIES
 
 
 def _int(name: str, default: int | None) -> int | None:
@@ -28,6 +29,30 @@ def _float(name: str, default: float) -> float:
 def _bool(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     return value in ("1", "true", "yes", "on") if value else default
+
+
+def _named_keys(value: str) -> dict[str, str]:
+    """INSPECT_API_KEYS="line3=KEY,review-desk=KEY": keys with names, so a record says which
+    client sent an image (by name, never the key)."""
+    keys: dict[str, str] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, separator, key = item.partition("=")
+        if not separator or not name.strip() or not key.strip():
+            raise UserError(
+                "INSPECT_API_KEYS takes name=key pairs separated by commas "
+                "(e.g. line3=...,review-desk=...); one entry has no name or no key."
+            )
+        keys[name.strip()] = key.strip()
+    return keys
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}; it is {value!r}.")
+    return value
 
 
 def drift_settings() -> DriftSettings:
@@ -77,7 +102,30 @@ class Settings:
     max_renders: int  # overlays drawn at once (each holds a decoded image)
     api_key: str | None
     admin_key: str | None  # for bank changes; without it, the API key guards them too
+    named_keys: dict[str, str]  # INSPECT_API_KEYS: more API keys, each with a name
     drift: DriftSettings
+    records: bool  # record every decision (detector/records)
+    records_dir: str | None  # None: <BENTOML_HOME>/records
+    records_db: str | None  # a SQLAlchemy URL; None: SQLite in records_dir
+    records_migrate: str  # apply | check: what start-up does with an older schema
+    keep_images: str  # flagged | all | none
+    images_max_age_days: float
+    images_max_mb: float
+    records_spool_mb: float
+
+    @property
+    def user_keys(self) -> dict[str, str]:
+        """Keys that may score and review, by name; the admin key may do all of it too."""
+        keys = {"default": self.api_key} if self.api_key else {}
+        keys.update(self.named_keys)
+        if keys and self.admin_key:
+            keys["admin"] = self.admin_key
+        return keys
+
+    @property
+    def admin_keys(self) -> dict[str, str]:
+        """Keys that may change a bank: the admin key when set, else the API keys."""
+        return {"admin": self.admin_key} if self.admin_key else self.user_keys
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -122,6 +170,15 @@ class Settings:
             max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
             api_key=os.environ.get("INSPECT_API_KEY") or None,
             admin_key=os.environ.get("INSPECT_ADMIN_KEY") or None,
+            named_keys=_named_keys(os.environ.get("INSPECT_API_KEYS", "")),
             # The drift window: images compared with the bank's calibration reference.
             drift=drift_settings(),
+            records=_bool("INSPECT_RECORDS", True),
+            records_dir=os.environ.get("INSPECT_RECORDS_DIR") or None,
+            records_db=os.environ.get("INSPECT_RECORDS_DB") or None,
+            records_migrate=_choice("INSPECT_RECORDS_MIGRATE", "apply", ("apply", "check")),
+            keep_images=_choice("INSPECT_KEEP_IMAGES", "flagged", KEEP_POLICIES),
+            images_max_age_days=_float("INSPECT_IMAGES_MAX_AGE_DAYS", 30.0),
+            images_max_mb=_float("INSPECT_IMAGES_MAX_MB", 2048.0),
+            records_spool_mb=_float("INSPECT_RECORDS_SPOOL_MB", 256.0),
         )

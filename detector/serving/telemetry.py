@@ -83,3 +83,40 @@ def count_answer(product: str, result: dict[str, Any]) -> None:
     if result["normalized_score"] is not None:  # None: a score that was not a number
         normalized_score.labels(product).observe(result["normalized_score"])
     verdicts.labels(product, "anomalous" if result["is_anomalous"] else "normal").inc()
+
+
+# ----- records and reviews (detector/serving/records.py) ----------------------------------
+records = Counter(
+    "inspection_records",
+    "Inspection records by outcome: written to the database, spooled to disk while it was "
+    "unavailable (written later), or dropped (spool full)",
+    ["outcome"],
+)
+reviews = Counter(
+    "inspection_reviews",
+    "Operator reviews by the record's verdict and the review's label",
+    ["product", "verdict", "label"],
+)
+reviewed_alarms = Gauge(
+    "inspection_reviewed_alarms",
+    "Flagged records reviewed in the last REVIEW_WINDOW_DAYS days",
+    ["product"],
+    multiprocess_mode="livemax",
+)
+review_false_alarm_share = Gauge(
+    "inspection_review_false_alarm_share",
+    "Share of the flagged records reviewed in the last REVIEW_WINDOW_DAYS days that "
+    "operators marked false_alarm: the line's real false-alarm share among alarms",
+    ["product"],
+    multiprocess_mode="livemax",
+)
+
+
+def publish_reviews(summary: dict[str, dict[str, int]]) -> None:
+    """Per product, the reviewed alarms and the false alarms' share of them."""
+    for product, counts in summary.items():
+        alarms = sum(n for key, n in counts.items() if key.startswith("flagged_"))
+        reviewed_alarms.labels(product).set(alarms)
+        if alarms:
+            share = counts.get("flagged_false_alarm", 0) / alarms
+            review_false_alarm_share.labels(product).set(share)

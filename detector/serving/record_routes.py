@@ -1,0 +1,94 @@
+"""/records: the decisions the service recorded, their kept images, and operators' reviews.
+
+A small Starlette app mounted at /records on the API service (BentoML APIs take no path
+parameters), calling the same `InspectionEndpoints`; `RequestGate` checks the API key and
+the body size first.
+
+    GET  /records?product=&verdict=&reviewed=&label=&since=&until=&limit=&cursor=
+                                      newest first; `next_cursor` pages on
+    GET  /records/summary             reviewed counts per product (last 7 days)
+    GET  /records/{id}                one record, and whether its image is still kept
+    GET  /records/{id}/image          the kept image
+    GET  /records/{id}/heatmap        its overlay, drawn by the product's live bank
+    POST /records/{id}/review         JSON: {"label": "false_alarm" | "confirmed_defect" |
+                                      "unsure", "note": "...", "reviewer": "..."}
+
+To add reviewed false alarms to a bank: POST /products/{name}/images with `records` fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from detector.serving.api import InspectionEndpoints, Refused
+from detector.serving.gate import CALLER_SCOPE_KEY
+
+
+def _endpoints() -> InspectionEndpoints:
+    return bentoml.get_current_service().endpoints
+
+
+async def _answer(work: Awaitable[Any]) -> Response:
+    """The endpoints' one exit for errors (`InspectionEndpoints.respond`), as a response."""
+    answer = await InspectionEndpoints.respond(None, work)
+    return answer if isinstance(answer, Response) else JSONResponse(answer)
+
+
+async def list_records(request: Request) -> Response:
+    return await _answer(_endpoints().records(dict(request.query_params)))
+
+
+async def summary(request: Request) -> Response:
+    return await _answer(_endpoints().review_summary())
+
+
+async def one(request: Request) -> Response:
+    return await _answer(_endpoints().record(request.path_params["id"]))
+
+
+async def image(request: Request) -> Response:
+    return await _answer(_endpoints().record_image(request.path_params["id"]))
+
+
+async def heatmap(request: Request) -> Response:
+    return await _answer(_endpoints().record_heatmap(request.path_params["id"]))
+
+
+async def review(request: Request) -> Response:
+    async def work() -> dict[str, Any]:
+        usage = 'Send JSON: {"label": "false_alarm", "note": "...", "reviewer": "..."}.'
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise Refused(400, "bad_json", usage) from None
+        if not isinstance(body, dict):
+            raise Refused(400, "bad_json", usage)
+        return await _endpoints().review(
+            request.path_params["id"],
+            str(body.get("label") or ""),
+            str(body.get("note") or ""),
+            str(body.get("reviewer") or ""),
+            request.scope.get(CALLER_SCOPE_KEY),
+        )
+
+    return await _answer(work())
+
+
+records_app = Starlette(
+    routes=[
+        Route("/", list_records, methods=["GET"]),
+        Route("/summary", summary, methods=["GET"]),
+        Route("/{id}", one, methods=["GET"]),
+        Route("/{id}/image", image, methods=["GET"]),
+        Route("/{id}/heatmap", heatmap, methods=["GET"]),
+        Route("/{id}/review", review, methods=["POST"]),
+    ]
+)

@@ -1,0 +1,247 @@
+"""The service's side of inspection records: record each answer, list and review records,
+hand their images to the bank.
+
+Recording is off the request path: `record` builds the row and queues it with the image to
+keep (`RecordWriter`); the database is touched by the writer's thread and by the /records
+endpoints, never while an image waits for its verdict. Every method that reads or reviews
+is blocking and runs in a worker thread (`anyio.to_thread`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from detector.errors import UserError
+from detector.records.images import ImageStore
+from detector.records.model import new_record_id, utc_now
+from detector.records.store import (
+    ImageGone,
+    RecordQuery,
+    RecordsError,
+    RecordStore,
+    default_url,
+    safe_url,
+)
+from detector.records.writer import RecordWriter
+from detector.serving import telemetry
+from detector.serving.settings import Settings
+
+log = logging.getLogger("inspection.records")
+REVIEW_WINDOW_DAYS = 7  # the review gauges count reviews this recent
+
+
+def records_dir(settings: Settings) -> Path:
+    return locate_records(settings.records_dir, settings.records_db)[0]
+
+
+def records_url(settings: Settings) -> str:
+    return locate_records(settings.records_dir, settings.records_db)[1]
+
+
+def locate_records(folder: str | None, url: str | None) -> tuple[Path, str]:
+    """(records folder, database URL): the folder defaults to <BENTOML_HOME>/records, beside
+    the model store whose versions the records name; the database to SQLite in it."""
+    if folder:
+        path = Path(folder)
+    else:
+        from detector.serving.products import store_dir
+
+        path = store_dir().parent / "records"
+    return path, url or default_url(path)
+
+
+def prepare_database(settings: Settings) -> None:
+    """At start: bring the schema up to date (INSPECT_RECORDS_MIGRATE=apply, under a file
+    lock so the service's processes migrate once) or check it (=check; a schema behind
+    stops the start with one sentence). A database that does not answer is not an error:
+    records are spooled until it does, and the writer migrates or checks it then."""
+    if not settings.records:
+        return
+    folder = records_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = RecordStore(records_url(settings))
+    try:
+        if settings.records_migrate == "check":
+            store.check()
+            return
+        with (folder / ".migrate.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            store.migrate()
+    except OperationalError as error:
+        log.warning(
+            "records database %s does not answer (%s); records are spooled until it does",
+            safe_url(store.url),
+            type(error.orig).__name__ if error.orig else "OperationalError",
+        )
+    finally:
+        store.close()
+
+
+def parse_time(name: str, value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecordsError(f"{name} must be an ISO 8601 time, e.g. 2026-11-29T08:00:00Z.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def query_from(params: dict[str, str]) -> RecordQuery:
+    """GET /records parameters -> a checked query; anything out of range is a 400."""
+    reviewed = params.get("reviewed")
+    if reviewed not in (None, "", "true", "false"):
+        raise RecordsError("reviewed must be true or false.")
+    limit = params.get("limit") or "50"
+    if not limit.isdigit():
+        raise RecordsError(f"limit must be a whole number; it was {limit!r}.")
+    return RecordQuery(
+        product=params.get("product") or None,
+        verdict=params.get("verdict") or None,
+        reviewed=None if not reviewed else reviewed == "true",
+        label=params.get("label") or None,
+        since=parse_time("since", params.get("since")),
+        until=parse_time("until", params.get("until")),
+        cursor=params.get("cursor") or None,
+        limit=int(limit),
+    )
+
+
+class Recorder:
+    """One per API worker: the record writer, the kept images, and the database's readers."""
+
+    def __init__(self, settings: Settings) -> None:
+        folder = records_dir(settings)
+        self.store = RecordStore(records_url(settings))
+        self.images = ImageStore(
+            folder / "images",
+            settings.keep_images,
+            settings.images_max_age_days,
+            settings.images_max_mb,
+        )
+        self.writer = RecordWriter(
+            self.store,
+            folder / "spool",
+            self.images,
+            prepare=self.store.migrate if settings.records_migrate == "apply" else self.store.check,
+            spool_max_bytes=int(settings.records_spool_mb * 2**20),
+            on_count=lambda outcome, n: telemetry.records.labels(outcome).inc(n),
+        )
+        # With the database down at start, the gauges appear with the first review.
+        with contextlib.suppress(OperationalError):
+            self.publish_reviews()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.store.close()
+
+    # ----- recording -------------------------------------------------------------------
+    def record(
+        self,
+        answer: dict[str, Any],
+        upload: bytes,
+        latency_ms: float | None,
+        caller: str | None,
+        *,
+        source: str = "service",
+        name: str | None = None,
+    ) -> str:
+        """Queue the record of one scored image; returns its id (for the client's answer)."""
+        record_id = new_record_id()
+        sha256 = hashlib.sha256(upload).hexdigest()
+        record = {
+            "id": record_id,
+            "created_at": utc_now(),
+            "source": source,
+            "product": answer["product"],
+            "image_sha256": sha256,
+            "image_bytes": len(upload),
+            "image_width": answer["image_width"],
+            "image_height": answer["image_height"],
+            "image_name": name,
+            "score": answer["score"],
+            "threshold": answer["threshold"],
+            "is_anomalous": answer["is_anomalous"],
+            "backbone_model": answer["models"]["backbone"],
+            "bank_model": answer["models"]["bank"],
+            "settings_hash": answer["settings_hash"],
+            "latency_ms": latency_ms,
+            "api_key_id": caller,
+        }
+        keep = self.images.wants(bool(answer["is_anomalous"]))
+        self.writer.submit(record, upload if keep else None)
+        return record_id
+
+    # ----- reading and reviewing (blocking: call from a worker thread) ------------------
+    def _with_availability(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "image_available": self.images.available(record["image_sha256"])}
+
+    def list(self, params: dict[str, str]) -> dict[str, Any]:
+        records, cursor = self.store.list(query_from(params))
+        return {"records": [self._with_availability(r) for r in records], "next_cursor": cursor}
+
+    def get(self, record_id: str) -> dict[str, Any]:
+        return self._with_availability(self.store.get(record_id))
+
+    def image(self, record_id: str) -> tuple[dict[str, Any], bytes]:
+        record = self.store.get(record_id)
+        data = self.images.get(record["image_sha256"])
+        if data is None:
+            raise ImageGone(
+                f"Record {record_id}'s image is not kept (INSPECT_KEEP_IMAGES="
+                f"{self.images.keep}, or retention removed it)."
+            )
+        return record, data
+
+    def review(
+        self, record_id: str, label: str, note: str | None, reviewer: str | None, caller: str | None
+    ) -> dict[str, Any]:
+        who = " / ".join(part for part in ((reviewer or "").strip()[:64], caller or "") if part)
+        record = self.store.review(record_id, label, note, who or None)
+        telemetry.reviews.labels(record["product"], record["verdict"], label).inc()
+        self.publish_reviews()
+        return self._with_availability(record)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return self.store.review_summary(since=utc_now() - timedelta(days=REVIEW_WINDOW_DAYS))
+
+    def publish_reviews(self) -> None:
+        telemetry.publish_reviews(self.summary())
+
+    def false_alarm_images(self, record_ids: list[str], product: str) -> list[bytes]:
+        """The kept images of records reviewed as false alarms of `product`, for its bank."""
+        images = []
+        for record_id in record_ids:
+            record, data = self.image(record_id)
+            if record["product"] != product:
+                raise RecordsError(f"Record {record_id} is of {record['product']}, not {product}.")
+            if record["review_label"] != "false_alarm":
+                raise RecordsError(
+                    f"Record {record_id} is not reviewed as a false alarm; only false alarms "
+                    "go into a bank."
+                )
+            images.append(data)
+        return images
+
+    def mark_added(self, record_ids: list[str], bank_tag: str) -> None:
+        self.store.mark_added(record_ids, bank_tag)
+
+
+def open_recorder(settings: Settings) -> Recorder | None:
+    if not settings.records:
+        return None
+    try:
+        return Recorder(settings)
+    except UserError:
+        raise
+    except Exception as error:  # recording must never stop inspection
+        log.error("recording is off: the records store could not be opened (%s)", error)
+        return None
