@@ -24,7 +24,7 @@ from detector.serving.gate import RequestGate
 from detector.serving.model_store import resolve_models
 from detector.serving.product_routes import products_app
 from detector.serving.record_routes import records_app
-from detector.serving.records import open_recorder, prepare_database
+from detector.serving.records import check_database, open_recorder
 from detector.serving.settings import Settings
 
 # No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
@@ -35,8 +35,9 @@ with user_errors_exit():
     _backbone, _banks = resolve_models(
         SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
     )
-    # The records database's schema: migrated, or checked (INSPECT_RECORDS_MIGRATE=check).
-    prepare_database(SETTINGS)
+    # INSPECT_RECORDS_MIGRATE=check: a records schema behind this code stops the start here
+    # (with =apply, the default, the API worker migrates it when it starts).
+    check_database(SETTINGS)
 BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
 # Each product's live bank at start, declared so `bentoml build` packs it; later versions
 # are read from the model store as they are made (detector/serving/catalog.py).

@@ -108,6 +108,9 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     assert "FROM python:3.11" in dockerfile and "libgomp1" in dockerfile
     assert "requirements.txt" in dockerfile and "EXPOSE 3000" in dockerfile
     assert (bento_dir / "src" / "detector" / "serving" / "static" / "index.html").exists()
+    migrations = bento_dir / "src" / "detector" / "records" / "migrations"
+    assert (migrations / "env.py").exists() and list((migrations / "versions").glob("0001_*.py"))
+    assert not (store / "records").exists(), "building a Bento touches no records database"
 
     archive = tmp_path / "bundle.bento"
     subprocess.run(

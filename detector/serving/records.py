@@ -58,31 +58,39 @@ def locate_records(folder: str | None, url: str | None) -> tuple[Path, str]:
     return path, url or default_url(path)
 
 
-def prepare_database(settings: Settings) -> None:
-    """At start: bring the schema up to date (INSPECT_RECORDS_MIGRATE=apply, under a file
-    lock so the service's processes migrate once) or check it (=check; a schema behind
-    stops the start with one sentence). A database that does not answer is not an error:
-    records are spooled until it does, and the writer migrates or checks it then."""
-    if not settings.records:
+def check_database(settings: Settings) -> None:
+    """At start, with INSPECT_RECORDS_MIGRATE=check: a schema behind this code stops the
+    start with one sentence. A database that does not answer is not an error: records are
+    spooled until it does (and checked then)."""
+    if not settings.records or settings.records_migrate != "check":
         return
-    folder = records_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
     store = RecordStore(records_url(settings))
     try:
-        if settings.records_migrate == "check":
-            store.check()
-            return
+        store.check()
+    except OperationalError as error:
+        _unreachable(store, error)
+    finally:
+        store.close()
+
+
+def migrate_database(store: RecordStore, folder: Path) -> None:
+    """Apply the migrations the database lacks, under a file lock so that the service's
+    workers (and a `migrate-records` run) migrate one at a time; unreachable: later."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
         with (folder / ".migrate.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             store.migrate()
     except OperationalError as error:
-        log.warning(
-            "records database %s does not answer (%s); records are spooled until it does",
-            safe_url(store.url),
-            type(error.orig).__name__ if error.orig else "OperationalError",
-        )
-    finally:
-        store.close()
+        _unreachable(store, error)
+
+
+def _unreachable(store: RecordStore, error: OperationalError) -> None:
+    log.warning(
+        "records database %s does not answer (%s); records are spooled until it does",
+        safe_url(store.url),
+        type(error.orig).__name__ if error.orig else "OperationalError",
+    )
 
 
 def parse_time(name: str, value: str | None) -> datetime | None:
@@ -121,6 +129,9 @@ class Recorder:
     def __init__(self, settings: Settings) -> None:
         folder = records_dir(settings)
         self.store = RecordStore(records_url(settings))
+        migrate = settings.records_migrate == "apply"
+        if migrate:
+            migrate_database(self.store, folder)
         self.images = ImageStore(
             folder / "images",
             settings.keep_images,
@@ -131,7 +142,7 @@ class Recorder:
             self.store,
             folder / "spool",
             self.images,
-            prepare=self.store.migrate if settings.records_migrate == "apply" else self.store.check,
+            prepare=self.store.migrate if migrate else self.store.check,
             spool_max_bytes=int(settings.records_spool_mb * 2**20),
             on_count=lambda outcome, n: telemetry.records.labels(outcome).inc(n),
         )
