@@ -104,6 +104,12 @@ class InspectionRunner:
         return self.runner.score_uploads(uploads, with_maps=True)
 
     @bentoml.api
+    def redraw(self, product: str, upload: bytes) -> dict[str, Any]:
+        """A recorded image scored again with its map, for review; not counted as traffic."""
+        (answer,) = self.runner.score_uploads([(product, upload)], with_maps=True, watch=False)
+        return answer
+
+    @bentoml.api
     def model_info(self) -> dict[str, Any]:
         return self.runner.model_info()
 

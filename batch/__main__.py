@@ -1,7 +1,7 @@
 """Score a folder of images offline, crash-safe and resumable.
 
     python -m batch INPUT_DIR --out OUT_DIR [--product NAME] [--heatmaps] [--batch-size N]
-                    [--url http://host:3000] [--shard I/N] [--evaluate]
+                    [--url http://host:3000] [--shard I/N] [--evaluate] [--record]
     python -m batch merge OUT_DIR
 
 Writes OUT_DIR/results.jsonl (the journal, appended and fsynced row by row), results.csv,
@@ -28,6 +28,7 @@ from batch.job import JobOptions, check_writable, merge, run_job
 from batch.scorers import BatchSetupError, LocalScorer, RemoteScorer, Scorer
 from detector.drift import DriftSettings
 from detector.errors import user_errors_exit
+from detector.records.images import KEEP_POLICIES
 from detector.runtimes import PRECISIONS, RUNTIMES
 
 
@@ -91,6 +92,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--retry-backoff", type=float, default=1.0, help="first wait in seconds, doubling (--url)"
     )
     parser.add_argument("--heatmap-max-side", type=int, default=2048, help="long side of heatmaps")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also record each decision in the service's records database (review, replay)",
+    )
+    parser.add_argument(
+        "--records-dir",
+        default=os.environ.get("INSPECT_RECORDS_DIR"),
+        help="records folder (default: <BENTOML_HOME>/records, where the service keeps them)",
+    )
+    parser.add_argument(
+        "--records-db",
+        default=os.environ.get("INSPECT_RECORDS_DB"),
+        help="SQLAlchemy URL of the records database (default: SQLite in the records folder)",
+    )
+    parser.add_argument(
+        "--keep-images",
+        default="flagged",
+        choices=KEEP_POLICIES,
+        help="which scored images --record keeps for review and replay",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -135,6 +157,10 @@ def run(argv: list[str]) -> int:
         raise BatchSetupError(f"{args.input_dir} is not a folder.")
     if args.evaluate and args.url:
         raise BatchSetupError("--evaluate needs anomaly maps: run it without --url.")
+    if args.record and args.url:
+        raise BatchSetupError(
+            "--record is for in-process runs: with --url the service records what it scores."
+        )
     check_writable(args.out)
     drift = DriftSettings(
         max(args.drift_min_images, 1), args.drift_min_images, args.drift_alert_level
@@ -151,11 +177,30 @@ def run(argv: list[str]) -> int:
         fsync_every=args.fsync_every,
         content_hash=args.hash,
     )
-    summary = run_job(options, make_scorer(args))
+    scorer = make_scorer(args)
+    recorder = None
+    if args.record:
+        from batch.records import BatchRecorder
+
+        recorder = BatchRecorder(
+            args.input_dir,
+            args.records_dir,
+            args.records_db,
+            args.keep_images,
+            scorer.product,
+            scorer.settings_hash,
+        )
+        options.on_scored = recorder
+    try:
+        summary = run_job(options, scorer)
+    finally:
+        recorded = recorder.close() if recorder is not None else None
     counts = {
         key: summary[key] for key in ("images", "scored", "anomalous", "anomaly_rate", "failed")
     }
     counts["drift"] = {key: summary["drift"][key] for key in ("statistic", "status")}
+    if recorded is not None:
+        counts["records"] = recorded
     print(json.dumps(counts))
     if summary["failed"]:
         print(f"{summary['failed']} file(s) failed; see {args.out}/summary.json", file=sys.stderr)

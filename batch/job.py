@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,8 @@ class JobOptions:
     drift: DriftSettings = DriftSettings()
     fsync_every: int = 1  # journal rows per fsync; raise it on network-mounted buckets
     content_hash: bool = False  # resume compares SHA-256 too, not only size and mtime
+    # Called with each image scored into the journal and its row (--record: batch/records.py).
+    on_scored: Callable[[LoadedImage, dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,7 @@ def _score_all(
         for item, (row, heat) in zip(batch, scorer.score(batch, with_maps), strict=True):
             if journal is not None and options.heatmaps and heat is not None and not row["error"]:
                 _save_heatmap(options.out_dir, item, heat, row)
+
             if accumulator is not None and heat is not None and not row["error"]:
                 result = make_result(
                     row["score"], Calibration(row["threshold"], 0.0), item.image.size, heat
@@ -295,6 +298,8 @@ def _score_all(
                     _mvtec_sample(options.input_dir, item.relative_path), result, item.image
                 )
             record(row)
+            if journal is not None and options.on_scored is not None and not row["error"]:
+                options.on_scored(item, row)  # after its journal row: a resume won't redo it
         batch.clear()
 
     try:

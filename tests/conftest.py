@@ -12,7 +12,8 @@ import tempfile
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bentoml-home-"))
+# Each test process (each xdist worker too) gets a model store of its own, never the user's.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
 # Commands track their runs with MLflow; the tests' runs go to a folder of their own.
 os.environ["MLFLOW_TRACKING_URI"] = "file:" + tempfile.mkdtemp(prefix="mlruns-")
 

@@ -309,6 +309,52 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
     assert f"carpet {version_after} is live" in status and f"bank {version_after}," in info
 
 
+def test_a_batch_job_with_record_adds_its_decisions_to_the_same_records(
+    served: Served, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "shift"
+    (folder / "line").mkdir(parents=True)
+    for number, data in enumerate(parts(synthetic_dataset, 6, seed=9)):
+        (folder / "line" / f"{number}.png").write_bytes(data)
+    (folder / "line" / "broken.png").write_bytes(b"not an image")
+    env = service_env(served.home)
+    command = [sys.executable, "-m", "batch", str(folder), "--no-progress"]
+    records = ["--record", "--records-dir", str(served.records), "--keep-images", "all"]
+    job = subprocess.run(
+        [*command, "--out", str(tmp_path / "out"), *records],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert json.loads(job.stdout.splitlines()[-1])["records"]["written"] == 6
+    rows = {
+        row["path"]: row
+        for row in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+        if not row.get("error")
+    }
+    listing = httpx.get(f"{served.url}/records", params={"limit": "50"}, headers=USER).json()
+    batch_records = {r["image_name"]: r for r in listing["records"] if r["source"] == "batch"}
+    assert batch_records.keys() == rows.keys()
+    for path, row in rows.items():
+        record = batch_records[path]
+        assert record["score"] == pytest.approx(row["score"], abs=1e-9)
+        assert record["bank_model"] == row["bank_model"] and record["image_available"]
+    served_hash = next(r["settings_hash"] for r in listing["records"] if r["source"] == "service")
+    assert {r["settings_hash"] for r in batch_records.values()} == {served_hash}
+    remote = subprocess.run(
+        [*command, "--out", str(tmp_path / "remote"), "--url", served.url, "--record"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert remote.returncode == 2 and "the service records what it scores" in remote.stderr
+
+
 def test_replay_reproduces_every_recorded_decision(
     served: Served, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:
@@ -382,3 +428,48 @@ def test_a_locked_database_mid_load_loses_no_inspection_and_no_record(
     assert metric(served.url, "inspection_records_total", outcome="spooled") > spooled_before
     wait_for_records(served.url, {r.json()["record_id"] for r in responses})
     assert metric(served.url, "inspection_records_total", outcome="dropped") == 0
+
+
+def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
+    store: Path, postgres: Any, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    import psycopg
+
+    admin = f"host=127.0.0.1 port={postgres.port} user=postgres dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute("DROP DATABASE IF EXISTS served_records")
+        connection.execute("CREATE DATABASE served_records")
+    url = postgres.url.rsplit("/", 1)[0] + "/served_records"
+    images = parts(synthetic_dataset, 30, seed=8)
+    with bentoml_serve(
+        store,
+        tmp_path / "serve.log",
+        INSPECT_RECORDS_DB=url,
+        INSPECT_RECORDS_DIR=str(tmp_path / "records"),
+        INSPECT_API_KEYS=f"line3={LINE_KEY}",
+    ) as served_url:
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda data: inspect(served_url, data), images[:10]))
+            postgres.stop()
+            try:
+                responses += pool.map(lambda data: inspect(served_url, data), images[10:20])
+                down = httpx.get(f"{served_url}/records", headers=USER, timeout=60)
+                time.sleep(1)  # the writer tries, fails and spools
+                spooled = metric(served_url, "inspection_records_total", outcome="spooled")
+            finally:
+                postgres.start()
+            responses += pool.map(lambda data: inspect(served_url, data), images[20:])
+        assert [r.status_code for r in responses] == [200] * len(images)
+        assert down.status_code == 503 and down.json()["reason"] == "records_unavailable"
+        assert spooled > 0
+        found = wait_for_records(served_url, {r.json()["record_id"] for r in responses})
+        assert len(found) == len(images)
+        one = next(iter(found))
+        review = httpx.post(
+            f"{served_url}/records/{one}/review", json={"label": "unsure"}, headers=USER
+        )
+        assert review.status_code == 200 and review.json()["reviewed_by"] == "line3"
+        assert metric(served_url, "inspection_records_total", outcome="dropped") == 0
+    with psycopg.connect(admin.replace("dbname=postgres", "dbname=served_records")) as connection:
+        rows = connection.execute("SELECT count(*), count(DISTINCT id) FROM inspections").fetchone()
+    assert rows == (len(images), len(images))  # each record once, none twice

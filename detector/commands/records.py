@@ -63,16 +63,27 @@ def replay_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from detector.records.replay import replay
+    from detector.serving.model_store import load_pair
+
+    def load_detector(bank_tag: str, backbone_tag: str) -> object:
+        pair = load_pair(
+            bank_tag,
+            backbone_tag,
+            runtime=args.runtime,
+            precision=args.precision,
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+        return pair.detector
 
     store, images = _open(args)
     report = replay(
         store,
         images,
+        load_detector,
         since=parse_time("--since", args.since),
         product=args.product,
-        runtime=args.runtime,
-        precision=args.precision,
-        device=args.device,
+        settings={"runtime": args.runtime, "precision": args.precision},
         batch_size=args.batch_size,
         tolerance=args.tolerance,
     ).to_dict()

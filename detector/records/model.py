@@ -8,10 +8,12 @@ create exactly this table; `test_records` checks the two agree.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Boolean, DateTime, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -30,6 +32,42 @@ def new_record_id() -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def make_record(
+    *,
+    product: str,
+    image: bytes,
+    result: dict[str, Any],
+    backbone_model: str,
+    bank_model: str,
+    settings_hash: str,
+    source: str,
+    latency_ms: float | None = None,
+    caller: str | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A new record of one decision (`result` holds the schema's RESULT_FIELDS), the one
+    place a record's fields are filled in, for the service and the batch job alike."""
+    return {
+        "id": new_record_id(),
+        "created_at": utc_now(),
+        "source": source,
+        "product": product,
+        "image_sha256": hashlib.sha256(image).hexdigest(),
+        "image_bytes": len(image),
+        "image_width": int(result["image_width"]),
+        "image_height": int(result["image_height"]),
+        "image_name": name,
+        "score": float(result["score"]),
+        "threshold": float(result["threshold"]),
+        "is_anomalous": bool(result["is_anomalous"]),
+        "backbone_model": backbone_model,
+        "bank_model": bank_model,
+        "settings_hash": settings_hash,
+        "latency_ms": latency_ms,
+        "api_key_id": caller,
+    }
 
 
 class Base(DeclarativeBase):

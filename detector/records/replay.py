@@ -2,16 +2,17 @@
 report every decision that comes out differently.
 
 An audit asks "would the same models decide the same today?". Each record names its
-backbone and bank version and a hash of the scoring settings; each version is loaded from
-the BentoML model store once, its records' kept images are decoded and scored as the
-service does (`AnomalyDetector.predict_prepared`), and score and verdict are compared.
+backbone and bank version and a hash of the scoring settings; each version is loaded once by
+`load_detector` (the replay command loads them from the BentoML model store), its records'
+kept images are decoded and scored as the service does (`AnomalyDetector.predict_prepared`),
+and score and verdict are compared.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,20 +52,24 @@ class ReplayReport:
         }
 
 
+# (bank tag, backbone tag) -> the detector they make; raises UserError when they are gone.
+DetectorLoader = Callable[[str, str], Any]
+
+
 def replay(
     records: RecordStore,
     images: ImageStore,
+    load_detector: DetectorLoader,
     *,
     since: datetime | None = None,
     product: str | None = None,
-    runtime: str = "torch",
-    precision: str = "f32",
-    device: str = "auto",
+    settings: dict[str, str] | None = None,
     batch_size: int = 8,
     tolerance: float = 1e-5,
     heatmap_max_side: int = 2048,
 ) -> ReplayReport:
-    """Rescore every matching record whose image is kept; `tolerance` bounds |score change|."""
+    """Rescore every matching record whose image is kept; `tolerance` bounds |score change|,
+    `settings` is the context of `AnomalyDetector.settings_hash` (runtime, precision)."""
     report = ReplayReport()
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records.iterate(since=since, product=product):
@@ -73,41 +78,18 @@ def replay(
             continue
         groups[(record["backbone_model"], record["bank_model"])].append(record)
     for (backbone_tag, bank_tag), members in groups.items():
-        detector = _load(bank_tag, backbone_tag, runtime, precision, device, batch_size, report)
-        if detector is None:
+        try:
+            detector = load_detector(bank_tag, backbone_tag)
+        except UserError as error:
+            report.models_gone[bank_tag] = str(error)
             report.records_without_models += len(members)
+            log.warning("cannot replay %s: %s", bank_tag, error)
             continue
-        settings = detector.settings_hash(runtime=runtime, precision=precision)
+        expected = detector.settings_hash(**(settings or {}))
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
-            _compare(detector, chunk, images, settings, tolerance, heatmap_max_side, report)
+            _compare(detector, chunk, images, expected, tolerance, heatmap_max_side, report)
     return report
-
-
-def _load(
-    bank_tag: str,
-    backbone_tag: str,
-    runtime: str,
-    precision: str,
-    device: str,
-    batch_size: int,
-    report: ReplayReport,
-) -> Any:
-    from detector.serving.model_store import load_pair
-
-    try:
-        return load_pair(
-            bank_tag,
-            backbone_tag,
-            runtime=runtime,
-            precision=precision,
-            device=device,
-            batch_size=batch_size,
-        ).detector
-    except UserError as error:
-        report.models_gone[bank_tag] = str(error)
-        log.warning("cannot replay %s: %s", bank_tag, error)
-        return None
 
 
 def _compare(

@@ -321,8 +321,8 @@ class InspectionEndpoints:
         """The overlay of a record's kept image, drawn by its product's live bank; the
         X-Bank-Model header says which version that was (the decision's is in the record)."""
         record, data = await anyio.to_thread.run_sync(self._recorder().image, record_id)
-        (result,) = await self._score("score_with_maps", [(record["product"], data)])
-        result = refused_answer(result)
+        async with self._runner_slots:
+            result = refused_answer(await self.runner.to_async.redraw(record["product"], data))
         anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
         async with self._renders:
             picture = await anyio.to_thread.run_sync(

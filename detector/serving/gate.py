@@ -4,9 +4,10 @@ BentoML parses a whole multipart body (into memory, then a temp file) before an 
 runs, so checks in the method come too late: an anonymous 300 MB upload raised the API's
 RSS by 300 MB. This ASGI middleware runs first, in this order:
 
-1. the API key, for every endpoint that scores or reveals models (health, /metrics and the
-   web page stay open); a bank change under /products needs `INSPECT_ADMIN_KEY` when one is
-   set, else the API key;
+1. the API key, for every endpoint that scores or reveals models or records (health,
+   /metrics and the web page stay open); a bank change under /products needs
+   `INSPECT_ADMIN_KEY` when one is set, else an API key. The name of the key that matched
+   (never the key) is left in the request's scope for its record;
 2. the declared size (Content-Length) against the endpoint's limit;
 3. the queue: beyond `INSPECT_MAX_QUEUE` images in flight (an /inspect_batch request counts
    its images once its parts are read), 503 with Retry-After;

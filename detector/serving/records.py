@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from detector.errors import UserError
 from detector.records.images import ImageStore
-from detector.records.model import new_record_id, utc_now
+from detector.records.model import make_record, utc_now
 from detector.records.store import (
     ImageGone,
     RecordQuery,
@@ -166,30 +165,21 @@ class Recorder:
         name: str | None = None,
     ) -> str:
         """Queue the record of one scored image; returns its id (for the client's answer)."""
-        record_id = new_record_id()
-        sha256 = hashlib.sha256(upload).hexdigest()
-        record = {
-            "id": record_id,
-            "created_at": utc_now(),
-            "source": source,
-            "product": answer["product"],
-            "image_sha256": sha256,
-            "image_bytes": len(upload),
-            "image_width": answer["image_width"],
-            "image_height": answer["image_height"],
-            "image_name": name,
-            "score": answer["score"],
-            "threshold": answer["threshold"],
-            "is_anomalous": answer["is_anomalous"],
-            "backbone_model": answer["models"]["backbone"],
-            "bank_model": answer["models"]["bank"],
-            "settings_hash": answer["settings_hash"],
-            "latency_ms": latency_ms,
-            "api_key_id": caller,
-        }
+        record = make_record(
+            product=answer["product"],
+            image=upload,
+            result=answer,
+            backbone_model=answer["models"]["backbone"],
+            bank_model=answer["models"]["bank"],
+            settings_hash=answer["settings_hash"],
+            source=source,
+            latency_ms=latency_ms,
+            caller=caller,
+            name=name,
+        )
         keep = self.images.wants(bool(answer["is_anomalous"]))
         self.writer.submit(record, upload if keep else None)
-        return record_id
+        return record["id"]
 
     # ----- reading and reviewing (blocking: call from a worker thread) ------------------
     def _with_availability(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -100,13 +100,17 @@ class ScoringRunner:
         except store.UnknownProductError as error:
             return error
 
-    def score_uploads(self, uploads: list[Upload], with_maps: bool) -> list[dict[str, Any]]:
+    def score_uploads(
+        self, uploads: list[Upload], with_maps: bool, watch: bool = True
+    ) -> list[dict[str, Any]]:
         """One answer per upload, in order: a result, or {error, reason, status}.
 
         One backbone pass serves the whole batch whatever products it mixes (the forward
         pass does not depend on the product); only the k-NN search differs. Maps are made
         at most `heatmap_max_side` long (all the API draws); every answer carries its
-        product's drift status, so the API answers /drift without a call here.
+        product's drift status, so the API answers /drift without a call here. With
+        `watch` off (a recorded image drawn again for review) the drift window is left as
+        it is: the line did not make that part again.
         """
         names = [self._resolve(upload) for upload in uploads]
         prepared: list[Any] = [
@@ -131,8 +135,11 @@ class ScoringRunner:
                 features[rows], sizes, with_maps, self.settings.heatmap_max_side
             )
             drift = self.catalog.drift(product)
-            status = drift.add([r.drift_profile for r in results])
-            telemetry.publish_drift(product, status)
+            if watch:
+                status = drift.add([r.drift_profile for r in results])
+                telemetry.publish_drift(product, status)
+            else:
+                status = drift.status()
             for row, result in zip(rows, results, strict=True):
                 answers[good[row]] = self._answer(result, live, status, with_maps)
         return answers
