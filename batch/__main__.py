@@ -26,6 +26,7 @@ from pathlib import Path
 from batch.files import Shard
 from batch.job import JobOptions, check_writable, merge, run_job
 from batch.scorers import BatchSetupError, LocalScorer, RemoteScorer, Scorer
+from detector.commands.records import add_location_arguments
 from detector.drift import DriftSettings
 from detector.errors import user_errors_exit
 from detector.records.images import KEEP_POLICIES
@@ -97,16 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="also record each decision in the service's records database (review, replay)",
     )
-    parser.add_argument(
-        "--records-dir",
-        default=os.environ.get("INSPECT_RECORDS_DIR"),
-        help="records folder (default: <BENTOML_HOME>/records, where the service keeps them)",
-    )
-    parser.add_argument(
-        "--records-db",
-        default=os.environ.get("INSPECT_RECORDS_DB"),
-        help="SQLAlchemy URL of the records database (default: SQLite in the records folder)",
-    )
+    add_location_arguments(parser)
     parser.add_argument(
         "--keep-images",
         default="flagged",

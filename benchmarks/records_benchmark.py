@@ -6,7 +6,9 @@ ViT-S/16-shaped random DINOv3 at 448 px (service_benchmark.py), 1024 px PNG uplo
 concurrent clients on /inspect. Three servers per round, started in turn so that drift in
 the machine's speed hits every configuration alike: recording off; on with the default
 (images kept for flagged parts only); on keeping every image (the most disk work). Prints
-each configuration's images/s and its ratio to recording off in the same round.
+each configuration's images/s and its ratio to recording off in the same round, and the CPU
+milliseconds per image of the API and runner processes (steadier than throughput on a shared
+machine: recording's own cost shows there first).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
-from detector.serving.local_server import bentoml_serve
+from detector.serving.local_server import bentoml_serve, service_cpu_seconds
 
 CONFIGS = {
     "records off": {"INSPECT_RECORDS": "off"},
@@ -58,18 +60,29 @@ def main() -> None:
                     home, log, timeout=300, INSPECT_RECORDS_DIR=str(records), **env
                 ) as url:
                     served_throughput(url, uploads, args.clients, 8)  # warm-up
+                    cpu_before = service_cpu_seconds(url)
                     per_second, _ = served_throughput(url, uploads, args.clients, args.images)
+                    cpu_after = service_cpu_seconds(url)
                     result[name] = {"images_per_s": round(per_second, 3)}
+                    for role in ("api", "runner"):
+                        used = cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0)
+                        result[name][f"{role}_cpu_ms_per_image"] = round(
+                            1000 * used / (args.images + 1), 1
+                        )
                     if env["INSPECT_RECORDS"] == "on":
                         result[name]["records_written"] = written(url)
+                        kept = [p for p in (records / "images").rglob("*") if p.is_file()]
+                        result[name]["images_kept"] = len(kept)
             base = result["records off"]["images_per_s"]
             for entry in result.values():
                 entry["ratio_to_off"] = round(entry["images_per_s"] / base, 3)
             report["rounds"].append(result)
             print(json.dumps({f"round {round_number + 1}": result}), flush=True)
     for name in CONFIGS:
-        ratios = [result[name]["ratio_to_off"] for result in report["rounds"]]
-        report[f"{name}: mean ratio"] = round(sum(ratios) / len(ratios), 3)
+        ratios = sorted(result[name]["ratio_to_off"] for result in report["rounds"])
+        report[f"{name}: median ratio"] = ratios[len(ratios) // 2]
+        api_ms = sorted(result[name]["api_cpu_ms_per_image"] for result in report["rounds"])
+        report[f"{name}: median API CPU ms per image"] = api_ms[len(api_ms) // 2]
     print("RESULTS " + json.dumps(report))
 
 

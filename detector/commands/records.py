@@ -23,26 +23,32 @@ from detector.records.store import RecordStore, safe_url
 from detector.serving.records import locate_records, parse_time
 
 
-def _parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def add_location_arguments(parser: argparse.ArgumentParser) -> None:
+    """--records-dir and --records-db, defaulting to where the service keeps its records
+    (also for `python -m batch --record`)."""
     parser.add_argument(
         "--records-dir",
         default=os.environ.get("INSPECT_RECORDS_DIR"),
-        help="the service's records folder (default: <BENTOML_HOME>/records)",
+        help="the records folder (default: <BENTOML_HOME>/records, where the service keeps them)",
     )
     parser.add_argument(
-        "--db",
+        "--records-db",
         default=os.environ.get("INSPECT_RECORDS_DB"),
         help="SQLAlchemy URL of the records database (default: SQLite in the records folder)",
     )
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_location_arguments(parser)
     return parser
 
 
 def _open(args: argparse.Namespace) -> tuple[RecordStore, ImageStore]:
-    folder, url = locate_records(args.records_dir, args.db)
+    folder, url = locate_records(args.records_dir, args.records_db)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise UserError(
-            f"No records database at {safe_url(url)}: pass --records-dir or --db where the "
+            f"No records database at {safe_url(url)}: pass --records-dir or --records-db where the "
             "service keeps its records."
         )
     store = RecordStore(url)
@@ -112,7 +118,7 @@ def export_reviews_main(argv: list[str] | None = None) -> None:
 def migrate_main(argv: list[str] | None = None) -> None:
     parser = _parser("Bring the records database's schema up to date.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    folder, url = locate_records(args.records_dir, args.db)
+    folder, url = locate_records(args.records_dir, args.records_db)
     folder.mkdir(parents=True, exist_ok=True)
     store = RecordStore(url)
     before, head = store.revisions()

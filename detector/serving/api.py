@@ -78,6 +78,30 @@ REFUSALS = (
 )
 
 
+def current_endpoints() -> InspectionEndpoints:
+    """The API service's endpoints, for the routes mounted beside it (/products, /records)."""
+    import bentoml
+
+    return bentoml.get_current_service().endpoints
+
+
+async def as_response(work: Awaitable[Any]) -> Response:
+    """A mounted route's answer: `respond`'s JSON error, the response it made, or JSON."""
+    answer = await InspectionEndpoints.respond(None, work)
+    return answer if isinstance(answer, Response) else JSONResponse(answer)
+
+
+async def json_object(request: Any, usage: str) -> dict[str, Any]:
+    """A mounted route's JSON body as an object; anything else is a 400 saying `usage`."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise Refused(400, "bad_json", usage) from None
+    if not isinstance(body, dict):
+        raise Refused(400, "bad_json", usage)
+    return body
+
+
 def caller(ctx: Any) -> str | None:
     """The name of the API key a request came with (set by the gate), for its record."""
     return ctx.request.scope.get(CALLER_SCOPE_KEY) if ctx is not None else None

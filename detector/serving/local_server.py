@@ -182,6 +182,22 @@ def service_rss_mib(url: str) -> dict[str, float]:
     return sizes
 
 
+def service_cpu_seconds(url: str) -> dict[str, float]:
+    """CPU seconds (user + system) each role of the server at `url` has used so far."""
+    import psutil
+
+    root = psutil.Process(_SERVERS[url].pid)
+    seconds: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            role = role_of(" ".join(process.cmdline()))
+            times = process.cpu_times()
+            seconds[role] = seconds.get(role, 0.0) + times.user + times.system
+        except psutil.Error:
+            continue
+    return seconds
+
+
 def stop(process: subprocess.Popen) -> None:
     """Stop a server and every process it started. BentoML's workers may run in process
     groups of their own, out of reach of the arbiter's group: each one seen is ended too."""

@@ -13,49 +13,36 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable
 from typing import Any
 
-import bentoml
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from detector.serving.api import InspectionEndpoints, Refused
+from detector.serving.api import Refused, as_response, current_endpoints, json_object
 
 
-def _endpoints() -> InspectionEndpoints:
-    return bentoml.get_current_service().endpoints
+async def list_products(request: Request) -> Response:
+    return await as_response(current_endpoints().products())
 
 
-async def _json(work: Awaitable[Any]) -> JSONResponse:
-    """The endpoints' one exit for errors (`InspectionEndpoints.respond`), as a response."""
-    answer = await InspectionEndpoints.respond(None, work)
-    return answer if isinstance(answer, JSONResponse) else JSONResponse(answer)
-
-
-async def list_products(request: Request) -> JSONResponse:
-    return await _json(_endpoints().products())
-
-
-async def history(request: Request) -> JSONResponse:
-    return await _json(_endpoints().history(request.path_params["name"]))
+async def history(request: Request) -> Response:
+    return await as_response(current_endpoints().history(request.path_params["name"]))
 
 
 async def _files(form: Any, field: str) -> list[bytes]:
     return [await item.read() for item in form.getlist(field) if isinstance(item, UploadFile)]
 
 
-async def add_images(request: Request) -> JSONResponse:
+async def add_images(request: Request) -> Response:
     async def work() -> dict[str, Any]:
-        endpoints = _endpoints()
+        endpoints = current_endpoints()
         limit = endpoints.settings.max_batch_files
         try:
-            async with request.form(max_files=2 * limit, max_fields=16) as form:
+            async with request.form(max_files=2 * limit, max_fields=limit + 16) as form:
                 images = await _files(form, "images")
                 calibration = await _files(form, "calibration_images")
                 reason = str(form.get("reason") or "")[:500]
@@ -71,23 +58,16 @@ async def add_images(request: Request) -> JSONResponse:
         name = request.path_params["name"]
         return await endpoints.add_images(name, images, reason, calibration, records)
 
-    return await _json(work())
+    return await as_response(work())
 
 
-async def rollback(request: Request) -> JSONResponse:
+async def rollback(request: Request) -> Response:
     async def work() -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise Refused(
-                400, "bad_json", 'Send JSON: {"version": "v2", "reason": "..."}.'
-            ) from None
-        if not isinstance(body, dict):
-            raise Refused(400, "bad_json", 'Send JSON: {"version": "v2", "reason": "..."}.')
+        body = await json_object(request, 'Send JSON: {"version": "v2", "reason": "..."}.')
         version, reason = str(body.get("version") or ""), str(body.get("reason") or "")[:500]
-        return await _endpoints().rollback(request.path_params["name"], version, reason)
+        return await current_endpoints().rollback(request.path_params["name"], version, reason)
 
-    return await _json(work())
+    return await as_response(work())
 
 
 products_app = Starlette(

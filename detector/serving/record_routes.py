@@ -18,60 +18,42 @@ To add reviewed false alarms to a bank: POST /products/{name}/images with `recor
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable
 from typing import Any
 
-import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from detector.serving.api import InspectionEndpoints, Refused
+from detector.serving.api import as_response, current_endpoints, json_object
 from detector.serving.gate import CALLER_SCOPE_KEY
 
 
-def _endpoints() -> InspectionEndpoints:
-    return bentoml.get_current_service().endpoints
-
-
-async def _answer(work: Awaitable[Any]) -> Response:
-    """The endpoints' one exit for errors (`InspectionEndpoints.respond`), as a response."""
-    answer = await InspectionEndpoints.respond(None, work)
-    return answer if isinstance(answer, Response) else JSONResponse(answer)
-
-
 async def list_records(request: Request) -> Response:
-    return await _answer(_endpoints().records(dict(request.query_params)))
+    return await as_response(current_endpoints().records(dict(request.query_params)))
 
 
 async def summary(request: Request) -> Response:
-    return await _answer(_endpoints().review_summary())
+    return await as_response(current_endpoints().review_summary())
 
 
 async def one(request: Request) -> Response:
-    return await _answer(_endpoints().record(request.path_params["id"]))
+    return await as_response(current_endpoints().record(request.path_params["id"]))
 
 
 async def image(request: Request) -> Response:
-    return await _answer(_endpoints().record_image(request.path_params["id"]))
+    return await as_response(current_endpoints().record_image(request.path_params["id"]))
 
 
 async def heatmap(request: Request) -> Response:
-    return await _answer(_endpoints().record_heatmap(request.path_params["id"]))
+    return await as_response(current_endpoints().record_heatmap(request.path_params["id"]))
 
 
 async def review(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         usage = 'Send JSON: {"label": "false_alarm", "note": "...", "reviewer": "..."}.'
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise Refused(400, "bad_json", usage) from None
-        if not isinstance(body, dict):
-            raise Refused(400, "bad_json", usage)
-        return await _endpoints().review(
+        body = await json_object(request, usage)
+        return await current_endpoints().review(
             request.path_params["id"],
             str(body.get("label") or ""),
             str(body.get("note") or ""),
@@ -79,7 +61,7 @@ async def review(request: Request) -> Response:
             request.scope.get(CALLER_SCOPE_KEY),
         )
 
-    return await _answer(work())
+    return await as_response(work())
 
 
 records_app = Starlette(
