@@ -12,7 +12,7 @@ from typing import Any
 from batch.loader import LoadedImage
 from detector.records.images import ImageStore
 from detector.records.model import make_record
-from detector.records.store import RecordStore
+from detector.records.store import RecordStore, locate_records, migrate_database
 from detector.records.writer import RecordWriter
 
 
@@ -26,8 +26,6 @@ class BatchRecorder:
         product: str,
         settings_hash: str,
     ) -> None:
-        from detector.serving.records import locate_records, migrate_database
-
         folder, url = locate_records(records_dir, db)
         self.root = input_dir
         self.product, self.settings_hash = product, settings_hash

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from detector.errors import UserError, exits_on_user_error
 from detector.records.images import ImageStore
-from detector.records.store import RecordStore, safe_url
-from detector.serving.records import locate_records, parse_time
+from detector.records.store import RecordStore, locate_records, parse_time, safe_url
 
 
 def add_location_arguments(parser: argparse.ArgumentParser) -> None:

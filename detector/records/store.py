@@ -7,7 +7,9 @@ Any SQLAlchemy URL works; the default is an embedded SQLite file that needs no s
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from detector.errors import UserError
 from detector.records.model import REVIEW_LABELS, Inspection, utc_now
 
+log = logging.getLogger("inspection.records")
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_PAGE = 500
 
@@ -44,6 +47,29 @@ class ImageGone(RecordsError):
 
 def default_url(records_dir: Path) -> str:
     return f"sqlite:///{records_dir / 'records.sqlite'}"
+
+
+def locate_records(folder: str | None, url: str | None) -> tuple[Path, str]:
+    """(records folder, database URL): the folder defaults to <BENTOML_HOME>/records, beside
+    the model store whose versions the records name; the database to SQLite in it."""
+    if folder:
+        path = Path(folder)
+    else:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        path = Path(BentoMLContainer.bentoml_home.get()) / "records"
+    return path, url or default_url(path)
+
+
+def parse_time(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 time from a query or a flag; a time without a zone is UTC."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecordsError(f"{name} must be an ISO 8601 time, e.g. 2026-11-29T08:00:00Z.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def safe_url(url: str) -> str:
@@ -338,3 +364,27 @@ def _json_default(value: Any) -> Any:
 
 
 __all__ = ["RecordQuery", "RecordStore", "RecordsError", "RecordNotFound", "SQLAlchemyError"]
+
+
+def migrate_database(store: RecordStore, folder: Path) -> None:
+    """Apply the migrations the database lacks, under a file lock so that the service's
+    workers (and a batch job or `migrate-records` run) migrate one at a time; a database
+    that does not answer is migrated later, by the writer, once it does."""
+    from sqlalchemy.exc import OperationalError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with (folder / ".migrate.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            store.migrate()
+    except OperationalError as error:
+        unreachable(store, error)
+
+
+def unreachable(store: RecordStore, error: Exception) -> None:
+    cause = getattr(error, "orig", None)
+    log.warning(
+        "records database %s does not answer (%s); records are spooled until it does",
+        safe_url(store.url),
+        type(cause or error).__name__,
+    )

@@ -10,9 +10,8 @@ is blocking and runs in a worker thread (`anyio.to_thread`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ from detector.records.store import (
     RecordQuery,
     RecordsError,
     RecordStore,
-    default_url,
-    safe_url,
+    locate_records,
+    migrate_database,
+    parse_time,
+    unreachable,
 )
 from detector.records.writer import RecordWriter
 from detector.serving import telemetry
@@ -45,18 +46,6 @@ def records_url(settings: Settings) -> str:
     return locate_records(settings.records_dir, settings.records_db)[1]
 
 
-def locate_records(folder: str | None, url: str | None) -> tuple[Path, str]:
-    """(records folder, database URL): the folder defaults to <BENTOML_HOME>/records, beside
-    the model store whose versions the records name; the database to SQLite in it."""
-    if folder:
-        path = Path(folder)
-    else:
-        from detector.serving.products import store_dir
-
-        path = store_dir().parent / "records"
-    return path, url or default_url(path)
-
-
 def check_database(settings: Settings) -> None:
     """At start, with INSPECT_RECORDS_MIGRATE=check: a schema behind this code stops the
     start with one sentence. A database that does not answer is not an error: records are
@@ -67,39 +56,9 @@ def check_database(settings: Settings) -> None:
     try:
         store.check()
     except OperationalError as error:
-        _unreachable(store, error)
+        unreachable(store, error)
     finally:
         store.close()
-
-
-def migrate_database(store: RecordStore, folder: Path) -> None:
-    """Apply the migrations the database lacks, under a file lock so that the service's
-    workers (and a `migrate-records` run) migrate one at a time; unreachable: later."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with (folder / ".migrate.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            store.migrate()
-    except OperationalError as error:
-        _unreachable(store, error)
-
-
-def _unreachable(store: RecordStore, error: OperationalError) -> None:
-    log.warning(
-        "records database %s does not answer (%s); records are spooled until it does",
-        safe_url(store.url),
-        type(error.orig).__name__ if error.orig else "OperationalError",
-    )
-
-
-def parse_time(name: str, value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise RecordsError(f"{name} must be an ISO 8601 time, e.g. 2026-11-29T08:00:00Z.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def query_from(params: dict[str, str]) -> RecordQuery:
