@@ -140,6 +140,10 @@ class InspectionRunner:
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         return self.runner.rollback(product, version, reason)
 
+    @bentoml.api
+    def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+        return self.runner.set_threshold(product, change)
+
 
 # Each product's bank is declared for `bentoml build` to pack, as a class attribute would be
 # (BentoML collects them into `models` when the class is decorated).

@@ -186,28 +186,48 @@ def _mvtec_sample(input_dir: Path, relative: str):
 
 
 def save_drift_reference(scorer: Scorer, path: Path) -> None:
-    """Keep the bank's calibration profiles beside the results, so `merge` can recompute
-    the drift statistic without loading any model."""
+    """Keep the bank's calibration profiles and promised false-alarm rate beside the
+    results, so `merge` can recompute the drift report without loading any model."""
     reference = np.asarray(scorer.drift_reference(), dtype=np.float32)
-    replace_durably(path, json.dumps([profile_to_list(p) for p in reference]))
+    document = {
+        "profiles": [profile_to_list(p) for p in reference],
+        "promised_rate": scorer.promised_rate,
+    }
+    replace_durably(path, json.dumps(document))
 
 
-def load_drift_reference(paths: list[Path]) -> np.ndarray:
+def load_drift_reference(paths: list[Path]) -> tuple[np.ndarray, float | None]:
+    """(reference profiles, promised false-alarm rate); files written before the rate was
+    kept hold only the profiles."""
     found = [path for path in paths if path.exists()]
-    return np.asarray(json.loads(found[0].read_text()) if found else [], dtype=np.float32)
+    document = json.loads(found[0].read_text()) if found else []
+    if isinstance(document, list):
+        document = {"profiles": document, "promised_rate": None}
+    return np.asarray(document["profiles"], dtype=np.float32), document["promised_rate"]
 
 
 def run_drift_report(
-    rows: list[dict[str, Any]], reference: np.ndarray, live: DriftSettings
+    rows: list[dict[str, Any]],
+    reference: np.ndarray,
+    live: DriftSettings,
+    promised_rate: float | None = None,
 ) -> dict[str, Any]:
-    """The service's drift statistic with the whole run as its window.
+    """The service's drift report with the whole run as its window: the statistic, and the
+    run's flagged share against the calibration's promised rate.
 
     Below the service's minimum window the statistic is still given, with the status
     "too_few_images", since a short run is still worth a look.
     """
     profiles = [row["drift_profile"] for row in rows if row.get("drift_profile")]
-    whole_run = DriftSettings(max(1, len(profiles)), min_images=1, alert_level=live.alert_level)
-    report = drift_report(reference, profiles, whole_run)
+    flags = [bool(row["is_anomalous"]) for row in rows if not row.get("error")]
+    whole_run = DriftSettings(
+        max(1, len(profiles), len(flags)),
+        min_images=1,
+        alert_level=live.alert_level,
+        flag_alpha=live.flag_alpha,
+        defect_rate=live.defect_rate,
+    )
+    report = drift_report(reference, profiles, whole_run, flags, promised_rate)
     report["min_images"] = live.min_images
     if report["status"] in ("ok", "drifting") and len(profiles) < live.min_images:
         report["status"] = "too_few_images"
@@ -252,8 +272,8 @@ def _run_locked(options: JobOptions, scorer: Scorer, outputs: Outputs) -> dict[s
     summary = summarise(rows, outputs.scores_plot, listing.others, scorer.models)
     summary["skipped_already_done"] = len(done)
     summary["skipped_special_files"] = listing.skipped[:100]
-    reference = load_drift_reference([outputs.drift_reference])
-    summary["drift"] = run_drift_report(rows, reference, options.drift)
+    reference, promised_rate = load_drift_reference([outputs.drift_reference])
+    summary["drift"] = run_drift_report(rows, reference, options.drift, promised_rate)
     summary.update(scored_this_run=len(todo), seconds_this_run=round(seconds, 2))
     summary["images_per_second"] = round(len(todo) / seconds, 3) if seconds and todo else None
     if accumulator is not None and accumulator.labels:
@@ -388,8 +408,8 @@ def merge(
         replace_durably(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_csv(rows, out_dir / "results.csv")
         summary = summarise(rows, out_dir / "scores.png", [])
-        reference = load_drift_reference(sorted(out_dir.glob("drift_reference*.json")))
-        summary["drift"] = run_drift_report(rows, reference, drift or DriftSettings())
+        reference, promised = load_drift_reference(sorted(out_dir.glob("drift_reference*.json")))
+        summary["drift"] = run_drift_report(rows, reference, drift or DriftSettings(), promised)
         summary["merged_shards"] = [journal.name for journal in journals]
         replace_durably(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -34,6 +34,7 @@ class Scorer(Protocol):
     """What the job needs from a source of scores."""
 
     models: dict[str, str]  # {"backbone": tag, "bank": tag}: what a resumed row must match
+    promised_rate: float | None  # the calibration's false-alarm rate, for the drift report
     # Preprocessing the loader threads run ahead of scoring; None: the scorer reads files.
     prepare: Callable[[Image.Image], np.ndarray] | None
 
@@ -80,6 +81,7 @@ class LocalScorer:
         self.settings_hash = self.detector.settings_hash(runtime=runtime, precision=precision)
         self.prepare = self.detector.extractor.prepare
         self.heatmap_max_side = heatmap_max_side
+        self.promised_rate: float | None = self.detector.calibration.promised_rate
 
     def score(self, batch: list[LoadedImage], with_maps: bool) -> list[Scored]:
         prepared = np.stack([item.prepared for item in batch])
@@ -106,6 +108,7 @@ class RemoteScorer:
     """
 
     prepare = None
+    promised_rate: float | None = None  # from the service's /drift, with the reference
     RETRIED_STATUSES = (502, 503, 504)
 
     def __init__(
@@ -211,5 +214,6 @@ class RemoteScorer:
     def drift_reference(self) -> np.ndarray:
         """The calibration profiles of the bank the service runs, from its /drift endpoint."""
         drift = self._setup_call("/drift", reference=True, product=self.product)
+        self.promised_rate = drift.get("promised_rate")
         profiles = drift.get("reference_profiles", [])
         return np.asarray(profiles, dtype=np.float32)

@@ -15,6 +15,12 @@ Kolmogorov-Smirnov statistic.
   would claim certainty the data does not have. The statistic is a plain distance between
   distributions: 0 = the same, 1 = no overlap at all. Backbone-agnostic: it only sees
   distance grids.
+
+The profiles leave out what the verdict looks at (the top patches), so a flood of flags can
+come with a low statistic. The window's verdicts are therefore checked too: the share of
+flagged images against the rate the calibration promised (plus the defect rate the line
+expects), by a one-sided binomial test. Images are independent draws here, unlike patches,
+so its p-value means what it says.
 """
 
 from __future__ import annotations
@@ -63,16 +69,52 @@ class DriftSettings:
     window_size: int = 200  # images in the sliding window
     min_images: int = 20  # no statistic before this many: a handful of images is noise
     alert_level: float = 0.3  # statistic at which the status says "drifting" (docs/DRIFT.md)
+    # The flagged share is "too high" when a binomial test against the promised rate gives
+    # a p-value below this: at 0.001 a healthy line reads "drifting" about once in a
+    # thousand full windows.
+    flag_alpha: float = 0.001
+    defect_rate: float = 0.0  # share of truly defective parts the line expects
 
     def __post_init__(self) -> None:
         if self.window_size < 1 or not 1 <= self.min_images <= self.window_size:
             raise ValueError("drift window needs window_size >= min_images >= 1")
+        if not 0 < self.flag_alpha < 1 or not 0 <= self.defect_rate < 1:
+            raise ValueError("flag_alpha must be in (0, 1) and defect_rate in [0, 1)")
+
+
+def flag_rate_check(
+    flags: list[bool], promised_rate: float | None, settings: DriftSettings
+) -> dict[str, Any]:
+    """The window's flagged share against `promised_rate` + the expected defect rate."""
+    flagged = int(sum(bool(flag) for flag in flags))
+    check: dict[str, Any] = {
+        "flagged": flagged,
+        "flag_rate": round(flagged / len(flags), 6) if flags else None,
+        "expected_flag_rate": None,
+        "flag_rate_p_value": None,
+    }
+    if promised_rate is None or len(flags) < settings.min_images:
+        return check
+    from scipy.stats import binomtest
+
+    expected = min(1.0, promised_rate + settings.defect_rate)
+    check["expected_flag_rate"] = round(expected, 6)
+    if expected < 1.0:
+        test = binomtest(flagged, len(flags), expected, alternative="greater")
+        check["flag_rate_p_value"] = float(f"{test.pvalue:.6g}")
+    return check
 
 
 def drift_report(
-    reference: np.ndarray, profiles: Iterable[np.ndarray], settings: DriftSettings
+    reference: np.ndarray,
+    profiles: Iterable[np.ndarray],
+    settings: DriftSettings,
+    flags: Iterable[bool] | None = None,
+    promised_rate: float | None = None,
 ) -> dict[str, Any]:
-    """The statistic for a set of images (a batch run, a simulated shift), with context."""
+    """The statistic for a set of images (a batch run, a simulated shift), with context;
+    with their verdicts (`flags`) and the calibration's promised false-alarm rate, also the
+    flag-rate check. Status "drifting" names its `reasons`: patch_distances, flag_rate."""
     recent = [np.asarray(profile, dtype=np.float32) for profile in profiles]
     reference = np.asarray(reference, dtype=np.float32)
     report: dict[str, Any] = {
@@ -90,23 +132,43 @@ def drift_report(
         statistic = drift_statistic(reference, np.stack(recent))
         report["statistic"] = round(statistic, 6)
         report["status"] = "drifting" if statistic >= settings.alert_level else "ok"
+    reasons = ["patch_distances"] if report["status"] == "drifting" else []
+    if flags is not None:
+        report.update(flag_rate_check(list(flags), promised_rate, settings))
+        p_value = report["flag_rate_p_value"]
+        if p_value is not None and p_value < settings.flag_alpha:
+            reasons.append("flag_rate")
+            report["status"] = "drifting"
+    report["reasons"] = reasons
     return report
 
 
 class DriftMonitor:
-    """A thread-safe sliding window of profiles, for a service that scores concurrently."""
+    """A thread-safe sliding window of profiles and verdicts, for a service that scores
+    concurrently; `promised_rate` is the calibration's false-alarm rate."""
 
-    def __init__(self, reference: np.ndarray, settings: DriftSettings | None = None) -> None:
+    def __init__(
+        self,
+        reference: np.ndarray,
+        settings: DriftSettings | None = None,
+        promised_rate: float | None = None,
+    ) -> None:
         self.reference = np.asarray(reference, dtype=np.float32).reshape(-1, PROFILE_QUANTILES.size)
         self.settings = settings or DriftSettings()
+        self.promised_rate = promised_rate
         self._window: deque[np.ndarray] = deque(maxlen=self.settings.window_size)
+        self._flags: deque[bool] = deque(maxlen=self.settings.window_size)
         self._lock = threading.Lock()
 
-    def add(self, profiles: Iterable[np.ndarray]) -> dict[str, Any]:
-        """Append profiles and return the status after them."""
+    def add(
+        self, profiles: Iterable[np.ndarray], flags: Iterable[bool] | None = None
+    ) -> dict[str, Any]:
+        """Append profiles (and the images' verdicts) and return the status after them."""
         finite = (np.asarray(p, dtype=np.float32) for p in profiles)
         with self._lock:
             self._window.extend(p for p in finite if p.size and np.isfinite(p).all())
+            if flags is not None:
+                self._flags.extend(bool(flag) for flag in flags)
             return self._status()
 
     def status(self) -> dict[str, Any]:
@@ -114,6 +176,9 @@ class DriftMonitor:
             return self._status()
 
     def _status(self) -> dict[str, Any]:
-        report = drift_report(self.reference, list(self._window), self.settings)
+        report = drift_report(
+            self.reference, list(self._window), self.settings, self._flags, self.promised_rate
+        )
         report["window_size"] = self.settings.window_size
+        report["promised_rate"] = self.promised_rate
         return report

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from detector.errors import UserError
+
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -182,3 +184,13 @@ def read_image(
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The images directly in a folder, sorted; a missing or empty folder is one sentence."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of images.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+    if not paths:
+        raise UserError(f"{folder} holds no images.")
+    return paths

@@ -31,13 +31,60 @@ class Calibration:
     """Threshold set on held-out defect-free images; the scores stay as the drift reference."""
 
     threshold: float
-    false_alarm_rate: float
+    false_alarm_rate: float  # the target the rule aimed at
     reference_scores: list[float] = field(default_factory=list)
     # One patch-distance profile per calibration image: the drift monitor's reference.
     reference_profiles: list[list[float]] = field(default_factory=list)
+    rule: str = "empirical_quantile"  # detector.thresholds.RULES; "explicit" when set by hand
+    # Where the scores came from: held_out (a split of the training images), cross_fitted
+    # (every training image, scored by a bank without it) or session (a separate folder).
+    source: str = "held_out"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def estimate(self, confidence: float = 0.95) -> dict[str, Any]:
+        """What the calibration scores can say about the false-alarm rate at this threshold.
+
+        With k of n held-out defect-free scores above the threshold, a new defect-free
+        part from the same distribution is flagged with probability about (k + 1) / (n + 1)
+        (exchangeable scores: the conformal estimate, whatever rule set the threshold), and
+        the one-sided Clopper-Pearson bound says how high the rate may be: with k = 0 and
+        n = 20 it is 14 %, so 20 images cannot show a 1 % rate.
+        """
+        from scipy.stats import beta
+
+        scores = np.asarray(self.reference_scores, dtype=np.float64)
+        n = int(scores.size)
+        if n == 0:
+            return {"calibration_images": 0, "expected_false_alarm_rate": None}
+        above = int(np.count_nonzero(scores > self.threshold))
+        upper = 1.0 if above >= n else float(beta.ppf(confidence, above + 1, n - above))
+        expected = (above + 1) / (n + 1)
+        return {
+            "calibration_images": n,
+            "above_threshold": above,
+            "target_false_alarm_rate": self.false_alarm_rate,
+            "expected_false_alarm_rate": round(expected, 6),
+            "upper_bound": round(upper, 6),
+            "confidence": confidence,
+            "statement": (
+                f"{above} of {n} held-out defect-free images score above the threshold: about "
+                f"{expected:.1%} of defect-free parts will be flagged, and with "
+                f"{confidence:.0%} confidence at most {upper:.1%}"
+                + (
+                    f" ({n} images cannot show a rate below {upper:.0%})"
+                    if above == 0 and upper > self.false_alarm_rate
+                    else ""
+                )
+                + "."
+            ),
+        }
+
+    @property
+    def promised_rate(self) -> float | None:
+        """The false-alarm rate the drift monitor holds traffic to (see `estimate`)."""
+        return self.estimate()["expected_false_alarm_rate"]
 
 
 @dataclass
@@ -130,21 +177,25 @@ def calibrate(
     normal_scores: np.ndarray | list[float],
     false_alarm_rate: float,
     profiles: list[np.ndarray] | None = None,
+    rule: str = "empirical_quantile",
+    source: str = "held_out",
 ) -> Calibration:
-    """Threshold = the (1 - rate) quantile of defect-free scores, rounded up to a real score.
-
-    With fewer than 1 / rate calibration images this is the highest normal score, the
-    tightest threshold that flags none of them. The images' patch-distance `profiles` are
-    kept as the drift reference.
+    """The threshold `rule` (detector.thresholds) sets for the target `false_alarm_rate` on
+    defect-free scores; the images' patch-distance `profiles` are kept as the drift
+    reference. The default rule is the (1 - rate) quantile rounded up to a real score: with
+    fewer than 1 / rate images, the highest score.
     """
+    from detector.thresholds import check_target, rule_named
+
     scores = np.asarray(normal_scores, dtype=np.float64)
     if scores.size == 0:
         raise ValueError("calibration needs at least one defect-free image")
-    if not 0 <= false_alarm_rate < 1:
-        raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
-    threshold = check_threshold(float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher")))
+    check_target(false_alarm_rate)
+    threshold = check_threshold(rule_named(rule).threshold(scores, false_alarm_rate))
     reference = [profile_to_list(profile) for profile in profiles or []]
-    return Calibration(threshold, false_alarm_rate, [float(s) for s in scores], reference)
+    return Calibration(
+        threshold, false_alarm_rate, [float(s) for s in scores], reference, rule, source
+    )
 
 
 def make_result(

@@ -118,3 +118,34 @@ def test_drift_reference_comes_from_the_served_bank(server: str, saved_detector_
     np.testing.assert_allclose(
         served["reference_profiles"], bank["calibration"]["reference_profiles"], rtol=1e-6
     )
+
+
+def p_value_gauge(url: str) -> float | None:
+    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    samples = [line for line in lines if line.startswith("inspection_flag_rate_p_value")]
+    return float(samples[0].split()[-1]) if samples else None
+
+
+def test_a_flood_of_flagged_parts_turns_the_status_while_the_statistic_stays_low(
+    server: str, traffic: dict[str, Path], store: Path, tmp_path: Path
+) -> None:
+    """Clean parts, each with a small dark mark: every one is flagged, while the profiles
+    (the lower 90 % of patches) still look like calibration. The page, /drift, the gauge
+    and the batch summary all say so."""
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    for number, path in enumerate(sorted(traffic["clean"].glob("*.png"))):
+        pixels = np.asarray(Image.open(path).convert("RGB")).copy()
+        y, x = 20 + 3 * number, 30 + 2 * number
+        pixels[y : y + 24, x : x + 24] = 0
+        Image.fromarray(pixels).save(marked / path.name)
+    send_folder(server, marked)
+    flood = drift(server)
+    assert flood["images"] == 20 and flood["flagged"] == 20
+    assert flood["statistic"] < flood["alert_level"], flood  # the statistic alone: "ok"
+    assert flood["status"] == "drifting" and flood["reasons"] == ["flag_rate"]
+    assert flood["flag_rate_p_value"] < 0.001 < flood["expected_flag_rate"]
+    assert p_value_gauge(server) == pytest.approx(flood["flag_rate_p_value"], rel=1e-3)
+    report = batch_drift(store, marked, tmp_path / "batch")
+    assert report["status"] == "drifting" and report["reasons"] == ["flag_rate"]
+    assert report["flagged"] == 20 and report["expected_flag_rate"] == flood["expected_flag_rate"]

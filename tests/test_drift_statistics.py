@@ -157,3 +157,48 @@ def test_reference_can_be_replaced_by_chosen_images(
     )
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
+
+
+def test_a_flood_of_flags_reads_drifting_while_the_statistic_alone_stays_low() -> None:
+    """The profiles leave out the top patches the verdict looks at: parts flagged for local
+    marks keep a low statistic. The flagged share, tested against the calibration's
+    promise, turns the status anyway; the promised share itself does not."""
+    rng = np.random.default_rng(3)
+    settings = DriftSettings(window_size=100, min_images=20)
+    monitor = DriftMonitor(profiles(rng, 40), settings, promised_rate=0.02)
+    healthy = monitor.add(profiles(rng, 100), [number % 50 == 0 for number in range(100)])
+    assert healthy["status"] == "ok" and healthy["flagged"] == 2
+    assert healthy["flag_rate_p_value"] > settings.flag_alpha and healthy["reasons"] == []
+    flood = monitor.add(profiles(rng, 100), [number % 4 == 0 for number in range(100)])
+    assert flood["statistic"] < settings.alert_level  # the KS statistic alone says "ok"
+    assert flood["status"] == "drifting" and flood["reasons"] == ["flag_rate"]
+    assert flood["flag_rate"] == 0.25 and flood["expected_flag_rate"] == 0.02
+    assert flood["flag_rate_p_value"] < 1e-6
+    # A line that expects 25 % defective parts says so, and the same traffic is fine.
+    expecting = DriftMonitor(
+        profiles(rng, 40), DriftSettings(100, 20, defect_rate=0.25), promised_rate=0.02
+    )
+    assert expecting.add(profiles(rng, 100), [n % 4 == 0 for n in range(100)])["status"] == "ok"
+
+
+def test_the_promise_is_what_the_calibration_scores_can_show() -> None:
+    """(k + 1) / (n + 1) expected, and a Clopper-Pearson bound that shrinks as images grow:
+    20 images, none above the threshold, cannot show a rate below 14 %."""
+    from detector.scoring import Calibration
+
+    bounds = []
+    for count in (20, 100, 1000):
+        scores = list(np.linspace(0.0, 0.9, count))
+        estimate = Calibration(1.0, 0.01, scores).estimate()
+        assert estimate["above_threshold"] == 0 and estimate["calibration_images"] == count
+        assert estimate["expected_false_alarm_rate"] == pytest.approx(1 / (count + 1), abs=1e-6)
+        bounds.append(estimate["upper_bound"])
+    assert bounds[0] == pytest.approx(1 - 0.05 ** (1 / 20), abs=1e-6)  # 0.139
+    assert (
+        "20 images cannot show a rate below 14%"
+        in Calibration(1.0, 0.01, list(np.linspace(0, 0.9, 20))).estimate()["statement"]
+    )
+    assert bounds[0] > bounds[1] > bounds[2] and bounds[2] < 0.003
+    some_above = Calibration(0.5, 0.01, list(np.linspace(0.0, 1.0, 101))).estimate()
+    assert some_above["above_threshold"] == 50
+    assert some_above["expected_false_alarm_rate"] == pytest.approx(51 / 102)

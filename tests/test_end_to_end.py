@@ -129,6 +129,11 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
     resolved = (tmp_path / "fit" / "resolved_config.yaml").read_text()
     assert "seed: 3" in resolved and str(tiny_backbone_dir) in resolved
     assert (tmp_path / "fit" / ".hydra" / "config.yaml").exists()
+    # Cross-fitted by default: every training image is in the bank and has a held-out score.
+    calibration = json.loads((tmp_path / "fit" / "fit_summary.json").read_text())["calibration"]
+    assert calibration["source"] == "cross_fitted" and calibration["folds"] == 5
+    assert calibration["calibration_images"] == 12
+    assert 0 < calibration["expected_false_alarm_rate"] < calibration["upper_bound"] < 1
 
     evaluate = run_cli("-m", "detector", "evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluate.returncode == 0, evaluate.stderr
@@ -137,6 +142,8 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["n_images"] == 4 + 2 * 5
     assert metrics["random_weights"] is True
+    assert metrics["calibration"]["calibration_images"] == 12
+    assert "12 held-out defect-free images" in metrics["calibration"]["statement"]
     for picture in ("roc.png", "overlays.png"):
         with Image.open(tmp_path / "eval" / picture) as image:
             assert image.size[0] > 100
@@ -183,6 +190,37 @@ def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "HF_TOKEN" in error_lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_calibration_session_sets_the_threshold_and_an_empty_one_is_refused(
+    tmp_path: Path, tiny_backbone_dir: Path, synthetic_root: Path
+) -> None:
+    common = [
+        "data=synthetic",
+        f"data.root={synthetic_root}",
+        "backbone=tiny_random",
+        f"backbone.name={tiny_backbone_dir}",
+        "backbone.resolution=96",
+        "progress=false",
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run_cli(
+        "-m", "detector", "fit", *common, f"data.calibration_dir={empty}",
+        f"model_dir={tmp_path / 'refused'}", f"hydra.run.dir={tmp_path / 'r'}",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "holds no images" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+    session = synthetic_root / "carpet" / "test" / "good"
+    fitted = run_cli(
+        "-m", "detector", "fit", *common, f"data.calibration_dir={session}",
+        f"model_dir={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'fit'}",
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    summary = json.loads((tmp_path / "fit" / "fit_summary.json").read_text())
+    assert summary["calibration"]["source"] == "session"
+    assert summary["calibration"]["calibration_images"] == len(list(session.glob("*.png")))
+    assert summary["n_bank_images"] == len(list((synthetic_root / "carpet/train/good").iterdir()))
 
 
 def test_fit_with_missing_data_root_says_where_it_looked(tmp_path: Path) -> None:

@@ -427,6 +427,37 @@ def test_images_added_over_http_make_a_version(
     assert {e["name"]: e["version"] for e in listing}["line3"] == "v2"
 
 
+def test_the_operating_point_moves_over_http_with_the_admin_key(
+    server: str, synthetic_dataset: MVTecCategory
+) -> None:
+    url, admin = f"{server}/products/line2/threshold", {"X-API-Key": ADMIN_KEY}
+    image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 0).read_bytes()
+    before = inspect(server, "line2", image).json()
+    listing = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    calibration = listing["line2"]["calibration"]
+    assert calibration["calibration_images"] > 0 and "statement" in calibration
+    denied = httpx.post(url, json={"threshold": 1e-9}, headers={"X-API-Key": API_KEY})
+    assert denied.status_code == 401
+    for body in ({"target": 2}, {"threshold": -1}, {"threshold": 1, "target": 0.1}, {"x": 1}):
+        refused = httpx.post(url, json=body, headers=admin, timeout=60)
+        assert refused.status_code == 400, body
+    moved = httpx.post(url, json={"threshold": 1e-9, "reason": "flag all"}, headers=admin)
+    assert moved.status_code == 200, moved.text
+    after = inspect(server, "line2", image).json()
+    assert after["is_anomalous"] and after["threshold"] == pytest.approx(1e-9)
+    assert after["score"] == before["score"] and after["models"]["bank"].endswith(
+        moved.json()["version"]
+    )
+    restore = {"version": listing["line2"]["version"], "reason": "undo"}
+    back = httpx.post(f"{server}/products/line2/rollback", json=restore, headers=admin)
+    assert back.status_code == 200
+    again = inspect(server, "line2", image).json()
+    assert (again["threshold"], again["is_anomalous"]) == (
+        before["threshold"],
+        before["is_anomalous"],
+    )
+
+
 def test_the_web_page_scores_with_the_product_the_operator_picks(
     server: str,
     product_dirs: dict[str, Path],

@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "detector.commands.banks:rollback_main",
         "serve an earlier version of a product's bank again (as a new version)",
     ),
+    "set-threshold": (
+        "detector.commands.banks:set_threshold_main",
+        "move a product's operating point (false-alarm target or threshold): a new version",
+    ),
     "replay": (
         "detector.commands.records:replay_main",
         "rescore recorded images with the recorded model versions; report changed decisions",

@@ -4,6 +4,7 @@
     python -m detector products carpet                   # carpet's history, oldest first
     python -m detector add-images carpet DIR --reason "new yarn batch" [--calibration DIR]
     python -m detector rollback carpet v2 --reason "v3 missed a stain"
+    python -m detector set-threshold carpet --target 0.02 --reason "too many shadows flagged"
 
 They change the BentoML model store the service reads, as its /products endpoints do: a
 running `bentoml serve` on the same store serves the new version within a few seconds
@@ -21,21 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.errors import UserError, exits_on_user_error
-from detector.images import is_image_path
+from detector.errors import exits_on_user_error
+from detector.images import images_in
 from detector.memory_bank import MemoryBank
 from detector.serving import products as store
 from detector.serving.model_store import checked_spec, load_extractor, stored
 from detector.threads import set_threads
-
-
-def images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder of images.")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
-    if not paths:
-        raise UserError(f"{folder} holds no images.")
-    return paths
 
 
 def add_folder(
@@ -118,3 +110,23 @@ def rollback_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     model = store.rollback(store.check_product(args.product), args.version, args.reason)
     print(f"{args.product}: {model.tag} is live, with the files of {args.version}")
+
+
+@exits_on_user_error
+def set_threshold_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Move a product's operating point: a new version, nothing refitted."
+    )
+    parser.add_argument("product")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--target", type=float, help="false-alarm target, e.g. 0.02")
+    which.add_argument("--threshold", type=float, help="an explicit threshold")
+    parser.add_argument("--reason", default="")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    _, report = store.set_operating_point(
+        store.check_product(args.product),
+        target=args.target,
+        threshold=args.threshold,
+        reason=args.reason,
+    )
+    print(json.dumps(report, indent=2))

@@ -49,6 +49,12 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "random_weights": detector.extractor.random_weights,
         "runtime": runtime_options(cfg.backbone),
         "threshold": detector.calibration.threshold,
+        # How the threshold was set and what its calibration scores can show.
+        "calibration": {
+            "rule": detector.calibration.rule,
+            "source": detector.calibration.source,
+            **detector.calibration.estimate(),
+        },
     }
     title = f"{cfg.data.category}: image ROC"
     metrics = accumulator.write(run_dir, detector.calibration.threshold, title, extra)

@@ -33,10 +33,29 @@ from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentedImages
 from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
+from detector.images import images_in
 from detector.serving.products import check_product
 from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
+
+
+def calibration_plan(cfg: DictConfig, train: list[Path]) -> tuple[list[Path], list[Path], str]:
+    """(bank images, calibration images, where the calibration scores come from).
+
+    A separate folder of later defect-free images (`data.calibration_dir`) sets the
+    threshold and the drift reference, and every training image goes into the bank; so does
+    cross-fitting (`calibration_folds` >= 2, the default), which scores every training
+    image with a bank built without it. `calibration_folds=0` holds `calibration_fraction`
+    of the training images out instead (this project's behaviour before cross-fitting).
+    """
+    folder = cfg.data.get("calibration_dir")
+    if folder:
+        return train, images_in(Path(str(folder))), "session"
+    if int(cfg.calibration_folds) >= 2:
+        return train, [], "cross_fitted"
+    bank, held_out = split_calibration(train, float(cfg.calibration_fraction), int(cfg.seed))
+    return bank, held_out, "held_out"
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
@@ -55,16 +74,19 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     product = check_product(str(cfg.product))
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
-    bank_paths, calibration_paths = split_calibration(
-        dataset.train_paths(), float(cfg.calibration_fraction), int(cfg.seed)
-    )
+    bank_paths, calibration_paths, source = calibration_plan(cfg, dataset.train_paths())
     augmentation = augment_config(cfg)
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
+    copies = augmentation.copies_per_image if augmentation.enabled else 1
     started = time.perf_counter()
     detector = AnomalyDetector.fit(
         extractor,
         bank_images,
         calibration_paths,
+        folds=int(cfg.calibration_folds),
+        groups=[index // copies for index in range(len(bank_images))],  # copies: one fold
+        rule=str(cfg.threshold_rule),
+        calibration_source=source,
         bank_config=bank_config(cfg),
         scoring=scoring_config(cfg),
         batch_size=int(cfg.batch_size),
@@ -85,7 +107,13 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
         "runtime": runtime_options(cfg.backbone),
         "n_bank_images": len(bank_paths),
         "augmented_copies_per_image": augmentation.copies_per_image,
-        "n_calibration_images": len(calibration_paths),
+        "n_calibration_images": len(detector.calibration.reference_scores),
+        "calibration": {
+            "rule": detector.calibration.rule,
+            "source": detector.calibration.source,
+            "folds": int(cfg.calibration_folds) if source == "cross_fitted" else None,
+            **detector.calibration.estimate(),
+        },
         "bank_size": detector.bank.size,
         "n_train_features": detector.bank.metadata["n_train_features"],
         "threshold": detector.calibration.threshold,

@@ -10,6 +10,7 @@ with pixel masks: colour stain, cut, hole, loose thread and metal contamination.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,37 @@ DEFECTS = ("color", "cut", "hole", "thread", "metal_contamination")
 Defect = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
-def carpet_texture(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size, 3) float image in [0, 1]: woven threads in alternating blocks."""
-    period = size / rng.uniform(14.0, 16.0)
+@dataclass(frozen=True)
+class Session:
+    """How one capture session of the line looks: the lamps (`gain`), the yarn lot's tone
+    (`tone`, added to the base colour), and where the camera sits (`scale` of the weave,
+    `angle` in degrees). Session 0 is the training session; later ones drift a little."""
+
+    gain: float = 1.0
+    tone: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+    angle: float = 0.0
+
+    @classmethod
+    def later(cls, number: int) -> Session:
+        """Session `number`: each one 4 % brighter, a warmer yarn, the camera 2 % closer
+        and turned by 1.5 degrees more than the one before."""
+        return cls(
+            gain=1.0 + 0.04 * number,
+            tone=(0.012 * number, 0.004 * number, -0.008 * number),
+            scale=1.0 + 0.02 * number,
+            angle=1.5 * number,
+        )
+
+
+def carpet_texture(size: int, rng: np.random.Generator, session: Session = Session()) -> np.ndarray:
+    """A (size, size, 3) float image in [0, 1]: woven threads in alternating blocks, as
+    captured in `session`."""
+    period = size / rng.uniform(14.0, 16.0) * session.scale
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    if session.angle:
+        turn = np.deg2rad(session.angle)
+        x, y = x * np.cos(turn) - y * np.sin(turn), x * np.sin(turn) + y * np.cos(turn)
     x += rng.uniform(0, period)
     y += rng.uniform(0, period)
     warp = 0.5 + 0.5 * np.cos(2 * np.pi * x / period * 2)
@@ -33,8 +61,8 @@ def carpet_texture(size: int, rng: np.random.Generator) -> np.ndarray:
     noise = rng.normal(0, 1, (size, size))
     noise = gaussian_filter(noise, sigma=0.8)
     intensity = 0.55 + 0.3 * weave + 0.04 * noise
-    base = np.array([0.55, 0.42, 0.30]) + rng.normal(0, 0.015, 3)
-    return np.clip(intensity[..., None] * base[None, None, :] * 1.3, 0, 1)
+    base = np.array([0.55, 0.42, 0.30]) + rng.normal(0, 0.015, 3) + np.array(session.tone)
+    return np.clip(intensity[..., None] * base[None, None, :] * 1.3 * session.gain, 0, 1)
 
 
 def _shape_mask(size: int, draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
@@ -146,17 +174,29 @@ def make_dataset(
     n_per_defect: int = 4,
     defects: tuple[str, ...] = DEFECTS,
     seed: int = 0,
+    sessions: int = 1,
+    n_calibration: int = 0,
 ) -> Path:
-    """Write the dataset under `root/category` and return that folder."""
+    """Write the dataset under `root/category` and return that folder.
+
+    With `sessions` > 1 the line drifts between capture sessions (`Session.later`): the
+    training images come from session 0, `n_calibration` defect-free images of session 1
+    go to `calibration/good` (for `data.calibration_dir`), and the test images come from
+    the last session, as parts made on a later shift.
+    """
     rng = np.random.default_rng(seed)
     folder = Path(root) / category
+    test_session = Session.later(sessions - 1) if sessions > 1 else Session()
     for i in range(n_train):
         _save(carpet_texture(size, rng), folder / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_calibration):
+        image = carpet_texture(size, rng, Session.later(1) if sessions > 1 else Session())
+        _save(image, folder / "calibration" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        _save(carpet_texture(size, rng), folder / "test" / "good" / f"{i:03d}.png")
+        _save(carpet_texture(size, rng, test_session), folder / "test" / "good" / f"{i:03d}.png")
     for defect in defects:
         for i in range(n_per_defect):
-            image, mask = DEFECT_MAKERS[defect](carpet_texture(size, rng), rng)
+            image, mask = DEFECT_MAKERS[defect](carpet_texture(size, rng, test_session), rng)
             _save(image, folder / "test" / defect / f"{i:03d}.png")
             _save(mask.astype(np.float64), folder / "ground_truth" / defect / f"{i:03d}_mask.png")
     return folder

@@ -287,6 +287,14 @@ class InspectionEndpoints:
             raise Refused(400, "bad_request", "Name the version to restore (e.g. v2).")
         return await self._change("rollback", product, version, reason)
 
+    async def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"target", "threshold", "reason"}
+        if not change.keys() <= allowed:
+            unknown = ", ".join(sorted(change.keys() - allowed))
+            message = f"Unknown field(s) {unknown}: send target or threshold."
+            raise Refused(400, "bad_request", message)
+        return await self._change("set_threshold", product, change)
+
     async def add_images(
         self,
         product: str,

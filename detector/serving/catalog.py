@@ -151,7 +151,11 @@ class BankCatalog:
         if product in self._drift and self._references.get(product) == reference:
             return
         self._references[product] = reference
-        self._drift[product] = DriftMonitor(np.asarray(reference), self.settings.drift)
+        self._drift[product] = DriftMonitor(
+            np.asarray(reference),
+            self.settings.drift,
+            promised_rate=detector.calibration.promised_rate,
+        )
         if not reference:
             log.warning(
                 "%s: the bank has no drift reference: refit it, or set one with "

@@ -9,6 +9,8 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
     POST /products/{name}/images          multipart: images (files), reason, calibration_images,
                                           records (ids of reviewed false alarms: their images)
     POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
+    POST /products/{name}/threshold       JSON: {"target": 0.02} or {"threshold": 0.31},
+                                          and "reason": a new version, nothing refitted
 """
 
 from __future__ import annotations
@@ -70,11 +72,21 @@ async def rollback(request: Request) -> Response:
     return await as_response(work())
 
 
+async def threshold(request: Request) -> Response:
+    async def work() -> dict[str, Any]:
+        usage = 'Send JSON: {"target": 0.02, "reason": "..."} or {"threshold": 0.31}.'
+        body = await json_object(request, usage)
+        return await current_endpoints().set_threshold(request.path_params["name"], body)
+
+    return await as_response(work())
+
+
 products_app = Starlette(
     routes=[
         Route("/", list_products, methods=["GET"]),
         Route("/{name}/history", history, methods=["GET"]),
         Route("/{name}/images", add_images, methods=["POST"]),
         Route("/{name}/rollback", rollback, methods=["POST"]),
+        Route("/{name}/threshold", threshold, methods=["POST"]),
     ]
 )

@@ -32,6 +32,7 @@ import numpy as np
 from detector.backbone import FeatureExtractor
 from detector.errors import UserError
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
+from detector.scoring import Calibration
 
 BANK_PREFIX = "bank-"
 LIVE_FILE = "live"
@@ -208,6 +209,7 @@ def commit_version(
             "backbone_model": backbone,
             "bank_size": bank.size,
             "threshold": calibration.get("threshold"),
+            "calibration": calibration_summary(calibration),
             "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
         }
         all_labels = {
@@ -226,6 +228,17 @@ def commit_version(
     return bentoml.models.get(f"{model_name(product)}:v{number}")
 
 
+def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """How a version's threshold was set and what its calibration scores can show
+    (`Calibration.estimate`): the rule, the target, the scores' source and count, the
+    expected false-alarm rate and its upper bound."""
+    if not calibration.get("reference_scores"):
+        return {}
+    names = Calibration.__dataclass_fields__
+    setting = Calibration(**{key: value for key, value in calibration.items() if key in names})
+    return {"rule": setting.rule, "source": setting.source, **setting.estimate()}
+
+
 def describe(model: bentoml.Model) -> dict[str, Any]:
     """One version as /products and /history show it."""
     metadata = model.info.metadata
@@ -234,6 +247,7 @@ def describe(model: bentoml.Model) -> dict[str, Any]:
         "tag": str(model.tag),
         "bank_rows": metadata.get("bank_size"),
         "threshold": metadata.get("threshold"),
+        "calibration": metadata.get("calibration", {}),
         "backbone_model": metadata.get("backbone_model"),
         "created": model.info.creation_time.isoformat(timespec="seconds"),
         "change": metadata.get("change", {}),
@@ -322,5 +336,87 @@ def add_images(
         return folder, change
 
     with tempfile.TemporaryDirectory(prefix="bank-update-") as scratch:
+        model = commit_version(product, make)
+    return model, {"product": product, "version": str(model.tag.version), **report}
+
+
+def set_operating_point(
+    product: str,
+    *,
+    target: float | None = None,
+    threshold: float | None = None,
+    reason: str = "",
+) -> tuple[bentoml.Model, dict[str, Any]]:
+    """A new live version with the same bank rows and a new threshold: the version's rule
+    applied to its calibration scores at a new false-alarm `target`, or an explicit
+    `threshold`. It has history and rollback like any other change; nothing is refitted."""
+    import math
+
+    from detector.scoring import calibrate, check_threshold
+    from detector.thresholds import check_target
+
+    if (target is None) == (threshold is None):
+        raise UserError("Give either a false-alarm target (e.g. 0.02) or a threshold, not both.")
+    try:
+        if target is not None:
+            target = check_target(target)
+        else:
+            threshold = float(threshold)  # type: ignore[arg-type]
+            if not math.isfinite(threshold) or threshold <= 0:
+                raise ValueError(f"A threshold must be a finite number above 0; it is {threshold}.")
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from None
+    report: dict[str, Any] = {}
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        if parent is None:
+            raise UnknownProductError(product, list_products())
+        bank = MemoryBank.load(parent.path)
+        names = Calibration.__dataclass_fields__
+        stored = bank.metadata.get("calibration", {})
+        before = Calibration(**{key: value for key, value in stored.items() if key in names})
+        if target is not None:
+            if not before.reference_scores:
+                raise UserError(
+                    f"{parent.tag} keeps no calibration scores to apply a target to: set a "
+                    "threshold, or add calibration images."
+                )
+            try:
+                after = calibrate(
+                    before.reference_scores,
+                    target,
+                    before.reference_profiles,
+                    before.rule if before.rule != "explicit" else "empirical_quantile",
+                    before.source,
+                )
+            except ValueError as error:
+                raise UserError(str(error)) from None
+        else:
+            after = Calibration(
+                check_threshold(threshold),  # type: ignore[arg-type]
+                before.false_alarm_rate,
+                before.reference_scores,
+                before.reference_profiles,
+                "explicit",
+                before.source,
+            )
+        bank.metadata["calibration"] = after.to_dict()
+        folder = bank.save(Path(scratch) / "bank")
+        report.update(
+            threshold_before=before.threshold,
+            threshold_after=after.threshold,
+            before=before.estimate(),
+            after=after.estimate(),
+        )
+        change = {
+            "action": "operating_point",
+            "reason": reason,
+            "target": target,
+            "threshold": after.threshold,
+            "threshold_before": before.threshold,
+        }
+        return folder, change
+
+    with tempfile.TemporaryDirectory(prefix="operating-point-") as scratch:
         model = commit_version(product, make)
     return model, {"product": product, "version": str(model.tag.version), **report}

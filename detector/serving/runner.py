@@ -136,7 +136,9 @@ class ScoringRunner:
             )
             drift = self.catalog.drift(product)
             if watch:
-                status = drift.add([r.drift_profile for r in results])
+                status = drift.add(
+                    [r.drift_profile for r in results], [r.is_anomalous for r in results]
+                )
                 telemetry.publish_drift(product, status)
             else:
                 status = drift.status()
@@ -216,6 +218,21 @@ class ScoringRunner:
             return refusal(error)
         self.catalog.install(model)
         return {"product": product, "version": str(model.tag.version), "restored": version}
+
+    def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+        """A new version with a new operating point: {"target": 0.02} or {"threshold": x}."""
+        try:
+            product = self.catalog.resolve(product)
+            model, report = store.set_operating_point(
+                product,
+                target=change.get("target"),
+                threshold=change.get("threshold"),
+                reason=str(change.get("reason") or "")[:500],
+            )
+        except UserError as error:
+            return refusal(error)
+        self.catalog.install(model)
+        return report
 
     def history(self, product: str) -> dict[str, Any]:
         try:

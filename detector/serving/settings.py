@@ -62,6 +62,8 @@ def drift_settings() -> DriftSettings:
         window_size=window,
         min_images=min(window, _int("INSPECT_DRIFT_MIN_IMAGES", 20) or 20),
         alert_level=_float("INSPECT_DRIFT_ALERT_LEVEL", 0.3),
+        flag_alpha=_float("INSPECT_DRIFT_FLAG_ALPHA", 0.001),
+        defect_rate=_float("INSPECT_EXPECTED_DEFECT_RATE", 0.0),
     )
 
 

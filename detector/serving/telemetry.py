@@ -39,6 +39,27 @@ drift_window_images = Gauge(
     multiprocess_mode="livemax",
 )
 _drift_statistic: Gauge | None = None
+# The drift window's verdicts against the calibration's promise (detector/drift.py): absent
+# until the window holds INSPECT_DRIFT_MIN_IMAGES images, like the statistic.
+flag_rate = Gauge(
+    "inspection_flag_rate",
+    "Share of the drift window's images flagged anomalous",
+    ["product"],
+    multiprocess_mode="livemax",
+)
+expected_flag_rate = Gauge(
+    "inspection_expected_flag_rate",
+    "The flagged share the calibration promised (false-alarm rate + expected defect rate)",
+    ["product"],
+    multiprocess_mode="livemax",
+)
+flag_rate_p_value = Gauge(
+    "inspection_flag_rate_p_value",
+    "Binomial test of the window's flagged share against the promised rate (small: too "
+    "many flags; the drift status turns drifting below INSPECT_DRIFT_FLAG_ALPHA)",
+    ["product"],
+    multiprocess_mode="livemin",
+)
 
 
 def drift_statistic() -> Gauge:
@@ -72,10 +93,15 @@ def publish_model_info(info: dict[str, Any], live: bool = True) -> None:
 
 
 def publish_drift(product: str, status: dict[str, Any]) -> None:
-    """The drift window's size always; the statistic once the window has one."""
+    """The drift window's size always; the statistic once the window has one; the flagged
+    share and its test once the window is long enough."""
     if status["statistic"] is not None:
         drift_statistic().labels(product).set(status["statistic"])
     drift_window_images.labels(product).set(status["images"])
+    if status.get("flag_rate_p_value") is not None:
+        flag_rate.labels(product).set(status["flag_rate"])
+        expected_flag_rate.labels(product).set(status["expected_flag_rate"])
+        flag_rate_p_value.labels(product).set(status["flag_rate_p_value"])
 
 
 def count_answer(product: str, result: dict[str, Any]) -> None:
