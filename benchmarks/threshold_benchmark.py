@@ -67,7 +67,9 @@ def main() -> None:
         )
         dataset = MVTecCategory(scratch / "data", "carpet")
         extractor = DinoBackbone(
-            str(make_backbone(scratch / "vits16", "vits16")), args.resolution, device="cpu"
+            str(make_backbone(scratch / "vits16", "vits16")),
+            resolution=args.resolution,
+            device="cpu",
         )
         train = dataset.train_paths()
         session = sorted((dataset.folder / "calibration" / "good").glob("*.png"))
