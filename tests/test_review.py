@@ -430,6 +430,38 @@ def test_a_locked_database_mid_load_loses_no_inspection_and_no_record(
     assert metric(served.url, "inspection_records_total", outcome="dropped") == 0
 
 
+def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: Served) -> None:
+    base = f"{served.url}/products/carpet/suggestion"
+    assert httpx.get(base, timeout=30).status_code == 401
+    assert httpx.get(f"{served.url}/products/nope/suggestion", headers=USER).status_code == 404
+    for params in ({"target": "2"}, {"target": "x"}, {"days": "0"}):
+        assert httpx.get(base, params=params, headers=USER).status_code == 400, params
+    report = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+    live = report["versions"][0]
+    listing = httpx.get(f"{served.url}/records", params={"limit": "500"}, headers=USER).json()
+    on_scale = [r for r in listing["records"] if r["bank_model"] in report["versions"]]
+    unflagged = [r for r in on_scale if not r["is_anomalous"] and r["review_label"] is None]
+    false_alarms = [r for r in on_scale if r["review_label"] == "false_alarm"]
+    assert report["defect_free_records"] == len(unflagged) + len(false_alarms) > 0
+    assert live == "bank-carpet:" + report["version"]
+    suggested = report["suggested"]["threshold"]
+    applied = subprocess.run(
+        [sys.executable, "-m", "detector", "suggest-threshold", "carpet", "--target", "0.05",
+         "--days", "1", "--apply"],
+        cwd=REPO,
+        env=service_env(served.home, INSPECT_RECORDS_DIR=str(served.records)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert json.loads(applied.stdout)["applied"]["threshold"] == pytest.approx(suggested)
+    time.sleep(0.5)  # the runner follows the live version within INSPECT_BANK_REFRESH_S
+    after = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+    assert after["current"]["threshold"] == pytest.approx(suggested)
+    assert after["versions"][1] == live, "the new version keeps the records on its scale"
+
+
 def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
     store: Path, postgres: Any, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:

@@ -197,3 +197,37 @@ def test_later_sessions_drift_and_the_training_session_stays_as_it_was(tmp_path:
     test = brightness(shifted / "test/good")
     assert calibration > train and test / train > 1.02  # session 2: 4 % more light
     assert len(list((shifted / "test").iterdir())) == 6  # good + five defect kinds
+
+
+# ----- suggesting a threshold from reviewed records ----------------------------------------------
+def test_a_suggestion_uses_reviewed_and_unflagged_parts_and_leaves_open_alarms_out() -> None:
+    from detector.records.suggest import suggest_threshold
+
+    rng = np.random.default_rng(4)
+    good = [
+        {"score": s, "is_anomalous": s > 0.5, "review_label": None} for s in rng.uniform(0, 0.5, 95)
+    ]
+    shadows = [
+        {"score": s, "is_anomalous": True, "review_label": "false_alarm"} for s in (0.55, 0.6, 0.62)
+    ]
+    defects = [
+        {"score": s, "is_anomalous": True, "review_label": "confirmed_defect"} for s in (0.9, 1.2)
+    ]
+    open_alarms = [{"score": 2.0, "is_anomalous": True, "review_label": None}] * 4
+    report = suggest_threshold([*good, *shadows, *defects, *open_alarms], current=0.5, target=0.01)
+    assert report["defect_free_records"] == 98 and report["confirmed_defects"] == 2
+    assert report["unreviewed_alarms_left_out"] == 4
+    assert report["current"]["false_alarm_rate"] == pytest.approx(3 / 98, abs=1e-6)
+    assert report["current"]["detection_rate"] == 1.0
+    scores = [record["score"] for record in [*good, *shadows]]
+    assert report["suggested"]["threshold"] == pytest.approx(
+        np.quantile(scores, 0.99, method="higher")
+    )
+    assert (
+        report["suggested"]["false_alarm_rate"] <= 0.01
+        and report["suggested"]["detection_rate"] == 1.0
+    )
+    assert "defect-free records" in report["suggested"]["statement"]
+    assert suggest_threshold([], 0.5, 0.01)["suggested"] is None
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        suggest_threshold(good, 0.5, 0.0)

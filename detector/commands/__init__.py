@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "detector.commands.banks:set_threshold_main",
         "move a product's operating point (false-alarm target or threshold): a new version",
     ),
+    "suggest-threshold": (
+        "detector.commands.records:suggest_threshold_main",
+        "rates of reviewed records at the live and a suggested threshold; --apply sets it",
+    ),
     "replay": (
         "detector.commands.records:replay_main",
         "rescore recorded images with the recorded model versions; report changed decisions",

@@ -3,6 +3,7 @@
     python -m detector replay [--since 2026-11-01] [--product carpet]
     python -m detector export-reviews OUT [--product carpet]
     python -m detector migrate-records
+    python -m detector suggest-threshold carpet [--target 0.01] [--days 7] [--apply]
 
 They find the records where a `bentoml serve` on the same machine keeps them
 (<BENTOML_HOME>/records, or INSPECT_RECORDS_DIR / INSPECT_RECORDS_DB, as the service), or
@@ -123,3 +124,30 @@ def migrate_main(argv: list[str] | None = None) -> None:
     before, head = store.revisions()
     store.migrate()
     print(f"{safe_url(url)}: schema {before or 'empty'} -> {head}")
+
+
+@exits_on_user_error
+def suggest_threshold_main(argv: list[str] | None = None) -> None:
+    parser = _parser(
+        "False-alarm and detection rates of reviewed records at the live threshold and at a "
+        "suggested one; --apply makes the suggestion a new version."
+    )
+    parser.add_argument("product")
+    parser.add_argument("--target", type=float, help="false-alarm target (default: the bank's)")
+    parser.add_argument("--days", type=float, default=7.0, help="records of the last N days")
+    parser.add_argument("--apply", action="store_true", help="set the suggested threshold")
+    parser.add_argument("--reason", default="suggested from reviewed records")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from detector.serving import products
+    from detector.serving.records import threshold_suggestion
+
+    store, _ = _open(args)
+    report = threshold_suggestion(store, args.product, args.target, args.days)
+    if args.apply:
+        if report["suggested"] is None:
+            raise UserError(f"No defect-free records of {args.product} to set a threshold from.")
+        _, applied = products.set_operating_point(
+            args.product, threshold=report["suggested"]["threshold"], reason=args.reason
+        )
+        report["applied"] = {"version": applied["version"], "threshold": applied["threshold_after"]}
+    print(json.dumps(report, indent=2))

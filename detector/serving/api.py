@@ -366,6 +366,18 @@ class InspectionEndpoints:
         }
         return Response(picture, media_type="image/png", headers=headers)
 
+    async def suggestion(self, product: str, params: dict[str, str]) -> dict[str, Any]:
+        """Rates at the live threshold and at one the reviewed records suggest."""
+        try:
+            target = float(params["target"]) if params.get("target") else None
+            days = float(params.get("days") or 7)
+        except ValueError:
+            raise Refused(400, "bad_request", "target and days must be numbers.") from None
+        if not 0 < days <= 3650:
+            raise Refused(400, "bad_request", "days must be between 0 and 3650.")
+        recorder = self._recorder()
+        return await anyio.to_thread.run_sync(recorder.suggestion, product, target, days)
+
     async def review(
         self, record_id: str, label: str, note: str, reviewer: str, who: str | None
     ) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class Rule:
     admin: bool = False  # changes a bank: the admin key when one is set
 
 
-PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold")
+PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion")
 RECORD_ACTIONS = ("image", "heatmap", "review")
 CALLER_SCOPE_KEY = "inspection.caller"
 
@@ -84,6 +84,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
         "/products/*/history": Rule(SMALL_BODY),
         "/products/*/rollback": Rule(SMALL_BODY, admin=True),
         "/products/*/threshold": Rule(SMALL_BODY, admin=True),
+        "/products/*/suggestion": Rule(SMALL_BODY),
         "/products/*/images": Rule(
             settings.max_batch_bytes + MULTIPART_OVERHEAD,
             frozenset({"images", "calibration_images"}),

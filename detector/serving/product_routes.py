@@ -11,6 +11,9 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
     POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
     POST /products/{name}/threshold       JSON: {"target": 0.02} or {"threshold": 0.31},
                                           and "reason": a new version, nothing refitted
+    GET  /products/{name}/suggestion      ?target=0.01&days=7: false-alarm and detection
+                                          rates of reviewed records at the live threshold
+                                          and at a suggested one (apply it with /threshold)
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ async def threshold(request: Request) -> Response:
     return await as_response(work())
 
 
+async def suggestion(request: Request) -> Response:
+    name, params = request.path_params["name"], dict(request.query_params)
+    return await as_response(current_endpoints().suggestion(name, params))
+
+
 products_app = Starlette(
     routes=[
         Route("/", list_products, methods=["GET"]),
@@ -88,5 +96,6 @@ products_app = Starlette(
         Route("/{name}/images", add_images, methods=["POST"]),
         Route("/{name}/rollback", rollback, methods=["POST"]),
         Route("/{name}/threshold", threshold, methods=["POST"]),
+        Route("/{name}/suggestion", suggestion, methods=["GET"]),
     ]
 )

@@ -420,3 +420,19 @@ def set_operating_point(
     with tempfile.TemporaryDirectory(prefix="operating-point-") as scratch:
         model = commit_version(product, make)
     return model, {"product": product, "version": str(model.tag.version), **report}
+
+
+def scoring_versions(product: str) -> tuple[bentoml.Model, list[str]]:
+    """The live version, and the tags of the versions whose scores equal its scores: it and
+    the versions before it that only moved the operating point (same bank rows), back to
+    the one that set the rows. Records of these are on the live version's scale."""
+    live = live_model(product)
+    tags = [str(live.tag)]
+    model = live
+    while model.info.metadata.get("change", {}).get("action") == "operating_point":
+        parent = model.info.metadata["change"].get("parent")
+        if not parent:
+            break
+        model = bentoml.models.get(parent)
+        tags.append(str(model.tag))
+    return live, tags

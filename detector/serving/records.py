@@ -81,6 +81,10 @@ def query_from(params: dict[str, str]) -> RecordQuery:
     )
 
 
+class UnknownProduct(RecordsError):
+    status, reason = 404, "unknown_product"
+
+
 class Recorder:
     """One per API worker: the record writer, the kept images, and the database's readers."""
 
@@ -191,8 +195,50 @@ class Recorder:
             images.append(data)
         return images
 
+    def suggestion(self, product: str, target: float | None, days: float) -> dict[str, Any]:
+        return threshold_suggestion(self.store, product, target, days)
+
     def mark_added(self, record_ids: list[str], bank_tag: str) -> None:
         self.store.mark_added(record_ids, bank_tag)
+
+
+def threshold_suggestion(
+    store: RecordStore, product: str, target: float | None, days: float = 7
+) -> dict[str, Any]:
+    """Rates at the live threshold and at one set from the reviewed records of the
+    versions on the live version's scale (`products.scoring_versions`)."""
+    from detector.records.suggest import suggest_threshold
+    from detector.serving import products
+
+    try:
+        live, tags = products.scoring_versions(products.check_product(product))
+    except products.UnknownProductError as error:
+        raise UnknownProduct(str(error)) from None
+    calibration = live.info.metadata.get("calibration", {})
+    goal = calibration.get("target_false_alarm_rate", 0.01) if target is None else target
+    rule = calibration.get("rule", "empirical_quantile")
+    since = utc_now() - timedelta(days=days)
+    records = [
+        record
+        for record in store.iterate(since=since, product=product)
+        if record["bank_model"] in tags
+    ]
+    try:
+        report = suggest_threshold(
+            records,
+            float(live.info.metadata["threshold"]),
+            goal,
+            rule if rule != "explicit" else "empirical_quantile",
+        )
+    except ValueError as error:
+        raise RecordsError(str(error)) from None
+    return {
+        "product": product,
+        "version": str(live.tag.version),
+        "versions": tags,
+        "days": days,
+        **report,
+    }
 
 
 def open_recorder(settings: Settings) -> Recorder | None:
