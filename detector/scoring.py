@@ -60,12 +60,14 @@ class Calibration:
             return {"calibration_images": 0, "expected_false_alarm_rate": None}
         above = int(np.count_nonzero(scores > self.threshold))
         upper = 1.0 if above >= n else float(beta.ppf(confidence, above + 1, n - above))
+        lower = 0.0 if above == 0 else float(beta.ppf(1 - confidence, above, n - above + 1))
         expected = (above + 1) / (n + 1)
         return {
             "calibration_images": n,
             "above_threshold": above,
             "target_false_alarm_rate": self.false_alarm_rate,
             "expected_false_alarm_rate": round(expected, 6),
+            "lower_bound": round(lower, 6),  # one-sided bounds at `confidence` each
             "upper_bound": round(upper, 6),
             "confidence": confidence,
             "statement": (

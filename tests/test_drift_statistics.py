@@ -202,3 +202,5 @@ def test_the_promise_is_what_the_calibration_scores_can_show() -> None:
     some_above = Calibration(0.5, 0.01, list(np.linspace(0.0, 1.0, 101))).estimate()
     assert some_above["above_threshold"] == 50
     assert some_above["expected_false_alarm_rate"] == pytest.approx(51 / 102)
+    assert some_above["lower_bound"] < 50 / 101 < some_above["upper_bound"]
+    assert some_above["lower_bound"] > 0.4 and some_above["upper_bound"] < 0.6

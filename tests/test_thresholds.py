@@ -231,3 +231,22 @@ def test_a_suggestion_uses_reviewed_and_unflagged_parts_and_leaves_open_alarms_o
     assert suggest_threshold([], 0.5, 0.01)["suggested"] is None
     with pytest.raises(ValueError, match="between 0 and 1"):
         suggest_threshold(good, 0.5, 0.0)
+
+
+def test_features_beyond_the_memory_budget_are_spilled_and_read_back_the_same() -> None:
+    from detector.anomaly_detector import FeatureSpill
+
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(3, 4, 4, 8)).astype(np.float32) for _ in range(4)]
+    with FeatureSpill(in_memory_bytes=2 * batches[0].nbytes) as spill:
+        for batch in batches:
+            spill.append(batch)
+        assert spill._folder is not None and len(list(Path(spill._folder.name).glob("*.npy"))) == 2
+        everything = np.concatenate(batches)
+        np.testing.assert_array_equal(spill.take([0, 5, 11, 7]), everything[[0, 5, 11, 7]])
+        blocks = list(spill.blocks([1, 2, 9, 10, 11], 2))
+        assert [block.shape[0] for block in blocks] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(blocks), everything[[1, 2, 9, 10, 11]])
+        assert spill.rows([1, 2, 3]) == 3 * 16
+        folder = Path(spill._folder.name)
+    assert not folder.exists(), "the spilled features go with the fit"
