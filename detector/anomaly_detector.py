@@ -437,6 +437,6 @@ class AnomalyDetector:
         if extractor is None:
             extractor = BackboneSpec.from_dict(bank.metadata["extractor"]).build(**backbone_options)
         scoring = ScoringConfig(**bank.metadata.get("scoring", {}))
-        calibration = Calibration(**bank.metadata["calibration"])
+        calibration = Calibration.from_dict(bank.metadata["calibration"])
         check_threshold(calibration.threshold)
         return cls(extractor, bank, calibration, scoring, batch_size)

@@ -43,6 +43,13 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> Calibration:
+        """A stored calibration: the fields it has (banks saved before the rule and source
+        were kept get the defaults); other keys, such as an estimate, are not fields."""
+        names = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in document.items() if key in names})
+
     def estimate(self, confidence: float = 0.95) -> dict[str, Any]:
         """What the calibration scores can say about the false-alarm rate at this threshold.
 

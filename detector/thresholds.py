@@ -80,9 +80,9 @@ class ParetoTail:
 
         values = _scores(scores)
         target = check_target(target)
-        if (
-            target >= self.tail_share or not np.isfinite(values).all()
-        ):  # the target lies inside the body: no tail needed
+        # A target inside the body needs no tail; a score that is not a number must reach
+        # the threshold check, not a fit.
+        if target >= self.tail_share or not np.isfinite(values).all():
             return EmpiricalQuantile().threshold(values, target)
         start = float(np.quantile(values, 1.0 - self.tail_share))
         excess = values[values > start] - start

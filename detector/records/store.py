@@ -288,9 +288,11 @@ class RecordStore:
         since: datetime | None = None,
         product: str | None = None,
         reviewed_only: bool = False,
+        bank_models: list[str] | None = None,
         page: int = 500,
     ) -> Iterator[dict[str, Any]]:
-        """Every record matching, oldest first, a page at a time (replay, export)."""
+        """Every record matching, oldest first, a page at a time (replay, export, the
+        threshold suggestion)."""
         last = ""
         while True:
             conditions = [Inspection.id > last]
@@ -300,6 +302,8 @@ class RecordStore:
                 conditions.append(Inspection.product == product)
             if reviewed_only:
                 conditions.append(Inspection.review_label.is_not(None))
+            if bank_models is not None:
+                conditions.append(Inspection.bank_model.in_(bank_models))
             statement = select(TABLE).where(and_(*conditions)).order_by(Inspection.id).limit(page)
             with self.engine.connect() as connection:
                 rows = [record_dict(row) for row in connection.execute(statement)]

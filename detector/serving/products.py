@@ -234,8 +234,7 @@ def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
     expected false-alarm rate and its upper bound."""
     if not calibration.get("reference_scores"):
         return {}
-    names = Calibration.__dataclass_fields__
-    setting = Calibration(**{key: value for key, value in calibration.items() if key in names})
+    setting = Calibration.from_dict(calibration)
     return {"rule": setting.rule, "source": setting.source, **setting.estimate()}
 
 
@@ -372,9 +371,7 @@ def set_operating_point(
         if parent is None:
             raise UnknownProductError(product, list_products())
         bank = MemoryBank.load(parent.path)
-        names = Calibration.__dataclass_fields__
-        stored = bank.metadata.get("calibration", {})
-        before = Calibration(**{key: value for key, value in stored.items() if key in names})
+        before = Calibration.from_dict(bank.metadata.get("calibration", {}))
         if target is not None:
             if not before.reference_scores:
                 raise UserError(

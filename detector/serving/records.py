@@ -218,11 +218,7 @@ def threshold_suggestion(
     goal = calibration.get("target_false_alarm_rate", 0.01) if target is None else target
     rule = calibration.get("rule", "empirical_quantile")
     since = utc_now() - timedelta(days=days)
-    records = [
-        record
-        for record in store.iterate(since=since, product=product)
-        if record["bank_model"] in tags
-    ]
+    records = store.iterate(since=since, product=product, bank_models=tags)
     try:
         report = suggest_threshold(
             records,
