@@ -6,6 +6,8 @@ queue, bank changes from reviews, replay, export, outages) are in test_review.py
 
 from __future__ import annotations
 
+import hashlib
+import io
 import sqlite3
 import threading
 import time
@@ -13,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import inspect as schema_of
 
 from detector.records.images import ImageStore
-from detector.records.model import REVIEW_COLUMNS, Inspection, new_record_id, utc_now
+from detector.records.model import REVIEW_COLUMNS, Inspection, Review, new_record_id, utc_now
 from detector.records.store import (
     RecordNotFound,
     RecordQuery,
@@ -27,6 +31,14 @@ from detector.records.store import (
 )
 from detector.records.writer import RecordWriter
 from detector.serving.records import query_from
+
+
+def picture(number: int, side: int = 8) -> bytes:
+    """A small, distinct, decodable PNG (what the writer keeps must be an image)."""
+    rng = np.random.default_rng(number)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def a_record(number: int, **changes: Any) -> dict[str, Any]:
@@ -80,6 +92,11 @@ def test_migrations_create_the_table_the_code_writes_and_a_stale_schema_is_refus
     migrated_indexes = {index["name"] for index in table.get_indexes("inspections")}
     declared_indexes = {index.name for index in Inspection.__table__.indexes}
     assert declared_indexes <= migrated_indexes
+    migrated = {column["name"]: column["nullable"] for column in table.get_columns("reviews")}
+    assert migrated == {column.name: column.nullable for column in Review.__table__.columns}
+    assert {i.name for i in Review.__table__.indexes} <= {
+        i["name"] for i in table.get_indexes("reviews")
+    }
     store.close()
 
 
@@ -132,6 +149,15 @@ def test_a_review_changes_only_the_review_fields(records: RecordStore) -> None:
     with pytest.raises(RecordsError, match="label must be one of"):
         records.review(batch[2]["id"], "looks_fine", None, None)
     assert records.get(batch[2]["id"])["review_label"] is None
+    # A later review by another key replaces the latest one, and both stay in the history.
+    records.review(batch[0]["id"], "confirmed_defect", "no: a stain", "desk")
+    history = records.reviews(batch[0]["id"])
+    assert [(r["previous_label"], r["label"], r["reviewer"], r["note"]) for r in history] == [
+        (None, "false_alarm", "ann / line3", "shadow of the gantry"),
+        ("false_alarm", "confirmed_defect", "desk", "no: a stain"),
+    ]
+    assert records.get(batch[0]["id"])["review_label"] == "confirmed_defect"
+    assert records.reviews(batch[2]["id"]) == [], "a refused review leaves no history"
 
 
 @pytest.mark.parametrize(
@@ -198,13 +224,13 @@ def test_records_are_spooled_while_the_database_is_down_and_all_arrive_once_it_i
     try:
         for number in range(20):
             submitted.append(a_record(number))
-            assert writer.submit(submitted[-1], b"image %d" % number)
+            assert writer.submit(submitted[-1], picture(number))
         assert writer.flush()
         begin()
         try:
             for number in range(20, 60):
                 submitted.append(a_record(number))
-                assert writer.submit(submitted[-1], b"image %d" % number)  # queued, not waited
+                assert writer.submit(submitted[-1], picture(number))  # queued, not waited
             assert writer.flush()
             assert writer.pending_spool() > 0 and counts["spooled"] > 0
         finally:
@@ -247,23 +273,90 @@ def test_a_full_spool_drops_and_counts_instead_of_growing(tmp_path: Path) -> Non
 def test_image_retention_removes_old_images_then_the_oldest_beyond_the_size_limit(
     tmp_path: Path,
 ) -> None:
-    images = ImageStore(tmp_path, keep="flagged", max_age_days=1, max_mb=3000 / 2**20)
-    assert images.wants(True) and not images.wants(False)
-    now = time.time()
-    hashes = [f"{number:064x}" for number in range(5)]
-    for age_days, sha in zip((3, 0.5, 0.4, 0.3, 0.2), hashes, strict=True):
-        images.put(sha, b"x" * 1000)
-        moment = now - age_days * 86400
-        import os
+    import os
 
-        os.utime(images.path(sha), (moment, moment))
-    pruned = images.prune(now)
-    # The 3-day-old image by age, then the oldest until 3000 bytes remain.
-    assert pruned.removed == 2 and pruned.freed_bytes == 2000
-    assert [images.available(sha) for sha in hashes] == [False, False, True, True, True]
-    images.put(hashes[2], b"x" * 1000)  # stored again: kept, its age reset
-    assert images.path(hashes[2]).stat().st_mtime > now - 60
-    assert images.get("not a hash") is None and not images.available("../../etc/passwd")
+    images = [picture(number) for number in range(5)]
+    hashes = [hashlib.sha256(data).hexdigest() for data in images]
+    store = ImageStore(tmp_path, keep="flagged", max_age_days=1, max_mb=10**6)
+    assert store.wants(True) and not store.wants(False)
+    now = time.time()
+    for age_days, sha, data in zip((3, 0.5, 0.4, 0.3, 0.2), hashes, images, strict=True):
+        assert store.put(sha, data) is True
+        moment = now - age_days * 86400
+        os.utime(store.path(sha), (moment, moment))
+    sizes = [store.size(sha) for sha in hashes]
+    store.max_bytes = sum(sizes[2:])  # room for the three newest
+    pruned = store.prune(now)
+    # The 3-day-old image by age, then the oldest until the rest fits.
+    assert pruned.removed == 2 and pruned.freed_bytes == sum(sizes[:2])
+    assert [store.available(sha) for sha in hashes] == [False, False, True, True, True]
+    assert store.put(hashes[2], images[2]) is False  # stored again: kept, its age reset
+    assert store.path(hashes[2]).stat().st_mtime > now - 60
+    assert store.get("not a hash") is None and not store.available("../../etc/passwd")
+
+
+def test_kept_images_are_the_scored_pixels_and_the_cap_holds_when_writing(
+    tmp_path: Path,
+) -> None:
+    """An upload with 45 MB hidden after its end, or in a metadata chunk, keeps only its
+    pixels; a folder at its cap makes room before writing, never after."""
+    from PIL import PngImagePlugin
+
+    base = picture(1, side=32)
+    stuffed = base + b"\0" * (5 << 20)  # bytes after the image's end
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("junk", "x" * (2 << 20))
+    with_chunk = io.BytesIO()
+    Image.open(io.BytesIO(picture(2, side=32))).save(with_chunk, "PNG", pnginfo=meta)
+    store = ImageStore(tmp_path / "images", keep="all", max_mb=1)
+    for data in (stuffed, with_chunk.getvalue()):
+        sha = hashlib.sha256(data).hexdigest()
+        assert store.put(sha, data) is True
+        kept = store.get(sha)
+        assert len(kept) < 10_000, "the pixels, not the payload"
+        assert np.array_equal(
+            np.asarray(Image.open(io.BytesIO(kept)).convert("RGB")),
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+        )
+    assert store.put("a" * 64, b"not an image at all") is None
+    # Fill past the cap: the folder never holds more than the cap at any moment.
+    for number in range(200):
+        data = picture(100 + number, side=96)  # ~28 kB of noise each
+        store.put(hashlib.sha256(data).hexdigest(), data)
+        on_disk = sum(f.stat().st_size for f in (tmp_path / "images").rglob("*") if f.is_file())
+        assert on_disk <= store.max_bytes
+    big = picture(7, side=700)  # a single image larger than the whole cap is not kept
+    assert store.put(hashlib.sha256(big).hexdigest(), big) is None
+
+
+def test_a_dropped_record_keeps_no_image_and_queued_images_are_bounded(tmp_path: Path) -> None:
+    from detector.serving.local_server import free_port
+
+    store = RecordStore(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
+    images = ImageStore(tmp_path / "images", keep="all")
+    counts: dict[str, int] = {}
+    writer = RecordWriter(
+        store,
+        tmp_path / "spool",
+        images,
+        spool_max_bytes=1,  # every batch is dropped
+        flush_s=0.01,
+        max_queued_image_bytes=1,  # and, below, no image fits the queue
+        prepare=store.migrate,
+        on_count=lambda outcome, n: counts.__setitem__(outcome, counts.get(outcome, 0) + n),
+    )
+    writer.max_queued_image_bytes = 1 << 20
+    for number in range(5):
+        data = picture(number)
+        writer.submit(a_record(number, image_sha256=hashlib.sha256(data).hexdigest()), data)
+        writer.flush()
+    assert counts["dropped"] == 5
+    assert not [f for f in (tmp_path / "images").rglob("*") if f.is_file()], "no orphan images"
+    writer.max_queued_image_bytes = 10
+    assert writer.submit(a_record(9), picture(9))
+    writer.close()
+    assert counts["image_not_kept"] == 1
+    store.close()
 
 
 def test_writes_from_many_threads_all_arrive(records: RecordStore, tmp_path: Path) -> None:

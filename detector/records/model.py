@@ -2,8 +2,10 @@
 
 One row per decision, written once. Only the review columns (`review_*`, `added_to`) ever
 change afterwards: what was decided, on which image, by which model versions stays as it
-was, so a replay can check it and an audit can trust it. Migrations in migrations/versions
-create exactly this table; `test_records` checks the two agree.
+was, so a replay can check it and an audit can trust it. The review columns hold the latest
+review; every review, with the label it replaced, is also a row of `reviews`, which is only
+ever appended to. Migrations in migrations/versions create exactly these tables;
+`test_records` checks the two agree.
 """
 
 from __future__ import annotations
@@ -105,3 +107,19 @@ class Inspection(Base):
         Index("ix_inspections_product_id", "product", "id"),
         Index("ix_inspections_review", "review_label", "is_anomalous"),
     )
+
+
+class Review(Base):
+    """One review of one record, as it was made: never updated or deleted."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    label: Mapped[str] = mapped_column(String(20))
+    previous_label: Mapped[str | None] = mapped_column(String(20))
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str | None] = mapped_column(String(128))  # the key's name
+
+    __table_args__ = (Index("ix_reviews_record_id", "record_id", "id"),)

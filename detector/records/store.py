@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from detector.errors import UserError
-from detector.records.model import REVIEW_LABELS, Inspection, utc_now
+from detector.records.model import REVIEW_LABELS, Inspection, Review, utc_now
 
 log = logging.getLogger("inspection.records")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -222,21 +222,48 @@ class RecordStore:
     def review(
         self, record_id: str, label: str, note: str | None, reviewer: str | None
     ) -> dict[str, Any]:
+        """Set a record's latest review and append it to the record's history, in one
+        transaction (the row is locked, so two reviewers at once are both in the history,
+        each with the label it replaced)."""
         if label not in REVIEW_LABELS:
             raise RecordsError(f"label must be one of {', '.join(REVIEW_LABELS)}; not {label!r}.")
-        values = {
-            "review_label": label,
-            "review_note": (note or None) and note[:2000],
-            "reviewed_by": reviewer,
-            "reviewed_at": utc_now(),
-        }
+        now = utc_now()
+        note = (note or None) and note[:2000]
         with self.engine.begin() as connection:
-            done = connection.execute(
-                update(Inspection).where(Inspection.id == record_id).values(**values)
-            )
-            if done.rowcount == 0:
+            current = connection.execute(
+                select(Inspection.review_label).where(Inspection.id == record_id).with_for_update()
+            ).first()
+            if current is None:
                 raise RecordNotFound(f"No record {record_id!r}.")
+            connection.execute(
+                update(Inspection)
+                .where(Inspection.id == record_id)
+                .values(review_label=label, review_note=note, reviewed_by=reviewer, reviewed_at=now)
+            )
+            connection.execute(
+                Review.__table__.insert(),
+                {
+                    "record_id": record_id,
+                    "created_at": now,
+                    "label": label,
+                    "previous_label": current[0],
+                    "note": note,
+                    "reviewer": reviewer,
+                },
+            )
         return self.get(record_id)
+
+    def reviews(self, record_id: str) -> list[dict[str, Any]]:
+        """A record's reviews, oldest first."""
+        statement = (
+            select(Review.__table__).where(Review.record_id == record_id).order_by(Review.id)
+        )
+        with self.engine.connect() as connection:
+            rows = [dict(row._mapping) for row in connection.execute(statement)]
+        for row in rows:
+            row["created_at"] = as_utc(row["created_at"]).isoformat()
+            row.pop("record_id")
+        return rows
 
     def mark_added(self, record_ids: list[str], bank_tag: str) -> None:
         """The bank version these records' images went into (a review field)."""

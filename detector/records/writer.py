@@ -6,7 +6,9 @@ then writes up to `batch_size` records in one transaction. A failed write goes t
 (JSON lines, fsynced) and the spool is retried every `retry_s`; records are written with
 their ids, so a spool file written twice still adds each record once. Nothing is lost
 unless the spool is full (`spool_max_bytes`) or the queue overflows: those are counted as
-dropped, never raised to the request.
+dropped, never raised to the request, and a dropped record's image is not kept either.
+Images waiting in the queue are bounded too (`max_queued_image_bytes`): beyond it a record
+is queued without its image (`image_kept` false, counted as `image_not_kept`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from detector.records.images import ImageStore
 from detector.records.store import RecordStore, safe_url, spooled_line
 
 log = logging.getLogger("inspection.records")
-OUTCOMES = ("written", "spooled", "dropped")
+OUTCOMES = ("written", "spooled", "dropped", "image_not_kept")
 
 
 class RecordWriter:
@@ -42,6 +44,7 @@ class RecordWriter:
         prune_s: float = 600.0,
         spool_max_bytes: int = 256 << 20,
         queue_size: int = 20000,
+        max_queued_image_bytes: int = 128 << 20,
         on_count: Callable[[str, int], None] | None = None,
     ) -> None:
         self.store = store
@@ -52,6 +55,9 @@ class RecordWriter:
         self.prune_s = prune_s
         self.spool_max_bytes = spool_max_bytes
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.max_queued_image_bytes = max_queued_image_bytes
+        self._queued_image_bytes = 0
+        self._image_bytes_lock = threading.Lock()
         self._on_count = on_count
         self._queue: queue.Queue[tuple[dict[str, Any], bytes | None] | None] = queue.Queue(
             queue_size
@@ -67,13 +73,27 @@ class RecordWriter:
     # ----- the request side ------------------------------------------------------------
     def submit(self, record: dict[str, Any], image: bytes | None = None) -> bool:
         """Queue a record (and the image to keep with it); never blocks, never raises."""
+        if image is not None:
+            with self._image_bytes_lock:
+                if self._queued_image_bytes + len(image) > self.max_queued_image_bytes:
+                    image = None
+                else:
+                    self._queued_image_bytes += len(image)
+            if image is None:
+                self._count("image_not_kept", 1)
         try:
             self._queue.put_nowait((record, image))
             return True
         except queue.Full:
+            self._release(image)
             self._count("dropped", 1)
             log.error("record queue full: record %s dropped", record.get("id"))
             return False
+
+    def _release(self, image: bytes | None) -> None:
+        if image is not None:
+            with self._image_bytes_lock:
+                self._queued_image_bytes -= len(image)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued record is written or spooled (tests, shutdown)."""
@@ -107,6 +127,7 @@ class RecordWriter:
     def _run(self) -> None:
         while True:
             batch: list[dict[str, Any]] = []
+            created: list[str] = []  # images first kept for this batch's records
             stop = False
             deadline = time.monotonic() + self.flush_s
             while len(batch) < self.batch_size:
@@ -119,10 +140,14 @@ class RecordWriter:
                     stop = True
                     break
                 record, image = item
-                batch.append(self._keep_image(record, image))
+                kept = self._keep_image(record, image)
+                self._release(image)
+                batch.append({**record, "image_kept": kept is not None})
+                if kept:
+                    created.append(record["image_sha256"])
             try:
                 if batch:
-                    self._write(batch)
+                    self._write(batch, created)
                 self._retry_spool()
                 self._prune()
             except Exception:  # the writer must outlive any bug in one batch
@@ -133,24 +158,24 @@ class RecordWriter:
             if stop:
                 return
 
-    def _keep_image(self, record: dict[str, Any], image: bytes | None) -> dict[str, Any]:
-        kept = False
-        if image is not None and self.images is not None:
-            try:
-                self.images.put(record["image_sha256"], image)
-                kept = True
-            except OSError as error:
-                log.warning("could not keep image %s: %s", record["image_sha256"], error)
-        return {**record, "image_kept": kept}
+    def _keep_image(self, record: dict[str, Any], image: bytes | None) -> bool | None:
+        """`ImageStore.put`'s answer (None: not kept)."""
+        if image is None or self.images is None:
+            return None
+        try:
+            return self.images.put(record["image_sha256"], image)
+        except OSError as error:
+            log.warning("could not keep image %s: %s", record["image_sha256"], error)
+            return None
 
     def _ensure_schema(self) -> None:
         if self._prepare is not None:
             self._prepare()
             self._prepare = None
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
+    def _write(self, batch: list[dict[str, Any]], created: list[str] | None = None) -> None:
         if self._spool_files():  # the database was down: keep the order, spool behind
-            self._spool(batch)
+            self._spool(batch, created)
             return
         try:
             self._ensure_schema()
@@ -163,17 +188,20 @@ class RecordWriter:
                 type(error).__name__,
                 len(batch),
             )
-            self._spool(batch)
+            self._spool(batch, created)
 
     def _spool_files(self) -> list[Path]:
         return sorted(self.spool_dir.glob("spool-*.jsonl"))
 
-    def _spool(self, batch: list[dict[str, Any]]) -> None:
+    def _spool(self, batch: list[dict[str, Any]], created: list[str] | None = None) -> None:
         used = sum(path.stat().st_size for path in self._spool_files())
         text = "".join(spooled_line(record) + "\n" for record in batch).encode()
         if used + len(text) > self.spool_max_bytes:
             self._count("dropped", len(batch))
             log.error("record spool full (%d bytes): %d records dropped", used, len(batch))
+            if self.images is not None:  # no record will ever name these images
+                for sha256 in created or []:
+                    self.images.remove(sha256)
             return
         path = self.spool_dir / f"spool-{time.time_ns():020d}.jsonl"
         partial = path.with_suffix(".partial")
