@@ -205,6 +205,19 @@ class MemoryBank:
         (directory / METADATA_FILE).write_text(json.dumps(document, indent=2) + "\n")
         return directory
 
+    @staticmethod
+    def read_document(directory: str | Path) -> dict[str, Any]:
+        """A saved bank's metadata (bank.json) without reading its index: what a change of
+        the threshold alone needs."""
+        return json.loads((Path(directory) / METADATA_FILE).read_text())
+
+    @staticmethod
+    def write_document(directory: str | Path, document: dict[str, Any]) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / METADATA_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        return directory
+
     @classmethod
     def load(cls, directory: str | Path) -> MemoryBank:
         directory = Path(directory)

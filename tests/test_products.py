@@ -34,12 +34,13 @@ from detector.serving.local_server import (
     REPO,
     bentoml_serve,
     service_env,
+    wait_for,
 )
 from detector.serving.model_store import save_backbone, save_bank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
 
-API_KEY, ADMIN_KEY = "scoring-key", "admin-key"
+API_KEY, ADMIN_KEY = "scoring-key-0123456", "admin-key-0123456789"
 
 
 def brighter(path: Path, seed: int = 0) -> Image.Image:
@@ -152,7 +153,7 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     assert after["score"] < before["score"]
     assert after["threshold"] == before["threshold"], "the threshold is kept unless asked"
 
-    history = runner.history("ip-line2")["versions"]
+    history = store.history("ip-line2")
     assert [v["version"] for v in history] == ["v1", "v2"] and history[1]["live"]
     change = history[1]["change"]
     assert change["parent"] == "bank-ip-line2:v1" and change["reason"] == "new yarn batch"
@@ -163,7 +164,7 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     (rolled_back,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
     assert rolled_back["models"]["bank"] == "bank-ip-line2:v3"
     assert rolled_back["score"] == before["score"], "exactly the earlier version's scores"
-    assert runner.history("ip-line2")["versions"][-1]["change"]["restored"] == "v1"
+    assert store.history("ip-line2")[-1]["change"]["restored"] == "v1"
     assert runner.rollback("ip-line2", "v9", "")["status"] == 404
 
 
@@ -247,11 +248,91 @@ def test_banks_beyond_the_memory_budget_are_evicted_least_recently_used(
     assert runner.catalog.loaded() == ["ip-line3"]
 
 
-def test_a_deleted_live_version_gives_way_to_the_newest_one_left(in_process_store: dict) -> None:
-    newest = store.rollback("ip-line2", "v1", "to be deleted")
+def gauge(name: str, product: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"product": product})
+
+
+def fresh_product(name: str, product_dirs: dict[str, Path]) -> bentoml.Model:
+    return save_bank(
+        product_dirs["line3"], bentoml.models.get("dino-backbone:latest"), product=name
+    )
+
+
+def test_a_deleted_live_version_is_refused_never_replaced_and_its_number_never_reused(
+    in_process_store: dict,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+) -> None:
+    fresh_product("ip-deleted", product_dirs)
+    runner = runner_for(["ip-deleted"], tiny_backbone, bank_refresh_s=0.0)
+    image = synthetic_dataset.train_paths()[0].read_bytes()
+    (first,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
+    newest = store.rollback("ip-deleted", "v1", "to be deleted")
     bentoml.models.delete(str(newest.tag))  # what an operator might do by hand
-    assert store.live_version("ip-line2") == store.history("ip-line2")[-1]["version"]
-    assert store.live_model("ip-line2").tag != newest.tag
+    with pytest.raises(store.LiveVersionMissing, match="rollback"):
+        store.live_version("ip-deleted")
+    (answer,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
+    assert answer["status"] == 503 and answer["reason"] == "bank_missing", answer
+    assert gauge("inspection_bank_unavailable", "ip-deleted") == 1
+    (listed,) = runner.products()
+    assert listed["reason"] == "bank_missing" and "rollback" in listed["error"]
+    with pytest.raises(store.LiveVersionMissing):  # no change may build on a missing bank
+        store.set_operating_point("ip-deleted", target=0.05)
+    restored = store.rollback("ip-deleted", "v1", "recover")
+    assert int(restored.tag.version[1:]) == int(newest.tag.version[1:]) + 1, "never reused"
+    assert restored.info.metadata["change"]["parent"] == str(newest.tag)
+    (answer,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
+    assert answer["models"]["bank"] == str(restored.tag)
+    assert answer["score"] == pytest.approx(first["score"], abs=1e-6)
+    assert gauge("inspection_bank_unavailable", "ip-deleted") == 0
+
+
+def test_a_damaged_index_is_refused_with_a_sentence(
+    in_process_store: dict,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+) -> None:
+    model = fresh_product("ip-damaged", product_dirs)
+    assert set(model.info.metadata["files"]) == {"index.faiss", "bank.json"}
+    index = Path(model.path) / "index.faiss"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    with pytest.raises(store.BankCorrupt, match="index.faiss"):
+        store.load_bank(model)
+    runner = runner_for(["ip-damaged"], tiny_backbone)
+    image = synthetic_dataset.train_paths()[0].read_bytes()
+    (answer,) = runner.score_uploads([("ip-damaged", image)], with_maps=False)
+    assert answer["status"] == 503 and answer["reason"] == "bank_corrupt"
+    assert "roll ip-damaged back" in answer["error"]
+
+
+def test_threshold_versions_share_the_index_and_old_versions_are_pruned(
+    in_process_store: dict,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = fresh_product("ip-kept", product_dirs)
+    runner = runner_for(["ip-kept"], tiny_backbone)
+    image = synthetic_dataset.train_paths()[0].read_bytes()
+    runner.score_uploads([("ip-kept", image)], with_maps=False)  # v1 served: records name it
+    restored_source = store.set_operating_point("ip-kept", target=0.2)[0]  # v2, never served
+    store.rollback("ip-kept", "v2", "a rollback names v2")  # v3
+    monkeypatch.setenv("INSPECT_KEEP_VERSIONS", "3")
+    made = [store.set_operating_point("ip-kept", target=0.05 + 0.01 * i)[0] for i in range(6)]
+    index = Path(made[-1].path) / "index.faiss"
+    assert index.stat().st_ino == (Path(first.path) / "index.faiss").stat().st_ino
+    assert index.stat().st_nlink > 2, "one index file on disk for every threshold version"
+    left = [version["version"] for version in store.history("ip-kept")]
+    assert left == ["v1", "v2", "v7", "v8", "v9"], "served, restored, and the newest three"
+    assert str(restored_source.tag.version) in left
+    page = store.history("ip-kept", limit=2)
+    assert [v["version"] for v in page] == ["v8", "v9"] and page[-1]["live"]
+    assert [v["version"] for v in store.history("ip-kept", limit=2, before=8)] == ["v2", "v7"]
 
 
 def test_bad_product_names_and_versions_are_one_sentence() -> None:
@@ -261,6 +342,19 @@ def test_bad_product_names_and_versions_are_one_sentence() -> None:
         store.live_model("never-exported")
     with pytest.raises(store.UnknownProductError):
         store.history("never-exported")
+    for version in ("v01", "v0", "²", "v²", "v" + "9" * 40, "1.0"):
+        with pytest.raises(store.VersionError, match="has no bank version"):
+            store.version_model("ip-carpet", version)
+
+
+def test_the_versions_on_the_live_scale_stop_where_the_store_does(
+    in_process_store: dict, product_dirs: dict[str, Path]
+) -> None:
+    fresh_product("ip-orphan", product_dirs)
+    middle = store.set_operating_point("ip-orphan", target=0.2)[0]
+    live = store.set_operating_point("ip-orphan", target=0.1)[0]
+    bentoml.models.delete(str(middle.tag))  # the live version's parent, by hand
+    assert store.scoring_versions("ip-orphan")[1] == [str(live.tag)]
 
 
 # ----- served: one `bentoml serve`, three products, keys set ----------------------------
@@ -322,15 +416,35 @@ def test_products_are_listed_with_their_live_version_and_keys_guard_them(server:
         assert entry["change"]["action"] == "fit"
         assert entry["in_memory"] is False and entry["drift"] is None, "listing loads no bank"
     files = {"images": ("a.png", b"x", "image/png")}
-    for key in (None, API_KEY):  # a bank change needs the admin key once one is set
+    for key, status in ((None, 401), (API_KEY, 403)):  # a bank change needs the admin role
         headers = {"X-API-Key": key} if key else {}
         refused = httpx.post(f"{server}/products/carpet/images", files=files, headers=headers)
-        assert refused.status_code == 401 and "admin key" in refused.json()["error"]
+        assert refused.status_code == status and "admin" in refused.json()["error"]
     admin = {"X-API-Key": ADMIN_KEY}
     empty = httpx.post(f"{server}/products/carpet/rollback", json={}, headers=admin)
     assert empty.status_code == 400
-    unknown = httpx.get(f"{server}/products/nope/history", headers={"X-API-Key": API_KEY})
+    unknown = httpx.get(f"{server}/products/nope/history", headers=admin)
     assert unknown.status_code == 404 and "carpet" in unknown.json()["error"]
+    # What used to be a 500 with a traceback is a sentence and a 4xx.
+    for path, status in (
+        ("/products/Carpet/history", 400),
+        ("/products/" + "x" * 300 + "/suggestion", 400),
+        ("/products/carpet/history?limit=%C2%B2", 400),
+        ("/products/carpet/history?limit=" + "9" * 5000, 400),
+        ("/products/carpet/suggestion?target=nan", 400),
+        ("/products/carpet/suggestion?days=1e999", 400),
+    ):
+        answer = httpx.get(f"{server}{path}", headers=admin, timeout=30)
+        assert answer.status_code == status and "error" in answer.json(), path
+    for version in ("v01", "v1 ", "²", "v" + "1" * 200, 7):
+        body = {"version": version}
+        answer = httpx.post(f"{server}/products/carpet/rollback", json=body, headers=admin)
+        assert answer.status_code in (400, 404) and "error" in answer.json(), version
+    for threshold in (True, "0.3", [0.3], 1e308):
+        body = {"threshold": threshold}
+        answer = httpx.post(f"{server}/products/carpet/threshold", json=body, headers=admin)
+        assert answer.status_code == 400, threshold
+    assert httpx.get(f"{server}/products", headers=admin).json()[0]["version"] == "v1"
 
 
 def test_concurrent_requests_for_different_products_equal_in_process_predict(
@@ -397,7 +511,7 @@ def test_an_update_from_the_command_is_served_without_restart_then_rolled_back(
     assert rolled.status_code == 200 and rolled.json()["version"] == "v3"
     after = inspect(server, "line2", held_out).json()
     assert after["models"]["bank"] == "bank-line2:v3" and after["score"] == before["score"]
-    history = httpx.get(f"{server}/products/line2/history", headers={"X-API-Key": API_KEY}).json()
+    history = httpx.get(f"{server}/products/line2/history", headers={"X-API-Key": ADMIN_KEY}).json()
     changes = [version["change"] for version in history["versions"]]
     assert [c["action"] for c in changes] == ["fit", "add_images", "rollback"]
     assert changes[1]["reason"] == "relit line" and changes[2]["restored"] == "v1"
@@ -437,11 +551,14 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
     calibration = listing["line2"]["calibration"]
     assert calibration["calibration_images"] > 0 and "statement" in calibration
     denied = httpx.post(url, json={"threshold": 1e-9}, headers={"X-API-Key": API_KEY})
-    assert denied.status_code == 401
+    assert denied.status_code == 403
     for body in ({"target": 2}, {"threshold": -1}, {"threshold": 1, "target": 0.1}, {"x": 1}):
         refused = httpx.post(url, json=body, headers=admin, timeout=60)
         assert refused.status_code == 400, body
-    moved = httpx.post(url, json={"threshold": 1e-9, "reason": "flag all"}, headers=admin)
+    unconfirmed = httpx.post(url, json={"threshold": 1e-9, "reason": "flag all"}, headers=admin)
+    assert unconfirmed.status_code == 400 and "confirm" in unconfirmed.json()["error"]
+    flag_all = {"threshold": 1e-9, "reason": "flag all", "confirm": True}
+    moved = httpx.post(url, json=flag_all, headers=admin)
     assert moved.status_code == 200, moved.text
     after = inspect(server, "line2", image).json()
     assert after["is_anomalous"] and after["threshold"] == pytest.approx(1e-9)
@@ -482,13 +599,11 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
             page.goto(f"{server}/ui/")
             page.fill("#apikey", API_KEY)
             page.dispatch_event("#apikey", "change")
-            page.wait_for_function("document.querySelectorAll('#product option').length === 3")
+            wait_for(page, "document.querySelectorAll('#product option').length === 3")
             page.select_option("#product", "line2")
-            page.wait_for_function(
-                "document.getElementById('product-info').textContent.includes('bank v')"
-            )
+            wait_for(page, "document.getElementById('product-info').textContent.includes('bank v')")
             page.set_input_files("#file", str(image))
-            page.wait_for_function("document.getElementById('d-product') !== null", timeout=60_000)
+            wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
             assert page.inner_text("#d-product") == "line2"
             assert float(page.inner_text("#d-score")) == pytest.approx(expected, abs=1e-4)
         finally:

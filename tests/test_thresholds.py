@@ -137,7 +137,9 @@ def test_a_new_target_is_a_new_version_and_rollback_restores_the_old_verdicts(
     assert [a["score"] for a in moved] == [a["score"] for a in before], "same bank rows"
     assert sum(a["is_anomalous"] for a in moved) > sum(a["is_anomalous"] for a in before)
 
-    explicit = runner.set_threshold("op-carpet", {"threshold": 10.0})
+    unconfirmed = runner.set_threshold("op-carpet", {"threshold": 10.0})
+    assert unconfirmed["status"] == 400 and "confirm" in unconfirmed["error"]
+    explicit = runner.set_threshold("op-carpet", {"threshold": 10.0, "confirm": True})
     assert explicit["threshold_after"] == 10.0
     assert not any(a["is_anomalous"] for a in runner.score_uploads(uploads, with_maps=False))
 
@@ -160,6 +162,10 @@ def test_a_new_target_is_a_new_version_and_rollback_restores_the_old_verdicts(
         ({"threshold": 0}, "finite number above 0"),
         ({"target": 0.1, "threshold": 1.0}, "not both"),
         ({}, "not both"),
+        ({"threshold": True}, "must be a number; it is bool"),
+        ({"target": "0.05"}, "must be a number; it is str"),
+        ({"threshold": 1e308}, "far outside"),
+        ({"threshold": 1e-300}, "far outside"),
     ],
 )
 def test_a_bad_operating_point_is_one_sentence_and_changes_nothing(

@@ -122,11 +122,17 @@ def set_threshold_main(argv: list[str] | None = None) -> None:
     which.add_argument("--target", type=float, help="false-alarm target, e.g. 0.02")
     which.add_argument("--threshold", type=float, help="an explicit threshold")
     parser.add_argument("--reason", default="")
+    parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="allow a threshold far outside the calibration scores (flags every part or none)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _, report = store.set_operating_point(
         store.check_product(args.product),
         target=args.target,
         threshold=args.threshold,
         reason=args.reason,
+        confirm=args.confirm,
     )
     print(json.dumps(report, indent=2))

@@ -25,7 +25,7 @@ import numpy as np
 from detector.anomaly_detector import AnomalyDetector
 from detector.backbone import FeatureExtractor
 from detector.drift import DriftMonitor
-from detector.memory_bank import INDEX_FILE, MemoryBank
+from detector.memory_bank import INDEX_FILE
 from detector.serving import products as store
 from detector.serving import telemetry
 from detector.serving.settings import Settings
@@ -71,6 +71,7 @@ class BankCatalog:
         self._drift: dict[str, DriftMonitor] = {}
         self._references: dict[str, list[list[float]]] = {}
         self._rescanned = 0.0
+        self._served: set[str] = set()
         self._lock = threading.RLock()
 
     # ----- names ---------------------------------------------------------------------
@@ -107,19 +108,27 @@ class BankCatalog:
                 self._live.move_to_end(product)
                 return live
             self._checked[product] = now
-            version = store.live_version(product)
-            if live is not None and live.version == version:
-                self._live.move_to_end(product)
-                return live
-            if version is None:
-                raise store.UnknownProductError(product, self.names)
-            return self.install(store.version_model(product, version))
+            try:
+                version = store.live_version(product)
+                if live is not None and live.version == version:
+                    self._live.move_to_end(product)
+                    return live
+                if version is None:
+                    raise store.UnknownProductError(product, self.names)
+                return self.install(store.version_model(product, version))
+            except store.BankUnavailable as error:
+                # Never another bank in its place: the product answers 503 until fixed.
+                self._live.pop(product, None)
+                self._checked.pop(product, None)
+                if telemetry.set_bank_unavailable(product, True):
+                    log.error("%s: %s", product, error)
+                raise
 
     def install(self, model: bentoml.Model) -> LiveBank:
         """Serve this bank version of its product from now on (after an update here)."""
         product = str(model.info.metadata["product"])
         detector = AnomalyDetector.from_bank(
-            MemoryBank.load(model.path), self.extractor, self.settings.max_batch_size
+            store.load_bank(model), self.extractor, self.settings.max_batch_size
         )
         live = LiveBank(
             product,
@@ -139,6 +148,7 @@ class BankCatalog:
                 self.names = sorted([*self.names, product])
             self._keep_drift(product, detector)
             self._evict()
+        telemetry.set_bank_unavailable(product, False)
         if old is not None:
             telemetry.publish_model_info(self.info(old), live=False)
             log.info("%s: now serving %s (was %s)", product, live.tag, old.tag)
@@ -171,6 +181,13 @@ class BankCatalog:
             log.info(
                 "%s: bank %s evicted from memory (INSPECT_BANK_CACHE_MB)", product, evicted.tag
             )
+
+    def mark_served(self, live: LiveBank) -> None:
+        """The first image a version scores here marks it kept by retention: its records
+        name it (products.mark_served)."""
+        if live.tag not in self._served:
+            store.mark_served(live.product, live.version)
+            self._served.add(live.tag)
 
     def drift(self, product: str) -> DriftMonitor:
         with self._lock:

@@ -110,7 +110,7 @@ def save_bank(
 
     The product is `product`, else the one `fit` recorded (`product=`), else the category.
     """
-    from detector.serving.products import check_product, commit_version
+    from detector.serving.products import Draft, check_product, commit_version
 
     bank = MemoryBank.load(bank_dir)
     spec = BackboneSpec.from_dict(bank.metadata["extractor"])
@@ -142,7 +142,7 @@ def save_bank(
     }
     return commit_version(
         product,
-        lambda parent: (Path(bank_dir), change),
+        lambda parent: Draft(Path(bank_dir), change),
         backbone_model=str(backbone_model.tag),
         labels=labels,
         metrics=metrics or {},
@@ -253,7 +253,13 @@ def load_pair(
     """One product's detector from the store, for the batch job: the bank `bank_tag`, else
     the live version of `product`, else of the only product in the store."""
     from detector.anomaly_detector import AnomalyDetector
-    from detector.serving.products import UnknownProductError, list_products, live_model
+    from detector.serving.products import (
+        UnknownProductError,
+        list_products,
+        live_model,
+        load_bank,
+        mark_served,
+    )
 
     if bank_tag:
         bank = stored(bank_tag)
@@ -275,5 +281,8 @@ def load_pair(
         half_precision=half_precision,
         num_threads=num_threads,
     )
-    detector = AnomalyDetector.from_bank(MemoryBank.load(bank.path), extractor, batch_size)
+    detector = AnomalyDetector.from_bank(load_bank(bank), extractor, batch_size)
+    product_name = bank.info.metadata.get("product")
+    if product_name:  # the job's results may be recorded: keep the version
+        mark_served(str(product_name), str(bank.tag.version))
     return LoadedPair(detector, ModelTags(str(backbone.tag), str(bank.tag)))

@@ -5,23 +5,38 @@ bank (a fit, added images, a recalibration, a rollback) is a new version `v1`, `
 metadata says what changed, from which parent, why and when. So `bentoml models list` shows
 every product and version, and `bentoml models export` carries a version with its history.
 
-The live version is the newest one. Rollback copies an earlier version's files into a new
-version rather than moving a pointer, so history stays a straight line and "live" never needs
+The live version is the newest one. Rollback makes a new version with an earlier version's
+files rather than moving a pointer, so history stays a straight line and "live" never needs
 anything but the store to be known. Writers take a per-product file lock (every worker and
 every replica sharing the store), so two concurrent updates both land, one on top of the
 other. After a version is complete, its number is written to `<store>/bank-<product>/live`
 (atomically): readers poll that one small file, and never see a half-copied version.
+
+Nothing switches or grows silently:
+- version numbers come from a counter (`<store>/bank-<product>/counter`) and are never
+  reused, so a record's `bank-x:v6` names one bank forever;
+- each version's metadata holds the SHA-256 of its files, checked when it is loaded: a
+  truncated or replaced file is refused with a sentence, never scored with;
+- a live version that disappears makes its product answer 503 (`LiveVersionMissing`),
+  never quietly fall back to an older bank;
+- a version that only moves the threshold shares its parent's index file (a hard link),
+  and old versions are removed beyond `INSPECT_KEEP_VERSIONS` (20) unless the live pointer
+  or a rollback names them, or they scored something (`mark_served`), which records may
+  name.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,11 +49,15 @@ from detector.errors import UserError
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 from detector.scoring import Calibration
 
+log = logging.getLogger("inspection")
 BANK_PREFIX = "bank-"
 LIVE_FILE = "live"
 LOCK_FILE = ".update.lock"
+COUNTER_FILE = "counter"
+KEEP_FILE = "keep"  # versions retention keeps: they served, or a rollback restored them
 PRODUCT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,57}$")
-VERSION_NAME = re.compile(r"^v(\d+)$")
+VERSION_NAME = re.compile(r"^v([1-9][0-9]{0,8})$")
+DEFAULT_KEEP_VERSIONS = 20
 
 
 class UnknownProductError(UserError):
@@ -60,10 +79,27 @@ class VersionError(UserError):
     """A bank version that does not exist (HTTP 404)."""
 
 
+class BankUnavailable(UserError):
+    """A product whose live bank cannot be served as it is (HTTP 503, and an alert)."""
+
+    status, reason = 503, "bank_unavailable"
+
+
+class LiveVersionMissing(BankUnavailable):
+    reason = "bank_missing"
+
+
+class BankCorrupt(BankUnavailable):
+    reason = "bank_corrupt"
+
+
 def check_product(name: str) -> str:
     if not isinstance(name, str) or not PRODUCT_NAME.match(name):
+        shown = (
+            repr(name[:64]) + ("..." if len(name) > 64 else "") if isinstance(name, str) else "?"
+        )
         raise UserError(
-            f"Product name {name!r} is not valid: use lowercase letters, digits, '-', '_' or "
+            f"Product name {shown} is not valid: use lowercase letters, digits, '-', '_' or "
             "'.', starting with a letter or digit, at most 58 characters."
         )
     return name
@@ -111,17 +147,22 @@ def list_products() -> list[str]:
 
 
 def live_version(product: str) -> str | None:
-    """'vN' of the live version: the pointer file, or the newest complete version."""
+    """'vN' of the live version: the pointer file, or (before any pointer was written) the
+    newest complete version. A pointer to a version that is gone raises
+    `LiveVersionMissing`: serving another bank instead would change every verdict unseen."""
     folder = _product_dir(product)
     try:
         version = (folder / LIVE_FILE).read_text().strip()
-        # A version deleted with `bentoml models delete` falls back to the newest one left.
-        if VERSION_NAME.match(version) and (folder / version / "model.yaml").exists():
-            return version
     except OSError:
-        pass
-    numbers = _numbers(product)
-    return f"v{numbers[-1]}" if numbers else None
+        numbers = _numbers(product)
+        return f"v{numbers[-1]}" if numbers else None
+    if VERSION_NAME.match(version) and (folder / version / "model.yaml").exists():
+        return version
+    raise LiveVersionMissing(
+        f"{model_name(product)}:{version} is the live version but is missing from the model "
+        f"store ({store_dir()}): roll {product} back to a version that exists (`python -m "
+        f"detector rollback {product} vN`, or POST /products/{product}/rollback)."
+    )
 
 
 def live_model(product: str) -> bentoml.Model:
@@ -132,10 +173,13 @@ def live_model(product: str) -> bentoml.Model:
 
 
 def version_model(product: str, version: str | int) -> bentoml.Model:
-    version = f"v{version}" if str(version).isdigit() else str(version)
-    if not VERSION_NAME.match(version) or int(version[1:]) not in _numbers(product):
+    text = str(version)
+    version = f"v{text}" if text.isascii() and text.isdigit() else text
+    match = VERSION_NAME.match(version)
+    if not match or int(match.group(1)) not in _numbers(product):
         known = ", ".join(f"v{n}" for n in _numbers(product)) or "none"
-        raise VersionError(f"{product} has no bank version {version!r}; versions: {known}.")
+        shown = version[:24] + ("..." if len(version) > 24 else "")
+        raise VersionError(f"{product} has no bank version {shown!r}; versions: {known}.")
     return bentoml.models.get(f"{model_name(product)}:{version}")
 
 
@@ -153,10 +197,7 @@ def product_lock(product: str) -> Iterator[None]:
 
 
 def _write_live(product: str, version: str) -> None:
-    folder = _product_dir(product)
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, prefix=".live-") as handle:
-        handle.write(version + "\n")
-    os.replace(handle.name, folder / LIVE_FILE)
+    _write_atomic(_product_dir(product) / LIVE_FILE, version + "\n")
 
 
 def _storable(value: Any) -> Any:
@@ -168,8 +209,60 @@ def _storable(value: Any) -> Any:
     return value
 
 
-# What `make` returns: the folder holding the new bank's files, and its change record.
-Draft = tuple[Path, dict[str, Any]]
+@dataclass(frozen=True)
+class Draft:
+    """What a change's `make` returns: the new bank's files and its change record."""
+
+    folder: Path  # holds bank.json, and index.faiss unless `index_of` is given
+    change: dict[str, Any]
+    index_of: bentoml.Model | None = None  # a stored version whose index this one shares
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _next_number(product: str) -> int:
+    """The next version number, never one used before (call under the product's lock)."""
+    folder = _product_dir(product)
+    try:
+        counted = int((folder / COUNTER_FILE).read_text().strip())
+    except (OSError, ValueError):
+        counted = 0
+    numbers = _numbers(product)
+    number = max(counted, numbers[-1] if numbers else 0) + 1
+    _write_atomic(folder / COUNTER_FILE, f"{number}\n")
+    return number
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=".tmp-") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def _share_file(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s bytes without copying them where the file system
+    allows (a hard link; versions never modify their files), else a copy."""
+    partial = target.with_name(".linking-" + target.name)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copy2(source, partial)
+    os.replace(partial, target)
+
+
+def _parent_or_missing(product: str) -> tuple[bentoml.Model | None, str | None]:
+    """(the live version, None), or (None, the missing live version's tag)."""
+    try:
+        return (live_model(product) if live_version(product) else None), None
+    except LiveVersionMissing:
+        version = (_product_dir(product) / LIVE_FILE).read_text().strip()
+        return None, f"{model_name(product)}:{version}"
 
 
 def commit_version(
@@ -179,53 +272,71 @@ def commit_version(
     backbone_model: str | None = None,
     labels: dict[str, str] | None = None,
     metrics: dict[str, Any] | None = None,
+    allow_missing_parent: bool = False,
 ) -> bentoml.Model:
     """Make a new version from the live one, under the product's lock, and make it live.
 
     `make(parent)` builds the new bank's files from the live version (None for a product's
-    first version) while no other writer can change that version.
+    first version) while no other writer can change that version. With the live version
+    missing from the store only a change that needs no parent (a rollback, a fit) may run.
     """
     with product_lock(product):
-        parent = live_model(product) if live_version(product) else None
-        numbers = _numbers(product)
-        number = numbers[-1] + 1 if numbers else 1
-        folder, change = make(parent)
-        bank = MemoryBank.load(folder)
-        calibration = bank.metadata.get("calibration", {})
+        parent, missing = _parent_or_missing(product)
+        if missing and not allow_missing_parent:
+            live_version(product)  # raises LiveVersionMissing with its sentence
+        number = _next_number(product)
+        draft = make(parent)
+        document = MemoryBank.read_document(draft.folder)
+        index = Path(draft.index_of.path) / INDEX_FILE if draft.index_of else None
+        if draft.index_of is not None:
+            size = draft.index_of.info.metadata.get("bank_size")
+            stored_hash = draft.index_of.info.metadata.get("files", {}).get(INDEX_FILE)
+            index_hash = stored_hash or file_sha256(index)  # type: ignore[arg-type]
+        else:
+            size = MemoryBank.load(draft.folder).size
+            index_hash = file_sha256(draft.folder / INDEX_FILE)
+        calibration = document.get("calibration", {})
         inherited = parent.info.metadata if parent is not None else {}
         backbone = backbone_model or inherited.get("backbone_model")
         if backbone is None:
             raise UserError("a product's first bank version must name its backbone model")
         record = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "parent": str(parent.tag) if parent is not None else None,
-            **change,
+            "parent": str(parent.tag) if parent is not None else missing,
+            **draft.change,
         }
         metadata = {
             "product": product,
             "version": number,
             "change": record,
-            "extractor": bank.metadata["extractor"],
+            "extractor": document["extractor"],
             "backbone_model": backbone,
-            "bank_size": bank.size,
+            "bank_size": size,
             "threshold": calibration.get("threshold"),
             "calibration": calibration_summary(calibration),
             "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
+            "files": {
+                INDEX_FILE: index_hash,
+                METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
+            },
         }
         all_labels = {
             "kind": "memory-bank",
             "product": product,
             "version": str(number),
-            "action": str(change.get("action", "change")),
+            "action": str(draft.change.get("action", "change")),
             **(labels or {}),
         }
-        with bentoml.models.create(
-            f"{model_name(product)}:v{number}", labels=all_labels, metadata=_storable(metadata)
-        ) as model:
-            for filename in (INDEX_FILE, METADATA_FILE):
-                shutil.copy2(folder / filename, Path(model.path) / filename)
+        tag = f"{model_name(product)}:v{number}"
+        with bentoml.models.create(tag, labels=all_labels, metadata=_storable(metadata)) as model:
+            shutil.copy2(draft.folder / METADATA_FILE, Path(model.path) / METADATA_FILE)
+            if index is None:
+                shutil.copy2(draft.folder / INDEX_FILE, Path(model.path) / INDEX_FILE)
+        if index is not None:
+            _share_file(index, _product_dir(product) / f"v{number}" / INDEX_FILE)
         _write_live(product, f"v{number}")
-    return bentoml.models.get(f"{model_name(product)}:v{number}")
+        prune_versions(product)
+    return bentoml.models.get(tag)
 
 
 def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
@@ -253,26 +364,123 @@ def describe(model: bentoml.Model) -> dict[str, Any]:
     }
 
 
-def history(product: str) -> list[dict[str, Any]]:
-    """Every version of a product, oldest first, with what changed and why."""
-    if not _numbers(product):
+def history(
+    product: str, limit: int | None = None, before: int | None = None
+) -> list[dict[str, Any]]:
+    """A product's versions, oldest first, with what changed and why: the newest `limit`
+    of those numbered below `before` (all of them by default). Each version's metadata is
+    read once."""
+    numbers = _numbers(product)
+    if not numbers:
         raise UnknownProductError(product, list_products())
-    live = live_version(product)
+    try:
+        live = live_version(product)
+    except LiveVersionMissing:
+        live = None
+    chosen = [n for n in numbers if before is None or n < before]
+    if limit is not None:
+        chosen = chosen[-limit:]
     return [
-        {**describe(version_model(product, number)), "live": f"v{number}" == live}
-        for number in _numbers(product)
+        {**describe(bentoml.models.get(f"{model_name(product)}:v{n}")), "live": f"v{n}" == live}
+        for n in chosen
     ]
 
 
 def rollback(product: str, version: str | int, reason: str = "") -> bentoml.Model:
-    """A new live version with an earlier version's exact files (and so its exact scores)."""
+    """A new live version with an earlier version's exact files (and so its exact scores);
+    the only change allowed while the live version is missing from the store."""
     target = version_model(product, version)
 
     def make(parent: bentoml.Model | None) -> Draft:
         change = {"action": "rollback", "restored": str(target.tag.version), "reason": reason}
-        return Path(target.path), change
+        mark_served(product, str(target.tag.version))  # retention keeps what was restored
+        return Draft(Path(target.path), change, index_of=target)
 
-    return commit_version(product, make, metrics=target.info.metadata.get("metrics", {}))
+    return commit_version(
+        product,
+        make,
+        metrics=target.info.metadata.get("metrics", {}),
+        backbone_model=target.info.metadata.get("backbone_model"),
+        allow_missing_parent=True,
+    )
+
+
+def verify(model: bentoml.Model) -> None:
+    """Refuse a version whose files are not the ones it was saved with (truncated, replaced,
+    half-copied): `BankCorrupt`, with a sentence, instead of scores from a broken bank.
+    Versions saved before file hashes were kept are loaded as they are."""
+    expected = model.info.metadata.get("files") or {}
+    for name, digest in expected.items():
+        path = Path(model.path) / name
+        try:
+            actual = file_sha256(path)
+        except OSError:
+            actual = None
+        if actual != digest:
+            product = model.info.metadata.get("product", model.tag.name)
+            raise BankCorrupt(
+                f"{model.tag}'s {name} is missing or not the file it was saved with: roll "
+                f"{product} back to another version, or restore the file."
+            )
+
+
+def load_bank(model: bentoml.Model) -> MemoryBank:
+    """A stored version's bank, its files checked first."""
+    verify(model)
+    try:
+        return MemoryBank.load(model.path)
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        raise BankCorrupt(f"{model.tag} cannot be read ({type(error).__name__}).") from None
+
+
+def mark_served(product: str, version: str) -> None:
+    """Note that a version scored something (and records may name it): retention keeps it.
+    A version a rollback restored is kept the same way (a known good bank)."""
+    folder = _product_dir(product)
+    try:
+        if version in (folder / KEEP_FILE).read_text().split():
+            return
+    except OSError:
+        pass
+    with open(folder / KEEP_FILE, "a") as handle:  # one short append: atomic enough
+        handle.write(version + "\n")
+
+
+def keep_versions() -> int:
+    value = os.environ.get("INSPECT_KEEP_VERSIONS", "").strip()
+    if not value:
+        return DEFAULT_KEEP_VERSIONS
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise UserError(
+            f"INSPECT_KEEP_VERSIONS must be a whole number of at least 1; it is {value!r}."
+        )
+    return int(value)
+
+
+def prune_versions(product: str, keep: int | None = None) -> list[str]:
+    """Remove versions beyond the newest `keep`, except the live one and those `mark_served`
+    kept (they scored, so records may name them, or a rollback restored them). Call under
+    the product's lock."""
+    keep = keep_versions() if keep is None else keep
+    numbers = _numbers(product)
+    if len(numbers) <= keep:
+        return []
+    folder = _product_dir(product)
+    try:
+        protected = set((folder / KEEP_FILE).read_text().split())
+    except OSError:
+        protected = set()
+    with suppress(LiveVersionMissing):
+        protected.add(live_version(product) or "")
+    removed = []
+    for number in numbers[:-keep]:
+        version = f"v{number}"
+        if version not in protected:
+            bentoml.models.delete(f"{model_name(product)}:{version}")
+            removed.append(version)
+    if removed:
+        log.info("%s: removed old bank versions %s (INSPECT_KEEP_VERSIONS)", product, removed)
+    return removed
 
 
 def _summary(scores: list[float]) -> dict[str, float]:
@@ -307,7 +515,7 @@ def add_images(
     def make(parent: bentoml.Model | None) -> Draft:
         if parent is None:
             raise UnknownProductError(product, list_products())
-        current = AnomalyDetector.from_bank(MemoryBank.load(parent.path), extractor, batch_size)
+        current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
         learned, added = current.learned(features)
         report.update(bank_rows_before=current.bank.size, rows_added=added)
         if calibration_images:
@@ -332,11 +540,24 @@ def add_images(
         }
         if records:  # reviewed false alarms: the version points back to their records
             change["records"] = list(records)
-        return folder, change
+        return Draft(folder, change)
 
     with tempfile.TemporaryDirectory(prefix="bank-update-") as scratch:
         model = commit_version(product, make)
     return model, {"product": product, "version": str(model.tag.version), **report}
+
+
+def _number(name: str, value: Any) -> float:
+    """A JSON number as a float; true/false, text and lists are refused, not converted
+    (the range checks that follow refuse NaN and infinities)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{name} must be a number; it is {type(value).__name__} {value!r:.40}.")
+    return float(value)
+
+
+# An explicit threshold this far outside the calibration scores (above FAR x their highest,
+# or below their lowest / FAR) would flag every part or none: it needs `confirm`.
+FAR = 2.0
 
 
 def set_operating_point(
@@ -345,10 +566,12 @@ def set_operating_point(
     target: float | None = None,
     threshold: float | None = None,
     reason: str = "",
+    confirm: bool = False,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version with the same bank rows and a new threshold: the version's rule
     applied to its calibration scores at a new false-alarm `target`, or an explicit
-    `threshold`. It has history and rollback like any other change; nothing is refitted."""
+    `threshold`. It has history and rollback like any other change; nothing is refitted,
+    and the new version shares its parent's index file."""
     import math
 
     from detector.scoring import calibrate, check_threshold
@@ -358,9 +581,9 @@ def set_operating_point(
         raise UserError("Give either a false-alarm target (e.g. 0.02) or a threshold, not both.")
     try:
         if target is not None:
-            target = check_target(target)
+            target = check_target(_number("target", target))
         else:
-            threshold = float(threshold)  # type: ignore[arg-type]
+            threshold = _number("threshold", threshold)
             if not math.isfinite(threshold) or threshold <= 0:
                 raise ValueError(f"A threshold must be a finite number above 0; it is {threshold}.")
     except (TypeError, ValueError) as error:
@@ -370,8 +593,9 @@ def set_operating_point(
     def make(parent: bentoml.Model | None) -> Draft:
         if parent is None:
             raise UnknownProductError(product, list_products())
-        bank = MemoryBank.load(parent.path)
-        before = Calibration.from_dict(bank.metadata.get("calibration", {}))
+        verify(parent)
+        document = MemoryBank.read_document(parent.path)
+        before = Calibration.from_dict(document.get("calibration", {}))
         if target is not None:
             if not before.reference_scores:
                 raise UserError(
@@ -389,6 +613,13 @@ def set_operating_point(
             except ValueError as error:
                 raise UserError(str(error)) from None
         else:
+            scores = before.reference_scores
+            if scores and not confirm and not min(scores) / FAR <= threshold <= FAR * max(scores):
+                raise UserError(
+                    f"A threshold of {threshold:.6g} is far outside {parent.tag}'s calibration "
+                    f"scores ({min(scores):.6g} to {max(scores):.6g}): it would flag every part "
+                    "or none. Send confirm: true (--confirm) if that is what you want."
+                )
             after = Calibration(
                 check_threshold(threshold),  # type: ignore[arg-type]
                 before.false_alarm_rate,
@@ -397,8 +628,8 @@ def set_operating_point(
                 "explicit",
                 before.source,
             )
-        bank.metadata["calibration"] = after.to_dict()
-        folder = bank.save(Path(scratch) / "bank")
+        document["calibration"] = after.to_dict()
+        folder = MemoryBank.write_document(Path(scratch) / "bank", document)
         report.update(
             threshold_before=before.threshold,
             threshold_after=after.threshold,
@@ -412,7 +643,7 @@ def set_operating_point(
             "threshold": after.threshold,
             "threshold_before": before.threshold,
         }
-        return folder, change
+        return Draft(folder, change, index_of=parent)
 
     with tempfile.TemporaryDirectory(prefix="operating-point-") as scratch:
         model = commit_version(product, make)
@@ -422,7 +653,10 @@ def set_operating_point(
 def scoring_versions(product: str) -> tuple[bentoml.Model, list[str]]:
     """The live version, and the tags of the versions whose scores equal its scores: it and
     the versions before it that only moved the operating point (same bank rows), back to
-    the one that set the rows. Records of these are on the live version's scale."""
+    the one that set the rows, or to the first one no longer in the store. Records of these
+    are on the live version's scale."""
+    from bentoml.exceptions import NotFound
+
     live = live_model(product)
     tags = [str(live.tag)]
     model = live
@@ -430,6 +664,9 @@ def scoring_versions(product: str) -> tuple[bentoml.Model, list[str]]:
         parent = model.info.metadata["change"].get("parent")
         if not parent:
             break
-        model = bentoml.models.get(parent)
+        try:
+            model = bentoml.models.get(parent)
+        except (NotFound, bentoml.exceptions.BentoMLException):
+            break
         tags.append(str(model.tag))
     return live, tags

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,7 +47,33 @@ def refusal(error: UserError | InvalidImageError) -> dict[str, Any]:
         return {"error": str(error), "reason": "unknown_product", "status": 404}
     if isinstance(error, store.VersionError):
         return {"error": str(error), "reason": "unknown_version", "status": 404}
+    if isinstance(error, store.BankUnavailable):
+        return {"error": str(error), "reason": error.reason, "status": error.status}
     return {"error": str(error), "reason": "bad_request", "status": 400}
+
+
+class DecodedOnDemand(Sequence[Image.Image]):
+    """Encoded images that decode when an item or a slice is asked for: scoring them a
+    batch at a time (`AnomalyDetector.predict`) holds one batch of decoded frames."""
+
+    def __init__(
+        self, uploads: list[bytes], decode: Callable[[bytes], Image.Image | InvalidImageError]
+    ) -> None:
+        self.uploads, self.decode = uploads, decode
+
+    def __len__(self) -> int:
+        return len(self.uploads)
+
+    def _one(self, data: bytes) -> Image.Image:
+        image = self.decode(data)
+        if isinstance(image, InvalidImageError):
+            raise image
+        return image
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._one(data) for data in self.uploads[index]]
+        return self._one(self.uploads[index])
 
 
 class ScoringRunner:
@@ -94,10 +121,12 @@ class ScoringRunner:
             return image
         return self.catalog.extractor.prepare(image), image.size
 
-    def _resolve(self, upload: Upload) -> str | store.UnknownProductError:
+    def _resolve(self, upload: Upload) -> str | UserError:
         try:
-            return self.catalog.resolve(upload[0] or None)
-        except store.UnknownProductError as error:
+            name = self.catalog.resolve(upload[0] or None)
+            self.catalog.bank(name)  # a product whose bank cannot be served is refused alone
+            return name
+        except UserError as error:
             return error
 
     def score_uploads(
@@ -142,6 +171,8 @@ class ScoringRunner:
                 telemetry.publish_drift(product, status)
             else:
                 status = drift.status()
+            if watch:
+                self.catalog.mark_served(live)
             for row, result in zip(rows, results, strict=True):
                 answers[good[row]] = self._answer(result, live, status, with_maps)
         return answers
@@ -179,13 +210,15 @@ class ScoringRunner:
         try:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
-            prepared = list(self.decoder.map(self._prepare, uploads))
-            held_out = list(self.decoder.map(self._decode, calibration))
-            items = prepared + held_out
-            bad = next((item for item in items if isinstance(item, InvalidImageError)), None)
-            if bad is not None:
-                return refusal(bad)
-            added = np.stack([array for array, _ in prepared])
+            # One image decoded at a time and reduced to the backbone's input at once: a
+            # change of large frames holds one decoded frame, not all of them.
+            prepared = []
+            for upload in uploads:
+                item = self._prepare(upload)
+                if isinstance(item, InvalidImageError):
+                    return refusal(item)
+                prepared.append(item[0])
+            added = np.stack(prepared)
             embedding = time.perf_counter()
             features = live.detector.embed_prepared(added)
             embedded = time.perf_counter()
@@ -195,7 +228,7 @@ class ScoringRunner:
                 [hashlib.sha256(data).hexdigest() for data in uploads],
                 self.catalog.extractor,
                 reason=reason,
-                calibration_images=held_out or None,
+                calibration_images=DecodedOnDemand(calibration, self._decode) or None,
                 batch_size=self.settings.max_batch_size,
                 records=records,
             )
@@ -220,7 +253,8 @@ class ScoringRunner:
         return {"product": product, "version": str(model.tag.version), "restored": version}
 
     def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
-        """A new version with a new operating point: {"target": 0.02} or {"threshold": x}."""
+        """A new version with a new operating point: {"target": 0.02} or {"threshold": x};
+        `confirm` for a threshold far outside the calibration scores."""
         try:
             product = self.catalog.resolve(product)
             model, report = store.set_operating_point(
@@ -228,30 +262,29 @@ class ScoringRunner:
                 target=change.get("target"),
                 threshold=change.get("threshold"),
                 reason=str(change.get("reason") or "")[:500],
+                confirm=change.get("confirm") is True,
             )
         except UserError as error:
             return refusal(error)
         self.catalog.install(model)
         return report
 
-    def history(self, product: str) -> dict[str, Any]:
-        try:
-            product = self.catalog.resolve(product)
-            return {"product": product, "versions": store.history(product)}
-        except UserError as error:
-            return refusal(error)
-
     def products(self) -> list[dict[str, Any]]:
-        """Every product served: its live version, how it was built, and its drift."""
+        """Every product served: its live version, how it was built, and its drift; a
+        product whose live bank cannot be served says why instead."""
         self.catalog.rescan()
         loaded = self.catalog.loaded()
         listing = []
         for product in self.catalog.names:
-            model = store.live_model(product)
+            try:
+                described = store.describe(store.live_model(product))
+            except store.BankUnavailable as error:
+                listing.append({"name": product, "error": str(error), "reason": error.reason})
+                continue
             listing.append(
                 {
                     "name": product,
-                    **store.describe(model),
+                    **described,
                     "in_memory": product in loaded,
                     "drift": self.catalog.drift_if_watched(product),
                 }

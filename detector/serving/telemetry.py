@@ -62,6 +62,24 @@ flag_rate_p_value = Gauge(
 )
 
 
+bank_unavailable = Gauge(
+    "inspection_bank_unavailable",
+    "1 while a product's live bank version is missing from the model store or its files "
+    "fail their check: the product answers 503 until an admin rolls it back",
+    ["product"],
+    multiprocess_mode="livemax",
+)
+_unavailable: dict[str, bool] = {}
+
+
+def set_bank_unavailable(product: str, unavailable: bool) -> bool:
+    """Set the gauge; True when this changes what it said (log once, not per request)."""
+    changed = _unavailable.get(product, False) != unavailable
+    _unavailable[product] = unavailable
+    bank_unavailable.labels(product).set(int(unavailable))
+    return changed
+
+
 def drift_statistic() -> Gauge:
     """The drift gauge, created on first use by a runner that has a statistic to report.
 
