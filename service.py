@@ -9,22 +9,26 @@ runner, api.py for the public endpoints), settings in detector/serving/settings.
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import bentoml
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from detector.errors import user_errors_exit
+from detector.serving.access import serving_host
 from detector.serving.api import InspectionEndpoints, caller
 from detector.serving.gate import RequestGate
 from detector.serving.model_store import resolve_models
+from detector.serving.page import page_response
 from detector.serving.product_routes import products_app
 from detector.serving.record_routes import records_app
 from detector.serving.records import check_database, open_recorder
+from detector.serving.replicas import check_records_location, separate_metrics
 from detector.serving.settings import Settings
 
 # No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
@@ -32,6 +36,15 @@ from detector.serving.settings import Settings
 # instead of workers that fail and restart forever.
 with user_errors_exit():
     SETTINGS = Settings.from_env()
+    # In the `bentoml serve` process only (BIND is None in workers and `bentoml build`):
+    # refuse a keyless start on the network, say once who may do what, and give this
+    # server a metrics folder of its own before BentoML makes one in the shared home.
+    BIND = serving_host(sys.argv)
+    if BIND is not None:
+        SETTINGS.access.check_start(BIND)
+        check_records_location(SETTINGS)
+        separate_metrics()
+        logging.getLogger("bentoml.serve").warning("inspection %s", SETTINGS.access.posture())
     _backbone, _banks = resolve_models(
         SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
     )
@@ -42,7 +55,6 @@ BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
 # Each product's live bank at start, declared so `bentoml build` packs it; later versions
 # are read from the model store as they are made (detector/serving/catalog.py).
 BANK_MODELS = {name: bentoml.models.BentoModel(str(bank.tag)) for name, bank in _banks.items()}
-PAGE = (Path(__file__).parent / "detector" / "serving" / "static" / "index.html").read_text()
 
 # INSPECT_MAX_BATCH_SIZE=1 (the default on CPU, see detector/serving/settings.py) turns
 # adaptive batching off: BentoML needs a maximum above 1, and the runner takes one call at
@@ -122,10 +134,6 @@ class InspectionRunner:
         return self.runner.products()
 
     @bentoml.api
-    def history(self, product: str) -> dict[str, Any]:
-        return self.runner.history(product)
-
-    @bentoml.api
     def add_images(
         self,
         product: str,
@@ -149,7 +157,7 @@ class InspectionRunner:
 # (BentoML collects them into `models` when the class is decorated).
 InspectionRunner.models.extend(BANK_MODELS.values())
 
-ui_app = Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
+ui_app = Starlette(routes=[Route("/", lambda request: page_response())])
 
 
 @bentoml.asgi_app(ui_app, path="/ui")

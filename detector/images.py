@@ -120,14 +120,15 @@ def check_image_header(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> None:
-    """Reject what can be rejected without decoding pixels (not an image, too big, animated).
+) -> tuple[int, int]:
+    """Reject what can be rejected without decoding pixels (not an image, too big, animated);
+    returns the (width, height) the header declares.
 
     The service's API runs this so that such uploads never reach the scoring runner; the
     runner then decodes with `decode_image`, which repeats these checks and finds the rest
     (truncated or corrupt pixel data).
     """
-    _checked(data, max_bytes, max_pixels, load=False)
+    return _checked(data, max_bytes, max_pixels, load=False).size
 
 
 def decode_image(

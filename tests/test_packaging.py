@@ -71,20 +71,37 @@ def test_api_key_protects_scoring_but_not_health_or_metrics(
 ) -> None:
     image = next((synthetic_root / "carpet" / "test" / "good").glob("*.png")).read_bytes()
     files = {"image": ("a.png", image, "image/png")}
-    with bentoml_serve(store, tmp_path / "serve.log", INSPECT_API_KEY="s3cret") as url:
+    key = "s3cret-line-key-for-tests"
+    log = tmp_path / "serve.log"
+    with bentoml_serve(store, log, INSPECT_API_KEY=f" {key}\n") as url:  # stripped
         assert httpx.post(f"{url}/inspect", files=files, timeout=60).status_code == 401
         wrong = httpx.post(f"{url}/inspect", files=files, headers={"X-API-Key": "nope"}, timeout=60)
         assert wrong.status_code == 401 and wrong.json()["reason"] == "unauthorised"
-        right = httpx.post(
-            f"{url}/inspect", files=files, headers={"X-API-Key": "s3cret"}, timeout=60
-        )
+        right = httpx.post(f"{url}/inspect", files=files, headers={"X-API-Key": key}, timeout=60)
         assert right.status_code == 200 and "score" in right.json()
         bearer = httpx.post(
-            f"{url}/heatmap", files=files, headers={"Authorization": "Bearer s3cret"}, timeout=60
+            f"{url}/heatmap", files=files, headers={"Authorization": f"Bearer {key}"}, timeout=60
         )
         assert bearer.status_code == 200
+        records = httpx.get(f"{url}/records", headers={"X-API-Key": key}, timeout=10)
+        assert records.status_code == 403, "a line key reads no records"
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+    text = log.read_text()
+    (posture,) = [line for line in text.splitlines() if "inspection access:" in line]
+    assert "keys required (line 1, reviewer 0, admin 0)" in posture
+    assert "no key may do reviewer/admin work" in posture and key not in text
+
+
+def test_a_server_on_the_network_refuses_to_start_without_keys_or_host_names(
+    store: Path,
+) -> None:
+    code, output = serve_until_exit(store, 120, host="0.0.0.0")
+    assert code == 2 and "would listen on 0.0.0.0 with no API key" in output, output[-2000:]
+    assert "INSPECT_ANONYMOUS_SCORING" in output
+    admin = "network-admin-key-0123"
+    code, output = serve_until_exit(store, 120, host="0.0.0.0", INSPECT_ADMIN_KEY=admin)
+    assert code == 2 and "INSPECT_ALLOWED_HOSTS" in output and admin not in output
 
 
 def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path: Path) -> None:

@@ -23,12 +23,14 @@ import pytest
 from PIL import Image
 
 from detector.data.mvtec import MVTecCategory
+from detector.images import decode_image
 from detector.serving.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     REPO,
     bentoml_serve,
     service_env,
+    wait_for,
 )
 
 LINE_KEY, ADMIN_KEY = "line3-secret-key", "admin-secret-key"
@@ -48,6 +50,10 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(decode_image(data))
 
 
 def parts(dataset: MVTecCategory, count: int, seed: int) -> list[bytes]:
@@ -118,9 +124,13 @@ def served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Served:
         log,
         INSPECT_RECORDS_DIR=str(records),
         INSPECT_KEEP_IMAGES="all",
-        INSPECT_API_KEYS=f"line3={LINE_KEY}",
+        INSPECT_API_KEYS=f"line3=reviewer:{LINE_KEY}",
         INSPECT_ADMIN_KEY=ADMIN_KEY,
         INSPECT_BANK_REFRESH_S="0.2",
+        # Small budgets for one bank change, so a test can pass them (the defaults are
+        # 64 MiB and 160 MP): 12 of these 128 px parts, and 2 MB.
+        INSPECT_MAX_CHANGE_PIXELS=str(12 * 128 * 128),
+        INSPECT_MAX_CHANGE_BYTES=str(2_000_000),
     ) as url:
         yield Served(url, store, records, log)
 
@@ -154,7 +164,9 @@ def test_every_answer_is_recorded_with_its_models_key_and_image(
         assert record["latency_ms"] > 0 and len(record["settings_hash"]) == 16
         assert record["image_available"] and record["review_label"] is None
         kept = httpx.get(f"{served.url}/records/{record['id']}/image", headers=USER, timeout=30)
-        assert kept.content == data and kept.headers["content-type"] == "image/png"
+        # Kept: the pixels that were scored, re-encoded; not the uploaded bytes.
+        assert kept.headers["content-type"] == "image/png"
+        assert np.array_equal(pixels(kept.content), pixels(data))
     assert len({record["settings_hash"] for record in found.values()}) == 1
     # The key is recorded by name only: neither key appears in the database or the log.
     database = (served.records / "records.sqlite").read_bytes()
@@ -191,8 +203,14 @@ def test_record_endpoints_need_the_key_and_refuse_bad_input(
     for body in ({"label": "fine"}, {"label": ""}, {}, ["false_alarm"]):
         bad = httpx.post(f"{base}/{record_id}/review", json=body, headers=USER, timeout=30)
         assert bad.status_code == 400, body
-    not_json = httpx.post(f"{base}/{record_id}/review", content=b"{", headers=USER, timeout=30)
+    as_json = {**USER, "Content-Type": "application/json"}
+    not_json = httpx.post(f"{base}/{record_id}/review", content=b"{", headers=as_json, timeout=30)
     assert not_json.status_code == 400 and not_json.json()["reason"] == "bad_json"
+    # JSON in a body of another type (what a cross-site form can send) is not read.
+    as_text = {**USER, "Content-Type": "text/plain"}
+    body = b'{"label": "false_alarm"}'
+    smuggled = httpx.post(f"{base}/{record_id}/review", content=body, headers=as_text)
+    assert smuggled.status_code == 415 and smuggled.json()["reason"] == "wrong_content_type"
     for params in ({"limit": "0"}, {"limit": "501"}, {"limit": "x"}, {"cursor": "%%%"}):
         bad = httpx.get(base, params=params, headers=USER, timeout=30)
         assert bad.status_code == 400 and bad.json()["reason"] == "bad_request", params
@@ -208,19 +226,32 @@ def test_a_reviewed_false_alarm_goes_into_a_new_bank_version_that_points_back(
     wait_for_records(served.url, set(flagged))
     base = f"{served.url}/records"
     false_alarm, defect = flagged[:2]
+    named = httpx.post(
+        f"{base}/{false_alarm}/review",
+        json={"label": "confirmed_defect", "reviewer": "ann"},
+        headers=USER,
+        timeout=30,
+    )
+    assert named.status_code == 400 and "name of your key" in named.json()["error"]
+    httpx.post(f"{base}/{false_alarm}/review", json={"label": "unsure"}, headers=USER)
     reviewed = httpx.post(
         f"{base}/{false_alarm}/review",
-        json={"label": "false_alarm", "note": "glare", "reviewer": "ann"},
+        json={"label": "false_alarm", "note": "glare"},
         headers=USER,
         timeout=30,
     ).json()
-    assert reviewed["review_label"] == "false_alarm" and reviewed["reviewed_by"] == "ann / line3"
+    assert reviewed["review_label"] == "false_alarm" and reviewed["reviewed_by"] == "line3"
+    # Every review stays, with the label it replaced, in the record's history.
+    assert [(r["previous_label"], r["label"], r["reviewer"]) for r in reviewed["reviews"]] == [
+        (None, "unsure", "line3"),
+        ("unsure", "false_alarm", "line3"),
+    ]
     httpx.post(f"{base}/{defect}/review", json={"label": "confirmed_defect"}, headers=USER)
     before = httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"]
     add = f"{served.url}/products/carpet/images"
     # Multipart text fields (no file), as the web page's FormData sends them.
     form = [("records", (None, false_alarm)), ("reason", (None, "review: glare"))]
-    assert httpx.post(add, files=form, headers=USER, timeout=60).status_code == 401  # admin only
+    assert httpx.post(add, files=form, headers=USER, timeout=60).status_code == 403  # admin only
     refused = httpx.post(add, files=[("records", (None, defect))], headers=ADMIN, timeout=60)
     assert refused.status_code == 400 and "false alarm" in refused.json()["error"]
     added = httpx.post(add, files=form, headers=ADMIN, timeout=120)
@@ -264,29 +295,33 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
         )
         page = browser.new_page()
         try:
-            page.goto(f"{served.url}/ui/#review")
-            page.fill("#apikey", LINE_KEY)
-            page.fill("#adminkey", ADMIN_KEY)
-            page.dispatch_event("#apikey", "change")
+            # As `make demo` prints it: the key rides in the fragment, never to the server.
+            page.goto(f"{served.url}/ui/#key={ADMIN_KEY}")
+            wait_for(page, "location.hash === '#inspect'")
+            assert page.input_value("#apikey") == ADMIN_KEY
+            page.click("#tab-review")
             for record_id, key in zip(newest_first, ("d", "u", "b"), strict=True):
-                page.wait_for_function(
-                    f"document.getElementById('r-record')?.textContent === '{record_id}'"
+                wait_for(
+                    page, f"document.getElementById('r-record')?.textContent === '{record_id}'"
                 )
-                page.wait_for_function(
+                wait_for(
+                    page,
                     "document.getElementById('record-image').naturalWidth === 128"
-                    " && document.getElementById('record-heatmap').naturalWidth > 0"
+                    " && document.getElementById('record-heatmap').naturalWidth > 0",
                 )
                 page.click("#record-details")  # focus leaves the key fields
                 page.keyboard.press(key)
-            page.wait_for_function(
+            wait_for(
+                page,
                 "document.getElementById('review-status').textContent"
                 ".includes('added to the bank')",
-                timeout=60_000,
+                timeout=60,
             )
             status = page.inner_text("#review-status")
-            page.wait_for_function(
+            wait_for(
+                page,
                 "!document.getElementById('product-info').textContent"
-                f".includes('bank {version_before},')"
+                f".includes('bank {version_before},')",
             )
             info = page.inner_text("#product-info")
         except Exception as error:  # what the operator would have seen
@@ -302,7 +337,7 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
             browser.close()
     labels = [httpx.get(f"{served.url}/records/{i}", headers=USER).json() for i in newest_first]
     assert [r["review_label"] for r in labels] == ["confirmed_defect", "unsure", "false_alarm"]
-    assert labels[0]["reviewed_by"] == "line3" and labels[0]["added_to"] is None
+    assert labels[0]["reviewed_by"] == "admin" and labels[0]["added_to"] is None
     version_after = httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"]
     assert version_after != version_before
     assert labels[2]["added_to"] == f"bank-carpet:{version_after}"
@@ -478,7 +513,7 @@ def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
         tmp_path / "serve.log",
         INSPECT_RECORDS_DB=url,
         INSPECT_RECORDS_DIR=str(tmp_path / "records"),
-        INSPECT_API_KEYS=f"line3={LINE_KEY}",
+        INSPECT_API_KEYS=f"line3=reviewer:{LINE_KEY}",
     ) as served_url:
         with ThreadPoolExecutor(3) as pool:
             responses = list(pool.map(lambda data: inspect(served_url, data), images[:10]))
@@ -505,3 +540,55 @@ def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
     with psycopg.connect(admin.replace("dbname=postgres", "dbname=served_records")) as connection:
         rows = connection.execute("SELECT count(*), count(DISTINCT id) FROM inspections").fetchone()
     assert rows == (len(images), len(images))  # each record once, none twice
+
+
+def test_review_heatmaps_wait_their_turn_and_are_drawn_once(
+    served: Served, synthetic_dataset: MVTecCategory
+) -> None:
+    answers = inspect_batch(served.url, parts(synthetic_dataset, 10, seed=11))
+    flagged = [a["record_id"] for a in answers if a["is_anomalous"]]
+    wait_for_records(served.url, set(flagged))
+
+    def heatmap(record_id: str) -> httpx.Response:
+        return httpx.get(f"{served.url}/records/{record_id}/heatmap", headers=USER, timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        burst = list(pool.map(heatmap, [flagged[n % len(flagged)] for n in range(12)]))
+    statuses = [r.status_code for r in burst]
+    assert set(statuses) <= {200, 503} and 503 in statuses, "at most INSPECT_MAX_RENDERS at once"
+    assert all(r.headers["retry-after"] for r in burst if r.status_code == 503)
+    first, again = heatmap(flagged[0]), heatmap(flagged[0])
+    assert first.status_code == again.status_code == 200
+    assert again.headers["x-cache"] == "hit" and again.content == first.content
+    assert inspect(served.url, parts(synthetic_dataset, 1, seed=12)[0]).status_code == 200
+
+
+def test_one_budget_holds_for_a_whole_bank_change_record_images_included(
+    served: Served, synthetic_dataset: MVTecCategory
+) -> None:
+    answers = inspect_batch(served.url, parts(synthetic_dataset, 30, seed=13))
+    flagged = [a["record_id"] for a in answers if a["is_anomalous"]][:6]
+    wait_for_records(served.url, set(flagged))
+    for record_id in flagged:
+        review = {"label": "false_alarm"}
+        httpx.post(f"{served.url}/records/{record_id}/review", json=review, headers=USER)
+    add = f"{served.url}/products/carpet/images"
+    image = ("images", ("p.png", parts(synthetic_dataset, 1, seed=14)[0], "image/png"))
+    # 8 uploads and the records' 6 images: 14 parts of 128 x 128, more than 12.
+    form = [image] * 8 + [("records", (None, ",".join(flagged)))]
+    over = httpx.post(add, files=form, headers=ADMIN, timeout=120)
+    assert over.status_code == 413 and over.json()["reason"] == "too_many_pixels", over.text
+    # The record images count against the byte budget too, before they are read: an upload
+    # just under 2 MB passes alone, not with the records' images.
+    kept = httpx.get(f"{served.url}/records/{flagged[0]}/image", headers=USER).content
+    big = np.random.default_rng(0).integers(0, 255, (780, 780, 3), dtype=np.uint8)
+    heavy = png(Image.fromarray(big))
+    heavy += bytes(2_000_000 - len(kept) // 2 - len(heavy))  # padded after the image's end
+    alone = httpx.post(add, files=[("images", ("big.png", heavy, "image/png"))], headers=ADMIN)
+    assert alone.json()["reason"] == "too_many_pixels", "its bytes fit; its pixels do not"
+    with_records = [("images", ("big.png", heavy, "image/png")), ("records", (None, flagged[0]))]
+    too_many_bytes = httpx.post(add, files=with_records, headers=ADMIN, timeout=120)
+    assert too_many_bytes.status_code == 413 and too_many_bytes.json()["reason"] == "too_large"
+    assert "records" in too_many_bytes.json()["error"]
+    within = httpx.post(add, files=[image, ("records", (None, flagged[0]))], headers=ADMIN)
+    assert within.status_code == 200, within.text

@@ -8,7 +8,13 @@ import pytest
 
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
-from detector.serving.local_server import CHROMIUM, CHROMIUM_FLAGS, bentoml_serve, export_models
+from detector.serving.local_server import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    bentoml_serve,
+    export_models,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
@@ -36,12 +42,11 @@ def test_upload_shows_score_verdict_and_overlay(
             page = browser.new_page()
             page.goto(f"{url}/ui/")
             page.set_input_files("#file", str(defect))
-            page.wait_for_function(
-                "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
-            )
-            page.wait_for_function(
+            wait_for(page, "document.getElementById('overlay').naturalWidth > 0", timeout=60)
+            wait_for(
+                page,
                 "document.getElementById('drift').textContent.includes('(1 so far)')",
-                timeout=30_000,
+                timeout=30,
             )
             drift = page.inner_text("#drift")
             verdict = page.inner_text("#verdict")
@@ -52,9 +57,7 @@ def test_upload_shows_score_verdict_and_overlay(
             # and the overlay must come back the same way round.
             page.evaluate("document.getElementById('overlay').removeAttribute('src')")
             page.set_input_files("#file", str(sideways_jpeg(tmp_path)))
-            page.wait_for_function(
-                "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
-            )
+            wait_for(page, "document.getElementById('overlay').naturalWidth > 0", timeout=60)
             sizes = page.evaluate(
                 "['original', 'overlay'].map(id => { const i = document.getElementById(id);"
                 " return [i.naturalWidth, i.naturalHeight]; })"

@@ -58,15 +58,29 @@ def export_demo(model_dir: Path, metrics_file: Path) -> None:
 
 
 def serve(port: int) -> None:
-    """`bentoml serve` in the foreground of this checkout, with the page's URL once ready."""
+    """`bentoml serve` on loopback in the foreground of this checkout, with an admin key
+    made for this run only; the printed page address carries it after '#' (never sent to
+    the server, so never in a log), as Jupyter's token does."""
+    import os
+    import secrets
+
     from detector.serving.local_server import REPO, wait_until_ready
 
+    key = secrets.token_urlsafe(24)
     command = [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI"]
-    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO)
+    env = {**os.environ, "INSPECT_ADMIN_KEY": key}
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env
+    )
     try:
-        url = f"http://localhost:{port}"
+        url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, process, timeout=300)
-        print(f"\nServing the DEMO model: open {url}/ui/ (Ctrl-C stops the server)", flush=True)
+        print(
+            f"\nServing the DEMO model on this machine only: open {url}/ui/#key={key}\n"
+            f"(this run's admin key; for curl: export INSPECT_KEY={key} and send "
+            '-H "X-API-Key: $INSPECT_KEY"; Ctrl-C stops the server)',
+            flush=True,
+        )
         process.wait()
     except KeyboardInterrupt:
         process.terminate()

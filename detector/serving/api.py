@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 
 from detector import schema
+from detector.errors import UserError
 from detector.images import (
     ALLOWED_FORMATS,
     InvalidImageError,
@@ -31,9 +33,9 @@ from detector.images import (
 )
 from detector.records.store import RecordsError
 from detector.reports.plots import map_to_png_image, overlay
-from detector.serving import telemetry
+from detector.serving import products, telemetry
 from detector.serving.gate import CALLER_SCOPE_KEY
-from detector.serving.products import model_name
+from detector.serving.params import only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
 
@@ -41,6 +43,7 @@ log = logging.getLogger("inspection")
 RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
 RECORDS_DOWN = "The records database is not reachable; retry shortly (see the server log)."
 RECORDS_OFF = "Recording is off on this service (INSPECT_RECORDS=off)."
+INTERNAL = "The service could not answer this request (the server log says why)."
 HEATMAP_OUTPUTS = ("overlay", "map", "npy")
 MODEL_INFO_TTL_S = 5.0
 
@@ -54,7 +57,9 @@ class Refused(Exception):
 
     @classmethod
     def of(cls, error: Exception) -> Refused:
-        """The refusal an exception stands for: the one mapping from errors to answers."""
+        """The refusal an exception stands for: the one mapping from errors to answers.
+        Whatever it does not know is a 500 with a sentence; the traceback goes to the log,
+        never to the client."""
         if isinstance(error, Refused):
             return error
         if isinstance(error, InvalidImageError):
@@ -66,16 +71,18 @@ class Refused(Exception):
         if isinstance(error, SQLAlchemyError):
             log.warning("records database error: %s", type(error).__name__)
             return cls(503, "records_unavailable", RECORDS_DOWN)
-        raise TypeError(f"{type(error).__name__} is not a refusal") from error
-
-
-REFUSALS = (
-    Refused,
-    InvalidImageError,
-    aiohttp.ClientConnectionError,
-    RecordsError,
-    SQLAlchemyError,
-)
+        if isinstance(error, products.UnknownProductError):
+            if error.name is None:
+                return cls(400, "product_required", str(error))
+            return cls(404, "unknown_product", str(error))
+        if isinstance(error, products.VersionError):
+            return cls(404, "unknown_version", str(error))
+        if isinstance(error, products.BankUnavailable):
+            return cls(error.status, error.reason, str(error))
+        if isinstance(error, UserError):
+            return cls(400, "bad_request", str(error))
+        log.error("unexpected error answering a request", exc_info=error)
+        return cls(500, "internal_error", INTERNAL)
 
 
 def current_endpoints() -> InspectionEndpoints:
@@ -125,6 +132,31 @@ def image_media_type(data: bytes) -> str:
         return "application/octet-stream"
 
 
+class RenderCache:
+    """Review heatmaps already drawn, by (image hash, bank version), up to `max_bytes`:
+    a reviewer paging back and forth, or a client asking again and again, costs one
+    redraw per image and version."""
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self._items: OrderedDict[tuple[str, str], tuple[bytes, dict[str, str]]] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> tuple[bytes, dict[str, str]] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple[str, str], item: tuple[bytes, dict[str, str]]) -> None:
+        if key in self._items or len(item[0]) > self.max_bytes:
+            return
+        self._items[key] = item
+        self.used += len(item[0])
+        while self.used > self.max_bytes:
+            _, (picture, _) = self._items.popitem(last=False)
+            self.used -= len(picture)
+
+
 class InspectionEndpoints:
     """The endpoints' work; `runner` is the BentoML dependency on the scoring runner."""
 
@@ -143,6 +175,7 @@ class InspectionEndpoints:
         self._banks: dict[str, str] = {}
         self._references: dict[str, tuple[str, list[list[float]]]] = {}
         self._renders = anyio.Semaphore(settings.max_renders)
+        self._rendered = RenderCache()
         # Requests reach the runner in arrival order (the semaphore's waiters are a FIFO),
         # so an accepted request waits for the ones ahead of it only, which is what bounds
         # its latency to about INSPECT_MAX_QUEUE runner turns. One more slot than a batch,
@@ -156,7 +189,7 @@ class InspectionEndpoints:
         (`ctx` is BentoML's request context, None outside a BentoML API method)."""
         try:
             return await work
-        except REFUSALS as error:
+        except Exception as error:
             refusal = Refused.of(error)
             telemetry.rejected_inputs.labels(refusal.reason).inc()
             if ctx is not None:
@@ -183,9 +216,9 @@ class InspectionEndpoints:
         self.check_header(data)
         return data
 
-    def check_header(self, data: bytes) -> None:
-        """Format, size, pixel count and animation, from the header alone."""
-        check_image_header(
+    def check_header(self, data: bytes) -> tuple[int, int]:
+        """Format, size, pixel count and animation, from the header alone; the size."""
+        return check_image_header(
             data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
         )
 
@@ -279,21 +312,41 @@ class InspectionEndpoints:
     async def products(self) -> list[dict[str, Any]]:
         return await self._change("products")
 
-    async def history(self, product: str) -> dict[str, Any]:
-        return await self._change("history", product)
+    def served_product(self, name: str) -> str:
+        """A product named in a path, checked as the runner checks a scored one: a valid
+        name (400) of a product this service serves (404 otherwise, also for one in the
+        store that INSPECT_PRODUCTS leaves out)."""
+        products.check_product(name)
+        known = self.settings.products or products.list_products()
+        if name not in known:
+            raise products.UnknownProductError(name, known)
+        return name
+
+    async def history(self, product: str, params: dict[str, str]) -> dict[str, Any]:
+        """A page of a product's versions, newest last; `before=N` pages back. Read from
+        the store here, in a worker thread: never on the runner, where it would wait
+        behind images or hold them up."""
+        name = self.served_product(product)
+        limit = whole_number(params, "limit", 50, 1, 500)
+        before = whole_number(params, "before", 0, 0, 10**9) or None
+        versions = await anyio.to_thread.run_sync(products.history, name, limit + 1, before)
+        more = len(versions) > limit
+        versions = versions[1:] if more else versions
+        next_before = int(versions[0]["version"][1:]) if more else None
+        return {"product": name, "versions": versions, "next_before": next_before}
 
     async def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         if not version:
             raise Refused(400, "bad_request", "Name the version to restore (e.g. v2).")
-        return await self._change("rollback", product, version, reason)
+        return await self._change("rollback", self.served_product(product), version, reason)
 
     async def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"target", "threshold", "reason"}
-        if not change.keys() <= allowed:
-            unknown = ", ".join(sorted(change.keys() - allowed))
-            message = f"Unknown field(s) {unknown}: send target or threshold."
-            raise Refused(400, "bad_request", message)
-        return await self._change("set_threshold", product, change)
+        only_fields(
+            change,
+            {"target", "threshold", "reason", "confirm"},
+            "send target or threshold (and reason, confirm).",
+        )
+        return await self._change("set_threshold", self.served_product(product), change)
 
     async def add_images(
         self,
@@ -305,27 +358,46 @@ class InspectionEndpoints:
     ) -> dict[str, Any]:
         """Checked like scored uploads; any refused image refuses the whole change. The
         images of `records` (reviewed false alarms of this product) are added too, and each
-        record then names the version it went into."""
+        record then names the version it went into. One budget holds for the whole change,
+        record images included: `INSPECT_MAX_CHANGE_BYTES` of encoded bytes and
+        `INSPECT_MAX_CHANGE_PIXELS` of decoded pixels, checked from headers before the
+        runner decodes anything."""
+        product = self.served_product(product)
         records = list(dict.fromkeys(records or []))
         if len(records) > self.settings.max_batch_files:
             raise Refused(
                 413, "too_many_files", f"At most {self.settings.max_batch_files} records at once."
             )
+        budget = self.settings.max_change_bytes
+        used = sum(len(data) for data in images + calibration)
+        if used > budget:
+            raise Refused(
+                413, "too_large", f"The change holds {used} bytes; the limit is {budget}."
+            )
         if records:
             recorder = self._recorder()
             images = images + await anyio.to_thread.run_sync(
-                recorder.false_alarm_images, records, product
+                recorder.false_alarm_images, records, product, budget - used
             )
         if not images:
             raise Refused(
                 400, "no_images", "Send at least one defect-free image as 'images' or 'records'."
             )
+        pixels = 0
         for data in images + calibration:
-            self.check_header(data)
+            width, height = self.check_header(data)
+            pixels += width * height
+        if pixels > self.settings.max_change_pixels:
+            raise Refused(
+                413,
+                "too_many_pixels",
+                f"The change's images hold {pixels} pixels; the limit is "
+                f"{self.settings.max_change_pixels} (INSPECT_MAX_CHANGE_PIXELS).",
+            )
         async with self._runner_slots:
             report = await self._change("add_images", product, images, reason, calibration, records)
         if records:
-            tag = f"{model_name(report['product'])}:{report['version']}"
+            tag = f"{products.model_name(report['product'])}:{report['version']}"
             await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
             report["records"] = records
         return report
@@ -351,40 +423,58 @@ class InspectionEndpoints:
 
     async def record_heatmap(self, record_id: str) -> Response:
         """The overlay of a record's kept image, drawn by its product's live bank; the
-        X-Bank-Model header says which version that was (the decision's is in the record)."""
-        record, data = await anyio.to_thread.run_sync(self._recorder().image, record_id)
-        async with self._runner_slots:
-            result = refused_answer(await self.runner.to_async.redraw(record["product"], data))
-        anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
-        async with self._renders:
-            picture = await anyio.to_thread.run_sync(
-                self._picture, data, anomaly_map, result["threshold"], "overlay"
-            )
-        headers = {
-            "X-Bank-Model": result["models"]["bank"],
-            "X-Anomaly-Score": f"{result['score']:.8g}",
-        }
+        X-Bank-Model header says which version that was (the decision's is in the record).
+
+        Drawn once per (image, bank version) and kept (`RenderCache`); the image is read
+        only when the runner is ready for it, so waiting requests hold no image."""
+        recorder = self._recorder()
+        record = await anyio.to_thread.run_sync(recorder.get, record_id)
+        bank = self._banks.get(record["product"])
+        cached = self._rendered.get((record["image_sha256"], bank)) if bank else None
+        hit = cached is not None
+        if cached is None:
+            async with self._runner_slots:
+                _, data = await anyio.to_thread.run_sync(recorder.image, record_id)
+                answer = await self.runner.to_async.redraw(record["product"], data)
+            result = refused_answer(answer)
+            anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
+            async with self._renders:
+                picture = await anyio.to_thread.run_sync(
+                    self._picture, data, anomaly_map, result["threshold"], "overlay"
+                )
+            del data
+            headers = {
+                "X-Bank-Model": result["models"]["bank"],
+                "X-Anomaly-Score": f"{result['score']:.8g}",
+            }
+            cached = (picture, headers)
+            self._banks.setdefault(record["product"], headers["X-Bank-Model"])
+            self._rendered.put((record["image_sha256"], headers["X-Bank-Model"]), cached)
+        picture, headers = cached
+        headers = {**headers, "X-Cache": "hit" if hit else "miss"}
         return Response(picture, media_type="image/png", headers=headers)
 
     async def suggestion(self, product: str, params: dict[str, str]) -> dict[str, Any]:
         """Rates at the live threshold and at one the reviewed records suggest."""
-        try:
-            target = float(params["target"]) if params.get("target") else None
-            days = float(params.get("days") or 7)
-        except ValueError:
-            raise Refused(400, "bad_request", "target and days must be numbers.") from None
-        if not 0 < days <= 3650:
-            raise Refused(400, "bad_request", "days must be between 0 and 3650.")
+        name = self.served_product(product)
+        target = real_number(params, "target", None, 0.0, 0.5)
+        days = real_number(params, "days", 7.0, 0.0, 3650.0)
         recorder = self._recorder()
-        return await anyio.to_thread.run_sync(recorder.suggestion, product, target, days)
+        return await anyio.to_thread.run_sync(recorder.suggestion, name, target, days)
 
-    async def review(
-        self, record_id: str, label: str, note: str, reviewer: str, who: str | None
-    ) -> dict[str, Any]:
-        recorder = self._recorder()
-        return await anyio.to_thread.run_sync(
-            recorder.review, record_id, label, note, reviewer, who
+    async def review(self, record_id: str, body: dict[str, Any], who: str | None) -> dict[str, Any]:
+        """A reviewer's decision on a record; who reviewed is the key's name, never a name
+        the body gives."""
+        only_fields(
+            body,
+            {"label", "note"},
+            'send {"label": ..., "note": ...}; the reviewer is the name of your key.',
         )
+        label, note = body.get("label"), body.get("note")
+        if not isinstance(label, str) or not isinstance(note, str | None):
+            raise Refused(400, "bad_request", "label and note must be text.")
+        recorder = self._recorder()
+        return await anyio.to_thread.run_sync(recorder.review, record_id, label, note, who)
 
     # ----- endpoints -----------------------------------------------------------------
     async def inspect(

@@ -1,29 +1,36 @@
-"""What a request must pass before BentoML reads its body: key, size, queue, upload shape.
+"""What a request must pass before BentoML reads its body: host, origin, key and role,
+size, queue, upload shape.
 
 BentoML parses a whole multipart body (into memory, then a temp file) before an API method
 runs, so checks in the method come too late: an anonymous 300 MB upload raised the API's
 RSS by 300 MB. This ASGI middleware runs first, in this order:
 
-1. the API key, for every endpoint that scores or reveals models or records (health,
-   /metrics and the web page stay open); a bank change under /products needs
-   `INSPECT_ADMIN_KEY` when one is set, else an API key. The name of the key that matched
+1. the Host header against `INSPECT_ALLOWED_HOSTS` (loopback names by default), for every
+   request but the health probes and /metrics: a page on another site that rebinds its
+   own name to this service's address gets nothing;
+2. for every guarded route: a request a browser marks cross-site (`Sec-Fetch-Site`, or an
+   `Origin` that is not this host) is refused, and a body must be of the route's declared
+   type (JSON or multipart), so no HTML form or `text/plain` fetch can change anything;
+3. the API key and its role (detector/serving/access.py): line for scoring, reviewer for
+   records and review, admin for bank changes; wrong keys are counted per client and a
+   client that keeps guessing waits longer and longer. The name of the key that matched
    (never the key) is left in the request's scope for its record;
-2. the declared size (Content-Length) against the endpoint's limit;
-3. the queue: beyond `INSPECT_MAX_QUEUE` images in flight (an /inspect_batch request counts
-   its images once its parts are read), 503 with Retry-After;
-4. the body, streamed into a spooled file (1 MiB in memory, the rest on disk) and counted as
+4. the declared size (Content-Length) against the route's limit;
+5. the queue: beyond `INSPECT_MAX_QUEUE` images in flight (an /inspect_batch request counts
+   its images once its parts are read; a review heatmap is one), 503 with Retry-After;
+6. the body, streamed into a spooled file (1 MiB in memory, the rest on disk) and counted as
    it arrives, so a chunked upload without a length is cut at the limit too; its multipart
    parts are read as they stream: an image field must be a file (a text field with a URL
    would make BentoML download it), and /inspect_batch may carry at most
    `INSPECT_MAX_BATCH_FILES` files.
 
 Only then is the body replayed to BentoML. Answering early costs nothing: uvicorn discards
-the rest of a body once the response is complete.
+the rest of a body once the response is complete. Every answer, the gate's own included,
+carries headers that keep browsers from sniffing types or framing the service.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -33,6 +40,7 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from detector.serving import telemetry
+from detector.serving.access import FailedKeys, allows
 from detector.serving.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -42,6 +50,14 @@ Send = Callable[[Message], Awaitable[None]]
 SPOOL_IN_MEMORY = 1 << 20
 SMALL_BODY = 64 * 1024  # JSON bodies of /drift, /model_info
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around one file
+# Answered whatever the Host header says: orchestrators probe and scrape by address.
+PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+JSON, MULTIPART = "application/json", "multipart/form-data"
 
 
 class Refusal(Exception):
@@ -52,13 +68,17 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Rule:
-    """What one endpoint accepts."""
+    """What one route accepts, and from whom."""
 
     max_body: int
+    role: str  # line | reviewer | admin (detector/serving/access.py)
+    body: str | None = None  # the one content type a request body may have
     file_fields: frozenset[str] = frozenset()  # multipart fields that must be file uploads
     max_files: int | None = None
     queued: bool = False  # counts against INSPECT_MAX_QUEUE (it waits for the runner)
-    admin: bool = False  # changes a bank: the admin key when one is set
+    # At most this many of these requests at once (the rest: 503), so a flood of them
+    # cannot take the whole queue from inspection.
+    max_at_once: int | None = None
 
 
 PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion")
@@ -70,33 +90,42 @@ def rules(settings: Settings) -> dict[str, Rule]:
     one_image = settings.max_bytes + MULTIPART_OVERHEAD
     image = frozenset({"image"})
     return {
-        "/inspect": Rule(one_image, image, max_files=1, queued=True),
-        "/heatmap": Rule(one_image, image, max_files=1, queued=True),
+        "/inspect": Rule(one_image, "line", MULTIPART, image, max_files=1, queued=True),
+        "/heatmap": Rule(one_image, "line", MULTIPART, image, max_files=1, queued=True),
         "/inspect_batch": Rule(
             settings.max_batch_bytes + MULTIPART_OVERHEAD,
+            "line",
+            MULTIPART,
             frozenset({"images"}),
             max_files=settings.max_batch_files,
             queued=True,
         ),
-        "/drift": Rule(SMALL_BODY),
-        "/model_info": Rule(SMALL_BODY),
-        "/products/": Rule(SMALL_BODY),
-        "/products/*/history": Rule(SMALL_BODY),
-        "/products/*/rollback": Rule(SMALL_BODY, admin=True),
-        "/products/*/threshold": Rule(SMALL_BODY, admin=True),
-        "/products/*/suggestion": Rule(SMALL_BODY),
+        "/drift": Rule(SMALL_BODY, "line", JSON),
+        "/model_info": Rule(SMALL_BODY, "line", JSON),
+        "/products/": Rule(SMALL_BODY, "line"),
+        "/products/*/history": Rule(SMALL_BODY, "reviewer"),
+        "/products/*/suggestion": Rule(SMALL_BODY, "reviewer"),
+        "/products/*/rollback": Rule(SMALL_BODY, "admin", JSON),
+        "/products/*/threshold": Rule(SMALL_BODY, "admin", JSON),
         "/products/*/images": Rule(
-            settings.max_batch_bytes + MULTIPART_OVERHEAD,
+            settings.max_change_bytes + MULTIPART_OVERHEAD,
+            "admin",
+            MULTIPART,
             frozenset({"images", "calibration_images"}),
             max_files=settings.max_batch_files,
             queued=True,
-            admin=True,
         ),
-        "/records/": Rule(SMALL_BODY),
-        "/records/*": Rule(SMALL_BODY),
-        "/records/*/image": Rule(SMALL_BODY),
-        "/records/*/heatmap": Rule(SMALL_BODY),
-        "/records/*/review": Rule(SMALL_BODY),
+        # Anything else under /products: the strictest rule (then a 404 from the route).
+        "/products/**": Rule(SMALL_BODY, "admin", JSON),
+        "/records/": Rule(SMALL_BODY, "reviewer"),
+        "/records/summary": Rule(SMALL_BODY, "reviewer"),
+        "/records/*": Rule(SMALL_BODY, "reviewer"),
+        "/records/*/image": Rule(SMALL_BODY, "reviewer"),
+        "/records/*/heatmap": Rule(
+            SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
+        ),
+        "/records/*/review": Rule(SMALL_BODY, "reviewer", JSON),
+        "/records/**": Rule(SMALL_BODY, "reviewer", JSON),
     }
 
 
@@ -105,30 +134,25 @@ MOUNTED = {"/products": PRODUCT_ACTIONS, "/records": RECORD_ACTIONS}
 
 def rule_key(path: str) -> str:
     """The rules' key for a path. Under a mounted app (/products, /records), PREFIX/NAME/ACTION
-    matches PREFIX/*/ACTION, /records/ID matches /records/*, and any other path under it (a
-    trailing slash, a typo) the listing's rule, so nothing under it is reached without the
-    key."""
+    matches PREFIX/*/ACTION, /records/ID matches /records/*, the root the listing, and any
+    other path under it (a typo, a path trick) PREFIX/**, so nothing under it is reached
+    without the key."""
     prefix = "/" + path.split("/")[1] if path.count("/") >= 1 else path
     actions = MOUNTED.get(prefix)
     if actions is None or (path != prefix and not path.startswith(prefix + "/")):
         return path
-    parts = path.rstrip("/").split("/")
+    if path in (prefix, prefix + "/"):
+        return prefix + "/"
+    parts = path.split("/")
     if len(parts) == 4 and parts[2] and parts[3] in actions:
         return f"{prefix}/*/{parts[3]}"
-    if len(parts) == 3 and parts[2] and prefix == "/records" and parts[2] != "summary":
-        return "/records/*"
-    return f"{prefix}/"
+    if len(parts) == 3 and parts[2] and prefix == "/records":
+        return "/records/summary" if parts[2] == "summary" else "/records/*"
+    return f"{prefix}/**"
 
 
-def caller_of(headers: dict[str, str], keys: dict[str, str]) -> str | None:
-    """The name of the key the request carries, or None when it carries none of `keys`.
-    Every key is compared (in constant time), so the time taken says nothing about which."""
-    given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-    found = None
-    for name, key in keys.items():
-        if hmac.compare_digest(given.encode(), key.encode()):
-            found = name
-    return found
+def _media_type(value: str) -> str:
+    return parse_options_header(value)[0].decode("latin-1").lower()
 
 
 class MultipartShape:
@@ -194,24 +218,43 @@ class RequestGate:
     def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self.access = settings.access
         self.rules = rules(settings)
+        self.failed_keys = FailedKeys()
         self.in_flight = 0
+        self.at_once: dict[Rule, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = _with_security_headers(send)
         path = scope.get("path", "")
-        rule = self.rules.get(rule_key(path)) if scope["type"] == "http" else None
+        rule = self.rules.get(rule_key(path))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if path not in PROBES and not self.access.host_allowed(headers.get("host")):
+                raise Refusal(
+                    400,
+                    "host_not_allowed",
+                    "This service does not answer to that host name (INSPECT_ALLOWED_HOSTS).",
+                )
+        except Refusal as refusal:
+            return await self._refuse(send, refusal)
         if rule is None:
             return await self.app(scope, receive, send)
         if path in MOUNTED:  # a mounted app's root, without a redirect
             scope["path"] = path + "/"
             scope["raw_path"] = path.encode() + b"/"
-        weight = int(rule.queued and scope.get("method") == "POST")
+        weight = int(rule.queued and scope.get("method") in ("POST", "GET"))
         try:
-            self._check_headers(scope, rule)
-            self._admit(weight)
+            self._check_origin(headers)
+            self._check_key(scope, headers, rule)
+            self._check_body(scope, headers, rule)
+            self._admit(weight, rule)
         except Refusal as refusal:
             return await self._refuse(send, refusal)
         self.in_flight += weight
+        self.at_once[rule] = self.at_once.get(rule, 0) + 1
         try:
             try:
                 replay, images = await self._read_body(scope, receive, rule)
@@ -220,7 +263,7 @@ class RequestGate:
                     weight = 0
                     # A batch above the whole queue is admitted when the queue is empty.
                     images = min(images, self.settings.max_queue)
-                    self._admit(images)
+                    self._admit(images, rule)
                     weight = images
                     self.in_flight += weight
             except Refusal as refusal:
@@ -228,9 +271,11 @@ class RequestGate:
             await self.app(scope, replay, send)
         finally:
             self.in_flight -= weight
+            self.at_once[rule] -= 1
 
-    def _admit(self, images: int) -> None:
-        if images and self.in_flight + images > self.settings.max_queue:
+    def _admit(self, images: int, rule: Rule) -> None:
+        crowded = rule.max_at_once is not None and self.at_once.get(rule, 0) >= rule.max_at_once
+        if crowded or (images and self.in_flight + images > self.settings.max_queue):
             raise Refusal(
                 503,
                 "overloaded",
@@ -238,31 +283,96 @@ class RequestGate:
                 **{"Retry-After": str(self.settings.retry_after_s)},
             )
 
-    def _check_headers(self, scope: Scope, rule: Rule) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        keys = self.settings.admin_keys if rule.admin else self.settings.user_keys
-        caller = caller_of(headers, keys or self.settings.user_keys)
-        if keys and caller is None:
-            which = (
-                "admin key (INSPECT_ADMIN_KEY)"
-                if rule.admin and self.settings.admin_key
-                else "API key"
+    @staticmethod
+    def _check_origin(headers: dict[str, str]) -> None:
+        """A browser says where a request comes from; nothing guarded is done for another
+        site's page (a form or fetch there could otherwise use a key-less local service, or
+        a key the browser holds)."""
+        site = headers.get("sec-fetch-site", "")
+        origin = headers.get("origin")
+        host = headers.get("host", "")
+        foreign = site in ("cross-site", "same-site")
+        if origin is not None and not foreign:
+            authority = origin.split("://", 1)[-1].rstrip("/").lower()
+            foreign = origin == "null" or authority != host.lower()
+        if foreign:
+            raise Refusal(
+                403,
+                "cross_site",
+                "Requests from another site's page are refused: call the API directly or "
+                "from this service's own page.",
             )
-            raise Refusal(401, "unauthorised", f"Missing or wrong {which}: send it as X-API-Key.")
+
+    def _check_key(self, scope: Scope, headers: dict[str, str], rule: Rule) -> None:
+        client = (scope.get("client") or ("", 0))[0] or ""
+        given = headers.get("x-api-key") or ""
+        if not given and headers.get("authorization", "").startswith("Bearer "):
+            given = headers["authorization"].removeprefix("Bearer ")
+        scope[CALLER_SCOPE_KEY] = None
+        if not given:
+            if rule.role == "line" and self.access.anonymous_allowed(client):
+                return
+            raise Refusal(401, "unauthorised", self._needs(rule.role))
+        wait = self.failed_keys.wait_s(client)
+        if wait > 0:
+            raise Refusal(
+                429,
+                "too_many_wrong_keys",
+                "Too many wrong keys from this address; retry after the time in Retry-After.",
+                **{"Retry-After": str(max(1, round(wait)))},
+            )
+        key = self.access.identify(given)
+        if key is None:
+            self.failed_keys.failed(client)
+            raise Refusal(401, "unauthorised", "Wrong API key: send a valid one as X-API-Key.")
+        self.failed_keys.succeeded(client)
+        if not allows(key.role, rule.role):
+            raise Refusal(
+                403,
+                "forbidden",
+                f"The key {key.name!r} has the {key.role} role; this needs {rule.role}.",
+            )
         # Which key sent the request, by name, for its record (api.caller); never the key.
-        scope[CALLER_SCOPE_KEY] = caller
+        scope[CALLER_SCOPE_KEY] = key.name
+
+    def _needs(self, role: str) -> str:
+        if not self.access.keys:
+            return (
+                f"No API key is configured, and this needs a key with the {role} role: set "
+                "INSPECT_API_KEYS (name=role:key) or INSPECT_ADMIN_KEY and restart."
+            )
+        return f"Missing API key: this needs a key with the {role} role, sent as X-API-Key."
+
+    @staticmethod
+    def _check_body(scope: Scope, headers: dict[str, str], rule: Rule) -> None:
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > rule.max_body):
+        if declared is not None and (not declared.isascii() or not declared.isdigit()):
+            raise Refusal(400, "bad_length", "Content-Length must be a whole number.")
+        if declared is not None and int(declared) > rule.max_body:
             raise Refusal(
                 413, "too_large", f"The request is {declared} bytes; the limit is {rule.max_body}."
             )
+        has_body = declared not in (None, "0") or "transfer-encoding" in headers
+        if scope.get("method") not in ("GET", "HEAD") and has_body:
+            given = _media_type(headers.get("content-type", ""))
+            if rule.body == MULTIPART and given != MULTIPART:
+                raise Refusal(
+                    415, "not_multipart", "Send the image as a multipart/form-data file upload."
+                )
+            if given != rule.body:
+                expected = rule.body or "no body"
+                raise Refusal(
+                    415,
+                    "wrong_content_type",
+                    f"This route takes {expected}, not {given or 'an untyped body'}.",
+                )
         scope["gate.content_type"] = headers.get("content-type", "")
 
     async def _read_body(self, scope: Scope, receive: Receive, rule: Rule) -> tuple[Receive, int]:
         """Stream the body into a spooled file, counting and shape-checking it as it comes;
         returns a `receive` that replays it, and the number of image files it holds."""
         shape = None
-        if rule.file_fields and scope.get("method") == "POST":
+        if rule.body == MULTIPART and scope.get("method") == "POST":
             shape = MultipartShape(scope["gate.content_type"], rule)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
         size, more = 0, True
@@ -315,3 +425,14 @@ def _replay(spool: Any, receive: Receive, chunk_size: int = 1 << 16) -> Receive:
         return {"type": "http.request", "body": chunk, "more_body": not done}
 
     return replay
+
+
+def _with_security_headers(send: Send) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {name.lower() for name, _ in message.get("headers", [])}
+            extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+            message["headers"] = [*message.get("headers", []), *extra]
+        await send(message)
+
+    return sending

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,19 +37,30 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def wait_for(page: Any, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression until it is true in a Playwright page. Playwright's own
+    `wait_for_function` compiles its predicate with eval, which the page's
+    Content-Security-Policy forbids; an evaluation from outside the page is allowed."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page never had {expression}")
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def service_env(bentoml_home: Path, **extra: str) -> dict[str, str]:
+def service_env(bentoml_home: Path, repo: Path = REPO, **extra: str) -> dict[str, str]:
     env = {
         **os.environ,
         "BENTOML_HOME": str(bentoml_home),
         "BENTOML_DO_NOT_TRACK": "True",
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
         "INSPECT_THREADS": "2",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -94,11 +106,13 @@ def stored_model(bentoml_home: Path, tag: str) -> dict:
     return json.loads(shown.stdout)
 
 
-def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess.CompletedProcess:
+def export_models(
+    model_dir: Path, bentoml_home: Path, *args: str, repo: Path = REPO
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "detector", "export", str(model_dir), *args],
-        cwd=REPO,
-        env=service_env(bentoml_home),
+        cwd=repo,
+        env=service_env(bentoml_home, repo),
         capture_output=True,
         text=True,
         timeout=300,
@@ -107,9 +121,10 @@ def export_models(model_dir: Path, bentoml_home: Path, *args: str) -> subprocess
 
 @contextmanager
 def bentoml_serve(
-    bentoml_home: Path, log_path: Path, timeout: float = 120, **extra_env: str
+    bentoml_home: Path, log_path: Path, timeout: float = 120, repo: Path = REPO, **extra_env: str
 ) -> Iterator[str]:
-    """Yield the base URL once /readyz answers 200; fail with the server log if it never does."""
+    """Yield the base URL once /readyz answers 200; fail with the server log if it never does.
+    `repo` serves another checkout (a benchmark comparing with an older commit)."""
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
@@ -124,8 +139,8 @@ def bentoml_serve(
             "--host",
             "127.0.0.1",
         ],
-        cwd=REPO,
-        env=service_env(bentoml_home, **extra_env),
+        cwd=repo,
+        env=service_env(bentoml_home, repo, **extra_env),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -220,12 +235,13 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def serve_until_exit(
-    bentoml_home: Path, timeout: float, **extra_env: str
+    bentoml_home: Path, timeout: float, host: str = "127.0.0.1", **extra_env: str
 ) -> tuple[int | None, str]:
     """Start a server expected to refuse to start; return its exit code and output."""
     port = free_port()
+    command = ["bentoml", "serve", "service:InspectionAPI", "--port", str(port), "--host", host]
     process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI", "--port", str(port)],
+        [sys.executable, "-m", *command],
         cwd=REPO,
         env=service_env(bentoml_home, **extra_env),
         stdout=subprocess.PIPE,

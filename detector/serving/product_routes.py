@@ -5,12 +5,15 @@ BentoML APIs take no path parameters, so these routes are a small Starlette app 
 endpoint, and the same `RequestGate` checks keys (the admin key for changes) and sizes first.
 
     GET  /products                        every product, its live version, threshold, drift
-    GET  /products/{name}/history         every version: what changed, why, when
+    GET  /products/{name}/history         ?limit=50&before=N: versions, newest last: what
+                                          changed, why, when (`next_before` pages back)
     POST /products/{name}/images          multipart: images (files), reason, calibration_images,
                                           records (ids of reviewed false alarms: their images)
     POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
     POST /products/{name}/threshold       JSON: {"target": 0.02} or {"threshold": 0.31},
-                                          and "reason": a new version, nothing refitted
+                                          and "reason": a new version, nothing refitted;
+                                          "confirm": true for a threshold far outside the
+                                          calibration scores
     GET  /products/{name}/suggestion      ?target=0.01&days=7: false-alarm and detection
                                           rates of reviewed records at the live threshold
                                           and at a suggested one (apply it with /threshold)
@@ -35,7 +38,8 @@ async def list_products(request: Request) -> Response:
 
 
 async def history(request: Request) -> Response:
-    return await as_response(current_endpoints().history(request.path_params["name"]))
+    name, params = request.path_params["name"], dict(request.query_params)
+    return await as_response(current_endpoints().history(name, params))
 
 
 async def _files(form: Any, field: str) -> list[bytes]:

@@ -1,8 +1,8 @@
 """/records: the decisions the service recorded, their kept images, and operators' reviews.
 
 A small Starlette app mounted at /records on the API service (BentoML APIs take no path
-parameters), calling the same `InspectionEndpoints`; `RequestGate` checks the API key and
-the body size first.
+parameters), calling the same `InspectionEndpoints`; `RequestGate` checks for a key with
+the reviewer role and the body size first.
 
     GET  /records?product=&verdict=&reviewed=&label=&since=&until=&limit=&cursor=
                                       newest first; `next_cursor` pages on
@@ -11,7 +11,8 @@ the body size first.
     GET  /records/{id}/image          the kept image
     GET  /records/{id}/heatmap        its overlay, drawn by the product's live bank
     POST /records/{id}/review         JSON: {"label": "false_alarm" | "confirmed_defect" |
-                                      "unsure", "note": "...", "reviewer": "..."}
+                                      "unsure", "note": "..."}; the reviewer is the key's
+                                      name, and every review stays in the record's history
 
 To add reviewed false alarms to a bank: POST /products/{name}/images with `records` fields.
 """
@@ -51,15 +52,10 @@ async def heatmap(request: Request) -> Response:
 
 async def review(request: Request) -> Response:
     async def work() -> dict[str, Any]:
-        usage = 'Send JSON: {"label": "false_alarm", "note": "...", "reviewer": "..."}.'
+        usage = 'Send JSON: {"label": "false_alarm", "note": "..."}.'
         body = await json_object(request, usage)
-        return await current_endpoints().review(
-            request.path_params["id"],
-            str(body.get("label") or ""),
-            str(body.get("note") or ""),
-            str(body.get("reviewer") or ""),
-            request.scope.get(CALLER_SCOPE_KEY),
-        )
+        who = request.scope.get(CALLER_SCOPE_KEY)
+        return await current_endpoints().review(request.path_params["id"], body, who)
 
     return await as_response(work())
 

@@ -21,6 +21,7 @@ from detector.errors import UserError
 from detector.records.images import ImageStore
 from detector.records.model import make_record, utc_now
 from detector.records.store import (
+    MAX_PAGE,
     ImageGone,
     RecordQuery,
     RecordsError,
@@ -32,6 +33,7 @@ from detector.records.store import (
 )
 from detector.records.writer import RecordWriter
 from detector.serving import telemetry
+from detector.serving.params import BadParameter, whole_number
 from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection.records")
@@ -66,9 +68,10 @@ def query_from(params: dict[str, str]) -> RecordQuery:
     reviewed = params.get("reviewed")
     if reviewed not in (None, "", "true", "false"):
         raise RecordsError("reviewed must be true or false.")
-    limit = params.get("limit") or "50"
-    if not limit.isdigit():
-        raise RecordsError(f"limit must be a whole number; it was {limit!r}.")
+    try:
+        limit = whole_number(params, "limit", 50, 1, MAX_PAGE)
+    except BadParameter as error:
+        raise RecordsError(str(error)) from None
     return RecordQuery(
         product=params.get("product") or None,
         verdict=params.get("verdict") or None,
@@ -77,12 +80,16 @@ def query_from(params: dict[str, str]) -> RecordQuery:
         since=parse_time("since", params.get("since")),
         until=parse_time("until", params.get("until")),
         cursor=params.get("cursor") or None,
-        limit=int(limit),
+        limit=limit,
     )
 
 
 class UnknownProduct(RecordsError):
     status, reason = 404, "unknown_product"
+
+
+class ChangeTooLarge(RecordsError):
+    status, reason = 413, "too_large"
 
 
 class Recorder:
@@ -99,6 +106,7 @@ class Recorder:
             settings.keep_images,
             settings.images_max_age_days,
             settings.images_max_mb,
+            settings.max_pixels,
         )
         self.writer = RecordWriter(
             self.store,
@@ -153,7 +161,9 @@ class Recorder:
         return {"records": [self._with_availability(r) for r in records], "next_cursor": cursor}
 
     def get(self, record_id: str) -> dict[str, Any]:
-        return self._with_availability(self.store.get(record_id))
+        """One record, whether its image is still kept, and every review of it."""
+        record = self._with_availability(self.store.get(record_id))
+        return {**record, "reviews": self.store.reviews(record_id)}
 
     def image(self, record_id: str) -> tuple[dict[str, Any], bytes]:
         record = self.store.get(record_id)
@@ -166,13 +176,14 @@ class Recorder:
         return record, data
 
     def review(
-        self, record_id: str, label: str, note: str | None, reviewer: str | None, caller: str | None
+        self, record_id: str, label: str, note: str | None, caller: str | None
     ) -> dict[str, Any]:
-        who = " / ".join(part for part in ((reviewer or "").strip()[:64], caller or "") if part)
-        record = self.store.review(record_id, label, note, who or None)
+        """Review a record as the key `caller` (its name); the review joins the record's
+        history, and the answer shows the history."""
+        record = self.store.review(record_id, label, note, caller)
         telemetry.reviews.labels(record["product"], record["verdict"], label).inc()
         self.publish_reviews()
-        return self._with_availability(record)
+        return {**self._with_availability(record), "reviews": self.store.reviews(record_id)}
 
     def summary(self) -> dict[str, dict[str, int]]:
         return self.store.review_summary(since=utc_now() - timedelta(days=REVIEW_WINDOW_DAYS))
@@ -180,11 +191,14 @@ class Recorder:
     def publish_reviews(self) -> None:
         telemetry.publish_reviews(self.summary())
 
-    def false_alarm_images(self, record_ids: list[str], product: str) -> list[bytes]:
-        """The kept images of records reviewed as false alarms of `product`, for its bank."""
-        images = []
+    def false_alarm_images(
+        self, record_ids: list[str], product: str, max_bytes: int
+    ) -> list[bytes]:
+        """The kept images of records reviewed as false alarms of `product`, for its bank;
+        all their bytes together within `max_bytes`, each checked before it is read."""
+        images, used = [], 0
         for record_id in record_ids:
-            record, data = self.image(record_id)
+            record = self.store.get(record_id)
             if record["product"] != product:
                 raise RecordsError(f"Record {record_id} is of {record['product']}, not {product}.")
             if record["review_label"] != "false_alarm":
@@ -192,7 +206,13 @@ class Recorder:
                     f"Record {record_id} is not reviewed as a false alarm; only false alarms "
                     "go into a bank."
                 )
-            images.append(data)
+            used += self.images.size(record["image_sha256"]) or 0
+            if used > max_bytes:
+                raise ChangeTooLarge(
+                    f"The change's images, with those of the records, pass {max_bytes} bytes "
+                    "(INSPECT_MAX_CHANGE_BYTES): add fewer records at once."
+                )
+            images.append(self.image(record_id)[1])
         return images
 
     def suggestion(self, product: str, target: float | None, days: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from detector.drift import DriftSettings
 from detector.errors import UserError
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector.records.images import KEEP_POLICIES
+from detector.serving.access import Access, access_from_env
 
 
 def _int(name: str, default: int | None) -> int | None:
@@ -29,23 +30,6 @@ def _float(name: str, default: float) -> float:
 def _bool(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     return value in ("1", "true", "yes", "on") if value else default
-
-
-def _named_keys(value: str) -> dict[str, str]:
-    """INSPECT_API_KEYS="line3=KEY,review-desk=KEY": keys with names, so a record says which
-    client sent an image (by name, never the key)."""
-    keys: dict[str, str] = {}
-    for item in (part.strip() for part in value.split(",")):
-        if not item:
-            continue
-        name, separator, key = item.partition("=")
-        if not separator or not name.strip() or not key.strip():
-            raise UserError(
-                "INSPECT_API_KEYS takes name=key pairs separated by commas "
-                "(e.g. line3=...,review-desk=...); one entry has no name or no key."
-            )
-        keys[name.strip()] = key.strip()
-    return keys
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -102,9 +86,11 @@ class Settings:
     retry_after_s: int
     heatmap_max_side: int  # heatmaps and overlays are made at most this long
     max_renders: int  # overlays drawn at once (each holds a decoded image)
-    api_key: str | None
-    admin_key: str | None  # for bank changes; without it, the API key guards them too
-    named_keys: dict[str, str]  # INSPECT_API_KEYS: more API keys, each with a name
+    # Keys and roles, anonymous access, host names answered (detector/serving/access.py);
+    # its keys never appear in repr.
+    access: Access
+    max_change_bytes: int  # one bank change: uploads and reviewed records' images together
+    max_change_pixels: int  # one bank change: decoded pixels of all its images
     drift: DriftSettings
     records: bool  # record every decision (detector/records)
     records_dir: str | None  # None: <BENTOML_HOME>/records
@@ -114,20 +100,6 @@ class Settings:
     images_max_age_days: float
     images_max_mb: float
     records_spool_mb: float
-
-    @property
-    def user_keys(self) -> dict[str, str]:
-        """Keys that may score and review, by name; the admin key may do all of it too."""
-        keys = {"default": self.api_key} if self.api_key else {}
-        keys.update(self.named_keys)
-        if keys and self.admin_key:
-            keys["admin"] = self.admin_key
-        return keys
-
-    @property
-    def admin_keys(self) -> dict[str, str]:
-        """Keys that may change a bank: the admin key when set, else the API keys."""
-        return {"admin": self.admin_key} if self.admin_key else self.user_keys
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -170,9 +142,11 @@ class Settings:
             retry_after_s=_int("INSPECT_RETRY_AFTER_S", 2) or 2,
             heatmap_max_side=_int("INSPECT_HEATMAP_MAX_SIDE", 2048) or 2048,
             max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
-            api_key=os.environ.get("INSPECT_API_KEY") or None,
-            admin_key=os.environ.get("INSPECT_ADMIN_KEY") or None,
-            named_keys=_named_keys(os.environ.get("INSPECT_API_KEYS", "")),
+            access=access_from_env(),
+            # A bank change is decoded and reduced one image at a time, but its encoded
+            # bytes travel whole: these bound what one change holds in memory and costs.
+            max_change_bytes=_int("INSPECT_MAX_CHANGE_BYTES", 64 << 20) or 64 << 20,
+            max_change_pixels=_int("INSPECT_MAX_CHANGE_PIXELS", 160_000_000) or 160_000_000,
             # The drift window: images compared with the bank's calibration reference.
             drift=drift_settings(),
             records=_bool("INSPECT_RECORDS", True),
