@@ -30,6 +30,7 @@ from detector.serving.record_routes import records_app
 from detector.serving.records import check_database, open_recorder
 from detector.serving.replicas import check_records_location, separate_metrics
 from detector.serving.settings import Settings
+from detector.serving.supervisor import private_supervisor
 
 # No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
 # malformed setting, stops `bentoml serve` and `bentoml build` here with one sentence,
@@ -44,6 +45,7 @@ with user_errors_exit():
         SETTINGS.access.check_start(BIND)
         check_records_location(SETTINGS)
         separate_metrics()
+        private_supervisor()
         logging.getLogger("bentoml.serve").warning("inspection %s", SETTINGS.access.posture())
     _backbone, _banks = resolve_models(
         SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
@@ -213,8 +215,8 @@ class InspectionAPI:
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api(route="/model_info")
-    async def model_info(self) -> dict[str, Any]:
-        return await self.endpoints.model_info()
+    async def model_info(self, ctx: bentoml.Context) -> dict[str, Any]:
+        return await self.endpoints.respond(ctx, self.endpoints.model_info())
 
     @bentoml.api(route="/drift")
     async def drift(

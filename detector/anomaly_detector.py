@@ -338,7 +338,11 @@ class AnomalyDetector:
 
     def recalibrated(self, images: Sequence[ImageSource]) -> AnomalyDetector:
         """The same bank with threshold and drift reference set on these held-out images."""
-        normal = self.predict(images, with_maps=False)
+        return self.calibrated_on(self.predict(images, with_maps=False))
+
+    def calibrated_on(self, normal: Sequence[InspectionResult]) -> AnomalyDetector:
+        """The same bank with threshold and drift reference set on held-out results (of
+        this bank: what `predict` or `predict_prepared` gave for defect-free images)."""
         calibration = calibrate(
             [r.score for r in normal],
             self.scoring.false_alarm_rate,

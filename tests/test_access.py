@@ -149,6 +149,9 @@ def test_the_bind_address_is_read_as_bentoml_serve_reads_it() -> None:
     assert serving_host(serve, {"BENTOML_HOST": "127.0.0.1"}) == "127.0.0.1"
     assert serving_host(serve, {}) == "0.0.0.0"  # BentoML's default
     assert serving_host(["/venv/bin/bentoml", "build"], {}) is None
+    # As click reads it: the last --host wins; the command's aliases serve too.
+    assert serving_host([*serve, "--host", "127.0.0.1", "--host", "0.0.0.0"], {}) == "0.0.0.0"
+    assert serving_host(["/venv/bin/bentoml", "serve-http", "service:X"], {}) == "0.0.0.0"
     worker = ["-m", "_bentoml_impl.worker.service", "--fd", "3", "--host", "0.0.0.0"]
     assert serving_host(worker, {}) is None
 
@@ -180,10 +183,13 @@ def test_without_keys_only_scoring_is_anonymous_and_only_from_loopback(
     else:
         assert local.status_code == 401 and "No API key is configured" in local.json()["error"]
     remote = call(settings, method, path, client="10.0.4.7", **options)
-    assert remote.status_code == 401, "a client on another address gets nothing"
+    assert remote.status_code == 403, "a client on another address gets nothing"
+    assert remote.json()["reason"] == "keyless_local_only"
     opened = settings_with(monkeypatch, INSPECT_ANONYMOUS_SCORING="true")
     remote = call(opened, method, path, client="10.0.4.7", **options)
     assert remote.status_code == (200 if role == "line" else 401)
+    for unguarded in ("/metrics", "/ui/", "/docs.json"):  # nothing at all, keyless
+        assert call(settings, "GET", unguarded, client="10.0.4.7").status_code == 403
 
 
 def test_an_admin_key_alone_is_needed_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,7 +279,7 @@ def test_a_client_guessing_keys_is_slowed_down(monkeypatch: pytest.MonkeyPatch) 
     assert other.status_code == 200  # another address is not held up
 
 
-def test_waits_grow_reset_on_success_and_the_table_stays_bounded() -> None:
+def test_waits_grow_and_the_table_stays_bounded() -> None:
     failed = FailedKeys(free=3, window_s=60, max_wait_s=30, max_clients=100)
     for _ in range(3):
         failed.failed("a", now=0)
@@ -283,8 +289,8 @@ def test_waits_grow_reset_on_success_and_the_table_stays_bounded() -> None:
         failed.failed("a", now=1)
         waits.append(failed.wait_s("a", now=1))
     assert waits == [2, 4, 8, 16, 30, 30, 30, 30]
-    failed.succeeded("a")
-    assert failed.wait_s("a", now=1) == 0
+    failed.failed("a", now=200)  # quiet for longer than the window: counted from zero
+    assert failed.wait_s("a", now=200) == 0
     for number in range(1000):
         failed.failed(f"client-{number}", now=2)
     assert len(failed._clients) == 100
@@ -337,12 +343,13 @@ def test_bad_parameters_are_a_sentence_and_a_4xx_never_a_500(
     product: each input that once gave a 500 and a traceback."""
     import dataclasses
 
-    from detector.serving.api import InspectionEndpoints
+    from detector.serving.api import InspectionEndpoints, json_object
     from detector.serving.records import Recorder
 
     base = settings_with(monkeypatch, INSPECT_ADMIN_KEY=ADMIN)
     settings = dataclasses.replace(base, products=["carpet"], records_dir=str(tmp_path))
     recorder = Recorder(settings)
+    assert oct(tmp_path.stat().st_mode)[-3:] == "700", "records are for reviewers only"
     endpoints = InspectionEndpoints(runner=None, settings=settings, recorder=recorder)
 
     def status(work: Any) -> tuple[int, str]:
@@ -369,8 +376,22 @@ def test_bad_parameters_are_a_sentence_and_a_4xx_never_a_500(
         review = endpoints.review("0" * 26, {"label": "unsure", "reviewer": "mallory"}, "ann")
         assert status(review) == (400, "bad_request")
         assert status(endpoints.review("0" * 26, {"label": ["x"]}, "ann")) == (400, "bad_request")
+        for body in (
+            b'{"a":' * 5000 + b"1" + b"}" * 5000,  # nested deeper than Python parses
+            b'{"label": "unsure", "note": "\\ud800"}',  # a lone surrogate: no database stores it
+            b"[1, 2]",
+        ):
+            assert status(json_object(FakeRequest(body), "usage.")) == (400, "bad_json")
     finally:
         recorder.close()
+
+
+class FakeRequest:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def body(self) -> bytes:
+        return self._body
 
 
 def test_an_unexpected_error_is_a_500_with_a_sentence_and_no_traceback() -> None:
@@ -382,3 +403,107 @@ def test_an_unexpected_error_is_a_500_with_a_sentence_and_no_traceback() -> None
     answer = asyncio.run(InspectionEndpoints.respond(None, broken()))
     assert answer.status_code == 500
     assert b"secret" not in answer.body and json.loads(answer.body)["reason"] == "internal_error"
+
+
+def chunked(*chunks: bytes, pause_s: float = 0.0) -> Any:
+    async def body() -> Any:
+        for chunk in chunks:
+            yield chunk
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    return body()
+
+
+def multipart(*parts: tuple[str, bytes | None], boundary: str = "XyZ") -> bytes:
+    """(name, data) parts: data None makes a text part, bytes a file part."""
+    body = b""
+    for name, data in parts:
+        if data is None:
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            body += head.encode() + b"x\r\n"
+        else:
+            body += (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                    f'filename="p.png"\r\nContent-Type: image/png\r\n\r\n'
+                ).encode()
+                + data
+                + b"\r\n"
+            )
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def test_the_gate_reads_every_multipart_part_as_bentoml_will(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_with(monkeypatch, INSPECT_ADMIN_KEY=ADMIN)
+    admin = {"X-API-Key": ADMIN, "Content-Type": "multipart/form-data; boundary=XyZ"}
+
+    def post(path: str, body: Any, headers: dict = admin) -> httpx.Response:
+        return call(settings, "POST", path, content=body, headers=headers)
+
+    # A URL in the image field, named in another charset: refused, never fetched.
+    cp037 = {**admin, "Content-Type": "multipart/form-data; boundary=XyZ; charset=cp037"}
+    url_part = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="'
+        + "image".encode("cp037")
+        + b'"\r\n\r\nhttp://10.0.0.1/a.png\r\n--XyZ--\r\n'
+    )
+    refused = post("/inspect", url_part, cp037)
+    assert refused.status_code == 415 and refused.json()["reason"] == "bad_charset"
+    # The same, its header name split across two chunks of the stream.
+    text = multipart(("image", None))
+    head, tail = text.split(b"Dis", 1)
+    split = post("/inspect", chunked(head + b"Dis", tail))
+    assert split.status_code == 400 and split.json()["reason"] == "not_a_file"
+    many = multipart(*[("images", b"png") for _ in range(40)])
+    pieces = [many[i : i + 7] for i in range(0, len(many), 7)]  # every boundary split
+    assert post("/inspect_batch", chunked(*pieces)).json()["reason"] == "too_many_files"
+    for fields, reason in (
+        ((("image", b"png"), ("zzz", b"png")), "unknown_field"),
+        ((("image", b"png"), ("product", b"png")), "not_text"),
+        ((("image", b"png"), ("product", None), ("drift_profile", None)), None),
+    ):
+        answer = post("/inspect", multipart(*fields))
+        if reason is None:
+            assert answer.status_code == 200
+        else:
+            assert answer.status_code == 400 and answer.json()["reason"] == reason, fields
+
+
+def test_slow_uploads_are_cut_and_never_hold_a_queue_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import detector.serving.gate as gate_module
+
+    monkeypatch.setattr(gate_module, "UPLOAD_GRACE_S", 0.3)
+    settings = settings_with(
+        monkeypatch,
+        INSPECT_ADMIN_KEY=ADMIN,
+        INSPECT_MAX_QUEUE="1",
+        INSPECT_UPLOAD_IDLE_S="1",
+        INSPECT_UPLOAD_MIN_KBPS="64",
+    )
+    gate = RequestGate(echo_app, settings)
+    headers = {"X-API-Key": ADMIN, "Content-Type": "multipart/form-data; boundary=XyZ"}
+    body = multipart(("image", b"png"))
+
+    async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=gate, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            trickle = [body[i : i + 4] for i in range(0, len(body), 4)]
+            slow = asyncio.create_task(
+                http.post("/inspect", content=chunked(*trickle, pause_s=0.2), headers=headers)
+            )
+            await asyncio.sleep(0.1)
+            fast = await http.post("/inspect", content=body, headers=headers)  # queue of 1
+            stalled = await http.post(
+                "/inspect", content=chunked(body[:10], body[10:], pause_s=1.5), headers=headers
+            )
+            return await slow, fast, stalled
+
+    slow, fast, stalled = asyncio.run(run())
+    assert fast.status_code == 200, "a slow upload holds no queue slot"
+    assert slow.status_code == 408 and "KiB/s" in slow.json()["error"]
+    assert stalled.status_code == 408 and stalled.json()["reason"] == "too_slow"

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -85,6 +86,21 @@ def test_api_key_protects_scoring_but_not_health_or_metrics(
         assert bearer.status_code == 200
         records = httpx.get(f"{url}/records", headers={"X-API-Key": key}, timeout=10)
         assert records.status_code == 403, "a line key reads no records"
+        # Nothing but the API listens on TCP: BentoML's supervisor (which holds every key
+        # in its workers' environment and starts programs) has private Unix sockets.
+        port = int(url.rsplit(":", 1)[1])
+        (root,) = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if f"--port {port}" in " ".join(p.info["cmdline"] or [])
+        ]
+        pids = {root.pid, *(child.pid for child in root.children(recursive=True))}
+        listening = {
+            c.laddr.port
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        }
+        assert listening == {port}
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
     text = log.read_text()

@@ -299,6 +299,8 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     model = fresh_product("ip-damaged", product_dirs)
     assert set(model.info.metadata["files"]) == {"index.faiss", "bank.json"}
     index = Path(model.path) / "index.faiss"
+    assert oct(index.stat().st_mode)[-3:] == "444", "stored files are read-only"
+    index.chmod(0o644)  # what a careless hand (or root) can still do
     index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
     with pytest.raises(store.BankCorrupt, match="index.faiss"):
         store.load_bank(model)
@@ -307,6 +309,16 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     (answer,) = runner.score_uploads([("ip-damaged", image)], with_maps=False)
     assert answer["status"] == 503 and answer["reason"] == "bank_corrupt"
     assert "roll ip-damaged back" in answer["error"]
+    assert runner.model_info()["reason"] == "bank_corrupt"  # 503, not a 500
+    assert runner.drift("ip-damaged", False)["status"] == 503
+    # Restoring a damaged version is refused, and a refused change uses up no number.
+    refused = runner.rollback("ip-damaged", "v1", "restore the broken one")
+    assert refused["status"] == 503 and refused["reason"] == "bank_corrupt"
+    assert [v["version"] for v in store.history("ip-damaged")] == ["v1"]
+    fresh = save_bank(
+        product_dirs["line3"], bentoml.models.get("dino-backbone:latest"), product="ip-damaged"
+    )
+    assert fresh.tag.version == "v2"
 
 
 def test_threshold_versions_share_the_index_and_old_versions_are_pruned(

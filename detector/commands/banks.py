@@ -48,6 +48,11 @@ def add_folder(
     )
     detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
     features = np.concatenate(list(AnomalyDetector.iter_features(extractor, paths, batch_size)))
+    # Calibration images decoded one at a time, reduced to the backbone's input, let go.
+    inputs = [detector.prepare(path) for path in held_out]
+    calibration_inputs = (
+        (np.stack([array for array, _ in inputs]), [size for _, size in inputs]) if inputs else None
+    )
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
     _, report = store.add_images(
         product,
@@ -55,7 +60,7 @@ def add_folder(
         hashes,
         detector.extractor,
         reason=reason,
-        calibration_images=held_out or None,
+        calibration=calibration_inputs,
         batch_size=batch_size,
     )
     return report

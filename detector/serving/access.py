@@ -146,6 +146,11 @@ class Access:
                 found = key
         return found
 
+    def answers(self, client_host: str | None) -> bool:
+        """Whether this client gets any answer at all: with no key configured and scoring
+        not opened, only this machine does (whatever address the server listens on)."""
+        return bool(self.keys) or self.anonymous_scoring or is_loopback(client_host)
+
     def anonymous_allowed(self, client_host: str | None) -> bool:
         """Whether a request without a key may use the line role's routes."""
         return self.anonymous_scoring or (not self.keys and is_loopback(client_host))
@@ -225,16 +230,23 @@ def access_from_env(environ: Mapping[str, str] = os.environ) -> Access:
     )
 
 
+SERVING_COMMANDS = ("serve", "serve-http", "serve-grpc", "start-http-server", "start-api-server")
+
+
 def serving_host(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> str | None:
-    """The address `bentoml serve` binds, read in its own process; None anywhere else
-    (`bentoml build`, a worker, a test importing the service)."""
-    if "serve" not in argv[1:3]:
+    """The address a `bentoml serve` (or one of its aliases) binds, read in its own process
+    as click reads it (the last --host wins); None anywhere else (`bentoml build`, a worker,
+    a test importing the service)."""
+    if not any(command in argv[1:3] for command in SERVING_COMMANDS):
         return None
+    host = None
     for position, arg in enumerate(argv):
         if arg == "--host" and position + 1 < len(argv):
-            return argv[position + 1]
-        if arg.startswith("--host="):
-            return arg.split("=", 1)[1]
+            host = argv[position + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    if host is not None:
+        return host
     if environ.get("BENTOML_HOST"):
         return environ["BENTOML_HOST"]
     from bentoml._internal.configuration.containers import BentoMLContainer
@@ -242,10 +254,26 @@ def serving_host(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -
     return str(BentoMLContainer.http.host.get())
 
 
+def client_key(address: str) -> str:
+    """Whose wrong keys these are: the address, or an IPv6 client's /64 (one host can
+    hold a whole /64)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 class FailedKeys:
     """Wrong keys per client address: after `free` of them within `window_s`, the client
     waits 2, 4, 8 ... seconds (at most `max_wait_s`) before a key is checked again, so a
-    guesser gets a handful of tries a minute instead of a thousand a second. Bounded: the
+    guesser gets a handful of tries a minute instead of a thousand a second. A right key
+    does not clear the count (a line key's holder could otherwise guess the admin key
+    between its own requests); only `window_s` without a wrong key does. Bounded: the
     least recently seen clients are forgotten beyond `max_clients`."""
 
     def __init__(
@@ -276,6 +304,3 @@ class FailedKeys:
         self._clients[client] = (count, now, blocked)
         while len(self._clients) > self.max_clients:
             self._clients.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self._clients.pop(client, None)

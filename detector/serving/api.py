@@ -99,10 +99,13 @@ async def as_response(work: Awaitable[Any]) -> Response:
 
 
 async def json_object(request: Any, usage: str) -> dict[str, Any]:
-    """A mounted route's JSON body as an object; anything else is a 400 saying `usage`."""
+    """A mounted route's JSON body as an object; anything else is a 400 saying `usage`:
+    text that is not JSON, nesting too deep to parse, or text no database can store (a
+    lone UTF-16 surrogate)."""
     try:
         body = json.loads(await request.body() or b"{}")
-    except ValueError:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise Refused(400, "bad_json", usage) from None
     if not isinstance(body, dict):
         raise Refused(400, "bad_json", usage)
@@ -258,7 +261,7 @@ class InspectionEndpoints:
     async def model_info(self) -> dict[str, Any]:
         """What is served, cached for a few seconds: the runner answers it between images."""
         if self._model_info is None or time.monotonic() - self._model_info_at > MODEL_INFO_TTL_S:
-            info = await self.runner.to_async.model_info()
+            info = refused_answer(await self.runner.to_async.model_info())
             reference = info.pop("drift_reference", None)
             drift = info.pop("drift", None)
             if drift is not None and info.get("product"):

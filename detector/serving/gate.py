@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from detector.serving import telemetry
-from detector.serving.access import FailedKeys, allows
+from detector.serving.access import FailedKeys, allows, client_key
 from detector.serving.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -58,6 +60,7 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 JSON, MULTIPART = "application/json", "multipart/form-data"
+UPLOAD_GRACE_S = 5.0  # an upload's first seconds are not held to the minimum rate
 
 
 class Refusal(Exception):
@@ -74,6 +77,7 @@ class Rule:
     role: str  # line | reviewer | admin (detector/serving/access.py)
     body: str | None = None  # the one content type a request body may have
     file_fields: frozenset[str] = frozenset()  # multipart fields that must be file uploads
+    text_fields: frozenset[str] = frozenset()  # and the only other fields a body may carry
     max_files: int | None = None
     queued: bool = False  # counts against INSPECT_MAX_QUEUE (it waits for the runner)
     # At most this many of these requests at once (the rest: 503), so a flood of them
@@ -90,13 +94,30 @@ def rules(settings: Settings) -> dict[str, Rule]:
     one_image = settings.max_bytes + MULTIPART_OVERHEAD
     image = frozenset({"image"})
     return {
-        "/inspect": Rule(one_image, "line", MULTIPART, image, max_files=1, queued=True),
-        "/heatmap": Rule(one_image, "line", MULTIPART, image, max_files=1, queued=True),
+        "/inspect": Rule(
+            one_image,
+            "line",
+            MULTIPART,
+            image,
+            frozenset({"product", "drift_profile"}),
+            max_files=1,
+            queued=True,
+        ),
+        "/heatmap": Rule(
+            one_image,
+            "line",
+            MULTIPART,
+            image,
+            frozenset({"product", "output", "drift_profile"}),
+            max_files=1,
+            queued=True,
+        ),
         "/inspect_batch": Rule(
             settings.max_batch_bytes + MULTIPART_OVERHEAD,
             "line",
             MULTIPART,
             frozenset({"images"}),
+            frozenset({"product"}),
             max_files=settings.max_batch_files,
             queued=True,
         ),
@@ -112,6 +133,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
             "admin",
             MULTIPART,
             frozenset({"images", "calibration_images"}),
+            frozenset({"reason", "records"}),
             max_files=settings.max_batch_files,
             queued=True,
         ),
@@ -156,7 +178,13 @@ def _media_type(value: str) -> str:
 
 
 class MultipartShape:
-    """Reads part headers as a multipart body streams past; keeps no part data."""
+    """Reads part headers as a multipart body streams past; keeps no part data.
+
+    It must see every part exactly as BentoML's parser (Starlette's) will: header names and
+    values are gathered across chunks, and field names are decoded as Starlette decodes
+    them. A charset other than UTF-8 on the body is refused outright, so no part can be
+    named one way here and another way there.
+    """
 
     def __init__(self, content_type: str, rule: Rule) -> None:
         kind, options = parse_options_header(content_type)
@@ -166,9 +194,12 @@ class MultipartShape:
                 "not_multipart",
                 "Send the image as a multipart/form-data file upload.",
             )
+        charset = options.get(b"charset", b"utf-8").decode("latin-1").lower()
+        if charset.replace("-", "").replace("_", "") not in ("utf8", "usascii", "ascii"):
+            raise Refusal(415, "bad_charset", "Multipart bodies are read as UTF-8 only.")
         self.rule = rule
         self.files = 0
-        self._header: list[bytes] = []
+        self._name, self._value = b"", b""
         self._headers: dict[bytes, bytes] = {}
         callbacks = {
             "on_header_field": self._on_field,
@@ -179,28 +210,34 @@ class MultipartShape:
         self.parser = MultipartParser(options[b"boundary"], callbacks)
 
     def _on_field(self, data: bytes, start: int, end: int) -> None:
-        self._header = [data[start:end].lower(), b""]
+        self._name += data[start:end]
 
     def _on_value(self, data: bytes, start: int, end: int) -> None:
-        self._header[1] += data[start:end]
+        self._value += data[start:end]
 
     def _on_header_end(self) -> None:
-        name, value = self._header
-        self._headers[name] = value
+        self._headers[self._name.lower()] = self._value
+        self._name, self._value = b"", b""
 
     def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._headers = {}
-        field = options.get(b"name", b"").decode("utf-8", "replace")
-        if field not in self.rule.file_fields:
-            return
-        if b"filename" not in options:
-            raise Refusal(
-                400,
-                "not_a_file",
-                f"Field '{field}' must be a file upload; URLs and text are not fetched.",
-            )
-        self.files += 1
+        field = _decoded(options.get(b"name", b""))
+        is_file = b"filename" in options
+        if field in self.rule.file_fields:
+            if not is_file:
+                raise Refusal(
+                    400,
+                    "not_a_file",
+                    f"Field '{field}' must be a file upload; URLs and text are not fetched.",
+                )
+        elif field not in self.rule.text_fields:
+            known = ", ".join(sorted(self.rule.file_fields | self.rule.text_fields))
+            raise Refusal(400, "unknown_field", f"Unknown field {field[:40]!r}; fields: {known}.")
+        elif is_file:
+            raise Refusal(400, "not_text", f"Field '{field}' must be text, not a file.")
+        if is_file:
+            self.files += 1
         if self.rule.max_files is not None and self.files > self.rule.max_files:
             raise Refusal(
                 413,
@@ -210,6 +247,14 @@ class MultipartShape:
 
     def feed(self, chunk: bytes) -> None:
         self.parser.write(chunk)
+
+
+def _decoded(name: bytes) -> str:
+    """A part's name as Starlette decodes it (UTF-8, else Latin-1)."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name.decode("latin-1")
 
 
 class RequestGate:
@@ -222,6 +267,7 @@ class RequestGate:
         self.rules = rules(settings)
         self.failed_keys = FailedKeys()
         self.in_flight = 0
+        self.uploading = 0
         self.at_once: dict[Rule, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -232,12 +278,7 @@ class RequestGate:
         rule = self.rules.get(rule_key(path))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            if path not in PROBES and not self.access.host_allowed(headers.get("host")):
-                raise Refusal(
-                    400,
-                    "host_not_allowed",
-                    "This service does not answer to that host name (INSPECT_ALLOWED_HOSTS).",
-                )
+            self._check_door(scope, headers)
         except Refusal as refusal:
             return await self._refuse(send, refusal)
         if rule is None:
@@ -249,29 +290,56 @@ class RequestGate:
         try:
             self._check_origin(headers)
             self._check_key(scope, headers, rule)
-            self._check_body(scope, headers, rule)
+            has_body = self._check_body(scope, headers, rule)
+            self._admit(weight, rule)  # refused at once when the queue is full already
+            if has_body and self.uploading >= self.settings.max_uploads:
+                raise Refusal(
+                    503,
+                    "overloaded",
+                    "Too many uploads at once; retry after the time in Retry-After.",
+                    **{"Retry-After": str(self.settings.retry_after_s)},
+                )
+        except Refusal as refusal:
+            return await self._refuse(send, refusal)
+        # The queue slot is taken once the body is here: a client that uploads slowly
+        # holds an upload slot (and must keep INSPECT_UPLOAD_MIN_KBPS), never a turn
+        # at the runner that a whole upload is waiting for.
+        self.uploading += has_body
+        try:
+            replay, images = await self._read_body(scope, receive, rule)
+            if weight and images > 1:  # a batch waits for as many runner turns
+                # A batch above the whole queue is admitted when the queue is empty.
+                weight = min(images, self.settings.max_queue)
             self._admit(weight, rule)
         except Refusal as refusal:
             return await self._refuse(send, refusal)
+        finally:
+            self.uploading -= has_body
         self.in_flight += weight
         self.at_once[rule] = self.at_once.get(rule, 0) + 1
         try:
-            try:
-                replay, images = await self._read_body(scope, receive, rule)
-                if weight and images > 1:  # a batch waits for as many runner turns
-                    self.in_flight -= weight
-                    weight = 0
-                    # A batch above the whole queue is admitted when the queue is empty.
-                    images = min(images, self.settings.max_queue)
-                    self._admit(images, rule)
-                    weight = images
-                    self.in_flight += weight
-            except Refusal as refusal:
-                return await self._refuse(send, refusal)
             await self.app(scope, replay, send)
         finally:
             self.in_flight -= weight
             self.at_once[rule] -= 1
+
+    def _check_door(self, scope: Scope, headers: dict[str, str]) -> None:
+        """Every request, guarded route or not: a keyless service answers this machine
+        only, and any service only the host names it is known by (probes excepted)."""
+        client = (scope.get("client") or ("", 0))[0] or ""
+        if not self.access.answers(client):
+            raise Refusal(
+                403,
+                "keyless_local_only",
+                "No API key is configured: this service answers this machine only.",
+            )
+        path = scope.get("path", "")
+        if path not in PROBES and not self.access.host_allowed(headers.get("host")):
+            raise Refusal(
+                400,
+                "host_not_allowed",
+                "This service does not answer to that host name (INSPECT_ALLOWED_HOSTS).",
+            )
 
     def _admit(self, images: int, rule: Rule) -> None:
         crowded = rule.max_at_once is not None and self.at_once.get(rule, 0) >= rule.max_at_once
@@ -313,7 +381,7 @@ class RequestGate:
             if rule.role == "line" and self.access.anonymous_allowed(client):
                 return
             raise Refusal(401, "unauthorised", self._needs(rule.role))
-        wait = self.failed_keys.wait_s(client)
+        wait = self.failed_keys.wait_s(client_key(client))
         if wait > 0:
             raise Refusal(
                 429,
@@ -323,9 +391,8 @@ class RequestGate:
             )
         key = self.access.identify(given)
         if key is None:
-            self.failed_keys.failed(client)
+            self.failed_keys.failed(client_key(client))
             raise Refusal(401, "unauthorised", "Wrong API key: send a valid one as X-API-Key.")
-        self.failed_keys.succeeded(client)
         if not allows(key.role, rule.role):
             raise Refusal(
                 403,
@@ -344,7 +411,7 @@ class RequestGate:
         return f"Missing API key: this needs a key with the {role} role, sent as X-API-Key."
 
     @staticmethod
-    def _check_body(scope: Scope, headers: dict[str, str], rule: Rule) -> None:
+    def _check_body(scope: Scope, headers: dict[str, str], rule: Rule) -> bool:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isascii() or not declared.isdigit()):
             raise Refusal(400, "bad_length", "Content-Length must be a whole number.")
@@ -353,7 +420,9 @@ class RequestGate:
                 413, "too_large", f"The request is {declared} bytes; the limit is {rule.max_body}."
             )
         has_body = declared not in (None, "0") or "transfer-encoding" in headers
-        if scope.get("method") not in ("GET", "HEAD") and has_body:
+        if scope.get("method") in ("GET", "HEAD"):
+            has_body = False
+        if has_body:
             given = _media_type(headers.get("content-type", ""))
             if rule.body == MULTIPART and given != MULTIPART:
                 raise Refusal(
@@ -367,6 +436,7 @@ class RequestGate:
                     f"This route takes {expected}, not {given or 'an untyped body'}.",
                 )
         scope["gate.content_type"] = headers.get("content-type", "")
+        return has_body
 
     async def _read_body(self, scope: Scope, receive: Receive, rule: Rule) -> tuple[Receive, int]:
         """Stream the body into a spooled file, counting and shape-checking it as it comes;
@@ -376,8 +446,24 @@ class RequestGate:
             shape = MultipartShape(scope["gate.content_type"], rule)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
         size, more = 0, True
+        started = time.monotonic()
+        min_rate = self.settings.upload_min_kbps * 1024
         while more:
-            message = await receive()
+            try:
+                with anyio.fail_after(self.settings.upload_idle_s):
+                    message = await receive()
+            except TimeoutError:
+                spool.close()
+                raise Refusal(408, "too_slow", "The upload stalled; send it again.") from None
+            elapsed = time.monotonic() - started
+            if elapsed > UPLOAD_GRACE_S and size < min_rate * elapsed:
+                spool.close()
+                raise Refusal(
+                    408,
+                    "too_slow",
+                    f"The upload is slower than {self.settings.upload_min_kbps} KiB/s "
+                    "(INSPECT_UPLOAD_MIN_KBPS); send it again.",
+                )
             if message["type"] == "http.disconnect":
                 spool.close()
                 raise Refusal(400, "disconnected", "The client went away mid-upload.")

@@ -159,9 +159,9 @@ def live_version(product: str) -> str | None:
     if VERSION_NAME.match(version) and (folder / version / "model.yaml").exists():
         return version
     raise LiveVersionMissing(
-        f"{model_name(product)}:{version} is the live version but is missing from the model "
-        f"store ({store_dir()}): roll {product} back to a version that exists (`python -m "
-        f"detector rollback {product} vN`, or POST /products/{product}/rollback)."
+        f"{model_name(product)}:{version[:24]} is the live version but is missing from the "
+        f"model store: roll {product} back to a version that exists (`python -m detector "
+        f"rollback {product} vN`, or POST /products/{product}/rollback)."
     )
 
 
@@ -284,42 +284,23 @@ def commit_version(
         parent, missing = _parent_or_missing(product)
         if missing and not allow_missing_parent:
             live_version(product)  # raises LiveVersionMissing with its sentence
+        draft = make(parent)  # a refused change uses up no number
         number = _next_number(product)
-        draft = make(parent)
-        document = MemoryBank.read_document(draft.folder)
-        index = Path(draft.index_of.path) / INDEX_FILE if draft.index_of else None
-        if draft.index_of is not None:
-            size = draft.index_of.info.metadata.get("bank_size")
-            stored_hash = draft.index_of.info.metadata.get("files", {}).get(INDEX_FILE)
-            index_hash = stored_hash or file_sha256(index)  # type: ignore[arg-type]
-        else:
-            size = MemoryBank.load(draft.folder).size
-            index_hash = file_sha256(draft.folder / INDEX_FILE)
-        calibration = document.get("calibration", {})
         inherited = parent.info.metadata if parent is not None else {}
-        backbone = backbone_model or inherited.get("backbone_model")
-        if backbone is None:
-            raise UserError("a product's first bank version must name its backbone model")
-        record = {
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "parent": str(parent.tag) if parent is not None else missing,
-            **draft.change,
-        }
         metadata = {
             "product": product,
             "version": number,
-            "change": record,
-            "extractor": document["extractor"],
-            "backbone_model": backbone,
-            "bank_size": size,
-            "threshold": calibration.get("threshold"),
-            "calibration": calibration_summary(calibration),
-            "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
-            "files": {
-                INDEX_FILE: index_hash,
-                METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
+            "change": {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "parent": str(parent.tag) if parent is not None else missing,
+                **draft.change,
             },
+            "backbone_model": backbone_model or inherited.get("backbone_model"),
+            "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
+            **_describe_files(draft),
         }
+        if metadata["backbone_model"] is None:
+            raise UserError("a product's first bank version must name its backbone model")
         all_labels = {
             "kind": "memory-bank",
             "product": product,
@@ -330,13 +311,41 @@ def commit_version(
         tag = f"{model_name(product)}:v{number}"
         with bentoml.models.create(tag, labels=all_labels, metadata=_storable(metadata)) as model:
             shutil.copy2(draft.folder / METADATA_FILE, Path(model.path) / METADATA_FILE)
-            if index is None:
+            if draft.index_of is None:
                 shutil.copy2(draft.folder / INDEX_FILE, Path(model.path) / INDEX_FILE)
-        if index is not None:
-            _share_file(index, _product_dir(product) / f"v{number}" / INDEX_FILE)
+        version_dir = _product_dir(product) / f"v{number}"
+        if draft.index_of is not None:
+            _share_file(Path(draft.index_of.path) / INDEX_FILE, version_dir / INDEX_FILE)
+        for name in (INDEX_FILE, METADATA_FILE):  # versions never change their files
+            (version_dir / name).chmod(0o444)
         _write_live(product, f"v{number}")
         prune_versions(product)
     return bentoml.models.get(tag)
+
+
+def _describe_files(draft: Draft) -> dict[str, Any]:
+    """What a version's metadata says of its files: the extractor, rows, threshold and
+    calibration from bank.json, and each file's SHA-256 (a shared index's is inherited)."""
+    document = MemoryBank.read_document(draft.folder)
+    if draft.index_of is not None:
+        size = draft.index_of.info.metadata.get("bank_size")
+        index_hash = draft.index_of.info.metadata.get("files", {}).get(INDEX_FILE) or (
+            file_sha256(Path(draft.index_of.path) / INDEX_FILE)
+        )
+    else:
+        size = MemoryBank.load(draft.folder).size
+        index_hash = file_sha256(draft.folder / INDEX_FILE)
+    calibration = document.get("calibration", {})
+    return {
+        "extractor": document["extractor"],
+        "bank_size": size,
+        "threshold": calibration.get("threshold"),
+        "calibration": calibration_summary(calibration),
+        "files": {
+            INDEX_FILE: index_hash,
+            METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
+        },
+    }
 
 
 def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +401,7 @@ def rollback(product: str, version: str | int, reason: str = "") -> bentoml.Mode
     target = version_model(product, version)
 
     def make(parent: bentoml.Model | None) -> Draft:
+        verify(target)  # never restore a damaged version
         change = {"action": "rollback", "restored": str(target.tag.version), "reason": reason}
         mark_served(product, str(target.tag.version))  # retention keeps what was restored
         return Draft(Path(target.path), change, index_of=target)
@@ -457,6 +467,15 @@ def keep_versions() -> int:
     return int(value)
 
 
+def _remove_version(path: Path) -> None:
+    """Delete an old version's folder: renamed away first, so no reader ever sees half of
+    it. (`bentoml.models.delete` reads every version of the model to do the same: 0.5 s a
+    version at 400 versions.) Never the newest version, so BentoML's `latest` stays true."""
+    gone = path.with_name(f".removing-{path.name}-{os.getpid()}")
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def prune_versions(product: str, keep: int | None = None) -> list[str]:
     """Remove versions beyond the newest `keep`, except the live one and those `mark_served`
     kept (they scored, so records may name them, or a rollback restored them). Call under
@@ -476,7 +495,7 @@ def prune_versions(product: str, keep: int | None = None) -> list[str]:
     for number in numbers[:-keep]:
         version = f"v{number}"
         if version not in protected:
-            bentoml.models.delete(f"{model_name(product)}:{version}")
+            _remove_version(folder / version)
             removed.append(version)
     if removed:
         log.info("%s: removed old bank versions %s (INSPECT_KEEP_VERSIONS)", product, removed)
@@ -487,6 +506,11 @@ def _summary(scores: list[float]) -> dict[str, float]:
     return {"mean": round(float(sum(scores) / len(scores)), 6), "max": round(max(scores), 6)}
 
 
+# Images reduced to the backbone's input, with their original (width, height): what
+# scoring needs of an image, without holding its decoded pixels.
+Prepared = tuple[np.ndarray, list[tuple[int, int]]]
+
+
 def add_images(
     product: str,
     features: np.ndarray,
@@ -494,7 +518,7 @@ def add_images(
     extractor: FeatureExtractor,
     *,
     reason: str = "",
-    calibration_images: list[Any] | None = None,
+    calibration: Prepared | None = None,
     batch_size: int = 8,
     records: list[str] | None = None,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
@@ -503,7 +527,7 @@ def add_images(
     `features` are computed by the caller before the lock (the backbone pass is the costly
     part and does not depend on the bank); under the lock the live bank is extended, so an
     update that landed meanwhile is extended too, never overwritten. The threshold is kept
-    unless `calibration_images` are given; then they set it, and the report says how their
+    unless `calibration` images are given; then they set it, and the report says how their
     scores moved from the parent bank to the new one.
     """
     from detector.anomaly_detector import AnomalyDetector
@@ -511,6 +535,7 @@ def add_images(
     if not hashes:
         raise UserError("Send at least one defect-free image to add.")
     report: dict[str, Any] = {}
+    held_out = len(calibration[1]) if calibration is not None else 0
 
     def make(parent: bentoml.Model | None) -> Draft:
         if parent is None:
@@ -518,25 +543,25 @@ def add_images(
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
         learned, added = current.learned(features)
         report.update(bank_rows_before=current.bank.size, rows_added=added)
-        if calibration_images:
-            before = [r.score for r in current.predict(calibration_images, with_maps=False)]
-            learned = learned.recalibrated(calibration_images)
+        if calibration is not None and held_out:
+            before = current.predict_prepared(*calibration, with_maps=False)
+            learned = learned.calibrated_on(learned.predict_prepared(*calibration, with_maps=False))
             report["calibration"] = {
-                "images": len(calibration_images),
+                "images": held_out,
                 "threshold_before": current.calibration.threshold,
                 "threshold_after": learned.calibration.threshold,
-                "scores_before": _summary(before),
+                "scores_before": _summary([r.score for r in before]),
                 "scores_after": _summary(learned.calibration.reference_scores),
             }
         report["bank_rows_after"] = learned.bank.size
         folder = learned.save(Path(scratch) / "bank")
         change = {
-            "action": "recalibrate" if calibration_images else "add_images",
+            "action": "recalibrate" if held_out else "add_images",
             "reason": reason,
             "added_images": len(hashes),
             "added_sha256": hashes,
             "rows_added": added,
-            "calibration_images": len(calibration_images or []),
+            "calibration_images": held_out,
         }
         if records:  # reviewed false alarms: the version points back to their records
             change["records"] = list(records)
@@ -560,6 +585,70 @@ def _number(name: str, value: Any) -> float:
 FAR = 2.0
 
 
+def _operating_point(target: Any, threshold: Any) -> tuple[float | None, float | None]:
+    """(target, threshold) checked: exactly one of them, a real number in its range."""
+    import math
+
+    from detector.thresholds import check_target
+
+    if (target is None) == (threshold is None):
+        raise UserError("Give either a false-alarm target (e.g. 0.02) or a threshold, not both.")
+    try:
+        if target is not None:
+            return check_target(_number("target", target)), None
+        threshold = _number("threshold", threshold)
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise ValueError(f"A threshold must be a finite number above 0; it is {threshold}.")
+        return None, threshold
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from None
+
+
+def _at_target(parent: bentoml.Model, before: Calibration, target: float) -> Calibration:
+    """The version's rule applied to its calibration scores at a new false-alarm target."""
+    from detector.scoring import calibrate
+
+    if not before.reference_scores:
+        raise UserError(
+            f"{parent.tag} keeps no calibration scores to apply a target to: set a "
+            "threshold, or add calibration images."
+        )
+    try:
+        return calibrate(
+            before.reference_scores,
+            target,
+            before.reference_profiles,
+            before.rule if before.rule != "explicit" else "empirical_quantile",
+            before.source,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _explicit(
+    parent: bentoml.Model, before: Calibration, threshold: float, confirm: bool
+) -> Calibration:
+    """The calibration with an explicit threshold; one that would flag every part or none
+    (far outside the calibration scores) only when confirmed."""
+    from detector.scoring import check_threshold
+
+    scores = before.reference_scores
+    if scores and not confirm and not min(scores) / FAR <= threshold <= FAR * max(scores):
+        raise UserError(
+            f"A threshold of {threshold:.6g} is far outside {parent.tag}'s calibration "
+            f"scores ({min(scores):.6g} to {max(scores):.6g}): it would flag every part "
+            "or none. Send confirm: true (--confirm) if that is what you want."
+        )
+    return Calibration(
+        check_threshold(threshold),
+        before.false_alarm_rate,
+        before.reference_scores,
+        before.reference_profiles,
+        "explicit",
+        before.source,
+    )
+
+
 def set_operating_point(
     product: str,
     *,
@@ -572,22 +661,7 @@ def set_operating_point(
     applied to its calibration scores at a new false-alarm `target`, or an explicit
     `threshold`. It has history and rollback like any other change; nothing is refitted,
     and the new version shares its parent's index file."""
-    import math
-
-    from detector.scoring import calibrate, check_threshold
-    from detector.thresholds import check_target
-
-    if (target is None) == (threshold is None):
-        raise UserError("Give either a false-alarm target (e.g. 0.02) or a threshold, not both.")
-    try:
-        if target is not None:
-            target = check_target(_number("target", target))
-        else:
-            threshold = _number("threshold", threshold)
-            if not math.isfinite(threshold) or threshold <= 0:
-                raise ValueError(f"A threshold must be a finite number above 0; it is {threshold}.")
-    except (TypeError, ValueError) as error:
-        raise UserError(str(error)) from None
+    target, threshold = _operating_point(target, threshold)
     report: dict[str, Any] = {}
 
     def make(parent: bentoml.Model | None) -> Draft:
@@ -597,37 +671,9 @@ def set_operating_point(
         document = MemoryBank.read_document(parent.path)
         before = Calibration.from_dict(document.get("calibration", {}))
         if target is not None:
-            if not before.reference_scores:
-                raise UserError(
-                    f"{parent.tag} keeps no calibration scores to apply a target to: set a "
-                    "threshold, or add calibration images."
-                )
-            try:
-                after = calibrate(
-                    before.reference_scores,
-                    target,
-                    before.reference_profiles,
-                    before.rule if before.rule != "explicit" else "empirical_quantile",
-                    before.source,
-                )
-            except ValueError as error:
-                raise UserError(str(error)) from None
+            after = _at_target(parent, before, target)
         else:
-            scores = before.reference_scores
-            if scores and not confirm and not min(scores) / FAR <= threshold <= FAR * max(scores):
-                raise UserError(
-                    f"A threshold of {threshold:.6g} is far outside {parent.tag}'s calibration "
-                    f"scores ({min(scores):.6g} to {max(scores):.6g}): it would flag every part "
-                    "or none. Send confirm: true (--confirm) if that is what you want."
-                )
-            after = Calibration(
-                check_threshold(threshold),  # type: ignore[arg-type]
-                before.false_alarm_rate,
-                before.reference_scores,
-                before.reference_profiles,
-                "explicit",
-                before.source,
-            )
+            after = _explicit(parent, before, threshold, confirm)  # type: ignore[arg-type]
         document["calibration"] = after.to_dict()
         folder = MemoryBank.write_document(Path(scratch) / "bank", document)
         report.update(

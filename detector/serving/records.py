@@ -97,6 +97,9 @@ class Recorder:
 
     def __init__(self, settings: Settings) -> None:
         folder = records_dir(settings)
+        # Records and kept images are for reviewers: not for other users of this machine.
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
         self.store = RecordStore(records_url(settings))
         migrate = settings.records_migrate == "apply"
         if migrate:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,30 +49,6 @@ def refusal(error: UserError | InvalidImageError) -> dict[str, Any]:
     if isinstance(error, store.BankUnavailable):
         return {"error": str(error), "reason": error.reason, "status": error.status}
     return {"error": str(error), "reason": "bad_request", "status": 400}
-
-
-class DecodedOnDemand(Sequence[Image.Image]):
-    """Encoded images that decode when an item or a slice is asked for: scoring them a
-    batch at a time (`AnomalyDetector.predict`) holds one batch of decoded frames."""
-
-    def __init__(
-        self, uploads: list[bytes], decode: Callable[[bytes], Image.Image | InvalidImageError]
-    ) -> None:
-        self.uploads, self.decode = uploads, decode
-
-    def __len__(self) -> int:
-        return len(self.uploads)
-
-    def _one(self, data: bytes) -> Image.Image:
-        image = self.decode(data)
-        if isinstance(image, InvalidImageError):
-            raise image
-        return image
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self._one(data) for data in self.uploads[index]]
-        return self._one(self.uploads[index])
 
 
 class ScoringRunner:
@@ -211,14 +186,18 @@ class ScoringRunner:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
             # One image decoded at a time and reduced to the backbone's input at once: a
-            # change of large frames holds one decoded frame, not all of them.
-            prepared = []
-            for upload in uploads:
+            # change of large frames holds one decoded frame, never several.
+            prepared, sizes = [], []
+            for upload in uploads + calibration:
                 item = self._prepare(upload)
                 if isinstance(item, InvalidImageError):
                     return refusal(item)
                 prepared.append(item[0])
-            added = np.stack(prepared)
+                sizes.append(item[1])
+            added = np.stack(prepared[: len(uploads)])
+            held_out = (
+                (np.stack(prepared[len(uploads) :]), sizes[len(uploads) :]) if calibration else None
+            )
             embedding = time.perf_counter()
             features = live.detector.embed_prepared(added)
             embedded = time.perf_counter()
@@ -228,7 +207,7 @@ class ScoringRunner:
                 [hashlib.sha256(data).hexdigest() for data in uploads],
                 self.catalog.extractor,
                 reason=reason,
-                calibration_images=DecodedOnDemand(calibration, self._decode) or None,
+                calibration=held_out,
                 batch_size=self.settings.max_batch_size,
                 records=records,
             )
@@ -247,10 +226,11 @@ class ScoringRunner:
         try:
             product = self.catalog.resolve(product)
             model = store.rollback(product, version, reason)
+            self.catalog.install(model)
         except UserError as error:
             return refusal(error)
-        self.catalog.install(model)
-        return {"product": product, "version": str(model.tag.version), "restored": version}
+        restored = model.info.metadata["change"]["restored"]
+        return {"product": product, "version": str(model.tag.version), "restored": restored}
 
     def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         """A new version with a new operating point: {"target": 0.02} or {"threshold": x};
@@ -292,10 +272,19 @@ class ScoringRunner:
         return listing
 
     def model_info(self) -> dict[str, Any]:
-        """What is served; with one product, also its bank and drift (the API keeps them)."""
-        info: dict[str, Any] = {**self.info, "products": list(self.catalog.names)}
+        """What is served; with one product, also its bank and drift (the API keeps them).
+        Where the weights sit on this machine is not said."""
+        spec = {key: value for key, value in self.info["extractor"].items() if key != "source"}
+        info: dict[str, Any] = {
+            **self.info,
+            "extractor": spec,
+            "products": list(self.catalog.names),
+        }
         if len(self.catalog.names) == 1:
-            live = self.catalog.bank(self.catalog.names[0])
+            try:
+                live = self.catalog.bank(self.catalog.names[0])
+            except UserError as error:
+                return refusal(error)
             drift = self.catalog.drift(live.product)
             info.update(
                 self.catalog.info(live),
@@ -307,10 +296,11 @@ class ScoringRunner:
     def drift(self, product: str, reference: bool) -> dict[str, Any]:
         try:
             product = self.catalog.resolve(product or None)
+            bank = self.catalog.bank(product)
         except UserError as error:
             return refusal(error)
         monitor = self.catalog.drift(product)
-        status = {"product": product, "bank": self.catalog.bank(product).tag, **monitor.status()}
+        status = {"product": product, "bank": bank.tag, **monitor.status()}
         if reference:
             status["reference_profiles"] = monitor.reference.tolist()
         return status

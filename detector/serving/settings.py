@@ -82,7 +82,10 @@ class Settings:
     max_pixels: int
     max_batch_files: int
     max_batch_bytes: int
-    max_queue: int  # requests in flight (reading, waiting, scoring) before 503
+    max_queue: int  # requests with their body in (waiting, scoring) before 503
+    max_uploads: int  # bodies being received at once before 503
+    upload_idle_s: float  # an upload that sends nothing this long is cut (408)
+    upload_min_kbps: float  # after its first seconds, an upload slower than this is cut
     retry_after_s: int
     heatmap_max_side: int  # heatmaps and overlays are made at most this long
     max_renders: int  # overlays drawn at once (each holds a decoded image)
@@ -139,12 +142,15 @@ class Settings:
             # 448 px image on 2 cores, 16 requests in flight keep an accepted request's
             # wait under ~6 s; the rest get 503 + Retry-After at once (docs/PERFORMANCE.md).
             max_queue=_int("INSPECT_MAX_QUEUE", 16) or 16,
+            # Uploads hold these, not queue slots, at a pace any plant network keeps.
+            max_uploads=_int("INSPECT_MAX_UPLOADS", 64) or 64,
+            upload_idle_s=_float("INSPECT_UPLOAD_IDLE_S", 10.0),
+            upload_min_kbps=_float("INSPECT_UPLOAD_MIN_KBPS", 16.0),
             retry_after_s=_int("INSPECT_RETRY_AFTER_S", 2) or 2,
             heatmap_max_side=_int("INSPECT_HEATMAP_MAX_SIDE", 2048) or 2048,
             max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
             access=access_from_env(),
-            # A bank change is decoded and reduced one image at a time, but its encoded
-            # bytes travel whole: these bound what one change holds in memory and costs.
+            # One bank change's encoded bytes travel whole: bound them, and its pixels.
             max_change_bytes=_int("INSPECT_MAX_CHANGE_BYTES", 64 << 20) or 64 << 20,
             max_change_pixels=_int("INSPECT_MAX_CHANGE_PIXELS", 160_000_000) or 160_000_000,
             # The drift window: images compared with the bank's calibration reference.
