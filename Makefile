@@ -1,7 +1,8 @@
 # Two commands from a fresh clone:
 #   make demo   set up .venv, fit a demo model on the synthetic carpet set, serve it
 #   make test   the test suite exactly as CI runs it (.ci/run: fresh venv, lint, pytest)
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Python 3.11 or newer, picked as .ci/run picks it (.ci/python says when there is none).
+PYTHON ?= $(shell .ci/python)
 PORT ?= 3000
 
 .PHONY: demo test
@@ -13,6 +14,7 @@ test:
 	bash .ci/run
 
 .venv/.installed: requirements.txt pyproject.toml
+	@test -n "$(PYTHON)" || .ci/python
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install -q -r requirements.txt
 	.venv/bin/pip install -q --no-deps -e .

@@ -31,6 +31,7 @@ from detector.drift import DriftSettings
 from detector.errors import user_errors_exit
 from detector.records.images import KEEP_POLICIES
 from detector.runtimes import PRECISIONS, RUNTIMES
+from detector.threads import usable_cpus
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=PRECISIONS,
         help="f32; bf16 with openvino on CPUs that have it; int8 with onnxruntime",
     )
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cpus())
     parser.add_argument("--shard", type=Shard.parse, help="I/N: this job's share of the files")
     parser.add_argument(
         "--drift-min-images",

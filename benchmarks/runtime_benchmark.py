@@ -32,7 +32,7 @@ from detector.images import read_image
 from detector.memory_bank import BankConfig
 from detector.metrics import image_auroc, pixel_auroc
 from detector.runtimes import GraphBackbone, export_graph
-from detector.threads import set_threads
+from detector.threads import set_threads, usable_cpus
 
 # (runtime, precision): every combination the project ships.
 VARIANTS = [
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cpus())
     args = parser.parse_args()
     set_threads(args.threads)
     results: dict = {

@@ -30,6 +30,7 @@ from detector.data.synthetic import carpet_texture, make_dataset
 from detector.images import decode_image
 from detector.memory_bank import BankConfig
 from detector.serving.local_server import bentoml_serve, export_models
+from detector.threads import usable_cpus
 
 
 def build_models(scratch: Path, bank_rows: int) -> Path:
@@ -88,7 +89,7 @@ def served_throughput(
             list(pool.map(one, range(total)))
         seconds = time.perf_counter() - started
     # The clients share the server's cores here: their CPU time is taken from the service.
-    client_share = (time.process_time() - client_cpu) / (seconds * len(os.sched_getaffinity(0)))
+    client_share = (time.process_time() - client_cpu) / (seconds * usable_cpus())
     return total / seconds, client_share
 
 

@@ -266,7 +266,7 @@ def test_fatal_problems_give_one_sentence_and_exit_2(
     assert "Traceback" not in result.stderr
     expected = {
         "empty_folder": "holds no files",
-        "missing_model": "No product banks in the BentoML model store",
+        "missing_model": "No product banks in the model store",
         "unknown_product": "Unknown product 'no-such-product'; known products: carpet",
         "unwritable_output": "Cannot write",
     }[case]

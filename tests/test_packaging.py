@@ -64,7 +64,7 @@ def test_serve_refuses_a_mismatched_pair_with_one_sentence(
 def test_serve_without_models_says_what_to_do(tmp_path: Path) -> None:
     code, output = serve_until_exit(tmp_path, 120)
     assert code not in (None, 0)
-    assert "python -m detector export" in output and "No product banks in the BentoML" in output
+    assert "python -m detector export" in output and "No product banks in the model store" in output
 
 
 def test_api_key_protects_scoring_but_not_health_or_metrics(

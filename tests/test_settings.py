@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from detector.errors import UserError
@@ -38,3 +40,44 @@ def test_products_and_the_retired_bank_setting(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("INSPECT_BANK_MODEL", "inspection-bank:latest")
     with pytest.raises(UserError, match="INSPECT_PRODUCTS"):
         Settings.from_env()
+
+
+def test_the_thread_count_falls_back_where_there_is_no_cpu_affinity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """macOS and Windows have no os.sched_getaffinity; importing the service there used it."""
+    import os
+
+    from detector.threads import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.delenv("INSPECT_THREADS", raising=False)
+    assert usable_cpus() == 6
+    assert Settings.from_env().num_threads == 6
+
+
+def test_the_model_store_is_found_the_same_way_everywhere(tmp_path: Path) -> None:
+    """A Bento's packed models in its image, a shared store seeded from them, or the home's."""
+    from detector.serving.store_location import choose, seed
+
+    home, bento = tmp_path / "home" / "models", tmp_path / "bento"
+    packed = bento / "models"
+    (packed / "bank-carpet" / "v3").mkdir(parents=True)
+    (packed / "bank-carpet" / "v3" / "index.faiss").write_bytes(b"packed")
+    (packed / "bank-carpet" / "latest").write_text("v3")
+    assert choose(home, home, {}) == (home, None)
+    assert choose(home, home, {"BENTO_PATH": str(bento)}) == (packed, None)
+    assert choose(packed, home, {}) == (packed, None)  # `bentoml serve` of a Bento chose it
+    shared = tmp_path / "volume"
+    chosen, source = choose(
+        home, home, {"BENTO_PATH": str(bento), "INSPECT_MODEL_STORE": str(shared)}
+    )
+    assert (chosen, source) == (shared, packed)
+    (shared / "bank-carpet" / "v3").mkdir(parents=True)
+    (shared / "bank-carpet" / "v3" / "index.faiss").write_bytes(b"made by a replica")
+    (packed / "dino-backbone" / "abc").mkdir(parents=True)
+    assert seed(shared, packed) == ["dino-backbone:abc"]
+    assert (shared / "bank-carpet" / "v3" / "index.faiss").read_bytes() == b"made by a replica"
+    assert seed(shared, packed) == [], "seeding twice copies nothing"

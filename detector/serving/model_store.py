@@ -8,7 +8,6 @@ when the service starts, and when the batch job loads its models.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,8 +25,10 @@ from detector.backbone import (
 )
 from detector.errors import UserError
 from detector.memory_bank import MemoryBank
+from detector.serving.store_location import model_store_dir
 
 BACKBONE_MODEL = "dino-backbone"
+model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too
 
 
 class ModelMissingError(UserError):
@@ -155,8 +156,8 @@ def stored(tag: str | bentoml.Tag) -> bentoml.Model:
         return bentoml.models.get(tag)
     except (NotFound, bentoml.exceptions.BentoMLException):
         raise ModelMissingError(
-            f"Model '{tag}' is not in the BentoML model store (BENTOML_HOME="
-            f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector export "
+            f"Model '{tag}' is not in the model store ({model_store_dir()}): run "
+            "`python -m detector export "
             "<model_dir>` (after `python -m detector fit`), or name a tag that "
             "`bentoml models list` shows."
         ) from None
@@ -192,8 +193,8 @@ def checked_spec(
 
 def no_banks() -> ModelMissingError:
     return ModelMissingError(
-        f"No product banks in the BentoML model store (BENTOML_HOME="
-        f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run `python -m detector export "
+        f"No product banks in the model store ({model_store_dir()}): run "
+        "`python -m detector export "
         "<model_dir>` after `python -m detector fit`."
     )
 

@@ -48,8 +48,10 @@ from detector.backbone import FeatureExtractor
 from detector.errors import UserError
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 from detector.scoring import Calibration
+from detector.serving.store_location import model_store_dir
 
 log = logging.getLogger("inspection")
+model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too
 BANK_PREFIX = "bank-"
 LIVE_FILE = "live"
 LOCK_FILE = ".update.lock"
@@ -110,10 +112,9 @@ def model_name(product: str) -> str:
 
 
 def store_dir() -> Path:
-    """The BentoML model store folder ($BENTOML_HOME/models)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return Path(BentoMLContainer.model_store_dir.get())
+    """The model store folder: a shared one, a Bento's packed models, or BENTOML_HOME's
+    (detector/serving/store_location.py)."""
+    return model_store_dir()
 
 
 def _product_dir(product: str) -> Path:

@@ -15,6 +15,7 @@ from detector.errors import UserError
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector.records.images import KEEP_POLICIES
 from detector.serving.access import Access, access_from_env
+from detector.threads import usable_cpus
 
 
 def _int(name: str, default: int | None) -> int | None:
@@ -128,7 +129,7 @@ class Settings:
             precision=os.environ.get("INSPECT_PRECISION", "").strip() or "f32",
             # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which
             # halves a CPU ViT's speed (measured: docs/PERFORMANCE.md).
-            num_threads=_int("INSPECT_THREADS", len(os.sched_getaffinity(0))),
+            num_threads=_int("INSPECT_THREADS", usable_cpus()),
             max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", None) or default_max_batch_size(device),
             # BentoML answers 503 to a request whose wait plus predicted batch time (queue
             # length x its per-image estimate) passes this: a load-shedding budget that must
