@@ -9,8 +9,10 @@ summary.json and scores.png. Re-running the same command after a crash or Ctrl-C
 images already scored (the same file, scored by the same models).
 
 Exit codes, for orchestrators: 0 the run finished (files that failed are recorded and
-counted in summary.json), 2 the job could not run (one `error:` line says why), 3 the run
-was interrupted (SIGINT, SIGTERM) or crashed: run the same command again to resume.
+counted in summary.json; a shard that owns no file writes empty results), 2 the job could
+not run (one `error:` line says why; `merge` with a shard missing), 3 the run was
+interrupted (SIGINT, SIGTERM) or crashed: run the same command again to resume, 4 another
+job holds OUT (this shard of it): retry later.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from batch.files import Shard
 from batch.job import JobOptions, check_writable, merge, run_job
-from batch.scorers import BatchSetupError, LocalScorer, RemoteScorer, Scorer
+from batch.scorers import BatchSetupError, LocalScorer, OutputBusyError, RemoteScorer, Scorer
 from detector.commands.records import add_location_arguments
 from detector.drift import DriftSettings
 from detector.errors import user_errors_exit
@@ -202,6 +204,9 @@ def run(argv: list[str]) -> int:
 
 
 INTERRUPTED_EXIT_CODE = 3
+# Another job holds OUT (or this shard of it): retry later, as for 3; a job engine can tell
+# it from a crash (3) and from a job that cannot run at all (2).
+BUSY_EXIT_CODE = 4
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -212,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # what Kubernetes and Cloud Run send first
     try:
         with user_errors_exit():
-            return run(sys.argv[1:] if argv is None else argv)
+            try:
+                return run(sys.argv[1:] if argv is None else argv)
+            except OutputBusyError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return BUSY_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
     except Exception:

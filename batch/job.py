@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
 from batch.results import ResultJournal, latest_per_path, read_rows, replace_durably, write_csv
-from batch.scorers import BatchSetupError, Scorer
+from batch.scorers import BatchSetupError, OutputBusyError, Scorer
 from detector import schema
 from detector.data.mvtec import GOOD, Sample
 from detector.drift import DriftSettings, drift_report, profile_to_list
@@ -127,7 +128,7 @@ def locked(lock_path: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise BatchSetupError(
+            raise OutputBusyError(
                 f"Another batch job ({holder}) is writing to {lock_path.parent}: wait for it to "
                 "finish or choose another --out."
             ) from None
@@ -243,11 +244,11 @@ def run_job(options: JobOptions, scorer: Scorer) -> dict[str, Any]:
 def _run_locked(options: JobOptions, scorer: Scorer, outputs: Outputs) -> dict[str, Any]:
     root = options.input_dir.resolve()
     listing = find_images(root, exclude=options.out_dir)
-    images = listing.images
-    if options.shard:
-        images = [path for path in images if options.shard.owns(path)]
-    if not images and not listing.others:
+    if not listing.images and not listing.others:
         raise BatchSetupError(f"{options.input_dir} holds no files to inspect.")
+    images = listing.images
+    if options.shard:  # a shard that owns none of them still writes its (empty) results
+        images = [path for path in images if options.shard.owns(path)]
     journal = ResultJournal(outputs.journal, options.fsync_every)
     save_drift_reference(scorer, outputs.drift_reference)
     identities = {path: file_identity(root, path, options.content_hash) for path in images}
@@ -385,6 +386,25 @@ def models_used(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+SHARD_JOURNAL = re.compile(r"^results-shard-(\d{4})-of-(\d{4})\.jsonl$")
+
+
+def check_every_shard(journals: list[Path]) -> None:
+    """Shards 0..N-1 of one N, each there once: a merge of 2 of 8 shards is not a result."""
+    found = [SHARD_JOURNAL.match(journal.name) for journal in journals]
+    counts = {int(match.group(2)) for match in found if match}
+    if None in found or len(counts) != 1:
+        names = ", ".join(journal.name for journal in journals)
+        raise BatchSetupError(f"The shard results are of different splits ({names}).")
+    (count,) = counts
+    missing = sorted(set(range(count)) - {int(match.group(1)) for match in found if match})
+    if missing:
+        raise BatchSetupError(
+            f"Shards {', '.join(map(str, missing))} of {count} have no results yet: run them "
+            "(or wait for them) before merging."
+        )
+
+
 def merge(
     out_dir: Path, drift: DriftSettings | None = None, allow_mixed_models: bool = False
 ) -> dict[str, Any]:
@@ -397,6 +417,7 @@ def merge(
         journals = sorted(out_dir.glob("results-shard-*.jsonl"))
         if not journals:
             raise BatchSetupError(f"{out_dir} holds no shard results (results-shard-*.jsonl).")
+        check_every_shard(journals)
         rows = latest_per_path(row for journal in journals for row in read_rows(journal))
         used = models_used([row for row in rows if not row.get("error")])
         if len(used) > 1 and not allow_mixed_models:

@@ -30,6 +30,11 @@ class BatchSetupError(UserError):
     """The job cannot start; the message says what to do."""
 
 
+class OutputBusyError(BatchSetupError):
+    """Another job holds OUT's lock: not this job's fault, and worth retrying (a pod that
+    replaces one still terminating), so it has an exit code of its own."""
+
+
 class Scorer(Protocol):
     """What the job needs from a source of scores."""
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from batch.files import Shard, find_images
@@ -183,6 +182,23 @@ def test_shards_cover_every_file_once_and_merge(
     assert sorted(paths) == find_images(inspection_folder).images
 
 
+def test_a_shard_that_owns_no_file_finishes_and_merge_wants_every_shard(
+    store: Path, tmp_path: Path
+) -> None:
+    """2 images on 8 shards: the shards that own none write empty results and exit 0 (an
+    Indexed Job would otherwise fail); merging before every shard has results is refused."""
+    folder = small_folder(tmp_path / "in", count=2)
+    images = find_images(folder).images
+    empty = next(i for i in range(8) if not any(Shard(i, 8).owns(p) for p in images))
+    out = tmp_path / "out"
+    result = run_batch(store, str(folder), "--out", str(out), "--shard", f"{empty}/8")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"] == 0
+    assert (out / f"results-shard-{empty:04d}-of-0008.jsonl").exists()
+    refused = run_batch(store, "merge", str(out))
+    assert refused.returncode == 2 and "of 8 have no results yet" in refused.stderr
+
+
 def test_shard_from_job_engines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUD_RUN_TASK_INDEX", "2")
     monkeypatch.setenv("CLOUD_RUN_TASK_COUNT", "5")
@@ -295,7 +311,7 @@ def test_a_second_job_on_the_same_output_stops_with_one_sentence(
     with (out / ".lock").open("a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a job still running would
         result = run_batch(store, str(folder), "--out", str(out))
-    assert result.returncode == 2
+    assert result.returncode == 4, "busy: retryable, unlike 2 (cannot run)"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Another batch job" in errors[0]
     assert not (out / "results.jsonl").exists()
@@ -467,13 +483,16 @@ def test_each_shard_writes_its_own_files_and_merge_refuses_mixed_models(
 def test_the_kubernetes_example_finishes_with_a_corrupt_image(
     store: Path, inspection_folder: Path, tmp_path: Path
 ) -> None:
-    """deploy/k8s-indexed-job.yaml's command, as each pod runs it: exit 0 although one
+    """deploy/k8s/batch-indexed-job.yaml's command, as each pod runs it: exit 0 although one
     image is permanently corrupt (a non-zero exit would make Kubernetes retry forever)."""
-    manifest = yaml.safe_load((REPO / "deploy" / "k8s-indexed-job.yaml").read_text())
-    (container,) = manifest["spec"]["template"]["spec"]["containers"]
-    command = [
-        str(tmp_path / "out") if part == "/data/out" else part for part in container["command"][1:]
+    from deploy.kube import load
+
+    (job,) = [
+        r for _, r in load([REPO / "deploy/k8s/batch-indexed-job.yaml"]) if r["kind"] == "Job"
     ]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = [part.replace("$(THREADS)", "2") for part in container["command"][1:]]
+    command = [str(tmp_path / "out") if part == "/data/out" else part for part in command]
     command = [str(inspection_folder) if part == "/data/incoming" else part for part in command]
     for index in range(2):
         result = subprocess.run(
