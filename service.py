@@ -31,10 +31,13 @@ from detector.serving.records import check_database, open_recorder
 from detector.serving.replicas import check_records_location, separate_metrics
 from detector.serving.settings import Settings
 from detector.serving.supervisor import private_supervisor
+from detector.serving.telemetry import bounded_http_metrics
 
 # No product bank, mismatched models, an uninstalled runtime or a graph of other weights, or a
 # malformed setting, stops `bentoml serve` and `bentoml build` here with one sentence,
 # instead of workers that fail and restart forever.
+bounded_http_metrics()  # before BentoML builds its app: one metrics series per route
+
 with user_errors_exit():
     SETTINGS = Settings.from_env()
     # In the `bentoml serve` process only (BIND is None in workers and `bentoml build`):

@@ -507,3 +507,16 @@ def test_slow_uploads_are_cut_and_never_hold_a_queue_slot(
     assert fast.status_code == 200, "a slow upload holds no queue slot"
     assert slow.status_code == 408 and "KiB/s" in slow.json()["error"]
     assert stalled.status_code == 408 and stalled.json()["reason"] == "too_slow"
+
+
+def test_http_metrics_are_labelled_by_route_not_by_path() -> None:
+    from detector.serving.telemetry import route_template
+
+    record = "18ecc5d3db7443b6be79653c21"
+    assert route_template(f"/records/{record}") == "/records/{id}"
+    assert route_template(f"/records/{record}/image") == "/records/{id}/image"
+    assert route_template("/products/line-7/history") == "/products/{name}/history"
+    assert route_template("/inspect") == "/inspect"
+    assert route_template("/score") == "/score"  # the runner's
+    for scan in ("/wp-admin", "/records/x/y/z", "/products/a/delete", "/.env", "/inspect/x"):
+        assert route_template(scan) == "other", scan

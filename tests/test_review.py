@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -592,3 +593,22 @@ def test_one_budget_holds_for_a_whole_bank_change_record_images_included(
     assert "records" in too_many_bytes.json()["error"]
     within = httpx.post(add, files=[image, ("records", (None, flagged[0]))], headers=ADMIN)
     assert within.status_code == 200, within.text
+
+
+def test_requests_for_many_record_ids_add_no_metrics_series(served: Served) -> None:
+    """BentoML labelled its HTTP metrics with the raw path: each record id, and each path a
+    scanner tries, became new series without end."""
+
+    def endpoints() -> set[str]:
+        text = httpx.get(f"{served.url}/metrics", timeout=30).text
+        return set(re.findall(r'endpoint="([^"]*)"', text))
+
+    httpx.get(f"{served.url}/records/{'1' * 26}", headers=USER, timeout=30)
+    before = endpoints()
+    for number in range(50):
+        httpx.get(f"{served.url}/records/{number:026d}", headers=USER, timeout=30)
+        httpx.get(f"{served.url}/scan-{number}", timeout=30)
+    httpx.get(f"{served.url}/nothing-here", timeout=30)
+    after = endpoints()
+    assert after - before <= {"other"}, after - before
+    assert "/records/{id}" in after

@@ -164,3 +164,86 @@ def publish_reviews(summary: dict[str, dict[str, int]]) -> None:
         if alarms:
             share = counts.get("flagged_false_alarm", 0) / alarms
             review_false_alarm_share.labels(product).set(share)
+
+
+# ----- BentoML's HTTP metrics, one series per route -----------------------------------------
+# BentoML labels its request metrics with the raw path: every /records/<id> (and every path
+# a scanner tries) would make new series, in every worker's files and in Prometheus, without
+# end. These are the paths the service answers; anything else is counted as "other".
+ROUTES = frozenset(
+    {
+        "/inspect",
+        "/heatmap",
+        "/inspect_batch",
+        "/model_info",
+        "/drift",
+        "/livez",
+        "/readyz",
+        "/healthz",
+        "/metrics",
+        "/",
+        "/docs.json",
+        "/schema.json",
+        "/ui/",
+        "/products/",
+        "/records/",
+        "/records/summary",
+        # The runner's own API (its paths are fixed by service.py).
+        "/score",
+        "/score_with_maps",
+        "/redraw",
+        "/products",
+        "/add_images",
+        "/rollback",
+        "/set_threshold",
+    }
+)
+TEMPLATES = {
+    "products": ("history", "rollback", "images", "threshold", "suggestion"),
+    "records": ("image", "heatmap", "review"),
+}
+
+
+def route_template(path: str) -> str:
+    """The route a path belongs to: /records/{id}/image for /records/18ec.../image."""
+    if path in ROUTES:
+        return path
+    parts = path.strip("/").split("/")
+    if path in ("/ui", "/records"):
+        return path + "/"
+    name = "{name}" if parts[0] == "products" else "{id}"
+    if parts[0] in TEMPLATES and len(parts) == 3 and parts[1] and parts[2] in TEMPLATES[parts[0]]:
+        return f"/{parts[0]}/{name}/{parts[2]}"
+    if parts[0] == "records" and len(parts) == 2 and parts[1]:
+        return "/records/{id}"
+    return "other"
+
+
+def bounded_http_metrics() -> None:
+    """Have BentoML label its HTTP metrics by `route_template`; the request itself keeps its
+    path. BentoML builds its metrics middleware when the service's app is made, after this
+    module is imported (service.py calls this in every process)."""
+    from bentoml._internal.server.http import instruments
+
+    original = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(original, "bounded", False):
+        return
+
+    class RouteMetricsMiddleware(original):  # type: ignore[misc, valid-type]
+        bounded = True
+
+        def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+            async def with_its_path(scope: Any, receive: Any, send: Any) -> None:
+                if "inspection.path" in scope:  # not in lifespan scopes, which have no path
+                    scope["path"] = scope.pop("inspection.path")
+                await app(scope, receive, send)
+
+            super().__init__(with_its_path, *args, **kwargs)
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"].startswith("http") and scope["path"] != "/metrics":
+                path = scope["path"]
+                scope = {**scope, "path": route_template(path), "inspection.path": path}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = RouteMetricsMiddleware
