@@ -12,16 +12,19 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
 from detector.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a backbone runs: what only reads a bank's
+    import torch  # metadata (the API process, `bentoml serve` itself) starts without it
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +157,28 @@ def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def device_type(device: str) -> str:
+    """ "cuda" or "cpu" for a device setting. Without an NVIDIA driver, "auto" is the CPU
+    and torch is not imported to find that out: `bentoml serve` and the API process, which
+    only need to know whether to batch, start seconds sooner."""
+    if device.startswith(("cpu", "cuda")):
+        return device.split(":")[0]
+    if device == "auto" and not _nvidia_driver_present():
+        return "cpu"
+    return resolve_device(device).type
+
+
+def _nvidia_driver_present() -> bool:
+    if sys.platform.startswith("linux"):  # a host, a container given the GPU, or WSL2
+        return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg"))
+    return sys.platform == "win32"  # torch has no CUDA on macOS
 
 
 def _unavailable_message(name_or_path: str, error: Exception) -> str:
@@ -264,6 +286,8 @@ class DinoBackbone:
         half_precision: bool = False,
         num_threads: int | None = None,
     ) -> None:
+        import torch
+
         if num_threads:
             torch.set_num_threads(int(num_threads))
         # A local folder is recorded absolute, so a bank fitted here loads from any directory.
@@ -317,6 +341,8 @@ class DinoBackbone:
         The computation `embed` runs and `detector.runtimes.export_graph` exports, so a graph
         runtime computes exactly what torch does.
         """
+        import torch
+
         outputs = self.model(pixel_values=pixels, output_hidden_states=True)
         grid = self.resolution // self.patch_size
         selected = []
@@ -326,7 +352,9 @@ class DinoBackbone:
             selected.append(tokens.reshape(-1, grid, grid, tokens.shape[-1]))
         return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
 
-    @torch.inference_mode()
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
-        return self.patch_tokens(pixels).float().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
+            return self.patch_tokens(pixels).float().cpu().numpy()

@@ -30,11 +30,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # imported where a sampler runs: serving's API process never loads torch
+    import torch
 
 DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_PROJECTION_DIM = 128
@@ -67,6 +69,8 @@ def coreset_size(total_rows: int, ratio: float | None = None, size: int | None =
 
 def random_projection(dim: int, projection_dim: int, seed: int) -> torch.Tensor | None:
     """Johnson-Lindenstrauss projection; None when projecting would not shrink anything."""
+    import torch
+
     if projection_dim <= 0 or projection_dim >= dim:
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -74,6 +78,8 @@ def random_projection(dim: int, projection_dim: int, seed: int) -> torch.Tensor 
 
 
 def _points(features: np.ndarray, projection: torch.Tensor | None) -> torch.Tensor:
+    import torch
+
     points = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     return points @ projection if projection is not None else points
 
@@ -91,6 +97,8 @@ def farthest_points(
 
     Stops after `count` picks, or once every point is within `radius` (Euclidean) of a centre.
     """
+    import torch
+
     squared_norms = (points * points).sum(dim=1)
     limit = -1.0 if radius is None else radius * radius
     selected: list[int] = []
@@ -108,6 +116,8 @@ def greedy_k_center(
     features: np.ndarray, n_select: int, *, seed: int = 0, projection: torch.Tensor | None = None
 ) -> np.ndarray:
     """Indices of `n_select` rows chosen by plain greedy k-center from a seeded first row."""
+    import torch
+
     rows = features.shape[0]
     if n_select >= rows:
         return np.arange(rows)
@@ -146,6 +156,8 @@ def _rechunk(chunks: Iterable[np.ndarray], chunk_rows: int) -> Iterator[np.ndarr
 
 def nearest_centre(points: torch.Tensor, centres: torch.Tensor, block: int = 16384) -> torch.Tensor:
     """Each point's squared Euclidean distance to its nearest centre, by matrix products."""
+    import torch
+
     point_norms = (points * points).sum(dim=1)
     centre_norms = (centres * centres).sum(dim=1)
     nearest = torch.empty(points.shape[0])
@@ -162,6 +174,8 @@ def bounded_nearest(
     """Each point's exact squared distance to the centre that is nearest on the projection:
     an upper bound of its distance to the nearest centre, at a fraction of the cost of
     measuring every centre in full (the few points whose bound matters are measured later)."""
+    import torch
+
     projected_centres = centres @ projection
     centre_norms = (projected_centres * projected_centres).sum(dim=1)
     bound = torch.empty(points.shape[0])
@@ -191,6 +205,8 @@ def continue_greedy(
     the worst ones are all up to date gives exactly plain greedy's choices, while most rows
     are never measured against most centres.
     """
+    import torch
+
     rows_total = points.shape[0]
     starting = points[torch.from_numpy(selected)]
     centres = [int(index) for index in selected]
@@ -278,6 +294,8 @@ def streaming_coreset(
     against every centre, a cost that grows with their product, while with that many
     centres each chunk holds enough of them that the pass gains little.
     """
+    import torch
+
     if not 1 <= n_select <= total_rows:
         raise ValueError(f"cannot keep {n_select} of {total_rows} rows")
     if n_select > global_limit:
@@ -323,6 +341,8 @@ def chunk_shares(
     """Each chunk's share of the centres by greedy k-center on that chunk (on a projection);
     memory holds one chunk and the kept rows. The radius is the largest chunk's own, measured
     exactly: an upper bound, since another chunk's centre may be nearer."""
+    import torch
+
     kept: list[np.ndarray] = []
     projection: torch.Tensor | None = None
     seen = kept_rows = 0

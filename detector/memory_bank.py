@@ -16,7 +16,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from detector.coreset import (
     DEFAULT_CHUNK_ROWS,
@@ -165,6 +164,8 @@ class MemoryBank:
         new = new[np.isfinite(new).all(axis=1)]
         if not len(new):
             return 0
+        import torch  # only where a bank grows: serving's API process never loads it
+
         similarities, _ = self.index.search(new, 1)
         # Squared Euclidean distance between unit vectors: 2 - 2 cos.
         nearest = torch.from_numpy(np.maximum(2.0 - 2.0 * similarities[:, 0], 0.0))

@@ -22,14 +22,16 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from detector.backbone import BackboneSpec, DinoBackbone, preprocess, resolve_device
 from detector.errors import UserError
+
+if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
+    import torch
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "openvino", "onnxruntime")
@@ -97,22 +99,23 @@ def graph_name(spec: BackboneSpec) -> str:
     return f"r{spec.resolution}-l{layers}-{spec.fingerprint}.onnx"
 
 
-class _PatchTokens(torch.nn.Module):
-    def __init__(self, backbone: DinoBackbone) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.model = backbone.model  # registered, so the weights are in the graph
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.patch_tokens(pixels)
-
-
 def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     """Trace `backbone.patch_tokens` to `folder/<resolution, layers, fingerprint>.onnx`.
 
     Batch size is dynamic, the resolution fixed (the bank's). The spec and the random-weights
     flag go into the graph's metadata, so the file says which weights it computes.
     """
+    import torch
+
+    class PatchTokens(torch.nn.Module):
+        def __init__(self, backbone: DinoBackbone) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.model = backbone.model  # registered, so the weights are in the graph
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.backbone.patch_tokens(pixels)
+
     if backbone.dtype != torch.float32 or backbone.device.type != "cpu":
         raise ValueError("export the graph from a float32 backbone on the CPU")
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     example = torch.zeros(1, 3, backbone.resolution, backbone.resolution)
     with torch.inference_mode():
         torch.onnx.export(
-            _PatchTokens(backbone).eval(),
+            PatchTokens(backbone).eval(),
             (example,),
             str(temporary),
             input_names=["pixels"],
@@ -258,6 +261,8 @@ class GraphBackbone:
         self.random_weights = bool(stamp["random_weights"])
         if self.random_weights:
             log.warning("graph %s has RANDOM weights: anomaly scores are not meaningful", graph)
+        import torch
+
         self.device = torch.device("cpu")
         self._run = SESSIONS[runtime](graph, precision, num_threads)
         self._lock = threading.Lock()  # one inference request: callers take turns

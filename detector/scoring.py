@@ -11,9 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter1d
 
 from detector.drift import profile_to_list
 
@@ -147,6 +144,9 @@ def image_score(patch_scores: np.ndarray, config: ScoringConfig) -> float:
 
 
 def _resize(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    import torch  # here, so that what reads a calibration (the API process) never loads torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
     resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
     return resized[0, 0].numpy()
@@ -162,6 +162,8 @@ def _map_operator(cells: int, input_size: int, output_size: int, sigma: float) -
     """
     operator = _resize(np.eye(cells, dtype=np.float32), input_size, cells)
     if sigma > 0:
+        from scipy.ndimage import gaussian_filter1d  # where maps are made: not the API's
+
         operator = gaussian_filter1d(operator, sigma, axis=0, truncate=4.0, mode="reflect")
     return _resize(operator, output_size, cells)
 

@@ -81,3 +81,41 @@ def test_the_model_store_is_found_the_same_way_everywhere(tmp_path: Path) -> Non
     assert seed(shared, packed) == ["dino-backbone:abc"]
     assert (shared / "bank-carpet" / "v3" / "index.faiss").read_bytes() == b"made by a replica"
     assert seed(shared, packed) == [], "seeding twice copies nothing"
+
+
+def test_auto_is_the_cpu_without_an_nvidia_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no driver is installed, 'auto' needs no torch to know it means the CPU; where
+    one is, torch decides (a driver without a usable GPU is still the CPU)."""
+    import torch
+
+    from detector import backbone
+
+    monkeypatch.setattr(backbone, "_nvidia_driver_present", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # never asked
+    assert backbone.device_type("auto") == "cpu"
+    monkeypatch.setattr(backbone, "_nvidia_driver_present", lambda: True)
+    assert backbone.device_type("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backbone.device_type("auto") == "cpu"
+    assert backbone.device_type("cuda:1") == "cuda" and backbone.device_type("cpu") == "cpu"
+
+
+def test_the_service_starts_without_torch_where_only_scoring_needs_it(store: Path) -> None:
+    """`bentoml serve` and the API worker import service.py but never run the backbone:
+    without torch (and transformers) they start seconds sooner on a cold container."""
+    import subprocess
+    import sys
+
+    from detector.serving.local_server import REPO, service_env
+
+    code = "import sys, service; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    shown = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**service_env(store), "INSPECT_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.strip().splitlines()[-1] == "[]", shown.stdout

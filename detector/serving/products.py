@@ -39,16 +39,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
 
-from detector.backbone import FeatureExtractor
 from detector.errors import UserError
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 from detector.scoring import Calibration
 from detector.serving.store_location import model_store_dir
+
+if TYPE_CHECKING:  # the backbone (torch) is imported by the runner only
+    from detector.backbone import FeatureExtractor
 
 log = logging.getLogger("inspection")
 model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too

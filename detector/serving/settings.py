@@ -61,9 +61,9 @@ def default_max_batch_size(device: str) -> int:
     got 3 to 5 times less throughput (docs/PERFORMANCE.md). On a GPU batching multiplies
     throughput; 8 is a starting point, not measured here (no GPU on the development machine).
     """
-    from detector.backbone import resolve_device  # torch: only where batching is decided
+    from detector.backbone import device_type
 
-    return 1 if resolve_device(device).type == "cpu" else 8
+    return 1 if device_type(device) == "cpu" else 8
 
 
 @dataclass(frozen=True)
