@@ -377,3 +377,25 @@ def test_writes_from_many_threads_all_arrive(records: RecordStore, tmp_path: Pat
     writer.close()
     assert {row["id"] for row in records.iterate(page=37)} == set(submitted)
     assert len(set(submitted)) == 200
+
+
+def test_a_records_volume_this_user_cannot_restrict_keeps_images_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod the records folder is a volume owned by root: chmod fails for the service's
+    user. Recording stays on; the folders that hold images are made private instead."""
+    from detector.serving.records import private_folder
+
+    volume = tmp_path / "records"
+    volume.mkdir(mode=0o777)
+    original = Path.chmod
+
+    def not_ours(path: Path, mode: int, **kwargs: object) -> None:
+        if path == volume:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        original(path, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", not_ours)
+    private_folder(volume)
+    for inner in ("images", "spool"):
+        assert (volume / inner).stat().st_mode & 0o777 == 0o700

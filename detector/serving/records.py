@@ -92,6 +92,23 @@ class ChangeTooLarge(RecordsError):
     status, reason = 413, "too_large"
 
 
+def private_folder(folder: Path) -> None:
+    """Make `folder` readable by this user only. A mounted volume (a Kubernetes emptyDir or
+    PVC) belongs to root and cannot be changed by the service's user: then the folders that
+    hold images (kept, spooled) are made private instead, and the mount keeps its mode."""
+    try:
+        folder.chmod(0o700)
+    except PermissionError:
+        for inner in ("images", "spool"):
+            (folder / inner).mkdir(exist_ok=True)
+            (folder / inner).chmod(0o700)
+        log.info(
+            "records folder %s is a volume this user cannot restrict: its images and "
+            "spool folders are private instead",
+            folder,
+        )
+
+
 class Recorder:
     """One per API worker: the record writer, the kept images, and the database's readers."""
 
@@ -99,7 +116,7 @@ class Recorder:
         folder = records_dir(settings)
         # Records and kept images are for reviewers: not for other users of this machine.
         folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
+        private_folder(folder)
         self.store = RecordStore(records_url(settings))
         migrate = settings.records_migrate == "apply"
         if migrate:
