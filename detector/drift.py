@@ -175,6 +175,16 @@ class DriftMonitor:
         with self._lock:
             return self._status()
 
+    def new_operating_point(self, promised_rate: float | None) -> None:
+        """A new threshold on the same reference (a threshold-only version, a rollback to
+        one): the promise changes, and verdicts made under the old threshold cannot test it,
+        so the flag window starts afresh; the profiles, which the threshold does not touch,
+        stay."""
+        with self._lock:
+            if promised_rate != self.promised_rate:
+                self.promised_rate = promised_rate
+                self._flags.clear()
+
     def _status(self) -> dict[str, Any]:
         report = drift_report(
             self.reference, list(self._window), self.settings, self._flags, self.promised_rate

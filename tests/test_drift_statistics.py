@@ -204,3 +204,20 @@ def test_the_promise_is_what_the_calibration_scores_can_show() -> None:
     assert some_above["expected_false_alarm_rate"] == pytest.approx(51 / 102)
     assert some_above["lower_bound"] < 50 / 101 < some_above["upper_bound"]
     assert some_above["lower_bound"] > 0.4 and some_above["upper_bound"] < 0.6
+
+
+def test_a_new_threshold_restarts_the_flag_window_but_keeps_the_profiles() -> None:
+    """Verdicts made under the old threshold cannot test the new promise (issue 28: the
+    service kept stating the old promise after a threshold-only version)."""
+    from detector.drift import PROFILE_QUANTILES, DriftMonitor, DriftSettings
+
+    reference = np.random.default_rng(0).random((30, PROFILE_QUANTILES.size))
+    monitor = DriftMonitor(reference, DriftSettings(min_images=5), promised_rate=0.03)
+    monitor.add(list(reference[:10]), [True] * 10)
+    assert monitor.status()["flag_rate"] == 1.0
+    monitor.new_operating_point(0.03)  # the same promise: nothing restarts
+    assert monitor.status()["flag_rate"] == 1.0
+    monitor.new_operating_point(0.30)
+    status = monitor.status()
+    assert status["promised_rate"] == 0.30 and status["images"] == 10
+    assert status.get("flag_rate") is None

@@ -572,6 +572,8 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
     flag_all = {"threshold": 1e-9, "reason": "flag all", "confirm": True}
     moved = httpx.post(url, json=flag_all, headers=admin)
     assert moved.status_code == 200, moved.text
+    promise = promises(server)  # at once, before any image: no stale promise anywhere
+    assert promise["products"] == promise["drift"] == pytest.approx(1.0, abs=0.1), promise
     after = inspect(server, "line2", image).json()
     assert after["is_anomalous"] and after["threshold"] == pytest.approx(1e-9)
     assert after["score"] == before["score"] and after["models"]["bank"].endswith(
@@ -585,6 +587,22 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
         before["threshold"],
         before["is_anomalous"],
     )
+    restored = promises(server)
+    assert restored["products"] == restored["drift"] == pytest.approx(
+        calibration["expected_false_alarm_rate"]
+    )
+
+
+def promises(server: str, product: str = "line2") -> dict[str, float]:
+    """The promised false-alarm rate as /products and /drift state it."""
+    admin = {"X-API-Key": ADMIN_KEY}
+    listing = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    drift = httpx.post(f"{server}/drift", json={"product": product}, headers=admin, timeout=60)
+    assert drift.status_code == 200, drift.text
+    return {
+        "products": listing[product]["calibration"]["expected_false_alarm_rate"],
+        "drift": drift.json()["promised_rate"],
+    }
 
 
 def test_the_web_page_scores_with_the_product_the_operator_picks(

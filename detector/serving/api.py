@@ -170,8 +170,11 @@ class InspectionEndpoints:
         self._model_info: dict[str, Any] | None = None
         self._model_info_at = 0.0
         # Each product's drift status as of the runner's latest answer for it: /drift
-        # answers from here, never waiting behind an image on the runner's one thread.
+        # answers from here while traffic keeps it fresh, never waiting behind an image on
+        # the runner's one thread; older than the bank refresh interval (a threshold or bank
+        # changed elsewhere, no traffic since), the runner is asked.
         self._drift: dict[str, dict[str, Any]] = {}
+        self._drift_at: dict[str, float] = {}
         # The bank version that answered last for each product, and each product's drift
         # reference with the version it belongs to: a reference is asked for again only
         # when another version (a recalibration, a rollback) has answered since.
@@ -249,6 +252,7 @@ class InspectionEndpoints:
         for answer in answers:
             if "product" in answer:
                 self._drift[answer["product"]] = answer.pop("drift")
+                self._drift_at[answer["product"]] = time.monotonic()
                 self._banks[answer["product"]] = answer["models"]["bank"]
         return answers
 
@@ -256,6 +260,7 @@ class InspectionEndpoints:
         """A bank change or listing on the runner; never retried (a change is not idempotent)."""
         answer = await getattr(self.runner.to_async, method)(*args)
         self._model_info = None
+        self._drift_at.clear()  # a new version may state another promise: ask the runner
         return refused_answer(answer) if isinstance(answer, dict) else answer
 
     async def model_info(self) -> dict[str, Any]:
@@ -266,25 +271,33 @@ class InspectionEndpoints:
             drift = info.pop("drift", None)
             if drift is not None and info.get("product"):
                 product, bank = info["product"], info["bank_model"]
-                self._drift.setdefault(product, drift)
+                if product not in self._drift:
+                    self._drift[product] = drift
+                    self._drift_at[product] = time.monotonic()
                 self._banks.setdefault(product, bank)
                 self._references[product] = (bank, reference or [])
             self._model_info, self._model_info_at = info, time.monotonic()
         return self._model_info
 
     async def drift(self, product: str | None, reference: bool) -> dict[str, Any]:
-        """Drift of the traffic the runner has scored for a product, as of its latest
-        answer; the runner is asked only for the reference or a product not yet seen."""
+        """Drift of the traffic the runner has scored for a product, as of its latest answer
+        when that is recent; else (and for the reference) the runner is asked, so the
+        promise stated here follows the live version within the bank refresh interval."""
         name = product or None
         if name is None:
             names = (await self.model_info()).get("products", [])
             name = names[0] if len(names) == 1 else None
         cached = self._references.get(name or "")
-        if name in self._drift and (not reference or cached and cached[0] == self._banks[name]):
+        age = time.monotonic() - self._drift_at.get(name or "", float("-inf"))
+        fresh = name in self._drift and age <= self.settings.bank_refresh_s
+        if fresh and (not reference or cached and cached[0] == self._banks[name]):
             status = {"product": name, **self._drift[name]}
             return {**status, "reference_profiles": cached[1]} if reference and cached else status
-        status = await self._change("drift", name or "", reference)
-        self._banks.setdefault(status["product"], status["bank"])
+        status = refused_answer(await self.runner.to_async.drift(name or "", reference))
+        kept = ("product", "reference_profiles")
+        self._drift[status["product"]] = {k: v for k, v in status.items() if k not in kept}
+        self._drift_at[status["product"]] = time.monotonic()
+        self._banks[status["product"]] = status["bank"]
         if reference:
             self._references[status["product"]] = (status["bank"], status["reference_profiles"])
         return status

@@ -159,6 +159,8 @@ class BankCatalog:
         """One drift window per product; a new reference (a recalibration) starts it afresh."""
         reference = detector.calibration.reference_profiles
         if product in self._drift and self._references.get(product) == reference:
+            # The same reference, perhaps another threshold: the promise follows the version.
+            self._drift[product].new_operating_point(detector.calibration.promised_rate)
             return
         self._references[product] = reference
         self._drift[product] = DriftMonitor(
