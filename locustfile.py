@@ -1,8 +1,14 @@
 """Locust load test of the inspection API: every response is checked, wrong answers fail.
 
+    export INSPECT_LOAD_TEST_KEY=KEY   # a key with the loadtest role (name=loadtest:KEY)
     locust -f locustfile.py --host http://localhost:3000 --headless -u 16 -r 4 -t 2m
     locust -f locustfile.py --host ... --image-dir /data/samples --api-key KEY
     locust -f locustfile.py --host ... --products carpet,line3-grey   # each request picks one
+
+A key with the loadtest role is scored as the line's are but never recorded, never in a drift
+window or flag rate, and counted apart (inspection_load_test_answers_total): the run leaves
+the line's review queue and alerts alone. Without --products the users spread over every
+product the service serves (GET /products).
 
 Users post images to /inspect, /heatmap and /inspect_batch in a 16 : 3 : 1 mix (operators
 mostly need the verdict, sometimes the heatmap; a few clients send several frames at once).
@@ -27,7 +33,12 @@ def add_options(parser) -> None:
     parser.add_argument("--image-dir", default="", help="folder of images to send")
     parser.add_argument("--image-count", type=int, default=12, help="synthetic images to make")
     parser.add_argument("--image-size", type=int, default=512, help="synthetic image size")
-    parser.add_argument("--api-key", default="", help="sent as X-API-Key")
+    parser.add_argument(
+        "--api-key",
+        default="",
+        env_var="INSPECT_LOAD_TEST_KEY",
+        help="sent as X-API-Key (a loadtest key keeps the run out of records and drift)",
+    )
     parser.add_argument(
         "--products", default="", help="comma-separated products; each request names one"
     )
@@ -58,6 +69,21 @@ def load_images(environment, **_) -> None:
             IMAGES.append((f"synthetic-{index}.png", buffer.getvalue()))
     if not IMAGES:
         raise SystemExit(f"no images found in {options.image_dir}")
+    if not options.products:
+        options.products = ",".join(served_products(environment.host, options.api_key))
+
+
+def served_products(host: str, key: str) -> list[str]:
+    """Every product the service serves; none when it answers without naming them (one
+    product: requests may leave it out)."""
+    import httpx
+
+    headers = {"X-API-Key": key} if key else {}
+    answer = httpx.get(f"{host.rstrip('/')}/products", headers=headers, timeout=30)
+    if answer.status_code != 200:
+        raise SystemExit(f"GET /products answered {answer.status_code}: {answer.text[:200]}")
+    names = [entry["name"] for entry in answer.json()]
+    return names if len(names) > 1 else []
 
 
 # Every answer is checked against the one result schema (detector/schema.py).

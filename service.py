@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from detector.errors import user_errors_exit
 from detector.serving.access import serving_host
-from detector.serving.api import InspectionEndpoints, caller
+from detector.serving.api import InspectionEndpoints, caller, load_test
 from detector.serving.gate import RequestGate
 from detector.serving.model_store import resolve_models
 from detector.serving.page import page_response
@@ -120,6 +120,15 @@ class InspectionRunner:
     def score_with_maps(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=True)
 
+    # A load test's images: scored the same way, left out of the drift window.
+    @bentoml.api(**BATCHING)
+    def score_unwatched(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        return self.runner.score_uploads(uploads, with_maps=False, watch=False)
+
+    @bentoml.api(**BATCHING)
+    def score_with_maps_unwatched(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        return self.runner.score_uploads(uploads, with_maps=True, watch=False)
+
     @bentoml.api
     def redraw(self, product: str, upload: bytes) -> dict[str, Any]:
         """A recorded image scored again with its map, for review; not counted as traffic."""
@@ -191,7 +200,7 @@ class InspectionAPI:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
         `product` may be left out when one product is served; `drift_profile=true` adds the
         image's patch-distance profile (for the batch job)."""
-        work = self.endpoints.inspect(image, product, drift_profile, caller(ctx))
+        work = self.endpoints.inspect(image, product, drift_profile, caller(ctx), load_test(ctx))
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
@@ -205,7 +214,9 @@ class InspectionAPI:
     ) -> Image.Image:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
-        work = self.endpoints.heatmap(image, product, output, drift_profile, caller(ctx))
+        work = self.endpoints.heatmap(
+            image, product, output, drift_profile, caller(ctx), load_test(ctx)
+        )
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
@@ -214,7 +225,7 @@ class InspectionAPI:
     ) -> list[dict[str, Any]]:
         """Several images of one product -> one result each, in order; a bad image gets an
         error entry."""
-        work = self.endpoints.inspect_batch(images, product, caller(ctx))
+        work = self.endpoints.inspect_batch(images, product, caller(ctx), load_test(ctx))
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api(route="/model_info")

@@ -520,3 +520,14 @@ def test_http_metrics_are_labelled_by_route_not_by_path() -> None:
     assert route_template("/score") == "/score"  # the runner's
     for scan in ("/wp-admin", "/records/x/y/z", "/products/a/delete", "/.env", "/inspect/x"):
         assert route_template(scan) == "other", scan
+
+
+def test_a_load_test_key_does_the_lines_scoring_and_nothing_else() -> None:
+    from detector.serving.access import Access, allows, parse_keys
+
+    keys = parse_keys(None, None, "locust=loadtest:" + "k" * 20 + ",line3=line:" + "l" * 20)
+    assert [(key.name, key.role) for key in keys] == [("locust", "loadtest"), ("line3", "line")]
+    assert allows("loadtest", "line")
+    assert not allows("loadtest", "reviewer") and not allows("loadtest", "admin")
+    posture = Access(keys=keys).posture()
+    assert "loadtest 1 (scored, never recorded)" in posture and "k" * 20 not in posture

@@ -25,22 +25,41 @@ from detector.serving.local_server import (
 )
 
 PROMETHEUS = shutil.which("prometheus")
+LINE = {"X-API-Key": "line-key-for-metrics-tests"}
+DESK = {"X-API-Key": "desk-key-for-metrics-tests"}
+LOAD_TEST_KEY = "locust-key-for-load-tests"
 
 
 @pytest.fixture(scope="module")
 def server(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("bentoml_home")
     assert export_models(saved_detector_dir, home).returncode == 0
-    with bentoml_serve(home, tmp_path_factory.mktemp("logs") / "serve.log") as url:
+    keys = f"line=line:{LINE['X-API-Key']},desk=reviewer:{DESK['X-API-Key']}"
+    keys += f",locust=loadtest:{LOAD_TEST_KEY}"
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with bentoml_serve(home, log, INSPECT_API_KEYS=keys) as url:
         yield url
 
 
-def test_short_locust_run_has_no_failures(server: str, tmp_path: Path) -> None:
+def test_the_readmes_locust_run_has_no_failures_and_leaves_the_line_alone(
+    server: str, tmp_path: Path
+) -> None:
+    """The README's command with a loadtest key: no failures, and no record, no drift
+    window image and no verdict of the line's from it; its answers are counted apart."""
+
+    def line_state() -> tuple[int, int, str]:
+        records = httpx.get(f"{server}/records", params={"limit": 500}, headers=DESK).json()
+        drift = httpx.post(f"{server}/drift", json={}, headers=LINE, timeout=60).json()
+        metrics = httpx.get(f"{server}/metrics", timeout=30).text
+        verdicts = [line for line in metrics.splitlines() if line.startswith("inspection_verd")]
+        return len(records["records"]), drift["images"], "\n".join(sorted(verdicts))
+
+    before = line_state()
     prefix = tmp_path / "locust"
     result = subprocess.run(
         locust_command(server, 4, 10, prefix, "--image-size", "96", "--image-count", "4"),
         cwd=REPO,
-        env=service_env(tmp_path),
+        env={**service_env(tmp_path), "INSPECT_LOAD_TEST_KEY": LOAD_TEST_KEY},
         capture_output=True,
         text=True,
         timeout=180,
@@ -51,6 +70,13 @@ def test_short_locust_run_has_no_failures(server: str, tmp_path: Path) -> None:
     assert int(rows["Aggregated"]["Failure Count"]) == 0
     assert int(rows["/inspect"]["Request Count"]) > 5
     assert int(rows["Aggregated"]["Request Count"]) > int(rows["/inspect"]["Request Count"])
+    time.sleep(2)  # the record writer is asynchronous: anything written would be in by now
+    assert line_state() == before
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    counted = [line for line in metrics.splitlines() if line.startswith("inspection_load_test")]
+    assert any(float(line.split()[-1]) > 5 for line in counted if "_total" in line), counted
+    # The key does the line's scoring only.
+    assert httpx.get(f"{server}/records", headers={"X-API-Key": LOAD_TEST_KEY}).status_code == 403
 
 
 def test_locust_counts_wrong_answers_as_failures() -> None:
@@ -82,11 +108,12 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
 ) -> None:
     for _ in range(3):
         image = next((REPO / "tests").glob("*.py"))  # any bytes: counted as a rejected input
-        httpx.post(f"{server}/inspect", files={"image": ("x", image.read_bytes())}, timeout=30)
+        image_file = {"image": ("x", image.read_bytes())}
+        httpx.post(f"{server}/inspect", files=image_file, headers=LINE, timeout=30)
     png = _small_png()
     for _ in range(3):
         assert httpx.post(
-            f"{server}/inspect", files={"image": ("x.png", png)}, timeout=60
+            f"{server}/inspect", files={"image": ("x.png", png)}, headers=LINE, timeout=60
         ).is_success
     target = server.removeprefix("http://")
     config = tmp_path / "prometheus.yml"

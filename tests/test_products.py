@@ -588,8 +588,10 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
         before["is_anomalous"],
     )
     restored = promises(server)
-    assert restored["products"] == restored["drift"] == pytest.approx(
-        calibration["expected_false_alarm_rate"]
+    assert (
+        restored["products"]
+        == restored["drift"]
+        == pytest.approx(calibration["expected_false_alarm_rate"])
     )
 
 

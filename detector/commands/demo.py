@@ -67,8 +67,13 @@ def serve(port: int) -> None:
     from detector.serving.local_server import REPO, wait_until_ready
 
     key = secrets.token_urlsafe(24)
+    load_test_key = secrets.token_urlsafe(24)  # for the README's Locust line
     command = [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI"]
-    env = {**os.environ, "INSPECT_ADMIN_KEY": key}
+    env = {
+        **os.environ,
+        "INSPECT_ADMIN_KEY": key,
+        "INSPECT_API_KEYS": f"locust=loadtest:{load_test_key}",
+    }
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env
     )
@@ -78,7 +83,9 @@ def serve(port: int) -> None:
         print(
             f"\nServing the DEMO model on this machine only: open {url}/ui/#key={key}\n"
             f"(this run's admin key; for curl: export INSPECT_KEY={key} and send "
-            '-H "X-API-Key: $INSPECT_KEY"; Ctrl-C stops the server)',
+            '-H "X-API-Key: $INSPECT_KEY"; Ctrl-C stops the server)\n'
+            f"Load test, kept out of records and drift: export INSPECT_LOAD_TEST_KEY="
+            f"{load_test_key}; locust -f locustfile.py --host {url} --headless -u 4 -r 4 -t 30s",
             flush=True,
         )
         process.wait()

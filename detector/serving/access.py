@@ -34,6 +34,11 @@ from dataclasses import dataclass, field
 from detector.errors import UserError
 
 ROLES = ("line", "reviewer", "admin")
+# A load test's key: the line's routes, scored as the line's are, but never recorded, never
+# in a drift window or flag rate, and counted apart in the metrics (inspection_load_test_
+# answers_total), so a Locust run leaves the line's review queue and alerts alone.
+LOAD_TEST = "loadtest"
+KEY_ROLES = (*ROLES, LOAD_TEST)
 MIN_KEY_LENGTH = 16
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -43,6 +48,8 @@ SINGLE_KEY_NAMES = {"INSPECT_API_KEY": "default", "INSPECT_ADMIN_KEY": "admin"}
 
 def allows(role: str, needed: str) -> bool:
     """Whether a key of `role` may do what `needed` may."""
+    if role == LOAD_TEST:
+        return needed == "line"
     return ROLES.index(role) >= ROLES.index(needed)
 
 
@@ -70,9 +77,9 @@ def parse_keys(api_key: str | None, admin_key: str | None, named: str | None) ->
 
     INSPECT_API_KEY is a `line` key named "default", INSPECT_ADMIN_KEY an `admin` key named
     "admin", and INSPECT_API_KEYS holds named keys with their roles:
-    `line3=line:KEY,ann=reviewer:KEY,ops=admin:KEY`. A name given twice, a secret shared by
-    two names, a missing role or a short key stops the start: each would silently give a
-    key another key's power, or none.
+    `line3=line:KEY,ann=reviewer:KEY,ops=admin:KEY,locust=loadtest:KEY`. A name given
+    twice, a secret shared by two names, a missing role or a short key stops the start:
+    each would silently give a key another key's power, or none.
     """
     keys: list[ApiKey] = []
     if api_key and api_key.strip():
@@ -85,11 +92,11 @@ def parse_keys(api_key: str | None, admin_key: str | None, named: str | None) ->
         name, separator, rest = item.partition("=")
         role, colon, secret = rest.partition(":")
         name, role = name.strip(), role.strip()
-        if not separator or not colon or role not in ROLES or not KEY_NAME.match(name):
+        if not separator or not colon or role not in KEY_ROLES or not KEY_NAME.match(name):
             shown = name if KEY_NAME.match(name) else "an entry"
             raise UserError(
                 f"INSPECT_API_KEYS: {shown} is not name=role:key with a role of "
-                f"{', '.join(ROLES)} (e.g. line3=line:KEY,ann=reviewer:KEY)."
+                f"{', '.join(KEY_ROLES)} (e.g. line3=line:KEY,ann=reviewer:KEY)."
             )
         keys.append(ApiKey(name, role, _secret(f"INSPECT_API_KEYS ({name})", secret)))
     names = [key.name for key in keys]
@@ -176,6 +183,9 @@ class Access:
         """One line for the start-up log: who may do what (never a key)."""
         if self.keys:
             counts = ", ".join(f"{role} {n}" for role, n in self.roles().items())
+            load_tests = sum(key.role == LOAD_TEST for key in self.keys)
+            if load_tests:
+                counts += f", {LOAD_TEST} {load_tests} (scored, never recorded)"
             who = f"keys required ({counts})"
             missing = [role for role, n in self.roles().items() if not n]
             if missing and not self.roles()["admin"]:

@@ -34,7 +34,7 @@ from detector.images import (
 from detector.records.store import RecordsError
 from detector.reports.plots import map_to_png_image, overlay
 from detector.serving import products, telemetry
-from detector.serving.gate import CALLER_SCOPE_KEY
+from detector.serving.gate import CALLER_SCOPE_KEY, LOAD_TEST_SCOPE_KEY
 from detector.serving.params import only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
@@ -115,6 +115,12 @@ async def json_object(request: Any, usage: str) -> dict[str, Any]:
 def caller(ctx: Any) -> str | None:
     """The name of the API key a request came with (set by the gate), for its record."""
     return ctx.request.scope.get(CALLER_SCOPE_KEY) if ctx is not None else None
+
+
+def load_test(ctx: Any) -> bool:
+    """Whether a load-test key sent the request (set by the gate): scored, never recorded,
+    never in a drift window, counted apart."""
+    return bool(ctx.request.scope.get(LOAD_TEST_SCOPE_KEY)) if ctx is not None else False
 
 
 def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +238,9 @@ class InspectionEndpoints:
         return await anyio.to_thread.run_sync(self._read_upload, upload)
 
     # ----- the runner ----------------------------------------------------------------
-    async def _score(self, method: str, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    async def _score(
+        self, method: str, uploads: list[tuple[str, bytes]], watch: bool = True
+    ) -> list[dict[str, Any]]:
         """Call the runner, retrying once when a pooled connection turns out to be dead.
 
         Uploads travel as (product, encoded bytes) pairs (pickled raw; a PIL image would be
@@ -242,14 +250,16 @@ class InspectionEndpoints:
         server does (BentoML issue #4971), so a write can hit a closed socket. Scoring has
         no side effects, so one retry is safe.
         """
-        call = getattr(self.runner.to_async, method)
+        # Unwatched (a load test): the runner's twin endpoint, which leaves the drift
+        # window and the served-version marks alone.
+        call = getattr(self.runner.to_async, method if watch else f"{method}_unwatched")
         async with self._runner_slots:
             try:
                 answers = await call(uploads)
             except aiohttp.ClientConnectionError as error:
                 log.warning("runner connection dropped (%s); retrying once", error)
                 answers = await call(uploads)
-        for answer in answers:
+        for answer in answers if watch else []:
             if "product" in answer:
                 self._drift[answer["product"]] = answer.pop("drift")
                 self._drift_at[answer["product"]] = time.monotonic()
@@ -309,14 +319,19 @@ class InspectionEndpoints:
         upload: bytes,
         who: str | None,
         started: float,
+        load_test: bool = False,
     ) -> dict[str, Any]:
         """The client's answer for a scored image, counted in the metrics and recorded
-        (its `record_id` names the record to review). The drift profile (90 numbers only
-        a client computing its own drift statistic needs) is included only on request."""
-        telemetry.count_answer(result["product"], result)
+        (its `record_id` names the record to review); a load test's only counted, apart.
+        The drift profile (90 numbers only a client computing its own drift statistic
+        needs) is included only on request."""
+        if load_test:
+            telemetry.load_test_answers.labels(result["product"]).inc()
+        else:
+            telemetry.count_answer(result["product"], result)
         answer = schema.answer(result, result["models"], result["random_weights"], result["demo"])
         answer["product"] = result["product"]
-        if self.recorder is not None:
+        if self.recorder is not None and not load_test:
             latency_ms = round((time.perf_counter() - started) * 1000, 2)
             record = {**answer, "settings_hash": result["settings_hash"]}
             answer["record_id"] = self.recorder.record(record, upload, latency_ms, who)
@@ -494,13 +509,20 @@ class InspectionEndpoints:
 
     # ----- endpoints -----------------------------------------------------------------
     async def inspect(
-        self, image: Path, product: str, drift_profile: bool, who: str | None = None
+        self,
+        image: Path,
+        product: str,
+        drift_profile: bool,
+        who: str | None = None,
+        load_test: bool = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
-        (result,) = await self._score("score", [(product, upload)])
-        answer = self._answer(refused_answer(result), drift_profile, upload, who, started)
+        (result,) = await self._score("score", [(product, upload)], watch=not load_test)
+        answer = self._answer(
+            refused_answer(result), drift_profile, upload, who, started, load_test
+        )
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
             "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
@@ -509,16 +531,22 @@ class InspectionEndpoints:
         return answer
 
     async def heatmap(
-        self, image: Path, product: str, output: str, drift_profile: bool, who: str | None = None
+        self,
+        image: Path,
+        product: str,
+        output: str,
+        drift_profile: bool,
+        who: str | None = None,
+        load_test: bool = False,
     ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
             raise Refused(400, "bad_output", "output must be one of overlay, map, npy.")
         upload = await self.read_upload(image)
-        (result,) = await self._score("score_with_maps", [(product, upload)])
+        (result,) = await self._score("score_with_maps", [(product, upload)], watch=not load_test)
         result = refused_answer(result)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
-        answer = self._answer(result, drift_profile, upload, who, started)
+        answer = self._answer(result, drift_profile, upload, who, started, load_test)
         answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
         headers_out = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
@@ -559,7 +587,7 @@ class InspectionEndpoints:
         return buffer.getvalue()
 
     async def inspect_batch(
-        self, images: list[Path], product: str, who: str | None = None
+        self, images: list[Path], product: str, who: str | None = None, load_test: bool = False
     ) -> list[dict[str, Any]]:
         """One answer per image, in order; a bad image gets its error in its place."""
         started = time.perf_counter()
@@ -571,10 +599,12 @@ class InspectionEndpoints:
             except InvalidImageError as error:
                 answers[position] = self._batch_error(error)
         pairs = [(product, data) for _, data in readable]
-        results = await self._score("score", pairs) if readable else []
+        results = await self._score("score", pairs, watch=not load_test) if readable else []
         for (position, data), result in zip(readable, results, strict=True):
             try:
-                answers[position] = self._answer(refused_answer(result), False, data, who, started)
+                answers[position] = self._answer(
+                    refused_answer(result), False, data, who, started, load_test
+                )
             except Refused as error:
                 answers[position] = self._batch_error(error)
         return answers

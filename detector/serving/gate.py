@@ -42,7 +42,7 @@ import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from detector.serving import telemetry
-from detector.serving.access import FailedKeys, allows, client_key
+from detector.serving.access import LOAD_TEST, FailedKeys, allows, client_key
 from detector.serving.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -88,6 +88,7 @@ class Rule:
 PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion")
 RECORD_ACTIONS = ("image", "heatmap", "review")
 CALLER_SCOPE_KEY = "inspection.caller"
+LOAD_TEST_SCOPE_KEY = "inspection.load_test"  # a loadtest key's request (access.LOAD_TEST)
 
 
 def rules(settings: Settings) -> dict[str, Rule]:
@@ -377,6 +378,7 @@ class RequestGate:
         if not given and headers.get("authorization", "").startswith("Bearer "):
             given = headers["authorization"].removeprefix("Bearer ")
         scope[CALLER_SCOPE_KEY] = None
+        scope[LOAD_TEST_SCOPE_KEY] = False
         if not given:
             if rule.role == "line" and self.access.anonymous_allowed(client):
                 return
@@ -401,6 +403,7 @@ class RequestGate:
             )
         # Which key sent the request, by name, for its record (api.caller); never the key.
         scope[CALLER_SCOPE_KEY] = key.name
+        scope[LOAD_TEST_SCOPE_KEY] = key.role == LOAD_TEST
 
     def _needs(self, role: str) -> str:
         if not self.access.keys:

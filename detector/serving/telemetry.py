@@ -122,6 +122,14 @@ def publish_drift(product: str, status: dict[str, Any]) -> None:
         flag_rate_p_value.labels(product).set(status["flag_rate_p_value"])
 
 
+load_test_answers = Counter(
+    "inspection_load_test_answers",
+    "Answers to load-test keys (role loadtest): scored, never recorded, not in the verdict "
+    "counts, the score histogram or the drift window",
+    ["product"],
+)
+
+
 def count_answer(product: str, result: dict[str, Any]) -> None:
     """A scored image in the score histogram and the verdict counter."""
     if result["normalized_score"] is not None:  # None: a score that was not a number
@@ -191,6 +199,8 @@ ROUTES = frozenset(
         # The runner's own API (its paths are fixed by service.py).
         "/score",
         "/score_with_maps",
+        "/score_unwatched",
+        "/score_with_maps_unwatched",
         "/redraw",
         "/products",
         "/add_images",
