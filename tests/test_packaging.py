@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -171,3 +172,43 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert all(name in requirements for name in ("openvino", "onnxruntime", "onnx"))
     assert info["labels"]["project"] == "dino-inspection"
+
+
+def test_export_never_silently_replaces_a_changed_bank_or_mixes_backbones(
+    saved_detector_dir: Path, other_backbone: Path, synthetic_dataset: Any, tmp_path: Path
+) -> None:
+    """Issue 28: following evaluate's hint turned a reviewed live bank back into the
+    original fit, and a product fitted with another backbone stopped every product."""
+    home = tmp_path / "home"
+    assert export_models(saved_detector_dir, home).returncode == 0
+    again = export_models(saved_detector_dir, home)  # a fit over a fit: a normal update
+    assert again.returncode == 0, again.stderr
+    moved = subprocess.run(
+        [sys.executable, "-m", "detector", "set-threshold", "carpet", "--target", "0.2"],
+        env=service_env(home),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert moved.returncode == 0, moved.stderr
+    refused = export_models(saved_detector_dir, home)
+    assert refused.returncode == 2
+    assert "v3" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    forced = export_models(saved_detector_dir, home, "--force")
+    assert forced.returncode == 0 and "bank-carpet:v4" in forced.stdout, forced.stderr
+
+    # A product fitted with other weights, as moving from the demo to real weights does.
+    from detector.anomaly_detector import AnomalyDetector
+    from detector.backbone import DinoBackbone
+    from detector.memory_bank import BankConfig
+
+    images = sorted(synthetic_dataset.train_paths())[:4]
+    backbone = DinoBackbone(str(other_backbone), resolution=64, device="cpu")
+    widget = AnomalyDetector.fit(
+        backbone, images[:3], images[3:], bank_config=BankConfig(coreset_ratio=0.5), progress=False
+    )
+    widget.bank.metadata["category"] = "widget"
+    other = widget.save(tmp_path / "widget")
+    mixed = export_models(other, home, "--product", "widget")
+    assert mixed.returncode == 2 and "'carpet'" in mixed.stderr, mixed.stderr
+    assert "INSPECT_PRODUCTS" in mixed.stderr

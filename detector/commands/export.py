@@ -35,6 +35,7 @@ def export_models(
     backbone_name: str = BACKBONE_MODEL,
     product: str | None = None,
     with_graph: bool = True,
+    force: bool = False,
 ) -> tuple[bentoml.Model, bentoml.Model]:
     """The bank into the store as a new version of its product, with its backbone: a stored
     backbone of the same weights is reused (every product shares one), else the backbone
@@ -50,7 +51,7 @@ def export_models(
         step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
         backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
     step("saving the memory bank")
-    bank = save_bank(model_dir, backbone, scores, product)
+    bank = save_bank(model_dir, backbone, scores, product, force=force)
     return backbone, bank
 
 
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not store the ONNX graph the CPU runtimes (openvino, onnxruntime) need",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="export even over a live bank that later changes made, or beside products "
+        "served with another backbone",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     backbone, bank = export_models(
         args.model_dir,
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone_name=args.backbone_name,
         product=args.product,
         with_graph=not args.no_graph,
+        force=args.force,
     )
     print(f"saved backbone model {backbone.tag}\nsaved memory bank model {bank.tag}")
     print("next: bentoml serve   (web page at http://localhost:3000/ui/)")

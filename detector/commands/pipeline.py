@@ -46,7 +46,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[str]:
     fit(cfg, run_dir / "fit")
     evaluate(cfg, run_dir / "evaluate")
     backbone, bank = export.export_models(
-        Path(str(cfg.model_dir)), metrics=run_dir / "evaluate" / METRICS_FILE
+        Path(str(cfg.model_dir)),
+        metrics=run_dir / "evaluate" / METRICS_FILE,
+        force=bool(cfg.get("force", False)),  # +force=true: see `detector export --force`
     )
     tags = [str(backbone.tag), str(bank.tag)]
     print(f"saved models {tags[0]} and {tags[1]}")

@@ -106,10 +106,14 @@ def save_bank(
     backbone_model: bentoml.Model,
     metrics: dict[str, Any] | None = None,
     product: str | None = None,
+    force: bool = False,
 ) -> bentoml.Model:
     """A fitted detector folder (index + bank.json) as a new version of its product's bank.
 
     The product is `product`, else the one `fit` recorded (`product=`), else the category.
+    Without `force`, a fit never silently replaces a live bank that later changes made
+    (added images, a reviewed threshold, a rollback), nor joins a store whose other products
+    another backbone serves (one forward pass serves them all): `replaces` says why.
     """
     from detector.serving.products import Draft, check_product, commit_version
 
@@ -119,6 +123,8 @@ def save_bank(
     product = check_product(
         product or bank.metadata.get("product") or _label(bank.metadata.get("category", "default"))
     )
+    if not force:
+        check_export(product, spec)
     labels = {
         "category": _label(bank.metadata.get("category", "unknown")),
         "backbone_model": _label(backbone_model.tag),
@@ -148,6 +154,39 @@ def save_bank(
         labels=labels,
         metrics=metrics or {},
     )
+
+
+def check_export(product: str, spec: BackboneSpec) -> None:
+    """Refuse the two exports that silently broke what was served (see `save_bank`)."""
+    from detector.serving import products
+
+    live = products.live_version(product)
+    if live is not None:
+        current = products.version_model(product, live).info.metadata
+        action = current.get("change", {}).get("action", "change")
+        if action != "fit":
+            raise UserError(
+                f"{product}'s live bank {live} was made by {action!r} after its fit "
+                f"({current.get('bank_size')} rows, threshold {current.get('threshold')}): "
+                "exporting this fit would replace it. Pass --force to make the new version "
+                f"anyway (`python -m detector rollback {product} {live}` undoes it), or "
+                "--product to export it as another product."
+            )
+    for other in products.list_products():
+        if other == product or products.live_version(other) is None:
+            continue
+        served = products.live_model(other).info.metadata.get("extractor", {})
+        try:
+            BackboneSpec.from_dict(served).check_compatible(spec)
+        except IncompatibleBankError:
+            raise UserError(
+                f"This bank was fitted with backbone {spec.source!r} (layers {spec.layers}, "
+                f"{spec.resolution} px), but {other!r} in this store uses another: one "
+                "service serves every product of a store with one backbone, so it would "
+                f"refuse {product!r}. Refit with {other!r}'s backbone, export to another "
+                "model store (BENTOML_HOME or INSPECT_MODEL_STORE), or pass --force and "
+                "serve the products apart (INSPECT_PRODUCTS)."
+            ) from None
 
 
 def stored(tag: str | bentoml.Tag) -> bentoml.Model:
