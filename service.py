@@ -50,9 +50,12 @@ with user_errors_exit():
         separate_metrics()
         private_supervisor()
         logging.getLogger("bentoml.serve").warning("inspection %s", SETTINGS.access.posture())
-    _backbone, _banks = resolve_models(
+    _backbone, _banks, REFUSED = resolve_models(
         SETTINGS.products, SETTINGS.backbone_tag, SETTINGS.runtime, SETTINGS.precision
     )
+    if BIND is not None:
+        for _why in REFUSED.values():  # also in /products and inspection_bank_unavailable
+            logging.getLogger("bentoml.serve").error("not served: %s", _why)
     # INSPECT_RECORDS_MIGRATE=check: a records schema behind this code stops the start here
     # (with =apply, the default, the API worker migrates it when it starts).
     check_database(SETTINGS)
@@ -107,7 +110,8 @@ class InspectionRunner:
             half_precision=SETTINGS.half_precision,
             num_threads=SETTINGS.num_threads,
         )
-        self.runner = ScoringRunner(extractor, str(backbone.tag), list(banks), SETTINGS)
+        products = [*banks, *REFUSED]  # the refused are listed and answer 503 with why
+        self.runner = ScoringRunner(extractor, str(backbone.tag), products, SETTINGS)
 
     def __is_ready__(self) -> bool:
         return getattr(self, "runner", None) is not None

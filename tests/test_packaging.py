@@ -174,7 +174,7 @@ def test_bentoml_build_packs_both_models_and_a_dockerfile(store: Path, tmp_path:
     assert info["labels"]["project"] == "dino-inspection"
 
 
-def test_export_never_silently_replaces_a_changed_bank_or_mixes_backbones(
+def test_export_guards_the_store_and_serve_refuses_only_the_product_it_cannot_serve(
     saved_detector_dir: Path, other_backbone: Path, synthetic_dataset: Any, tmp_path: Path
 ) -> None:
     """Issue 28: following evaluate's hint turned a reviewed live bank back into the
@@ -212,3 +212,23 @@ def test_export_never_silently_replaces_a_changed_bank_or_mixes_backbones(
     mixed = export_models(other, home, "--product", "widget")
     assert mixed.returncode == 2 and "'carpet'" in mixed.stderr, mixed.stderr
     assert "INSPECT_PRODUCTS" in mixed.stderr
+    # Forced in anyway: the service serves carpet and refuses widget by name.
+    assert export_models(other, home, "--product", "widget", "--force").returncode == 0
+    admin = {"X-API-Key": "admin-key-for-the-mixed-store"}
+    log = tmp_path / "serve.log"
+    with bentoml_serve(home, log, INSPECT_ADMIN_KEY=admin["X-API-Key"]) as url:
+        image = sorted(synthetic_dataset.train_paths())[0].read_bytes()
+
+        def inspect(product: str) -> httpx.Response:
+            files, form = {"image": ("part.png", image)}, {"product": product}
+            return httpx.post(f"{url}/inspect", files=files, data=form, headers=admin, timeout=60)
+
+        assert inspect("carpet").status_code == 200
+        refused = inspect("widget")
+        assert refused.status_code == 503 and refused.json()["reason"] == "bank_incompatible"
+        assert "Refit widget" in refused.json()["error"]
+        listing = {e["name"]: e for e in httpx.get(f"{url}/products", headers=admin).json()}
+        assert listing["widget"]["reason"] == "bank_incompatible" and "version" in listing["carpet"]
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'inspection_bank_unavailable{product="widget"} 1.0' in metrics
+        assert "not served: widget" in log.read_text()

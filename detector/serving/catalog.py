@@ -23,7 +23,7 @@ import bentoml
 import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import FeatureExtractor
+from detector.backbone import BackboneSpec, FeatureExtractor, IncompatibleBankError
 from detector.drift import DriftMonitor
 from detector.memory_bank import INDEX_FILE
 from detector.serving import products as store
@@ -124,8 +124,33 @@ class BankCatalog:
                     log.error("%s: %s", product, error)
                 raise
 
+    def check_fits(self, model: bentoml.Model) -> None:
+        """Raise BankIncompatible unless the served backbone gives this bank's features (a
+        product exported later, or fitted with other weights, layers or resolution)."""
+        product = str(model.info.metadata.get("product", model.tag.name))
+        fitted = BackboneSpec.from_dict(model.info.metadata["extractor"])
+        served = self.extractor.spec
+        try:
+            fitted.check_compatible(served)
+            if (tuple(fitted.layers), fitted.resolution) != (
+                tuple(served.layers),
+                served.resolution,
+            ):
+                raise IncompatibleBankError(
+                    f"layers {list(fitted.layers)} at {fitted.resolution} px vs "
+                    f"{list(served.layers)} at {served.resolution} px"
+                )
+        except IncompatibleBankError as error:
+            raise store.BankIncompatible(
+                f"{product} ({model.tag}) was fitted with backbone {fitted.source!r}, not the "
+                f"one this server runs ({self.backbone_tag}): {error} The other products are "
+                f"served. Refit {product} with the served backbone, or serve it from its own "
+                "store or server (INSPECT_PRODUCTS)."
+            ) from None
+
     def install(self, model: bentoml.Model) -> LiveBank:
         """Serve this bank version of its product from now on (after an update here)."""
+        self.check_fits(model)
         product = str(model.info.metadata["product"])
         detector = AnomalyDetector.from_bank(
             store.load_bank(model), self.extractor, self.settings.max_batch_size

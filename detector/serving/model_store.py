@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,23 +212,43 @@ def checked_spec(
     from detector.runtimes import check_runtime, graph_stamp, locate_graph
 
     check_runtime(runtime, precision)
-    specs = {
-        name: BackboneSpec.from_dict(bank.info.metadata["extractor"])
-        for name, bank in banks.items()
-    }
-    first_name, first = next(iter(specs.items()))
-    for name, spec in specs.items():
-        spec.check_compatible(BackboneSpec.from_dict(backbone.info.metadata))
-        if (spec.layers, spec.resolution) != (first.layers, first.resolution):
-            raise IncompatibleBankError(
-                f"Products {first_name!r} and {name!r} were fitted with different layers or "
-                "resolution; one server needs one backbone setting: serve them separately "
-                "(INSPECT_PRODUCTS) or refit one."
-            )
+    served, refused = split_by_backbone(backbone, banks)
+    if refused:
+        raise IncompatibleBankError(next(iter(refused.values())))
+    first = BackboneSpec.from_dict(next(iter(served.values())).info.metadata["extractor"])
     if runtime != "torch":
         graph = locate_graph(backbone.path, first.layers, first.resolution, False)
         first.check_compatible(BackboneSpec.from_dict(graph_stamp(graph)["spec"]))
     return first
+
+
+def split_by_backbone(
+    backbone: bentoml.Model, banks: dict[str, bentoml.Model]
+) -> tuple[dict[str, bentoml.Model], dict[str, str]]:
+    """(the banks this backbone serves, {product: why not} for the others). One forward
+    pass serves every product: the banks must match the backbone's weights and the first
+    served bank's layers and resolution."""
+    served: dict[str, bentoml.Model] = {}
+    refused: dict[str, str] = {}
+    weights = BackboneSpec.from_dict(backbone.info.metadata)
+    setting: tuple[tuple[int, ...], int] | None = None
+    for name, bank in banks.items():
+        spec = BackboneSpec.from_dict(bank.info.metadata["extractor"])
+        try:
+            spec.check_compatible(weights)
+        except IncompatibleBankError as error:
+            refused[name] = f"{name}: {error}"
+            continue
+        if setting is not None and (tuple(spec.layers), spec.resolution) != setting:
+            refused[name] = (
+                f"{name} was fitted with layers {list(spec.layers)} at {spec.resolution} px, "
+                f"the other products with {list(setting[0])} at {setting[1]} px; one server "
+                "needs one backbone setting: serve it separately (INSPECT_PRODUCTS) or refit it."
+            )
+            continue
+        setting = (tuple(spec.layers), spec.resolution)
+        served[name] = bank
+    return served, refused
 
 
 def no_banks() -> ModelMissingError:
@@ -243,8 +264,10 @@ def resolve_models(
     backbone_tag: str | None = None,
     runtime: str = "torch",
     precision: str = "f32",
-) -> tuple[bentoml.Model, dict[str, bentoml.Model]]:
-    """(backbone, {product: live bank}) from the store: every product unless some are named.
+) -> tuple[bentoml.Model, dict[str, bentoml.Model], dict[str, str]]:
+    """(backbone, {product: live bank}, {product: why it is not served}) from the store:
+    every product unless some are named. A product fitted with another backbone is refused
+    by name and the others are served; only when none can be does the start stop.
 
     Reads metadata (and, for a graph runtime, the stored graph's stamp), never weights, so
     the service refuses a missing or mismatched set, an uninstalled runtime or a graph of
@@ -256,10 +279,19 @@ def resolve_models(
     if not names:
         raise no_banks()
     banks = {name: live_model(name) for name in names}
-    first = next(iter(banks.values()))
-    backbone = stored(backbone_tag or first.info.metadata.get("backbone_model") or BACKBONE_MODEL)
-    checked_spec(backbone, banks, runtime, precision)
-    return backbone, banks
+    # The backbone most products were fitted with (a demo product left beside real ones
+    # must not decide), unless one is named.
+    used = Counter(
+        str(bank.info.metadata["backbone_model"])
+        for bank in banks.values()
+        if bank.info.metadata.get("backbone_model")
+    )
+    backbone = stored(backbone_tag or (used.most_common(1)[0][0] if used else BACKBONE_MODEL))
+    served, refused = split_by_backbone(backbone, banks)
+    if not served:
+        raise IncompatibleBankError(next(iter(refused.values())))
+    checked_spec(backbone, served, runtime, precision)
+    return backbone, served, refused
 
 
 def load_extractor(

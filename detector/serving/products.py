@@ -97,6 +97,13 @@ class BankCorrupt(BankUnavailable):
     reason = "bank_corrupt"
 
 
+class BankIncompatible(BankUnavailable):
+    """Fitted with another backbone (or layers, resolution) than the one this server runs:
+    its features would not be the bank's. The other products are served."""
+
+    reason = "bank_incompatible"
+
+
 def check_product(name: str) -> str:
     if not isinstance(name, str) or not PRODUCT_NAME.match(name):
         shown = (

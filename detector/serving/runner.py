@@ -63,6 +63,12 @@ class ScoringRunner:
     ) -> None:
         self.settings = settings
         self.catalog = BankCatalog(extractor, backbone_tag, products, settings)
+        for product in products:  # refused by name at start, in the log and the metrics
+            try:
+                self.catalog.check_fits(store.live_model(product))
+            except store.BankUnavailable as error:
+                if telemetry.set_bank_unavailable(product, True):
+                    log.error("%s: %s", product, error)
         self.info = {
             "backbone_model": backbone_tag,
             "random_weights": extractor.random_weights,
@@ -257,7 +263,9 @@ class ScoringRunner:
         listing = []
         for product in self.catalog.names:
             try:
-                described = store.describe(store.live_model(product))
+                model = store.live_model(product)
+                self.catalog.check_fits(model)
+                described = store.describe(model)
             except store.BankUnavailable as error:
                 listing.append({"name": product, "error": str(error), "reason": error.reason})
                 continue
