@@ -18,6 +18,7 @@ job holds OUT (this shard of it): retry later.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -156,7 +157,30 @@ def run(argv: list[str]) -> int:
         raise BatchSetupError(
             "--record is for in-process runs: with --url the service records what it scores."
         )
+    created = not args.out.exists()
     check_writable(args.out)
+    try:
+        return run_checked(args)
+    except OutputBusyError:
+        raise  # another job's OUT: its lock file is not ours to remove
+    except BaseException:
+        if created:  # failed before scoring anything: no empty folder left behind
+            remove_if_unused(args.out)
+        raise
+
+
+def remove_if_unused(out: Path) -> None:
+    """Remove OUT when it holds nothing but this run's lock files."""
+    leftovers = list(out.iterdir()) if out.is_dir() else []
+    if all(path.name.startswith(".lock") and path.is_file() for path in leftovers):
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def run_checked(args: argparse.Namespace) -> int:
+    """The job, once its arguments are checked and OUT is writable."""
     drift = DriftSettings(
         max(args.drift_min_images, 1), args.drift_min_images, args.drift_alert_level
     )

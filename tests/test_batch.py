@@ -287,6 +287,8 @@ def test_fatal_problems_give_one_sentence_and_exit_2(
         "unwritable_output": "Cannot write",
     }[case]
     assert expected in errors[0]
+    if case != "unwritable_output":  # failed before scoring: no empty folder left behind
+        assert not out.exists(), sorted(p.name for p in out.iterdir())
 
 
 def small_folder(root: Path, count: int = 3, seed: int = 0) -> Path:

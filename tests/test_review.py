@@ -480,6 +480,13 @@ def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: S
     false_alarms = [r for r in on_scale if r["review_label"] == "false_alarm"]
     assert report["defect_free_records"] == len(unflagged) + len(false_alarms) > 0
     assert live == "bank-carpet:" + report["version"]
+    # What it did not count is counted, with the reason.
+    elsewhere = [r for r in listing["records"] if r["bank_model"] not in report["versions"]]
+    assert report["left_out"]["other_scale"]["records"] == len(elsewhere)
+    flagged = [r for r in on_scale if r["is_anomalous"] and r["review_label"] is None]
+    assert report["left_out"]["unreviewed_alarms"] == len(flagged)
+    statement = report["left_out_statement"]
+    assert (f"{len(elsewhere)} records scored by" in statement) == bool(elsewhere), statement
     suggested = report["suggested"]["threshold"]
     applied = subprocess.run(
         [sys.executable, "-m", "detector", "suggest-threshold", "carpet", "--target", "0.05",

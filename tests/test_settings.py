@@ -119,3 +119,42 @@ def test_the_service_starts_without_torch_where_only_scoring_needs_it(store: Pat
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.strip().splitlines()[-1] == "[]", shown.stdout
+
+
+def test_products_prints_a_short_history_table_and_json_on_request(store: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from detector.serving.local_server import REPO, service_env
+
+    def products(*args: str) -> str:
+        shown = subprocess.run(
+            [sys.executable, "-m", "detector", "products", *args],
+            cwd=REPO,
+            env=service_env(store),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        return shown.stdout
+
+    lines = products("carpet").splitlines()
+    assert lines[0].split()[:4] == ["version", "rows", "threshold", "promise"]
+    assert lines[1].split()[0] == "v1" and " fit" in lines[1]
+    document = json.loads(products("carpet", "--json"))
+    assert document[0]["version"] == "v1" and document[0]["bank_rows"] > 0
+    assert products().splitlines()[1].startswith("carpet v1")
+
+
+def test_the_batch_job_asks_for_product_by_its_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several products and none named: the batch job's sentence names --product, not the
+    HTTP form field."""
+    from detector.serving import products
+    from detector.serving.model_store import load_pair
+
+    monkeypatch.setattr(products, "list_products", lambda: ["carpet", "tile"])
+    with pytest.raises(products.UnknownProductError, match="--product") as raised:
+        load_pair()
+    assert "form field" not in str(raised.value) and "carpet, tile" in str(raised.value)

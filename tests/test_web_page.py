@@ -41,6 +41,12 @@ def test_upload_shows_score_verdict_and_overlay(
         try:
             page = browser.new_page()
             page.goto(f"{url}/ui/")
+            # The random-weight backbone is said before anything is inspected.
+            wait_for(
+                page,
+                "document.getElementById('warning').textContent.includes('random-weight')",
+                timeout=30,
+            )
             page.set_input_files("#file", str(defect))
             wait_for(page, "document.getElementById('overlay').naturalWidth > 0", timeout=60)
             wait_for(

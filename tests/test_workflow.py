@@ -247,6 +247,8 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
         headers = {"X-API-Key": key}
         info = httpx.post(f"{base}/model_info", json={}, headers=headers, timeout=30).json()
         assert info["demo"] is True and info["random_weights"] is True
+        (listed,) = httpx.get(f"{base}/products", headers=headers, timeout=30).json()
+        assert listed["demo"] is True and listed["random_weights"] is True  # before any image
         assert httpx.get(f"{base}/records", headers=headers, timeout=30).status_code == 200
         assert httpx.get(f"{base}/records", timeout=30).status_code == 401
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,7 @@ def add_folder(
 def products_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="List products, or one product's history.")
     parser.add_argument("product", nargs="?", help="show this product's versions")
+    parser.add_argument("--json", action="store_true", help="the whole document, as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.product:
         listing = store.history(store.check_product(args.product))
@@ -78,7 +80,29 @@ def products_main(argv: list[str] | None = None) -> None:
             {"name": name, **store.describe(store.live_model(name))}
             for name in store.list_products()
         ]
-    print(json.dumps(listing, indent=2))
+    print(json.dumps(listing, indent=2) if args.json else table(listing, bool(args.product)))
+
+
+def table(listing: list[dict[str, Any]], history: bool) -> str:
+    """A short table a person reads at a terminal: one line per version (or product)."""
+    first = "version" if history else "product"
+    header = f"{first:<10} {'rows':>7} {'threshold':>10} {'promise':>8}  {'change':<14} when"
+    lines = [header]
+    for entry in listing:
+        rate = (entry.get("calibration") or {}).get("expected_false_alarm_rate")
+        change = entry.get("change") or {}
+        action = str(change.get("action", ""))
+        if change.get("reason"):
+            action += f": {change['reason']}"
+        name = entry["version"] if history else f"{entry['name']} {entry['version']}"
+        threshold = entry.get("threshold")
+        lines.append(
+            f"{name:<10} {entry.get('bank_rows') or '':>7} "
+            f"{'' if threshold is None else f'{threshold:.4f}':>10} "
+            f"{'' if rate is None else f'{rate:.1%}':>8}  {action[:40]:<14} "
+            f"{entry.get('created', '')[:16]}"
+        )
+    return "\n".join(lines)
 
 
 @exits_on_user_error

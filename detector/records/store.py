@@ -339,6 +339,16 @@ class RecordStore:
                 return
             last = rows[-1]["id"]
 
+    def counts_by_bank(self, since: datetime | None, product: str) -> dict[str, int]:
+        """A product's records per bank version since `since` (what a suggestion on one
+        scale leaves out of the others), counted by the database."""
+        statement = select(Inspection.bank_model, func.count()).where(Inspection.product == product)
+        if since:
+            statement = statement.where(Inspection.created_at >= since)
+        statement = statement.group_by(Inspection.bank_model)
+        with self.engine.connect() as connection:
+            return {str(tag): int(count) for tag, count in connection.execute(statement)}
+
     def review_summary(self, since: datetime | None = None) -> dict[str, dict[str, int]]:
         """Per product: reviewed records by label, and of flagged ones by label."""
         statement = select(

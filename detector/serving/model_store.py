@@ -339,7 +339,7 @@ def load_pair(
         if product is None:
             known = list_products()
             if len(known) != 1:
-                raise no_banks() if not known else UnknownProductError(None, known)
+                raise no_banks() if not known else UnknownProductError(None, known, "--product")
             product = known[0]
         bank = live_model(product)
     backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)

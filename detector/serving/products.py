@@ -67,12 +67,14 @@ DEFAULT_KEEP_VERSIONS = 20
 class UnknownProductError(UserError):
     """A product no bank exists for; HTTP 404 with the known names."""
 
-    def __init__(self, name: str | None, known: list[str]) -> None:
+    def __init__(
+        self, name: str | None, known: list[str], how: str = "form field 'product'"
+    ) -> None:
         listed = (
             ", ".join(known) or "none yet: export a fitted bank with `python -m detector export`"
         )
         if name is None:
-            message = f"Name the product (form field 'product'); known products: {listed}."
+            message = f"Name the product ({how}); known products: {listed}."
         else:
             message = f"Unknown product {name!r}; known products: {listed}."
         super().__init__(message)

@@ -268,13 +268,43 @@ def threshold_suggestion(
         )
     except ValueError as error:
         raise RecordsError(str(error)) from None
+    other = {
+        tag: count for tag, count in store.counts_by_bank(since, product).items() if tag not in tags
+    }
+    left_out = {
+        "unreviewed_alarms": report["unreviewed_alarms_left_out"],
+        "other_scale": {"records": sum(other.values()), "versions": other},
+    }
     return {
         "product": product,
         "version": str(live.tag.version),
         "versions": tags,
         "days": days,
         **report,
+        "left_out": left_out,
+        "left_out_statement": _left_out_statement(tags, left_out),
     }
+
+
+def _left_out_statement(tags: list[str], left_out: dict[str, Any]) -> str:
+    """What the suggestion did not count, and why, in one sentence."""
+    scale = ", ".join(tag.split(":")[-1] for tag in tags)
+    parts = []
+    if left_out["unreviewed_alarms"]:
+        parts.append(
+            f"{left_out['unreviewed_alarms']} flagged records not yet reviewed (either kind)"
+        )
+    other = left_out["other_scale"]
+    if other["records"]:
+        versions = ", ".join(tag.split(":")[-1] for tag in sorted(other["versions"]))
+        parts.append(
+            f"{other['records']} records scored by {versions}, whose bank had other rows "
+            f"(images were added or it was refitted since): their scores are not on the "
+            f"scale of {scale}"
+        )
+    if not parts:
+        return f"Every record of the window is counted (versions {scale})."
+    return f"Counted the records of {scale}; left out: " + "; ".join(parts) + "."
 
 
 def open_recorder(settings: Settings) -> Recorder | None:

@@ -273,6 +273,9 @@ class ScoringRunner:
                 {
                     "name": product,
                     **described,
+                    # Said before any image is scored: not for a real line.
+                    "demo": model.info.labels.get("demo") == "true",
+                    "random_weights": self.info["random_weights"],
                     "in_memory": product in loaded,
                     "drift": self.catalog.drift_if_watched(product),
                 }
