@@ -82,7 +82,9 @@ class LocalScorer:
         self.detector = pair.detector
         self.models = {"backbone": pair.tags.backbone, "bank": pair.tags.bank}
         # What a record of this run's decisions names (batch --record).
-        self.product = str(self.detector.bank.metadata.get("product") or product or "")
+        self.product = pair.product or str(
+            self.detector.bank.metadata.get("product") or product or ""
+        )
         self.settings_hash = self.detector.settings_hash(runtime=runtime, precision=precision)
         self.prepare = self.detector.extractor.prepare
         self.heatmap_max_side = heatmap_max_side

@@ -34,7 +34,8 @@ class Calibration:
     reference_profiles: list[list[float]] = field(default_factory=list)
     rule: str = "empirical_quantile"  # detector.thresholds.RULES; "explicit" when set by hand
     # Where the scores came from: held_out (a split of the training images), cross_fitted
-    # (every training image, scored by a bank without it) or session (a separate folder).
+    # (every training image, scored by a bank without it), session (a separate folder) or
+    # reviewed_records (the line's own defect-free records, from a threshold suggestion).
     source: str = "held_out"
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,7 +76,7 @@ class Calibration:
             "upper_bound": round(upper, 6),
             "confidence": confidence,
             "statement": (
-                f"{above} of {n} held-out defect-free images score above the threshold: about "
+                f"{above} of {n} {self.scored_parts} score above the threshold: about "
                 f"{expected:.1%} of defect-free parts will be flagged, and with "
                 f"{confidence:.0%} confidence at most {upper:.1%}"
                 + (
@@ -86,6 +87,13 @@ class Calibration:
                 + "."
             ),
         }
+
+    @property
+    def scored_parts(self) -> str:
+        """What the calibration scores are of, as the statement names them."""
+        if self.source == "reviewed_records":
+            return "defect-free records (reviewed false alarms and parts not flagged)"
+        return "held-out defect-free images"
 
     @property
     def promised_rate(self) -> float | None:

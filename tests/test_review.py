@@ -472,19 +472,32 @@ def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: S
     assert httpx.get(f"{served.url}/products/nope/suggestion", headers=USER).status_code == 404
     for params in ({"target": "2"}, {"target": "x"}, {"days": "0"}):
         assert httpx.get(base, params=params, headers=USER).status_code == 400, params
-    report = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+
+    def records() -> dict:
+        return httpx.get(f"{served.url}/records", params={"limit": "500"}, headers=USER).json()
+
+    # Records spooled by earlier tests may still be arriving: compare a settled database.
+    for _ in range(30):
+        before = records()
+        report = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+        listing = records()
+        if len(before["records"]) == len(listing["records"]):
+            break
+        time.sleep(1)
     live = report["versions"][0]
-    listing = httpx.get(f"{served.url}/records", params={"limit": "500"}, headers=USER).json()
     on_scale = [r for r in listing["records"] if r["bank_model"] in report["versions"]]
     unflagged = [r for r in on_scale if not r["is_anomalous"] and r["review_label"] is None]
     false_alarms = [r for r in on_scale if r["review_label"] == "false_alarm"]
     assert report["defect_free_records"] == len(unflagged) + len(false_alarms) > 0
     assert live == "bank-carpet:" + report["version"]
     # What it did not count is counted, with the reason.
-    elsewhere = [r for r in listing["records"] if r["bank_model"] not in report["versions"]]
+    carpet = [r for r in listing["records"] if r["product"] == "carpet"]
+    elsewhere = [r for r in carpet if r["bank_model"] not in report["versions"]]
     assert report["left_out"]["other_scale"]["records"] == len(elsewhere)
     flagged = [r for r in on_scale if r["is_anomalous"] and r["review_label"] is None]
     assert report["left_out"]["unreviewed_alarms"] == len(flagged)
+    # Records of the batch job (--record) carry their product like the service's do.
+    assert all(r["product"] == "carpet" for r in on_scale)
     statement = report["left_out_statement"]
     assert (f"{len(elsewhere)} records scored by" in statement) == bool(elsewhere), statement
     suggested = report["suggested"]["threshold"]
@@ -498,11 +511,30 @@ def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: S
         timeout=120,
     )  # fmt: skip
     assert applied.returncode == 0, applied.stderr[-2000:]
-    assert json.loads(applied.stdout)["applied"]["threshold"] == pytest.approx(suggested)
+    made = json.loads(applied.stdout)["applied"]
+    assert made["threshold"] == pytest.approx(suggested)
+    # The version states the rate the suggestion stated, computed the same way.
+    promised = report["suggested"]["expected_false_alarm_rate"]
+    assert made["expected_false_alarm_rate"] == pytest.approx(promised)
     time.sleep(0.5)  # the runner follows the live version within INSPECT_BANK_REFRESH_S
     after = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
     assert after["current"]["threshold"] == pytest.approx(suggested)
     assert after["versions"][1] == live, "the new version keeps the records on its scale"
+    listing = {e["name"]: e for e in httpx.get(f"{served.url}/products", headers=USER).json()}
+    stated = listing["carpet"]["calibration"]
+    assert stated["expected_false_alarm_rate"] == pytest.approx(promised)
+    assert stated["source"] == "reviewed_records" and "records" in stated["statement"]
+    # The page's button: the same through the API, with the admin key only.
+    url, body = f"{served.url}/products/carpet/threshold", {"from_reviews": True, "days": 1}
+    assert httpx.post(url, json=body, headers=USER, timeout=60).status_code == 403
+    bad = {"from_reviews": True, "threshold": 0.5}
+    assert httpx.post(url, json=bad, headers=ADMIN, timeout=60).status_code == 400
+    again = httpx.get(base, params={"days": "1"}, headers=USER).json()
+    moved = httpx.post(url, json=body, headers=ADMIN, timeout=60)
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["after"]["expected_false_alarm_rate"] == pytest.approx(
+        again["suggested"]["expected_false_alarm_rate"]
+    )
 
 
 def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(

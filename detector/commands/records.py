@@ -138,16 +138,11 @@ def suggest_threshold_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--apply", action="store_true", help="set the suggested threshold")
     parser.add_argument("--reason", default="suggested from reviewed records")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from detector.serving import products
-    from detector.serving.records import threshold_suggestion
+    from detector.serving.records import apply_suggestion, threshold_suggestion
 
     store, _ = _open(args)
-    report = threshold_suggestion(store, args.product, args.target, args.days)
     if args.apply:
-        if report["suggested"] is None:
-            raise UserError(f"No defect-free records of {args.product} to set a threshold from.")
-        _, applied = products.set_operating_point(
-            args.product, threshold=report["suggested"]["threshold"], reason=args.reason
-        )
-        report["applied"] = {"version": applied["version"], "threshold": applied["threshold_after"]}
+        report = apply_suggestion(store, args.product, args.target, args.days, args.reason)
+    else:
+        report = threshold_suggestion(store, args.product, args.target, args.days)
     print(json.dumps(report, indent=2))

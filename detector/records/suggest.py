@@ -56,12 +56,14 @@ def suggest_threshold(
         "current": rates(good_scores, defect_scores, current),
         "suggested": None,
     }
+    report["defect_free_scores"] = [float(score) for score in good]  # for applying it
     if good_scores.size:
         suggested = rule_named(rule).threshold(good_scores, target)
         report["suggested"] = rates(good_scores, defect_scores, suggested)
-        estimate = Calibration(suggested, target, good.copy()).estimate()
+        # The estimate the version it makes will state (products.set_operating_point).
+        calibration = Calibration(suggested, target, good.copy(), source="reviewed_records")
+        estimate = calibration.estimate()
+        report["suggested"]["expected_false_alarm_rate"] = estimate["expected_false_alarm_rate"]
         report["suggested"]["upper_bound"] = estimate["upper_bound"]
-        report["suggested"]["statement"] = estimate["statement"].replace(
-            "held-out defect-free images", "defect-free records"
-        )
+        report["suggested"]["statement"] = estimate["statement"]
     return report

@@ -35,7 +35,7 @@ from detector.records.store import RecordsError
 from detector.reports.plots import map_to_png_image, overlay
 from detector.serving import products, telemetry
 from detector.serving.gate import CALLER_SCOPE_KEY, LOAD_TEST_SCOPE_KEY
-from detector.serving.params import only_fields, real_number, whole_number
+from detector.serving.params import json_number, only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
 
@@ -374,10 +374,37 @@ class InspectionEndpoints:
     async def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         only_fields(
             change,
-            {"target", "threshold", "reason", "confirm"},
-            "send target or threshold (and reason, confirm).",
+            {"target", "threshold", "reason", "confirm", "from_reviews", "days"},
+            "send target or threshold (and reason, confirm), or from_reviews: true.",
         )
-        return await self._change("set_threshold", self.served_product(product), change)
+        product = self.served_product(product)
+        if change.get("from_reviews") is True:
+            change = await self._from_reviews(product, change)
+        elif "from_reviews" in change or "days" in change:
+            raise Refused(400, "bad_request", "days goes with from_reviews: true.")
+        return await self._change("set_threshold", product, change)
+
+    async def _from_reviews(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+        """The threshold suggestion, computed here from the records, sent to the runner with
+        its defect-free scores: the version states the rate the suggestion stated."""
+        if "threshold" in change or "confirm" in change:
+            raise Refused(400, "bad_request", "from_reviews sets the threshold itself.")
+        target = json_number(change, "target", None, 0.0, 0.5)
+        days = json_number(change, "days", 7.0, 0.0, 3650.0)
+        report = await anyio.to_thread.run_sync(
+            lambda: self._recorder().suggestion(product, target, days, keep_scores=True)
+        )
+        if report["suggested"] is None:
+            raise Refused(
+                409, "no_reviews", f"No defect-free records of {product} to set a threshold from."
+            )
+        reviewed = {
+            "threshold": report["suggested"]["threshold"],
+            "target": report["target_false_alarm_rate"],
+            "scores": report["defect_free_scores"],
+        }
+        reason = str(change.get("reason") or "suggested from reviewed records")
+        return {"reviewed": reviewed, "reason": reason}
 
     async def add_images(
         self,

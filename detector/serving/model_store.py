@@ -308,6 +308,7 @@ def load_extractor(
 class LoadedPair:
     detector: Any  # AnomalyDetector; typed loosely so importing this module stays light
     tags: ModelTags
+    product: str = ""  # the store's name for it (bank.json may not carry one)
 
 
 def load_pair(
@@ -357,4 +358,6 @@ def load_pair(
     product_name = bank.info.metadata.get("product")
     if product_name:  # the job's results may be recorded: keep the version
         mark_served(str(product_name), str(bank.tag.version))
-    return LoadedPair(detector, ModelTags(str(backbone.tag), str(bank.tag)))
+    return LoadedPair(
+        detector, ModelTags(str(backbone.tag), str(bank.tag)), str(product_name or "")
+    )

@@ -45,6 +45,21 @@ def real_number(
     return number
 
 
+def json_number(
+    body: Mapping[str, Any], name: str, default: float | None, low: float, high: float
+) -> float | None:
+    """A number in a JSON body within (low, high]; text, booleans, NaN and infinities
+    refused (JSON numbers, unlike query strings, arrive typed)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadParameter(f"{name} must be a number.")
+    if not (math.isfinite(value) and low < value <= high):
+        raise BadParameter(f"{name} must be a number above {low} and at most {high}.")
+    return float(value)
+
+
 def only_fields(body: Mapping[str, Any], allowed: set[str], usage: str) -> None:
     unknown = sorted(str(key)[:40] for key in body.keys() - allowed)
     if unknown:

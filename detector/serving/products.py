@@ -668,11 +668,18 @@ def set_operating_point(
     threshold: float | None = None,
     reason: str = "",
     confirm: bool = False,
+    reviewed: dict[str, Any] | None = None,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version with the same bank rows and a new threshold: the version's rule
     applied to its calibration scores at a new false-alarm `target`, or an explicit
     `threshold`. It has history and rollback like any other change; nothing is refitted,
-    and the new version shares its parent's index file."""
+    and the new version shares its parent's index file.
+
+    `reviewed` ({"threshold", "target", "scores"}: a threshold suggestion from reviewed
+    records) makes those defect-free scores the version's calibration scores, so the
+    version states the very rate the suggestion stated, computed the same way."""
+    if reviewed is not None:
+        target, threshold = None, reviewed["threshold"]
     target, threshold = _operating_point(target, threshold)
     report: dict[str, Any] = {}
 
@@ -682,7 +689,16 @@ def set_operating_point(
         verify(parent)
         document = MemoryBank.read_document(parent.path)
         before = Calibration.from_dict(document.get("calibration", {}))
-        if target is not None:
+        if reviewed is not None:
+            after = Calibration(
+                float(threshold),  # type: ignore[arg-type]
+                float(reviewed["target"]),
+                [float(score) for score in reviewed["scores"]],
+                before.reference_profiles,  # drift's reference: the calibration images'
+                before.rule if before.rule != "explicit" else "empirical_quantile",
+                "reviewed_records",
+            )
+        elif target is not None:
             after = _at_target(parent, before, target)
         else:
             after = _explicit(parent, before, threshold, confirm)  # type: ignore[arg-type]

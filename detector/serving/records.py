@@ -235,15 +235,46 @@ class Recorder:
             images.append(self.image(record_id)[1])
         return images
 
-    def suggestion(self, product: str, target: float | None, days: float) -> dict[str, Any]:
-        return threshold_suggestion(self.store, product, target, days)
+    def suggestion(
+        self, product: str, target: float | None, days: float, keep_scores: bool = False
+    ) -> dict[str, Any]:
+        return threshold_suggestion(self.store, product, target, days, keep_scores)
 
     def mark_added(self, record_ids: list[str], bank_tag: str) -> None:
         self.store.mark_added(record_ids, bank_tag)
 
 
+def apply_suggestion(
+    store: RecordStore, product: str, target: float | None, days: float, reason: str
+) -> dict[str, Any]:
+    """The suggestion made a new version, whose calibration scores are the suggestion's
+    defect-free records: it states the rate the suggestion stated."""
+    from detector.serving import products
+
+    report = threshold_suggestion(store, product, target, days, keep_scores=True)
+    if report["suggested"] is None:
+        raise RecordsError(f"No defect-free records of {product} to set a threshold from.")
+    reviewed = {
+        "threshold": report["suggested"]["threshold"],
+        "target": report["target_false_alarm_rate"],
+        "scores": report.pop("defect_free_scores"),
+    }
+    model, applied = products.set_operating_point(product, reason=reason, reviewed=reviewed)
+    report["applied"] = {
+        "version": applied["version"],
+        "threshold": applied["threshold_after"],
+        "statement": applied["after"].get("statement"),
+        "expected_false_alarm_rate": applied["after"].get("expected_false_alarm_rate"),
+    }
+    return report
+
+
 def threshold_suggestion(
-    store: RecordStore, product: str, target: float | None, days: float = 7
+    store: RecordStore,
+    product: str,
+    target: float | None,
+    days: float = 7,
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Rates at the live threshold and at one set from the reviewed records of the
     versions on the live version's scale (`products.scoring_versions`)."""
@@ -275,6 +306,8 @@ def threshold_suggestion(
         "unreviewed_alarms": report["unreviewed_alarms_left_out"],
         "other_scale": {"records": sum(other.values()), "versions": other},
     }
+    if not keep_scores:
+        report.pop("defect_free_scores")
     return {
         "product": product,
         "version": str(live.tag.version),

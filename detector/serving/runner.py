@@ -249,6 +249,7 @@ class ScoringRunner:
                 threshold=change.get("threshold"),
                 reason=str(change.get("reason") or "")[:500],
                 confirm=change.get("confirm") is True,
+                reviewed=change.get("reviewed"),  # from the API's suggestion only
             )
         except UserError as error:
             return refusal(error)
