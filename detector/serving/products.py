@@ -661,6 +661,19 @@ def _explicit(
     )
 
 
+def _from_reviews(before: Calibration, reviewed: dict[str, Any]) -> Calibration:
+    """A suggestion's threshold with its defect-free records as the calibration scores; the
+    drift reference stays the calibration images'."""
+    return Calibration(
+        float(reviewed["threshold"]),
+        float(reviewed["target"]),
+        [float(score) for score in reviewed["scores"]],
+        before.reference_profiles,
+        before.rule if before.rule != "explicit" else "empirical_quantile",
+        "reviewed_records",
+    )
+
+
 def set_operating_point(
     product: str,
     *,
@@ -690,14 +703,7 @@ def set_operating_point(
         document = MemoryBank.read_document(parent.path)
         before = Calibration.from_dict(document.get("calibration", {}))
         if reviewed is not None:
-            after = Calibration(
-                float(threshold),  # type: ignore[arg-type]
-                float(reviewed["target"]),
-                [float(score) for score in reviewed["scores"]],
-                before.reference_profiles,  # drift's reference: the calibration images'
-                before.rule if before.rule != "explicit" else "empirical_quantile",
-                "reviewed_records",
-            )
+            after = _from_reviews(before, reviewed)
         elif target is not None:
             after = _at_target(parent, before, target)
         else:
