@@ -11,7 +11,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
@@ -331,9 +331,10 @@ class AnomalyDetector:
         that took; this one is untouched and keeps serving meanwhile."""
         bank = self.bank.copy()
         added = bank.extend(features)
-        learned = AnomalyDetector(
-            self.extractor, bank, self.calibration, self.scoring, self.batch_size
+        calibration = replace(
+            self.calibration, rows_added_since=self.calibration.rows_added_since + added
         )
+        learned = AnomalyDetector(self.extractor, bank, calibration, self.scoring, self.batch_size)
         return learned, added
 
     def recalibrated(self, images: Sequence[ImageSource]) -> AnomalyDetector:

@@ -37,6 +37,10 @@ class Calibration:
     # (every training image, scored by a bank without it), session (a separate folder) or
     # reviewed_records (the line's own defect-free records, from a threshold suggestion).
     source: str = "held_out"
+    # Rows added to the bank since these scores were measured (reviewed false alarms added
+    # without calibration images). Added rows only bring patches nearer the bank, so each
+    # score can only have fallen: the rates stated from these scores are upper bounds.
+    rows_added_since: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,8 +89,22 @@ class Calibration:
                     else ""
                 )
                 + "."
+                + self.staleness
             ),
+            "rows_added_since": self.rows_added_since,
         }
+
+    @property
+    def staleness(self) -> str:
+        """What the statement adds when the bank has grown since the scores were measured."""
+        if not self.rows_added_since:
+            return ""
+        return (
+            f" These scores were measured before {self.rows_added_since} rows were added "
+            "to the bank; added rows only lower scores, so both rates are upper bounds "
+            "until the product is recalibrated (calibration images, or the threshold "
+            "from reviews)."
+        )
 
     @property
     def scored_parts(self) -> str:

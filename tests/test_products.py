@@ -159,6 +159,22 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     assert change["parent"] == "bank-ip-line2:v1" and change["reason"] == "new yarn batch"
     assert change["added_images"] == 6 and len(change["added_sha256"]) == 6
 
+    # The kept calibration scores were measured on v1's bank: the version says so, and they
+    # are upper bounds of what v2 gives the same calibration images (train[20:]).
+    stated = history[1]["calibration"]
+    assert stated["rows_added_since"] == report["rows_added"]
+    assert (
+        "upper bounds" in stated["statement"]
+        and "upper bounds" not in (history[0]["calibration"]["statement"])
+    )
+    kept = MemoryBank.read_document(store.live_model("ip-line2").path)["calibration"]
+    rescored = runner.score_uploads(
+        [("ip-line2", path.read_bytes()) for path in train[20:]], with_maps=False
+    )
+    pairs = list(zip(rescored, kept["reference_scores"], strict=True))
+    assert all(now["score"] <= then + 1e-6 for now, then in pairs)
+    assert any(now["score"] < then - 1e-6 for now, then in pairs)
+
     restored = runner.rollback("ip-line2", "v1", "v2 hid a stain")
     assert restored["version"] == "v3"
     (rolled_back,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
@@ -181,6 +197,7 @@ def test_recalibration_sets_the_threshold_and_reports_how_scores_moved(
     assert moved["threshold_after"] == pytest.approx(moved["scores_after"]["max"])
     live = store.live_model("ip-line3")
     assert live.info.metadata["change"]["action"] == "recalibrate"
+    assert live.info.metadata["calibration"]["rows_added_since"] == 0, "measured anew"
     assert live.info.metadata["threshold"] == pytest.approx(moved["threshold_after"])
     assert runner.add_images("ip-line3", [b"not an image"], "", [])["status"] == 415
     assert store.live_model("ip-line3").tag == live.tag, "a refused change changes nothing"

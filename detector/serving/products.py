@@ -36,7 +36,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -626,7 +626,7 @@ def _at_target(parent: bentoml.Model, before: Calibration, target: float) -> Cal
             "threshold, or add calibration images."
         )
     try:
-        return calibrate(
+        after = calibrate(
             before.reference_scores,
             target,
             before.reference_profiles,
@@ -635,6 +635,7 @@ def _at_target(parent: bentoml.Model, before: Calibration, target: float) -> Cal
         )
     except ValueError as error:
         raise UserError(str(error)) from None
+    return replace(after, rows_added_since=before.rows_added_since)  # the same scores
 
 
 def _explicit(
@@ -651,14 +652,7 @@ def _explicit(
             f"scores ({min(scores):.6g} to {max(scores):.6g}): it would flag every part "
             "or none. Send confirm: true (--confirm) if that is what you want."
         )
-    return Calibration(
-        check_threshold(threshold),
-        before.false_alarm_rate,
-        before.reference_scores,
-        before.reference_profiles,
-        "explicit",
-        before.source,
-    )
+    return replace(before, threshold=check_threshold(threshold), rule="explicit")
 
 
 def _from_reviews(before: Calibration, reviewed: dict[str, Any]) -> Calibration:
