@@ -17,9 +17,10 @@ test:
 container-check: .venv/.installed
 	.venv/bin/python -m deploy.container_check
 
-.venv/.installed: requirements.txt pyproject.toml
+# requirements-dev.txt: what the README's later steps run (Locust, pytest, ruff) too.
+.venv/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@test -n "$(PYTHON)" || .ci/python
 	$(PYTHON) -m venv .venv
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q -r requirements-dev.txt
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@

@@ -114,3 +114,32 @@ def test_the_schema_and_package_import_without_torch_or_faiss() -> None:
     from detector import AnomalyDetector  # the lazy export resolves on first use
 
     assert AnomalyDetector.__module__ == "detector.anomaly_detector"
+
+
+def requirement_names(file: Path) -> set[str]:
+    """The distributions a requirements file names, following its `-r` includes."""
+    names: set[str] = set()
+    for line in file.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(file.parent / line[3:].strip())
+        elif line and not line.startswith("-"):
+            names.add(re.split(r"[\[<>=!~ ;]", line, maxsplit=1)[0].lower())
+    return names
+
+
+def test_make_demo_installs_every_tool_the_readme_runs_later() -> None:
+    """`make demo`'s environment is the one a reader keeps using: the Locust, pytest and ruff
+    lines further down the README must not need another install."""
+    recipe = (REPO / "Makefile").read_text()
+    installed = set().union(
+        *(requirement_names(REPO / f) for f in re.findall(r"pip install -q -r (\S+)", recipe))
+    )
+    text = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S))
+    tools = {"locust": "locust", "python -m pytest": "pytest", "ruff": "ruff"}
+    used = {
+        package for command, package in tools.items() if re.search(rf"^{command}\b", blocks, re.M)
+    }
+    assert used == set(tools.values()), "the README runs these tools as written"
+    assert used <= installed, f"make demo does not install {sorted(used - installed)}"
