@@ -531,3 +531,27 @@ def test_a_load_test_key_does_the_lines_scoring_and_nothing_else() -> None:
     assert not allows("loadtest", "reviewer") and not allows("loadtest", "admin")
     posture = Access(keys=keys).posture()
     assert "loadtest 1 (scored, never recorded)" in posture and "k" * 20 not in posture
+
+
+def test_an_app_that_fails_before_answering_still_answers_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BentoML's timeout middleware, in front of the gate, waits for an answer's first byte:
+    an error raised before it (BentoML's /readyz raises TimeoutError while the runner
+    starts) kept the request pending for 300 s, and a stopping worker waited for it."""
+    settings = settings_with(monkeypatch, INSPECT_ADMIN_KEY=ADMIN)
+
+    async def failing(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["path"] == "/late":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise TimeoutError("the runner is starting")
+
+    gate = RequestGate(failing, settings)
+    probe = call(settings, "GET", "/readyz", gate=gate)
+    assert probe.status_code == 503 and probe.json()["reason"] == "not_ready"
+    with caplog.at_level("ERROR", logger="inspection"):
+        routed = call(settings, "POST", "/drift", gate=gate, json={}, headers={"X-API-Key": ADMIN})
+    assert routed.status_code == 500 and routed.json()["reason"] == "internal_error"
+    assert "TimeoutError" in caplog.text, "the log says why"
+    with pytest.raises(TimeoutError):  # an answer under way is the server's to end
+        call(settings, "GET", "/late", gate=gate)

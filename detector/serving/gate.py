@@ -32,6 +32,7 @@ carries headers that keep browsers from sniffing types or framing the service.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -53,6 +54,7 @@ SPOOL_IN_MEMORY = 1 << 20
 SMALL_BODY = 64 * 1024  # JSON bodies of /drift, /model_info
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around one file
 # Answered whatever the Host header says: orchestrators probe and scrape by address.
+log = logging.getLogger("inspection")
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -283,7 +285,7 @@ class RequestGate:
         except Refusal as refusal:
             return await self._refuse(send, refusal)
         if rule is None:
-            return await self.app(scope, receive, send)
+            return await self._answered(scope, receive, send)
         if path in MOUNTED:  # a mounted app's root, without a redirect
             scope["path"] = path + "/"
             scope["raw_path"] = path.encode() + b"/"
@@ -319,7 +321,7 @@ class RequestGate:
         self.in_flight += weight
         self.at_once[rule] = self.at_once.get(rule, 0) + 1
         try:
-            await self.app(scope, replay, send)
+            await self._answered(scope, replay, send)
         finally:
             self.in_flight -= weight
             self.at_once[rule] -= 1
@@ -489,14 +491,52 @@ class RequestGate:
         spool.seek(0)
         return _replay(spool, receive), shape.files if shape is not None else 0
 
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, with an answer even when it fails before answering.
+
+        BentoML's timeout middleware, outside this one, waits for the first byte of an
+        answer, not for the app: an error raised before any answer (its own /readyz raises
+        TimeoutError while the runner starts) left the client waiting and the request
+        pending for the whole traffic timeout (300 s), and a worker told to stop waited for
+        it (uvicorn finishes pending requests first). A probe that fails says "not ready";
+        anything else is a 500 with the log line that says why.
+        """
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            if started:
+                raise
+            path = scope.get("path", "")
+            if path in PROBES:
+                log.info("%s failed: %s: %s", path, type(error).__name__, error)
+                await _send_json(send, 503, "not_ready", f"Not ready: {type(error).__name__}.")
+                return
+            log.exception("%s %s failed before answering", scope.get("method"), path)
+            message = "The service failed on this request; its log says why."
+            await _send_json(send, 500, "internal_error", message)
+
     @staticmethod
     async def _refuse(send: Send, refusal: Refusal) -> None:
         telemetry.rejected_inputs.labels(refusal.reason).inc()
-        body = json.dumps({"error": refusal.message, "reason": refusal.reason}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, refusal.status, refusal.reason, refusal.message, refusal.headers)
+
+
+async def _send_json(
+    send: Send, status: int, reason: str, message: str, extra: dict[str, str] | None = None
+) -> None:
+    """The one error body: {"error": a sentence, "reason": a word}."""
+    body = json.dumps({"error": message, "reason": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(spool: Any, receive: Receive, chunk_size: int = 1 << 16) -> Receive:

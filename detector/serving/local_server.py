@@ -155,8 +155,13 @@ def bentoml_serve(
         yield url
     finally:
         _SERVERS.pop(url, None)
-        stop(process)
+        graceful = stop(process)
         log.close()
+    if not graceful:  # every served test checks what Kubernetes will do: SIGTERM, then wait
+        raise RuntimeError(
+            f"bentoml serve did not stop within {STOP_GRACE_S:.0f} s of SIGTERM:\n"
+            + log_path.read_text()[-3000:]
+        )
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -213,25 +218,35 @@ def service_cpu_seconds(url: str) -> dict[str, float]:
     return seconds
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server and every process it started. BentoML's workers may run in process
-    groups of their own, out of reach of the arbiter's group: each one seen is ended too."""
+# How long a server may take to stop after SIGTERM: Kubernetes' default grace period is
+# 30 s, and a pod still running then is killed mid-write.
+STOP_GRACE_S = 20.0
+
+
+def stop(process: subprocess.Popen) -> bool:
+    """Stop a server and every process it started; True when SIGTERM was enough. BentoML's
+    workers may run in process groups of their own, out of reach of the arbiter's group:
+    each one seen is ended too."""
     import psutil
 
     try:
         descendants = psutil.Process(process.pid).children(recursive=True)
     except psutil.Error:
         descendants = []
+    graceful = True
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
+            graceful = False
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
     _, alive = psutil.wait_procs(descendants, timeout=10)
     for leftover in alive:
+        graceful = False
         leftover.kill()
+    return graceful
 
 
 def serve_until_exit(
