@@ -23,12 +23,12 @@ from detector.errors import user_errors_exit
 from detector.serving.access import serving_host
 from detector.serving.api import InspectionEndpoints, caller, load_test
 from detector.serving.gate import RequestGate
-from detector.serving.model_store import resolve_models
 from detector.serving.page import page_response
 from detector.serving.product_routes import products_app
 from detector.serving.record_routes import records_app
 from detector.serving.records import check_database, open_recorder
 from detector.serving.replicas import check_records_location, separate_metrics
+from detector.serving.served_models import resolve_models
 from detector.serving.settings import Settings
 from detector.serving.supervisor import private_supervisor
 from detector.serving.telemetry import bounded_http_metrics
@@ -94,7 +94,7 @@ class InspectionRunner:
     backbone_model = BACKBONE_MODEL
 
     def __init__(self) -> None:
-        from detector.serving.model_store import checked_spec, load_extractor
+        from detector.banks.models import load_extractor
         from detector.serving.runner import ScoringRunner
         from detector.threads import set_threads
 
@@ -103,9 +103,9 @@ class InspectionRunner:
         banks = {name: model.stored for name, model in BANK_MODELS.items()}
         extractor = load_extractor(
             backbone,
-            checked_spec(backbone, banks, SETTINGS.runtime, SETTINGS.precision),
+            banks,
             SETTINGS.runtime,
-            precision=SETTINGS.precision,
+            SETTINGS.precision,
             device=SETTINGS.device,
             half_precision=SETTINGS.half_precision,
             num_threads=SETTINGS.num_threads,

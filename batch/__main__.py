@@ -27,7 +27,9 @@ import traceback
 from pathlib import Path
 
 from batch.files import Shard
-from batch.job import JobOptions, check_writable, merge, run_job
+from batch.job import JobOptions, run_job
+from batch.merge import merge
+from batch.outputs import check_writable
 from batch.scorers import BatchSetupError, LocalScorer, OutputBusyError, RemoteScorer, Scorer
 from detector.commands.records import add_location_arguments
 from detector.drift import DriftSettings
@@ -38,7 +40,6 @@ from detector.threads import usable_cpus
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    defaults = DriftSettings()
     parser = argparse.ArgumentParser(prog="python -m batch", description=__doc__.splitlines()[0])
     parser.add_argument("input_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
@@ -47,70 +48,83 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="a bank version's tag instead (e.g. bank-carpet:v2)")
     parser.add_argument("--backbone-model", help="backbone tag (default: the bank's own)")
-    parser.add_argument("--url", help="score through a running service instead of in-process")
-    parser.add_argument("--api-key", default=os.environ.get("INSPECT_API_KEY"))
-    parser.add_argument("--concurrency", type=int, default=4, help="parallel requests with --url")
     parser.add_argument("--heatmaps", action="store_true", help="write overlay PNGs under OUT")
+    parser.add_argument("--heatmap-max-side", type=int, default=2048, help="long side of heatmaps")
     parser.add_argument("--evaluate", action="store_true", help="MVTec test folder: metrics too")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
+    parser.add_argument("--shard", type=Shard.parse, help="I/N: this job's share of the files")
+    parser.add_argument("--no-progress", action="store_true")
+    add_backbone_arguments(parser.add_argument_group("in-process scoring"))
+    add_service_arguments(parser.add_argument_group("scoring through a running service"))
+    add_journal_arguments(parser.add_argument_group("journal, drift and records"))
+    return parser.parse_args(argv)
+
+
+def add_backbone_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument(
         "--runtime",
         default="torch",
         choices=RUNTIMES,
         help="backbone runtime; openvino and onnxruntime run the graph stored by export (CPU)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--precision",
         default="f32",
         choices=PRECISIONS,
         help="f32; bf16 with openvino on CPUs that have it; int8 with onnxruntime",
     )
-    parser.add_argument("--threads", type=int, default=usable_cpus())
-    parser.add_argument("--shard", type=Shard.parse, help="I/N: this job's share of the files")
-    parser.add_argument(
+    group.add_argument("--threads", type=int, default=usable_cpus())
+
+
+def add_service_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--url", help="score through a running service instead of in-process")
+    group.add_argument("--api-key", default=os.environ.get("INSPECT_API_KEY"))
+    group.add_argument("--concurrency", type=int, default=4, help="parallel requests with --url")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds per request (--url)")
+    group.add_argument("--retries", type=int, default=3, help="tries after the first (--url)")
+    group.add_argument(
+        "--retry-backoff", type=float, default=1.0, help="first wait in seconds, doubling (--url)"
+    )
+
+
+def add_journal_arguments(group: argparse._ArgumentGroup) -> None:
+    defaults = DriftSettings()
+    group.add_argument(
         "--drift-min-images",
         type=int,
         default=defaults.min_images,
         help="below this many images the run's drift status is 'too_few_images'",
     )
-    parser.add_argument(
+    group.add_argument(
         "--drift-alert-level",
         type=float,
         default=defaults.alert_level,
         help="drift statistic at which the status says 'drifting' (as the service's)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--fsync-every",
         type=int,
         default=1,
         help="journal rows per fsync (1: every row; e.g. 64 on a network-mounted bucket)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--hash",
         action="store_true",
         help="resume compares each file's SHA-256 too, not only its size and mtime",
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (--url)")
-    parser.add_argument("--retries", type=int, default=3, help="tries after the first (--url)")
-    parser.add_argument(
-        "--retry-backoff", type=float, default=1.0, help="first wait in seconds, doubling (--url)"
-    )
-    parser.add_argument("--heatmap-max-side", type=int, default=2048, help="long side of heatmaps")
-    parser.add_argument(
+    group.add_argument(
         "--record",
         action="store_true",
         help="also record each decision in the service's records database (review, replay)",
     )
-    add_location_arguments(parser)
-    parser.add_argument(
+    add_location_arguments(group)
+    group.add_argument(
         "--keep-images",
         default="flagged",
         choices=KEEP_POLICIES,
         help="which scored images --record keeps for review and replay",
     )
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
 
 
 def make_scorer(args: argparse.Namespace) -> Scorer:

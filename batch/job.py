@@ -7,14 +7,10 @@ one terminates) stops with one sentence instead of interleaving rows.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +20,9 @@ from tqdm import tqdm
 
 from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
-from batch.results import ResultJournal, latest_per_path, read_rows, replace_durably, write_csv
-from batch.scorers import BatchSetupError, OutputBusyError, Scorer
+from batch.outputs import Outputs, heatmap_path, locked
+from batch.results import ResultJournal, replace_durably, write_csv
+from batch.scorers import BatchSetupError, Scorer
 from detector import schema
 from detector.data.mvtec import GOOD, Sample
 from detector.drift import DriftSettings, drift_report, profile_to_list
@@ -51,94 +48,6 @@ class JobOptions:
     content_hash: bool = False  # resume compares SHA-256 too, not only size and mtime
     # Called with each image scored into the journal and its row (--record: batch/records.py).
     on_scored: Callable[[LoadedImage, dict[str, Any]], None] | None = None
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """The files of one job (one shard) in OUT."""
-
-    out_dir: Path
-    suffix: str = ""
-
-    @classmethod
-    def of(cls, out_dir: Path, shard: Shard | None) -> Outputs:
-        return cls(out_dir, shard.suffix if shard else "")
-
-    def _named(self, stem: str, extension: str = "") -> Path:
-        return self.out_dir / f"{stem}{self.suffix}{extension}"
-
-    @property
-    def journal(self) -> Path:
-        return self._named("results", ".jsonl")
-
-    @property
-    def csv(self) -> Path:
-        return self._named("results", ".csv")
-
-    @property
-    def summary(self) -> Path:
-        return self._named("summary", ".json")
-
-    @property
-    def scores_plot(self) -> Path:
-        return self._named("scores", ".png")
-
-    @property
-    def drift_reference(self) -> Path:
-        return self._named("drift_reference", ".json")
-
-    @property
-    def evaluation(self) -> Path:
-        return self._named("evaluation")
-
-    @property
-    def lock(self) -> Path:
-        return self._named(".lock")
-
-
-def heatmap_path(out_dir: Path, relative: str) -> Path:
-    """OUT/heatmaps/<relative path>.png (a.jpg -> a.jpg.png, so a.png and a.jpg never share
-    a file), refusing any path that would leave OUT."""
-    base = (out_dir / "heatmaps").resolve()
-    target = (base / f"{relative}.png").resolve()
-    if not target.is_relative_to(base):
-        raise ValueError(f"{relative} would be written outside {base}")
-    return target
-
-
-def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"  # unique: shards share OUT
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise BatchSetupError(
-            f"Cannot write to {out_dir}: {error.strerror}; choose another --out."
-        ) from None
-
-
-@contextmanager
-def locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` for the block, or stop with one sentence."""
-    handle = lock_path.open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise OutputBusyError(
-                f"Another batch job ({holder}) is writing to {lock_path.parent}: wait for it to "
-                "finish or choose another --out."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock
 
 
 def file_identity(root: Path, relative: str, content_hash: bool) -> dict[str, Any]:
@@ -384,53 +293,3 @@ def models_used(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {"backbone": backbone, "bank": bank, "threshold": threshold, "images": count}
         for (backbone, bank, threshold), count in sorted(counts.items())
     ]
-
-
-SHARD_JOURNAL = re.compile(r"^results-shard-(\d{4})-of-(\d{4})\.jsonl$")
-
-
-def check_every_shard(journals: list[Path]) -> None:
-    """Shards 0..N-1 of one N, each there once: a merge of 2 of 8 shards is not a result."""
-    found = [SHARD_JOURNAL.match(journal.name) for journal in journals]
-    counts = {int(match.group(2)) for match in found if match}
-    if None in found or len(counts) != 1:
-        names = ", ".join(journal.name for journal in journals)
-        raise BatchSetupError(f"The shard results are of different splits ({names}).")
-    (count,) = counts
-    missing = sorted(set(range(count)) - {int(match.group(1)) for match in found if match})
-    if missing:
-        raise BatchSetupError(
-            f"Shards {', '.join(map(str, missing))} of {count} have no results yet: run them "
-            "(or wait for them) before merging."
-        )
-
-
-def merge(
-    out_dir: Path, drift: DriftSettings | None = None, allow_mixed_models: bool = False
-) -> dict[str, Any]:
-    """Combine shard journals into results.jsonl / results.csv / summary.json.
-
-    Shards scored by different models (or thresholds) are refused: one summary with two
-    thresholds would count anomalies on two scales without saying so.
-    """
-    with locked(out_dir / ".lock-merge"):
-        journals = sorted(out_dir.glob("results-shard-*.jsonl"))
-        if not journals:
-            raise BatchSetupError(f"{out_dir} holds no shard results (results-shard-*.jsonl).")
-        check_every_shard(journals)
-        rows = latest_per_path(row for journal in journals for row in read_rows(journal))
-        used = models_used([row for row in rows if not row.get("error")])
-        if len(used) > 1 and not allow_mixed_models:
-            names = "; ".join(f"{m['bank']} ({m['images']} images)" for m in used)
-            raise BatchSetupError(
-                f"The shards in {out_dir} were scored by different models or thresholds "
-                f"({names}): score the stale shards again, or pass --allow-mixed-models."
-            )
-        replace_durably(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        write_csv(rows, out_dir / "results.csv")
-        summary = summarise(rows, out_dir / "scores.png", [])
-        reference, promised = load_drift_reference(sorted(out_dir.glob("drift_reference*.json")))
-        summary["drift"] = run_drift_report(rows, reference, drift or DriftSettings(), promised)
-        summary["merged_shards"] = [journal.name for journal in journals]
-        replace_durably(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary

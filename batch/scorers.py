@@ -1,7 +1,8 @@
 """Where the batch job's scores come from: the detector in-process, or a live service.
 
-In-process, the job loads the model pair from the BentoML store with the same `load_pair`
-the service's runner uses and scores through the same `AnomalyDetector`. With `--url`, each
+In-process, the job loads the model pair from the BentoML store (`load_pair`: the same
+stored models and checks as the service's runner) and scores through the same
+`AnomalyDetector`. With `--url`, each
 image goes to a running service's /inspect (or /heatmap) endpoint instead. Either way a
 result becomes a journal row through `detector.schema`, so the rows look alike.
 """
@@ -65,7 +66,7 @@ class LocalScorer:
         precision: str = "f32",
         heatmap_max_side: int = 2048,
     ) -> None:
-        from detector.serving.model_store import load_pair
+        from detector.banks.models import load_pair
         from detector.threads import set_threads
 
         set_threads(num_threads)

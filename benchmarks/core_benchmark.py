@@ -26,15 +26,11 @@ import torch
 from PIL import Image
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
-from detector.coreset import (
-    coreset_size,
-    greedy_k_center,
-    random_projection,
-    streaming_coreset,
-)
+from detector.coreset import coreset_size, streaming_coreset
 from detector.data.synthetic import carpet_texture
+from detector.dino import DinoBackbone
+from detector.greedy import greedy_k_center, random_projection
 from detector.memory_bank import BankConfig, MemoryBank, build_index, l2_normalize
 from detector.scoring import calibrate
 from detector.serving.local_server import REPO
@@ -178,7 +174,7 @@ def bench_fit_memory(backbone_dir: Path, n_images: int) -> dict:
         seconds = time.perf_counter() - started
         summary = json.loads(Path(scratch, "run", "fit_summary.json").read_text())
     baseline_code = (
-        "import numpy as np; from detector.backbone import DinoBackbone; "
+        "import numpy as np; from detector.dino import DinoBackbone; "
         f"b = DinoBackbone({str(backbone_dir)!r}, resolution=448, device='cpu'); "
         "b.embed(np.zeros((8, 3, 448, 448), np.float32))"
     )

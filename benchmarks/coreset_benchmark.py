@@ -22,15 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.coreset import (
-    DEFAULT_PROJECTION_DIM,
-    chunk_shares,
-    coreset_size,
-    covering_radius,
-    greedy_k_center,
-    random_projection,
-    streaming_coreset,
-)
+from detector.coreset import DEFAULT_PROJECTION_DIM, chunk_shares, coreset_size, streaming_coreset
+from detector.greedy import covering_radius, greedy_k_center, random_projection
 from detector.memory_bank import l2_normalize
 from detector.runtimes import cache_dir
 
@@ -40,7 +33,7 @@ def carpet_features(rows: int, seed: int = 0) -> np.ndarray:
     cache = cache_dir() / "benchmarks" / f"carpet-vits16-448-{rows}-{seed}.npy"
     if cache.exists():
         return np.load(cache)
-    from detector.anomaly_detector import AnomalyDetector
+    from detector.anomaly_detector import iter_features
     from detector.backbone import build_extractor
     from detector.commands.random_backbone import make_backbone
     from detector.data.synthetic import make_dataset
@@ -53,7 +46,7 @@ def carpet_features(rows: int, seed: int = 0) -> np.ndarray:
     train = sorted((Path(root) / "train" / "good").glob("*.png"))[:images_needed]
     backbone = make_backbone(work / "vits16", "vits16", seed)
     extractor = build_extractor(str(backbone), resolution=448)
-    blocks = AnomalyDetector.iter_features(extractor, train, 4, progress=True)
+    blocks = iter_features(extractor, train, 4, progress=True)
     features = l2_normalize(np.concatenate([block.reshape(-1, 384) for block in blocks]))[:rows]
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, features)

@@ -24,10 +24,10 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
 from detector.data.synthetic import make_dataset
+from detector.dino import DinoBackbone
+from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.serving.local_server import bentoml_serve, export_models
 
@@ -54,7 +54,7 @@ def tiny_store(scratch: Path) -> Path:
     data = make_dataset(scratch / "data", size=128, n_train=8, n_test_good=1, n_per_defect=0)
     train = sorted((data / "train" / "good").glob("*.png"))
     backbone = DinoBackbone(str(source), resolution=128, device="cpu")
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         backbone, train[2:], train[:2], bank_config=BankConfig(coreset_ratio=0.25)
     )
     detector.bank.metadata["category"] = "carpet"

@@ -36,6 +36,7 @@ from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.data.shifts import apply_shift
 from detector.data.synthetic import make_dataset
+from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig
 from detector.metrics import image_auroc
 from detector.serving.local_server import (
@@ -75,7 +76,7 @@ def fit_products(work: Path, extractor, size: int) -> dict[str, tuple[Path, MVTe
         )
         dataset = MVTecCategory(Path(root).parent, "carpet")
         train = dataset.train_paths()
-        detector = AnomalyDetector.fit(
+        detector = fit_detector(
             extractor,
             train[:30],
             train[30:40],
@@ -110,7 +111,7 @@ def new_normal(extractor, model_dir: Path, dataset: MVTecCategory) -> dict:
     )
     before = measure(detector)
     added = [brighter(p, i) for i, p in enumerate(train[:20])]  # the line's new normal
-    features = np.concatenate(list(AnomalyDetector.iter_features(extractor, added, 8)))
+    features = np.concatenate(list(iter_features(extractor, added, 8)))
     learned, rows = detector.learned(features)
     after = measure(learned)
     return {

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory, load_mask
 from detector.data.synthetic import make_dataset
+from detector.dino import DinoBackbone
+from detector.fitting import fit_detector
 from detector.images import read_image
 from detector.memory_bank import BankConfig
 from detector.metrics import image_auroc, pixel_auroc
@@ -156,7 +157,7 @@ def main() -> None:
                 }
         data = make_dataset(scratch / "data", size=256, n_train=16, n_test_good=8, n_per_defect=4)
         train = sorted((data / "train" / "good").glob("*.png"))
-        detector = AnomalyDetector.fit(
+        detector = fit_detector(
             found["torch-f32"],
             train[2:],
             train[:2],

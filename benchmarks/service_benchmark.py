@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
 from detector.data.synthetic import carpet_texture, make_dataset
+from detector.dino import DinoBackbone
+from detector.fitting import fit_detector
 from detector.images import decode_image
 from detector.memory_bank import BankConfig
 from detector.serving.local_server import bentoml_serve, export_models
@@ -39,7 +40,7 @@ def build_models(scratch: Path, bank_rows: int) -> Path:
     data = make_dataset(scratch / "data", size=256, n_train=16, n_test_good=1, n_per_defect=0)
     train = sorted((data / "train" / "good").glob("*.png"))
     backbone = DinoBackbone(str(backbone_dir), resolution=448, device="cpu")
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         backbone,
         train[2:],
         train[:2],

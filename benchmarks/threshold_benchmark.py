@@ -6,7 +6,7 @@
 The training images come from session 0; 40 defect-free calibration images from session 1;
 the test images from session 2 (each later session a little brighter, a warmer yarn, the
 camera closer and turned: `detector.data.synthetic.Session`). Each calibration source is
-fitted once through `AnomalyDetector.fit` (its wall time is the fit's cost):
+fitted once through `fit_detector` (its wall time is the fit's cost):
 
 - held-out 10 %: the bank from 90 % of the training images, 10 % held out to calibrate;
 - cross-fitted: the bank from every training image, each also scored by a 5-fold bank;
@@ -29,10 +29,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory, split_calibration
 from detector.data.synthetic import make_dataset
+from detector.dino import DinoBackbone
+from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig
 from detector.scoring import Calibration
 from detector.thresholds import RULES
@@ -75,9 +76,7 @@ def main() -> None:
         session = sorted((dataset.folder / "calibration" / "good").glob("*.png"))
         samples = dataset.test_samples()
         labels = np.array([sample.label for sample in samples])
-        test_features = np.concatenate(
-            list(AnomalyDetector.iter_features(extractor, [s.path for s in samples], 8))
-        )
+        test_features = np.concatenate(list(iter_features(extractor, [s.path for s in samples], 8)))
         config = BankConfig(coreset_ratio=0.01, seed=0)
         bank_images, held_out = split_calibration(train, 0.1, 0)
         plans = {
@@ -91,7 +90,7 @@ def main() -> None:
         rows = []
         for name, (bank_paths, calibration_paths, folds) in plans.items():
             started = time.perf_counter()
-            detector = AnomalyDetector.fit(
+            detector = fit_detector(
                 extractor,
                 bank_paths,
                 calibration_paths,

@@ -15,8 +15,8 @@ from typing import Any
 
 _EXPORTS = {
     "AnomalyDetector": "detector.anomaly_detector",
-    "BackboneSpec": "detector.backbone",
-    "FeatureExtractor": "detector.backbone",
+    "BackboneSpec": "detector.extractor",
+    "FeatureExtractor": "detector.extractor",
     "build_extractor": "detector.backbone",
     "MemoryBank": "detector.memory_bank",
     "BankConfig": "detector.memory_bank",

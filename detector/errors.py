@@ -21,7 +21,10 @@ Main = TypeVar("Main", bound=Callable[..., Any])
 
 class UserError(Exception):
     """Something the user can fix (a missing model, a wrong path, a bad setting); the
-    message is one sentence saying what to do."""
+    message is one sentence saying what to do. A service answers it with `status` and the
+    one-word `reason` (detector/serving/answers.py), a command exits with code 2."""
+
+    status, reason = 400, "bad_request"
 
 
 # ValueError and FileNotFoundError too: configuration parsers and file lookups raise them

@@ -23,9 +23,9 @@ from detector.coreset import (
     DEFAULT_OVERSAMPLE,
     DEFAULT_PROJECTION_DIM,
     coreset_size,
-    farthest_points,
     streaming_coreset,
 )
+from detector.greedy import farthest_points
 
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "bank.json"

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from detector.backbone import BackboneSpec, DinoBackbone, preprocess, resolve_device
+from detector.dino import DinoBackbone
 from detector.errors import UserError
+from detector.extractor import BackboneSpec, preprocess, resolve_device
 
 if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
     import torch
@@ -46,7 +47,7 @@ RUNTIME_PRECISIONS = {
 }
 GRAPHS_FOLDER = "graphs"
 SPEC_METADATA_KEY = "dino_inspect_backbone"
-OPSET = 18  # the opset the DINOv3 export was checked with (FACTS.md)
+OPSET = 18  # the opset the DINOv3 export was checked with (tests/test_runtimes.py)
 # Which Python package each runtime needs, for the "not installed" sentence.
 PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 

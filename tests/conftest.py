@@ -6,7 +6,9 @@ reach the network or a user's model store.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import tempfile
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
@@ -22,10 +24,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from detector.anomaly_detector import AnomalyDetector  # noqa: E402
-from detector.backbone import DinoBackbone  # noqa: E402
 from detector.commands.random_backbone import make_backbone  # noqa: E402
 from detector.data.mvtec import MVTecCategory, split_calibration  # noqa: E402
 from detector.data.synthetic import make_dataset  # noqa: E402
+from detector.dino import DinoBackbone  # noqa: E402
+from detector.fitting import fit_detector  # noqa: E402
 from detector.memory_bank import BankConfig  # noqa: E402
 
 TEST_IMAGE_SIZE = 128
@@ -59,7 +62,7 @@ def fitted_detector(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
 ) -> AnomalyDetector:
     bank_paths, calibration_paths = split_calibration(synthetic_dataset.train_paths(), 0.25, 0)
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         tiny_backbone,
         bank_paths,
         calibration_paths,
@@ -185,3 +188,35 @@ def records_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
         connection.execute(f'CREATE DATABASE "{name}"')
     return server.url.rsplit("/", 1)[0] + "/" + name
+
+
+# What starts another process: a server, a browser, a database, a command line. A test that
+# reaches one of these, in its body or in any fixture it uses, is marked `server`, so that
+# `pytest -m "not server"` is the quick in-process loop.
+PROCESS_STARTERS = re.compile(
+    r"\b(bentoml_serve|serve_until_exit|subprocess|Popen|sync_playwright|run_python|"
+    r"postgres_server|prometheus_server|run_batch|run_command)\b"
+)
+
+
+def _starts_processes(function: object, seen: dict[object, bool]) -> bool:
+    if function not in seen:
+        try:
+            seen[function] = bool(PROCESS_STARTERS.search(inspect.getsource(function)))
+        except (OSError, TypeError):
+            seen[function] = False
+    return seen[function]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seen: dict[object, bool] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = [
+            definition.func
+            for definitions in (info.name2fixturedefs.values() if info else [])
+            for definition in definitions
+        ]
+        test = getattr(item, "function", None)
+        if any(_starts_processes(f, seen) for f in [test, *fixtures] if f is not None):
+            item.add_marker(pytest.mark.server)

@@ -21,7 +21,8 @@ from detector.serving.access import (
     parse_keys,
     serving_host,
 )
-from detector.serving.gate import CALLER_SCOPE_KEY, RequestGate, rule_key
+from detector.serving.gate import CALLER_SCOPE_KEY, RequestGate
+from detector.serving.route_rules import rule_key
 from detector.serving.settings import Settings
 
 LINE, REVIEWER, ADMIN = "line-key-0123456789", "reviewer-key-0123456", "admin-key-0123456789"
@@ -343,7 +344,8 @@ def test_bad_parameters_are_a_sentence_and_a_4xx_never_a_500(
     product: each input that once gave a 500 and a traceback."""
     import dataclasses
 
-    from detector.serving.api import InspectionEndpoints, json_object
+    from detector.serving.api import InspectionEndpoints
+    from detector.serving.mounted import json_object
     from detector.serving.records import Recorder
 
     base = settings_with(monkeypatch, INSPECT_ADMIN_KEY=ADMIN)

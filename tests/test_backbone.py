@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.backbone import BackboneUnavailableError, DinoBackbone
 from detector.commands.random_backbone import make_backbone
+from detector.dino import DinoBackbone
+from detector.extractor import BackboneUnavailableError
 
 
 def test_patch_grid_drops_cls_and_register_tokens(tiny_backbone: DinoBackbone) -> None:

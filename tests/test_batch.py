@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from batch.files import Shard, find_images
-from batch.job import heatmap_path, is_current
+from batch.job import is_current
+from batch.outputs import heatmap_path
 from batch.results import ResultJournal, read_rows
 from detector.anomaly_detector import AnomalyDetector
 from detector.serving.local_server import REPO, bentoml_serve, export_models, service_env

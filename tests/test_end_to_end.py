@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone, IncompatibleBankError
 from detector.data.mvtec import MVTecCategory, load_mask
+from detector.dino import DinoBackbone
+from detector.extractor import IncompatibleBankError
 from detector.images import InvalidImageError
 from detector.metrics import image_auroc
 

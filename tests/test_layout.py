@@ -3,6 +3,8 @@ the README's commands all resolve to the one definition they name."""
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import re
 import subprocess
@@ -12,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from detector import schema
-from detector.backbone import BackboneSpec, DinoBackbone, IncompatibleBankError
 from detector.commands import COMMANDS
+from detector.dino import DinoBackbone
+from detector.extractor import BackboneSpec, IncompatibleBankError
 from detector.scoring import Calibration, make_result
 from detector.serving.local_server import REPO, service_env
 
@@ -143,3 +146,135 @@ def test_make_demo_installs_every_tool_the_readme_runs_later() -> None:
     }
     assert used == set(tools.values()), "the README runs these tools as written"
     assert used <= installed, f"make demo does not install {sorted(used - installed)}"
+
+
+# ----- layers: what may import what -------------------------------------------------------
+SOURCES = [
+    path
+    for path in [*REPO.glob("detector/**/*.py"), *REPO.glob("batch/*.py"), REPO / "service.py"]
+    if "migrations" not in path.parts
+]
+SERVING, COMMAND_LAYER, RECORDS = "detector.serving", "detector.commands", "detector.records"
+# The library: what any extractor, bank or scoring user needs, and the bank store.
+LIBRARY_PACKAGES = ("detector.banks", "detector.data")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function (a lazy import is an
+    import all the same), as dotted names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@functools.cache
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(path): path for path in SOURCES}
+    return {
+        name: {other for other in imported_modules(path) if other in modules and other != name}
+        for name, path in modules.items()
+    }
+
+
+def is_library(name: str) -> bool:
+    top_level = name.count(".") == 1 and name.startswith("detector.")
+    return (top_level and name != "detector.__main__") or name.startswith(LIBRARY_PACKAGES)
+
+
+def under(name: str, *packages: str) -> bool:
+    return any(name == package or name.startswith(package + ".") for package in packages)
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    graph = import_graph()
+    broken = []
+    for name, imports in sorted(graph.items()):
+        if under(name, COMMAND_LAYER, "batch"):
+            forbidden: tuple[str, ...] = (SERVING, "service")
+        elif under(name, RECORDS):
+            forbidden = (SERVING, COMMAND_LAYER, "batch", "service")
+        elif is_library(name):
+            forbidden = (SERVING, COMMAND_LAYER, RECORDS, "batch", "service")
+        else:
+            continue
+        broken += [
+            f"{name} imports {other}" for other in sorted(imports) if under(other, *forbidden)
+        ]
+    assert broken == []
+    assert any(is_library(name) for name in graph) and "detector.banks.versions" in graph
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    graph = import_graph()
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(graph)))
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        order[node] = low[node] = len(order)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in order:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], order[other])
+        if low[node] == order[node]:
+            component = []
+            while (popped := stack.pop()) != node:
+                component.append(popped)
+            if component:
+                cycles.append(sorted([node, *component]))
+
+    for node in graph:
+        if node not in order:
+            visit(node)
+    assert cycles == []
+
+
+def test_functions_and_modules_stay_small() -> None:
+    """No function over 60 lines, no module over 350: past that, a newcomer cannot hold one
+    in their head, and it is doing more than one job."""
+    too_long = []
+    for path in SOURCES:
+        text = path.read_text()
+        if len(text.splitlines()) > 350:
+            too_long.append(f"{module_name(path)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    too_long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert too_long == []
+
+
+def test_the_batch_help_and_the_serve_process_start_without_torch() -> None:
+    assert modules_loaded_by("batch.__main__, detector.extractor", ("torch",)) == []
+    result = run_python("-m", "batch", "--help")
+    assert result.returncode == 0 and "--product" in result.stdout
+
+
+def test_the_readme_lists_every_metric_the_service_exports() -> None:
+    text = (REPO / "detector/serving/telemetry.py").read_text()
+    names = set(re.findall(r'"(inspection_\w+)"', text))
+    counters = set(re.findall(r'Counter\(\s*"(inspection_\w+)"', text))
+    readme = (REPO / "README.md").read_text()
+    assert len(names) > 10
+    missing = [
+        name
+        for name in sorted(names)
+        if name + ("_total" if name in counters else "") not in readme
+    ]
+    assert missing == []

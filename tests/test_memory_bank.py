@@ -4,15 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from detector.coreset import (
-    chunk_shares,
+from detector.coreset import chunk_shares, coreset_size, streaming_coreset
+from detector.greedy import (
     continue_greedy,
-    coreset_size,
     farthest_points,
     greedy_k_center,
     nearest_centre,
     random_projection,
-    streaming_coreset,
 )
 from detector.memory_bank import BankConfig, MemoryBank, l2_normalize
 

@@ -51,8 +51,8 @@ def test_serve_refuses_a_mismatched_pair_with_one_sentence(
     store: Path, other_backbone: Path
 ) -> None:
     save = (
-        "from detector.backbone import DinoBackbone\n"
-        "from detector.serving.model_store import save_backbone\n"
+        "from detector.dino import DinoBackbone\n"
+        "from detector.banks.models import save_backbone\n"
         f"save_backbone(DinoBackbone({str(other_backbone)!r}, resolution=128), 'other-backbone')"
     )
     subprocess.run([sys.executable, "-c", save], env=service_env(store), check=True, cwd=REPO)
@@ -198,13 +198,13 @@ def test_export_guards_the_store_and_serve_refuses_only_the_product_it_cannot_se
     assert forced.returncode == 0 and "bank-carpet:v4" in forced.stdout, forced.stderr
 
     # A product fitted with other weights, as moving from the demo to real weights does.
-    from detector.anomaly_detector import AnomalyDetector
-    from detector.backbone import DinoBackbone
+    from detector.dino import DinoBackbone
+    from detector.fitting import fit_detector
     from detector.memory_bank import BankConfig
 
     images = sorted(synthetic_dataset.train_paths())[:4]
     backbone = DinoBackbone(str(other_backbone), resolution=64, device="cpu")
-    widget = AnomalyDetector.fit(
+    widget = fit_detector(
         backbone, images[:3], images[3:], bank_config=BankConfig(coreset_ratio=0.5), progress=False
     )
     widget.bank.metadata["category"] = "widget"

@@ -23,11 +23,14 @@ import pytest
 from PIL import Image
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
+from detector.banks import changes, products, versions
+from detector.banks.models import save_backbone, save_bank
 from detector.data.mvtec import MVTecCategory
 from detector.data.shifts import apply_shift
+from detector.dino import DinoBackbone
+from detector.errors import UserError
+from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig, MemoryBank
-from detector.serving import products as store
 from detector.serving.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
@@ -36,7 +39,6 @@ from detector.serving.local_server import (
     service_env,
     wait_for,
 )
-from detector.serving.model_store import save_backbone, save_bank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
 
@@ -65,7 +67,7 @@ def product_dirs(
     root = tmp_path_factory.mktemp("products")
     dirs = {}
     for product, (paths, ratio) in plans.items():
-        detector = AnomalyDetector.fit(
+        detector = fit_detector(
             tiny_backbone,
             paths,
             train[20:],
@@ -94,7 +96,7 @@ def runner_for(names: list[str], tiny_backbone: DinoBackbone, **settings) -> Sco
 
 # ----- the store: versions, history, rollback, concurrency -----------------------------
 def test_export_makes_version_one_of_each_product(in_process_store: dict) -> None:
-    assert {"ip-carpet", "ip-line2", "ip-line3"} <= set(store.list_products())
+    assert {"ip-carpet", "ip-line2", "ip-line3"} <= set(products.list_products())
     for model in in_process_store.values():
         assert model.tag.version == "v1" and model.info.labels["version"] == "1"
         assert model.info.metadata["change"]["action"] == "fit"
@@ -153,7 +155,7 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     assert after["score"] < before["score"]
     assert after["threshold"] == before["threshold"], "the threshold is kept unless asked"
 
-    history = store.history("ip-line2")
+    history = versions.history("ip-line2")
     assert [v["version"] for v in history] == ["v1", "v2"] and history[1]["live"]
     change = history[1]["change"]
     assert change["parent"] == "bank-ip-line2:v1" and change["reason"] == "new yarn batch"
@@ -167,7 +169,7 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
         "upper bounds" in stated["statement"]
         and "upper bounds" not in (history[0]["calibration"]["statement"])
     )
-    kept = MemoryBank.read_document(store.live_model("ip-line2").path)["calibration"]
+    kept = MemoryBank.read_document(products.live_model("ip-line2").path)["calibration"]
     rescored = runner.score_uploads(
         [("ip-line2", path.read_bytes()) for path in train[20:]], with_maps=False
     )
@@ -180,7 +182,7 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     (rolled_back,) = runner.score_uploads([("ip-line2", held_out)], with_maps=False)
     assert rolled_back["models"]["bank"] == "bank-ip-line2:v3"
     assert rolled_back["score"] == before["score"], "exactly the earlier version's scores"
-    assert store.history("ip-line2")[-1]["change"]["restored"] == "v1"
+    assert versions.history("ip-line2")[-1]["change"]["restored"] == "v1"
     assert runner.rollback("ip-line2", "v9", "")["status"] == 404
 
 
@@ -195,12 +197,12 @@ def test_recalibration_sets_the_threshold_and_reports_how_scores_moved(
     moved = report["calibration"]
     assert moved["images"] == 4 and moved["scores_after"]["max"] <= moved["scores_before"]["max"]
     assert moved["threshold_after"] == pytest.approx(moved["scores_after"]["max"])
-    live = store.live_model("ip-line3")
+    live = products.live_model("ip-line3")
     assert live.info.metadata["change"]["action"] == "recalibrate"
     assert live.info.metadata["calibration"]["rows_added_since"] == 0, "measured anew"
     assert live.info.metadata["threshold"] == pytest.approx(moved["threshold_after"])
     assert runner.add_images("ip-line3", [b"not an image"], "", [])["status"] == 415
-    assert store.live_model("ip-line3").tag == live.tag, "a refused change changes nothing"
+    assert products.live_model("ip-line3").tag == live.tag, "a refused change changes nothing"
 
 
 def test_concurrent_adds_to_one_product_both_land(
@@ -211,7 +213,7 @@ def test_concurrent_adds_to_one_product_both_land(
         [png(brighter(path, seed)) for seed, path in enumerate(train[:10])],
         [png(apply_shift(Image.open(p).convert("RGB"), "contrast", 0.8, 1)) for p in train[10:20]],
     ]
-    start = int(store.live_version("ip-carpet")[1:])
+    start = int(products.live_version("ip-carpet")[1:])
     runners = [runner_for(["ip-carpet"], tiny_backbone) for _ in batches]
     barrier = threading.Barrier(2)
 
@@ -222,12 +224,12 @@ def test_concurrent_adds_to_one_product_both_land(
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(add, range(2)))
     assert sorted(int(r["version"][1:]) for r in reports) == [start + 1, start + 2]
-    final = store.history("ip-carpet")[-1]
-    first = store.history("ip-carpet")[-2]
+    final = versions.history("ip-carpet")[-1]
+    first = versions.history("ip-carpet")[-2]
     assert final["change"]["parent"] == first["tag"], "the second add extended the first"
     hashes = {
         h
-        for version in store.history("ip-carpet")
+        for version in versions.history("ip-carpet")
         for h in version["change"].get("added_sha256", [])
     }
     assert len(hashes) == 20, "both adds of 10 images are in the history"
@@ -235,9 +237,9 @@ def test_concurrent_adds_to_one_product_both_land(
     earlier = reports[1] if later is reports[0] else reports[0]
     assert later["bank_rows_before"] == earlier["bank_rows_after"]
     # The live bank covers every patch of both batches as tightly as its training patches.
-    bank = MemoryBank.load(store.live_model("ip-carpet").path)
+    bank = MemoryBank.load(products.live_model("ip-carpet").path)
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in batches[0] + batches[1]]
-    features = np.concatenate(list(AnomalyDetector.iter_features(tiny_backbone, decoded, 8)))
+    features = np.concatenate(list(iter_features(tiny_backbone, decoded, 8)))
     assert bank.distances(features).max() <= bank.covering_radius + 1e-5
 
 
@@ -247,7 +249,7 @@ def test_a_version_made_elsewhere_is_served_after_the_refresh_interval(
     runner = runner_for(["ip-line3"], tiny_backbone, bank_refresh_s=0.2)
     image = synthetic_dataset.train_paths()[0].read_bytes()
     (first,) = runner.score_uploads([("ip-line3", image)], with_maps=False)
-    other = store.rollback("ip-line3", "v1", "made by another replica")
+    other = versions.rollback("ip-line3", "v1", "made by another replica")
     time.sleep(0.3)
     (second,) = runner.score_uploads([("ip-line3", image)], with_maps=False)
     assert first["models"]["bank"] != second["models"]["bank"] == str(other.tag)
@@ -287,18 +289,18 @@ def test_a_deleted_live_version_is_refused_never_replaced_and_its_number_never_r
     runner = runner_for(["ip-deleted"], tiny_backbone, bank_refresh_s=0.0)
     image = synthetic_dataset.train_paths()[0].read_bytes()
     (first,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
-    newest = store.rollback("ip-deleted", "v1", "to be deleted")
+    newest = versions.rollback("ip-deleted", "v1", "to be deleted")
     bentoml.models.delete(str(newest.tag))  # what an operator might do by hand
-    with pytest.raises(store.LiveVersionMissing, match="rollback"):
-        store.live_version("ip-deleted")
+    with pytest.raises(products.LiveVersionMissing, match="rollback"):
+        products.live_version("ip-deleted")
     (answer,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
     assert answer["status"] == 503 and answer["reason"] == "bank_missing", answer
     assert gauge("inspection_bank_unavailable", "ip-deleted") == 1
     (listed,) = runner.products()
     assert listed["reason"] == "bank_missing" and "rollback" in listed["error"]
-    with pytest.raises(store.LiveVersionMissing):  # no change may build on a missing bank
-        store.set_operating_point("ip-deleted", target=0.05)
-    restored = store.rollback("ip-deleted", "v1", "recover")
+    with pytest.raises(products.LiveVersionMissing):  # no change may build on a missing bank
+        changes.set_operating_point("ip-deleted", target=0.05)
+    restored = versions.rollback("ip-deleted", "v1", "recover")
     assert int(restored.tag.version[1:]) == int(newest.tag.version[1:]) + 1, "never reused"
     assert restored.info.metadata["change"]["parent"] == str(newest.tag)
     (answer,) = runner.score_uploads([("ip-deleted", image)], with_maps=False)
@@ -319,8 +321,8 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     assert oct(index.stat().st_mode)[-3:] == "444", "stored files are read-only"
     index.chmod(0o644)  # what a careless hand (or root) can still do
     index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
-    with pytest.raises(store.BankCorrupt, match="index.faiss"):
-        store.load_bank(model)
+    with pytest.raises(products.BankCorrupt, match="index.faiss"):
+        versions.load_bank(model)
     runner = runner_for(["ip-damaged"], tiny_backbone)
     image = synthetic_dataset.train_paths()[0].read_bytes()
     (answer,) = runner.score_uploads([("ip-damaged", image)], with_maps=False)
@@ -331,7 +333,7 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     # Restoring a damaged version is refused, and a refused change uses up no number.
     refused = runner.rollback("ip-damaged", "v1", "restore the broken one")
     assert refused["status"] == 503 and refused["reason"] == "bank_corrupt"
-    assert [v["version"] for v in store.history("ip-damaged")] == ["v1"]
+    assert [v["version"] for v in versions.history("ip-damaged")] == ["v1"]
     fresh = save_bank(
         product_dirs["line3"], bentoml.models.get("dino-backbone:latest"), product="ip-damaged"
     )
@@ -349,41 +351,41 @@ def test_threshold_versions_share_the_index_and_old_versions_are_pruned(
     runner = runner_for(["ip-kept"], tiny_backbone)
     image = synthetic_dataset.train_paths()[0].read_bytes()
     runner.score_uploads([("ip-kept", image)], with_maps=False)  # v1 served: records name it
-    restored_source = store.set_operating_point("ip-kept", target=0.2)[0]  # v2, never served
-    store.rollback("ip-kept", "v2", "a rollback names v2")  # v3
+    restored_source = changes.set_operating_point("ip-kept", target=0.2)[0]  # v2, never served
+    versions.rollback("ip-kept", "v2", "a rollback names v2")  # v3
     monkeypatch.setenv("INSPECT_KEEP_VERSIONS", "3")
-    made = [store.set_operating_point("ip-kept", target=0.05 + 0.01 * i)[0] for i in range(6)]
+    made = [changes.set_operating_point("ip-kept", target=0.05 + 0.01 * i)[0] for i in range(6)]
     index = Path(made[-1].path) / "index.faiss"
     assert index.stat().st_ino == (Path(first.path) / "index.faiss").stat().st_ino
     assert index.stat().st_nlink > 2, "one index file on disk for every threshold version"
-    left = [version["version"] for version in store.history("ip-kept")]
+    left = [version["version"] for version in versions.history("ip-kept")]
     assert left == ["v1", "v2", "v7", "v8", "v9"], "served, restored, and the newest three"
     assert str(restored_source.tag.version) in left
-    page = store.history("ip-kept", limit=2)
+    page = versions.history("ip-kept", limit=2)
     assert [v["version"] for v in page] == ["v8", "v9"] and page[-1]["live"]
-    assert [v["version"] for v in store.history("ip-kept", limit=2, before=8)] == ["v2", "v7"]
+    assert [v["version"] for v in versions.history("ip-kept", limit=2, before=8)] == ["v2", "v7"]
 
 
 def test_bad_product_names_and_versions_are_one_sentence() -> None:
-    with pytest.raises(store.UserError, match="not valid"):
-        store.check_product("Line 3/../x")
-    with pytest.raises(store.UnknownProductError, match="Unknown product"):
-        store.live_model("never-exported")
-    with pytest.raises(store.UnknownProductError):
-        store.history("never-exported")
+    with pytest.raises(UserError, match="not valid"):
+        products.check_product("Line 3/../x")
+    with pytest.raises(products.UnknownProductError, match="Unknown product"):
+        products.live_model("never-exported")
+    with pytest.raises(products.UnknownProductError):
+        versions.history("never-exported")
     for version in ("v01", "v0", "²", "v²", "v" + "9" * 40, "1.0"):
-        with pytest.raises(store.VersionError, match="has no bank version"):
-            store.version_model("ip-carpet", version)
+        with pytest.raises(products.VersionError, match="has no bank version"):
+            products.version_model("ip-carpet", version)
 
 
 def test_the_versions_on_the_live_scale_stop_where_the_store_does(
     in_process_store: dict, product_dirs: dict[str, Path]
 ) -> None:
     fresh_product("ip-orphan", product_dirs)
-    middle = store.set_operating_point("ip-orphan", target=0.2)[0]
-    live = store.set_operating_point("ip-orphan", target=0.1)[0]
+    middle = changes.set_operating_point("ip-orphan", target=0.2)[0]
+    live = changes.set_operating_point("ip-orphan", target=0.1)[0]
     bentoml.models.delete(str(middle.tag))  # the live version's parent, by hand
-    assert store.scoring_versions("ip-orphan")[1] == [str(live.tag)]
+    assert versions.scoring_versions("ip-orphan")[1] == [str(live.tag)]
 
 
 # ----- served: one `bentoml serve`, three products, keys set ----------------------------
@@ -541,9 +543,9 @@ def test_an_update_from_the_command_is_served_without_restart_then_rolled_back(
     after = inspect(server, "line2", held_out).json()
     assert after["models"]["bank"] == "bank-line2:v3" and after["score"] == before["score"]
     history = httpx.get(f"{server}/products/line2/history", headers={"X-API-Key": ADMIN_KEY}).json()
-    changes = [version["change"] for version in history["versions"]]
-    assert [c["action"] for c in changes] == ["fit", "add_images", "rollback"]
-    assert changes[1]["reason"] == "relit line" and changes[2]["restored"] == "v1"
+    made = [version["change"] for version in history["versions"]]
+    assert [c["action"] for c in made] == ["fit", "add_images", "rollback"]
+    assert made[1]["reason"] == "relit line" and made[2]["restored"] == "v1"
 
 
 def test_images_added_over_http_make_a_version(
@@ -671,7 +673,7 @@ def test_learning_a_brighter_normal_cuts_its_false_alarms_and_keeps_defects_rank
     train = synthetic_dataset.train_paths()
     features = np.concatenate(
         list(
-            AnomalyDetector.iter_features(
+            iter_features(
                 fitted_detector.extractor, [brighter(p, i) for i, p in enumerate(train)], 8
             )
         )

@@ -20,15 +20,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import inspect as schema_of
 
+from detector.records.errors import RecordNotFound, RecordsError
 from detector.records.images import ImageStore
 from detector.records.model import REVIEW_COLUMNS, Inspection, Review, new_record_id, utc_now
-from detector.records.store import (
-    RecordNotFound,
-    RecordQuery,
-    RecordsError,
-    RecordStore,
-    decode_cursor,
-)
+from detector.records.query import RecordQuery, decode_cursor
+from detector.records.store import RecordStore
 from detector.records.writer import RecordWriter
 from detector.serving.records import query_from
 

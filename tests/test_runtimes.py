@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import DinoBackbone
 from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
+from detector.dino import DinoBackbone
 from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
 from detector.serving.local_server import (
     REPO,

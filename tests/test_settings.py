@@ -60,7 +60,7 @@ def test_the_thread_count_falls_back_where_there_is_no_cpu_affinity(
 
 def test_the_model_store_is_found_the_same_way_everywhere(tmp_path: Path) -> None:
     """A Bento's packed models in its image, a shared store seeded from them, or the home's."""
-    from detector.serving.store_location import choose, seed
+    from detector.banks.location import choose, seed
 
     home, bento = tmp_path / "home" / "models", tmp_path / "bento"
     packed = bento / "models"
@@ -88,7 +88,7 @@ def test_auto_is_the_cpu_without_an_nvidia_driver(monkeypatch: pytest.MonkeyPatc
     one is, torch decides (a driver without a usable GPU is still the CPU)."""
     import torch
 
-    from detector import backbone
+    from detector import extractor as backbone
 
     monkeypatch.setattr(backbone, "_nvidia_driver_present", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # never asked
@@ -151,10 +151,10 @@ def test_products_prints_a_short_history_table_and_json_on_request(store: Path) 
 def test_the_batch_job_asks_for_product_by_its_option(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several products and none named: the batch job's sentence names --product, not the
     HTTP form field."""
-    from detector.serving import products
-    from detector.serving.model_store import load_pair
+    from detector.banks import models
+    from detector.banks.products import UnknownProductError
 
-    monkeypatch.setattr(products, "list_products", lambda: ["carpet", "tile"])
-    with pytest.raises(products.UnknownProductError, match="--product") as raised:
-        load_pair()
+    monkeypatch.setattr(models, "list_products", lambda: ["carpet", "tile"])
+    with pytest.raises(UnknownProductError, match="--product") as raised:
+        models.load_pair()
     assert "form field" not in str(raised.value) and "carpet, tile" in str(raised.value)

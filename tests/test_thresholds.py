@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.anomaly_detector import AnomalyDetector, assign_folds
-from detector.backbone import DinoBackbone
+from detector.banks import changes, products, versions
+from detector.banks.models import save_backbone, save_bank
 from detector.data.mvtec import MVTecCategory
+from detector.dino import DinoBackbone
 from detector.errors import UserError
-from detector.memory_bank import BankConfig
-from detector.serving import products as store
-from detector.serving.model_store import save_backbone, save_bank
+from detector.fitting import assign_folds, fit_detector
+from detector.memory_bank import BankConfig, MemoryBank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
 from detector.thresholds import RULES, EmpiricalQuantile, Margin, NormalTail, ParetoTail
@@ -73,7 +73,7 @@ def test_cross_fitted_scores_come_from_banks_without_their_own_image(
     Image.open(train[0]).save(duplicate)
     images = [*train, duplicate]
     groups = [*range(len(train)), 0]  # the duplicate belongs with the image it copies
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         tiny_backbone,
         images,
         folds=3,
@@ -97,7 +97,7 @@ def test_cross_fitted_scores_come_from_banks_without_their_own_image(
 @pytest.fixture(scope="module")
 def operated(tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path_factory):
     train = synthetic_dataset.train_paths()
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         tiny_backbone,
         train[:16],
         folds=4,
@@ -110,8 +110,8 @@ def operated(tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_
     return save_bank(folder, backbone, product="op-carpet")
 
 
-def versions() -> list[str]:
-    return [version["version"] for version in store.history("op-carpet")]
+def version_names() -> list[str]:
+    return [version["version"] for version in versions.history("op-carpet")]
 
 
 def test_a_new_target_is_a_new_version_and_rollback_restores_the_old_verdicts(
@@ -121,14 +121,14 @@ def test_a_new_target_is_a_new_version_and_rollback_restores_the_old_verdicts(
     runner = ScoringRunner(tiny_backbone, "dino-backbone:test", ["op-carpet"], config)
     uploads = [("op-carpet", s.path.read_bytes()) for s in synthetic_dataset.test_samples()]
     before = runner.score_uploads(uploads, with_maps=False)
-    first = versions()[-1]
+    first = version_names()[-1]
 
     report = runner.set_threshold("op-carpet", {"target": 0.3, "reason": "too many alarms"})
-    assert report["version"] == versions()[-1] != first
-    stored = store.live_model("op-carpet").info.metadata
+    assert report["version"] == version_names()[-1] != first
+    stored = products.live_model("op-carpet").info.metadata
     assert stored["change"]["action"] == "operating_point"
     assert stored["change"]["reason"] == "too many alarms" and stored["change"]["target"] == 0.3
-    scores = store.MemoryBank.load(store.live_model("op-carpet").path).metadata["calibration"]
+    scores = MemoryBank.load(products.live_model("op-carpet").path).metadata["calibration"]
     expected = float(np.quantile(scores["reference_scores"], 0.7, method="higher"))
     assert report["threshold_after"] == pytest.approx(expected)
     assert report["threshold_after"] < report["threshold_before"]
@@ -171,10 +171,10 @@ def test_a_new_target_is_a_new_version_and_rollback_restores_the_old_verdicts(
 def test_a_bad_operating_point_is_one_sentence_and_changes_nothing(
     operated, change: dict, message: str
 ) -> None:
-    before = versions()
+    before = version_names()
     with pytest.raises(UserError, match=message):
-        store.set_operating_point("op-carpet", **change)
-    assert versions() == before
+        changes.set_operating_point("op-carpet", **change)
+    assert version_names() == before
 
 
 # ----- the session-shift set ------------------------------------------------------------------
@@ -240,19 +240,17 @@ def test_a_suggestion_uses_reviewed_and_unflagged_parts_and_leaves_open_alarms_o
 
 
 def test_features_beyond_the_memory_budget_are_spilled_and_read_back_the_same() -> None:
-    from detector.anomaly_detector import FeatureSpill
+    from detector.spill import Spill
 
     rng = np.random.default_rng(5)
-    batches = [rng.normal(size=(3, 4, 4, 8)).astype(np.float32) for _ in range(4)]
-    with FeatureSpill(in_memory_bytes=2 * batches[0].nbytes) as spill:
-        for batch in batches:
-            spill.append(batch)
-        assert spill._folder is not None and len(list(Path(spill._folder.name).glob("*.npy"))) == 2
-        everything = np.concatenate(batches)
-        np.testing.assert_array_equal(spill.take([0, 5, 11, 7]), everything[[0, 5, 11, 7]])
-        blocks = list(spill.blocks([1, 2, 9, 10, 11], 2))
+    everything = rng.normal(size=(12, 4, 4, 8)).astype(np.float32)
+    budget = everything.nbytes // 2
+    with Spill(everything.shape, budget) as spilled, Spill((2, 4), budget) as small:
+        assert isinstance(spilled.array, np.memmap) and not isinstance(small.array, np.memmap)
+        spilled.array[:] = everything
+        np.testing.assert_array_equal(spilled.take([0, 5, 11, 7]), everything[[0, 5, 7, 11]])
+        blocks = list(spilled.blocks([1, 2, 9, 10, 11], 2))
         assert [block.shape[0] for block in blocks] == [2, 2, 1]
         np.testing.assert_array_equal(np.concatenate(blocks), everything[[1, 2, 9, 10, 11]])
-        assert spill.rows([1, 2, 3]) == 3 * 16
-        folder = Path(spill._folder.name)
-    assert not folder.exists(), "the spilled features go with the fit"
+        handle = spilled._file
+    assert handle is not None and handle.closed, "the spilled features go with the fit"

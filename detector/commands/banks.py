@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from detector.anomaly_detector import AnomalyDetector
+from detector.anomaly_detector import AnomalyDetector, iter_features
+from detector.banks import changes, products, versions
+from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
 from detector.images import images_in
 from detector.memory_bank import MemoryBank
-from detector.serving import products as store
-from detector.serving.model_store import checked_spec, load_extractor, stored
 from detector.threads import set_threads
 
 
@@ -42,20 +42,19 @@ def add_folder(
     """Add a folder of defect-free images to a product's bank: only they pass the backbone."""
     paths = images_in(folder)
     held_out = images_in(calibration) if calibration is not None else []
-    live = store.live_model(product)
+    live = products.live_model(product)
     backbone = stored(live.info.metadata["backbone_model"])
-    extractor = load_extractor(
-        backbone, checked_spec(backbone, {product: live}, "torch", "f32"), device=device
-    )
+    # Torch, the reference runtime: the bank's new rows are what the fit would have made.
+    extractor = load_extractor(backbone, {product: live}, device=device)
     detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
-    features = np.concatenate(list(AnomalyDetector.iter_features(extractor, paths, batch_size)))
+    features = np.concatenate(list(iter_features(extractor, paths, batch_size)))
     # Calibration images decoded one at a time, reduced to the backbone's input, let go.
     inputs = [detector.prepare(path) for path in held_out]
     calibration_inputs = (
         (np.stack([array for array, _ in inputs]), [size for _, size in inputs]) if inputs else None
     )
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
-    _, report = store.add_images(
+    _, report = changes.add_images(
         product,
         features,
         hashes,
@@ -74,11 +73,11 @@ def products_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="the whole document, as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.product:
-        listing = store.history(store.check_product(args.product))
+        listing = versions.history(products.check_product(args.product))
     else:
         listing = [
-            {"name": name, **store.describe(store.live_model(name))}
-            for name in store.list_products()
+            {"name": name, **versions.describe(products.live_model(name))}
+            for name in products.list_products()
         ]
     print(json.dumps(listing, indent=2) if args.json else table(listing, bool(args.product)))
 
@@ -120,7 +119,7 @@ def add_images_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     set_threads(args.threads)
     report = add_folder(
-        store.check_product(args.product),
+        products.check_product(args.product),
         args.image_dir,
         args.reason,
         args.calibration,
@@ -137,7 +136,7 @@ def rollback_main(argv: list[str] | None = None) -> None:
     parser.add_argument("version", help="e.g. v2 (see `python -m detector products PRODUCT`)")
     parser.add_argument("--reason", default="")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    model = store.rollback(store.check_product(args.product), args.version, args.reason)
+    model = versions.rollback(products.check_product(args.product), args.version, args.reason)
     print(f"{args.product}: {model.tag} is live, with the files of {args.version}")
 
 
@@ -157,8 +156,8 @@ def set_threshold_main(argv: list[str] | None = None) -> None:
         help="allow a threshold far outside the calibration scores (flags every part or none)",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    _, report = store.set_operating_point(
-        store.check_product(args.product),
+    _, report = changes.set_operating_point(
+        products.check_product(args.product),
         target=args.target,
         threshold=args.threshold,
         reason=args.reason,

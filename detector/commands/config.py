@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import FeatureExtractor, build_extractor
+from detector.backbone import build_extractor
 from detector.data.augment import AugmentConfig
 from detector.data.mvtec import MVTecCategory, Sample
+from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig
 from detector.scoring import ScoringConfig
 from detector.threads import set_threads

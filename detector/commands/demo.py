@@ -17,10 +17,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from detector.backbone import BackboneUnavailableError
 from detector.commands.evaluate import evaluate
 from detector.commands.fit import fit
 from detector.errors import exits_on_user_error
+from detector.extractor import BackboneUnavailableError
 
 WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -64,8 +64,6 @@ def serve(port: int) -> None:
     import os
     import secrets
 
-    from detector.serving.local_server import REPO, wait_until_ready
-
     key = secrets.token_urlsafe(24)
     load_test_key = secrets.token_urlsafe(24)  # for the README's Locust line
     command = [sys.executable, "-m", "bentoml", "serve", "service:InspectionAPI"]
@@ -74,8 +72,9 @@ def serve(port: int) -> None:
         "INSPECT_ADMIN_KEY": key,
         "INSPECT_API_KEYS": f"locust=loadtest:{load_test_key}",
     }
+    checkout = Path(__file__).resolve().parents[2]  # where service.py is
     process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env
+        [*command, "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -131,3 +130,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Return once /readyz answers 200; exit with the server's code if it stops first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise SystemExit(f"bentoml serve was not ready within {timeout:.0f} s.")
+        time.sleep(0.5)
+    raise SystemExit(f"bentoml serve exited with {process.returncode}.")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import bentoml
 
-from detector.backbone import BackboneSpec
+from detector.backbone import extractor_for
+from detector.banks.models import BACKBONE_MODEL, find_backbone, save_backbone, save_bank
 from detector.errors import exits_on_user_error
+from detector.extractor import BackboneSpec
 from detector.memory_bank import MemoryBank
-from detector.serving.model_store import BACKBONE_MODEL, find_backbone, save_backbone, save_bank
 
 
 def step(message: str) -> None:
@@ -47,7 +48,7 @@ def export_models(
         step(f"reusing the stored backbone {backbone.tag} (same weights)")
     else:
         step(f"loading the backbone {backbone_source or spec.source}")
-        loaded = spec.build(backbone_source, device="cpu")
+        loaded = extractor_for(spec, backbone_source, device="cpu")
         step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
         backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
     step("saving the memory bank")

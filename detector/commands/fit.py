@@ -11,12 +11,14 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from detector.anomaly_detector import AnomalyDetector
+from detector.banks.products import check_product
 from detector.commands.config import (
     CONFIG_PATH,
     augment_config,
@@ -30,11 +32,11 @@ from detector.commands.config import (
     seed_everything,
 )
 from detector.commands.tracking import Run, tracked
-from detector.data.augment import AugmentedImages
+from detector.data.augment import AugmentConfig, AugmentedImages
 from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
+from detector.fitting import fit_detector
 from detector.images import images_in
-from detector.serving.products import check_product
 from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,39 @@ def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
         return _fit(cfg, run_dir, run)
 
 
+def fit_summary(
+    cfg: DictConfig,
+    detector: AnomalyDetector,
+    model_dir: Path,
+    bank_images: int,
+    augmentation: AugmentConfig,
+    source: str,
+) -> dict[str, Any]:
+    """What fit_summary.json and the tracking run say of a fit: the extractor, the images,
+    the bank, and what the calibration promises."""
+    extractor = detector.extractor
+    return {
+        "model_dir": str(model_dir),
+        "category": str(cfg.data.category),
+        "product": str(cfg.product),
+        "backbone": extractor.spec.to_dict(),
+        "random_weights": extractor.random_weights,
+        "runtime": runtime_options(cfg.backbone),
+        "n_bank_images": bank_images,
+        "augmented_copies_per_image": augmentation.copies_per_image,
+        "n_calibration_images": len(detector.calibration.reference_scores),
+        "calibration": {
+            "rule": detector.calibration.rule,
+            "source": detector.calibration.source,
+            "folds": int(cfg.calibration_folds) if source == "cross_fitted" else None,
+            **detector.calibration.estimate(),
+        },
+        "bank_size": detector.bank.size,
+        "n_train_features": detector.bank.metadata["n_train_features"],
+        "threshold": detector.calibration.threshold,
+    }
+
+
 def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     save_resolved_config(cfg, run_dir)
     seed_everything(int(cfg.seed))
@@ -79,7 +114,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
     copies = augmentation.copies_per_image if augmentation.enabled else 1
     started = time.perf_counter()
-    detector = AnomalyDetector.fit(
+    detector = fit_detector(
         extractor,
         bank_images,
         calibration_paths,
@@ -98,27 +133,8 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id
     model_dir = detector.save(Path(str(cfg.model_dir)))
-    summary = {
-        "model_dir": str(model_dir),
-        "category": str(cfg.data.category),
-        "product": str(cfg.product),
-        "backbone": extractor.spec.to_dict(),
-        "random_weights": extractor.random_weights,
-        "runtime": runtime_options(cfg.backbone),
-        "n_bank_images": len(bank_paths),
-        "augmented_copies_per_image": augmentation.copies_per_image,
-        "n_calibration_images": len(detector.calibration.reference_scores),
-        "calibration": {
-            "rule": detector.calibration.rule,
-            "source": detector.calibration.source,
-            "folds": int(cfg.calibration_folds) if source == "cross_fitted" else None,
-            **detector.calibration.estimate(),
-        },
-        "bank_size": detector.bank.size,
-        "n_train_features": detector.bank.metadata["n_train_features"],
-        "threshold": detector.calibration.threshold,
-        "fit_seconds": round(time.perf_counter() - started, 2),
-    }
+    summary = fit_summary(cfg, detector, model_dir, len(bank_paths), augmentation, source)
+    summary["fit_seconds"] = round(time.perf_counter() - started, 2)
     (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.metrics(summary)
     run.tags(

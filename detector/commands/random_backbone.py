@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from detector.backbone import RANDOM_WEIGHTS_MARKER
+from detector.extractor import RANDOM_WEIGHTS_MARKER
 
 PRESETS: dict[str, dict[str, int]] = {
     # Small enough that a test fits in seconds; patch 8 exercises a non-16 patch size.

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from detector.errors import UserError, exits_on_user_error
 from detector.records.images import ImageStore
-from detector.records.store import RecordStore, locate_records, parse_time, safe_url
+from detector.records.query import parse_time
+from detector.records.store import RecordStore, locate_records, safe_url
 
 
-def add_location_arguments(parser: argparse.ArgumentParser) -> None:
+def add_location_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--records-dir and --records-db, defaulting to where the service keeps its records
     (also for `python -m batch --record`)."""
     parser.add_argument(
@@ -68,8 +69,8 @@ def replay_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest |score change|")
     parser.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from detector.banks.models import load_pair
     from detector.records.replay import replay
-    from detector.serving.model_store import load_pair
 
     def load_detector(bank_tag: str, backbone_tag: str) -> object:
         pair = load_pair(
@@ -138,7 +139,7 @@ def suggest_threshold_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--apply", action="store_true", help="set the suggested threshold")
     parser.add_argument("--reason", default="suggested from reviewed records")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from detector.serving.records import apply_suggestion, threshold_suggestion
+    from detector.records.suggest import apply_suggestion, threshold_suggestion
 
     store, _ = _open(args)
     if args.apply:

@@ -6,13 +6,11 @@ Any SQLAlchemy URL works; the default is an embedded SQLite file that needs no s
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,12 @@ from sqlalchemy import Engine, and_, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from detector.errors import UserError
+from detector.records.errors import RecordNotFound, RecordsError
 from detector.records.model import REVIEW_LABELS, Inspection, Review, utc_now
+from detector.records.query import RecordQuery, as_utc, decode_cursor, encode_cursor, record_dict
 
 log = logging.getLogger("inspection.records")
 MIGRATIONS = Path(__file__).parent / "migrations"
-MAX_PAGE = 500
-
-
-class RecordsError(UserError):
-    """A records request that cannot be answered as asked; the message says why, and
-    `status`/`reason` what an HTTP client gets."""
-
-    status, reason = 400, "bad_request"
-
-
-class RecordNotFound(RecordsError):
-    status, reason = 404, "unknown_record"
-
-
-class ImageGone(RecordsError):
-    """The record exists but its image was never kept or retention removed it."""
-
-    status, reason = 410, "image_gone"
 
 
 def default_url(records_dir: Path) -> str:
@@ -61,17 +42,6 @@ def locate_records(folder: str | None, url: str | None) -> tuple[Path, str]:
     return path, url or default_url(path)
 
 
-def parse_time(name: str, value: str | None) -> datetime | None:
-    """An ISO 8601 time from a query or a flag; a time without a zone is UTC."""
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise RecordsError(f"{name} must be an ISO 8601 time, e.g. 2026-11-29T08:00:00Z.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def safe_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -79,63 +49,7 @@ def safe_url(url: str) -> str:
         return "(an unparsable URL)"
 
 
-@dataclass(frozen=True)
-class RecordQuery:
-    """Which records to list, newest first; `cursor` is the last id of the previous page."""
-
-    product: str | None = None
-    verdict: str | None = None  # anomalous | normal
-    reviewed: bool | None = None
-    label: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    cursor: str | None = None
-    limit: int = 50
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.limit <= MAX_PAGE:
-            raise RecordsError(f"limit must be between 1 and {MAX_PAGE}; it was {self.limit}.")
-        if self.verdict not in (None, "anomalous", "normal"):
-            raise RecordsError("verdict must be 'anomalous' or 'normal'.")
-        if self.label is not None and self.label not in REVIEW_LABELS:
-            raise RecordsError(f"label must be one of {', '.join(REVIEW_LABELS)}.")
-        if self.since and self.until and self.since > self.until:
-            raise RecordsError("since must not be after until.")
-
-
-def as_utc(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every time here is UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 TABLE = Inspection.__table__
-
-
-def record_dict(row: Any) -> dict[str, Any]:
-    """A row of the table as JSON-ready values, with its verdict spelled out."""
-    document = dict(row._mapping)
-    for name in ("created_at", "reviewed_at"):
-        moment = as_utc(document[name])
-        document[name] = moment.isoformat() if moment else None
-    document["verdict"] = "anomalous" if document["is_anomalous"] else "normal"
-    return document
-
-
-def encode_cursor(record_id: str) -> str:
-    return base64.urlsafe_b64encode(record_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value = base64.urlsafe_b64decode(padded.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise RecordsError("cursor is not one this service gave out.") from None
-    if not value or len(value) > 32 or not value.isalnum():
-        raise RecordsError("cursor is not one this service gave out.")
-    return value
 
 
 class RecordStore:

@@ -11,10 +11,14 @@ records next to the current threshold's.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 
+from detector.records.errors import RecordsError
+from detector.records.model import utc_now
+from detector.records.store import RecordStore
 from detector.scoring import Calibration
 from detector.thresholds import check_target, rule_named
 
@@ -67,3 +71,103 @@ def suggest_threshold(
         report["suggested"]["upper_bound"] = estimate["upper_bound"]
         report["suggested"]["statement"] = estimate["statement"]
     return report
+
+
+class UnknownProduct(RecordsError):
+    status, reason = 404, "unknown_product"
+
+
+def apply_suggestion(
+    store: RecordStore, product: str, target: float | None, days: float, reason: str
+) -> dict[str, Any]:
+    """The suggestion made a new version, whose calibration scores are the suggestion's
+    defect-free records: it states the rate the suggestion stated."""
+    from detector.banks import changes
+
+    report = threshold_suggestion(store, product, target, days, keep_scores=True)
+    if report["suggested"] is None:
+        raise RecordsError(f"No defect-free records of {product} to set a threshold from.")
+    reviewed = {
+        "threshold": report["suggested"]["threshold"],
+        "target": report["target_false_alarm_rate"],
+        "scores": report.pop("defect_free_scores"),
+    }
+    model, applied = changes.set_operating_point(product, reason=reason, reviewed=reviewed)
+    report["applied"] = {
+        "version": applied["version"],
+        "threshold": applied["threshold_after"],
+        "statement": applied["after"].get("statement"),
+        "expected_false_alarm_rate": applied["after"].get("expected_false_alarm_rate"),
+    }
+    return report
+
+
+def threshold_suggestion(
+    store: RecordStore,
+    product: str,
+    target: float | None,
+    days: float = 7,
+    keep_scores: bool = False,
+) -> dict[str, Any]:
+    """Rates at the live threshold and at one set from the reviewed records of the
+    versions on the live version's scale (`versions.scoring_versions`)."""
+    from detector.banks import products, versions
+    from detector.records.suggest import suggest_threshold
+
+    try:
+        live, tags = versions.scoring_versions(products.check_product(product))
+    except products.UnknownProductError as error:
+        raise UnknownProduct(str(error)) from None
+    calibration = live.info.metadata.get("calibration", {})
+    goal = calibration.get("target_false_alarm_rate", 0.01) if target is None else target
+    rule = calibration.get("rule", "empirical_quantile")
+    since = utc_now() - timedelta(days=days)
+    records = store.iterate(since=since, product=product, bank_models=tags)
+    try:
+        report = suggest_threshold(
+            records,
+            float(live.info.metadata["threshold"]),
+            goal,
+            rule if rule != "explicit" else "empirical_quantile",
+        )
+    except ValueError as error:
+        raise RecordsError(str(error)) from None
+    other = {
+        tag: count for tag, count in store.counts_by_bank(since, product).items() if tag not in tags
+    }
+    left_out = {
+        "unreviewed_alarms": report["unreviewed_alarms_left_out"],
+        "other_scale": {"records": sum(other.values()), "versions": other},
+    }
+    if not keep_scores:
+        report.pop("defect_free_scores")
+    return {
+        "product": product,
+        "version": str(live.tag.version),
+        "versions": tags,
+        "days": days,
+        **report,
+        "left_out": left_out,
+        "left_out_statement": _left_out_statement(tags, left_out),
+    }
+
+
+def _left_out_statement(tags: list[str], left_out: dict[str, Any]) -> str:
+    """What the suggestion did not count, and why, in one sentence."""
+    scale = ", ".join(tag.split(":")[-1] for tag in tags)
+    parts = []
+    if left_out["unreviewed_alarms"]:
+        parts.append(
+            f"{left_out['unreviewed_alarms']} flagged records not yet reviewed (either kind)"
+        )
+    other = left_out["other_scale"]
+    if other["records"]:
+        listed = ", ".join(tag.split(":")[-1] for tag in sorted(other["versions"]))
+        parts.append(
+            f"{other['records']} records scored by {listed}, whose bank had other rows "
+            f"(images were added or it was refitted since): their scores are not on the "
+            f"scale of {scale}"
+        )
+    if not parts:
+        return f"Every record of the window is counted (versions {scale})."
+    return f"Counted the records of {scale}; left out: " + "; ".join(parts) + "."

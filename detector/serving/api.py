@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -20,96 +19,26 @@ from typing import Any
 import aiohttp
 import anyio
 import numpy as np
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 
 from detector import schema
-from detector.errors import UserError
 from detector.images import (
-    ALLOWED_FORMATS,
     InvalidImageError,
     check_image_header,
     decode_image,
 )
-from detector.records.store import RecordsError
 from detector.reports.plots import map_to_png_image, overlay
-from detector.serving import products, telemetry
+from detector.serving import telemetry
+from detector.serving.answers import Refusal, refusal, refused_answer
 from detector.serving.gate import CALLER_SCOPE_KEY, LOAD_TEST_SCOPE_KEY
-from detector.serving.params import json_number, only_fields, real_number, whole_number
+from detector.serving.product_endpoints import ProductEndpoints
+from detector.serving.record_endpoints import RecordEndpoints, RenderCache
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection")
-RUNNER_DOWN = "The scoring runner is not reachable; retry shortly (see the server log)."
-RECORDS_DOWN = "The records database is not reachable; retry shortly (see the server log)."
-RECORDS_OFF = "Recording is off on this service (INSPECT_RECORDS=off)."
-INTERNAL = "The service could not answer this request (the server log says why)."
 HEATMAP_OUTPUTS = ("overlay", "map", "npy")
 MODEL_INFO_TTL_S = 5.0
-
-
-class Refused(Exception):
-    """A request answered with an error instead of a result."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-
-    @classmethod
-    def of(cls, error: Exception) -> Refused:
-        """The refusal an exception stands for: the one mapping from errors to answers.
-        Whatever it does not know is a 500 with a sentence; the traceback goes to the log,
-        never to the client."""
-        if isinstance(error, Refused):
-            return error
-        if isinstance(error, InvalidImageError):
-            return cls(error.status, error.reason, error.message)
-        if isinstance(error, aiohttp.ClientConnectionError):
-            return cls(503, "runner_unavailable", RUNNER_DOWN)
-        if isinstance(error, RecordsError):
-            return cls(error.status, error.reason, str(error))
-        if isinstance(error, SQLAlchemyError):
-            log.warning("records database error: %s", type(error).__name__)
-            return cls(503, "records_unavailable", RECORDS_DOWN)
-        if isinstance(error, products.UnknownProductError):
-            if error.name is None:
-                return cls(400, "product_required", str(error))
-            return cls(404, "unknown_product", str(error))
-        if isinstance(error, products.VersionError):
-            return cls(404, "unknown_version", str(error))
-        if isinstance(error, products.BankUnavailable):
-            return cls(error.status, error.reason, str(error))
-        if isinstance(error, UserError):
-            return cls(400, "bad_request", str(error))
-        log.error("unexpected error answering a request", exc_info=error)
-        return cls(500, "internal_error", INTERNAL)
-
-
-def current_endpoints() -> InspectionEndpoints:
-    """The API service's endpoints, for the routes mounted beside it (/products, /records)."""
-    import bentoml
-
-    return bentoml.get_current_service().endpoints
-
-
-async def as_response(work: Awaitable[Any]) -> Response:
-    """A mounted route's answer: `respond`'s JSON error, the response it made, or JSON."""
-    answer = await InspectionEndpoints.respond(None, work)
-    return answer if isinstance(answer, Response) else JSONResponse(answer)
-
-
-async def json_object(request: Any, usage: str) -> dict[str, Any]:
-    """A mounted route's JSON body as an object; anything else is a 400 saying `usage`:
-    text that is not JSON, nesting too deep to parse, or text no database can store (a
-    lone UTF-16 surrogate)."""
-    try:
-        body = json.loads(await request.body() or b"{}")
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        raise Refused(400, "bad_json", usage) from None
-    if not isinstance(body, dict):
-        raise Refused(400, "bad_json", usage)
-    return body
 
 
 def caller(ctx: Any) -> str | None:
@@ -123,50 +52,7 @@ def load_test(ctx: Any) -> bool:
     return bool(ctx.request.scope.get(LOAD_TEST_SCOPE_KEY)) if ctx is not None else False
 
 
-def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
-    """The runner's answer for one upload, or the refusal its decode raised."""
-    if "error" in runner_answer:
-        raise Refused(runner_answer["status"], runner_answer["reason"], runner_answer["error"])
-    return runner_answer
-
-
-def image_media_type(data: bytes) -> str:
-    """The media type of a kept image, from its header (Pillow reads no pixels here)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-            return Image.MIME.get(image.format or "", "application/octet-stream")
-    except (UnidentifiedImageError, OSError):
-        return "application/octet-stream"
-
-
-class RenderCache:
-    """Review heatmaps already drawn, by (image hash, bank version), up to `max_bytes`:
-    a reviewer paging back and forth, or a client asking again and again, costs one
-    redraw per image and version."""
-
-    def __init__(self, max_bytes: int = 32 << 20) -> None:
-        self.max_bytes, self.used = max_bytes, 0
-        self._items: OrderedDict[tuple[str, str], tuple[bytes, dict[str, str]]] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> tuple[bytes, dict[str, str]] | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple[str, str], item: tuple[bytes, dict[str, str]]) -> None:
-        if key in self._items or len(item[0]) > self.max_bytes:
-            return
-        self._items[key] = item
-        self.used += len(item[0])
-        while self.used > self.max_bytes:
-            _, (picture, _) = self._items.popitem(last=False)
-            self.used -= len(picture)
-
-
-class InspectionEndpoints:
+class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
     """The endpoints' work; `runner` is the BentoML dependency on the scoring runner."""
 
     def __init__(self, runner: Any, settings: Settings, recorder: Recorder | None = None) -> None:
@@ -202,12 +88,11 @@ class InspectionEndpoints:
         try:
             return await work
         except Exception as error:
-            refusal = Refused.of(error)
-            telemetry.rejected_inputs.labels(refusal.reason).inc()
+            refused = refusal(error)
+            telemetry.rejected_inputs.labels(refused.reason).inc()
             if ctx is not None:
-                ctx.response.status_code = refusal.status
-            body = {"error": refusal.message, "reason": refusal.reason}
-            return JSONResponse(body, status_code=refusal.status)
+                ctx.response.status_code = refused.status
+            return JSONResponse(refused.body(), status_code=refused.status)
 
     # ----- checks --------------------------------------------------------------------
     def _read_upload(self, upload: Path) -> bytes:
@@ -339,201 +224,6 @@ class InspectionEndpoints:
             answer["drift_profile"] = result.get("drift_profile")
         return answer
 
-    # ----- products ------------------------------------------------------------------
-    async def products(self) -> list[dict[str, Any]]:
-        return await self._change("products")
-
-    def served_product(self, name: str) -> str:
-        """A product named in a path, checked as the runner checks a scored one: a valid
-        name (400) of a product this service serves (404 otherwise, also for one in the
-        store that INSPECT_PRODUCTS leaves out)."""
-        products.check_product(name)
-        known = self.settings.products or products.list_products()
-        if name not in known:
-            raise products.UnknownProductError(name, known)
-        return name
-
-    async def history(self, product: str, params: dict[str, str]) -> dict[str, Any]:
-        """A page of a product's versions, newest last; `before=N` pages back. Read from
-        the store here, in a worker thread: never on the runner, where it would wait
-        behind images or hold them up."""
-        name = self.served_product(product)
-        limit = whole_number(params, "limit", 50, 1, 500)
-        before = whole_number(params, "before", 0, 0, 10**9) or None
-        versions = await anyio.to_thread.run_sync(products.history, name, limit + 1, before)
-        more = len(versions) > limit
-        versions = versions[1:] if more else versions
-        next_before = int(versions[0]["version"][1:]) if more else None
-        return {"product": name, "versions": versions, "next_before": next_before}
-
-    async def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
-        if not version:
-            raise Refused(400, "bad_request", "Name the version to restore (e.g. v2).")
-        return await self._change("rollback", self.served_product(product), version, reason)
-
-    async def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
-        only_fields(
-            change,
-            {"target", "threshold", "reason", "confirm", "from_reviews", "days"},
-            "send target or threshold (and reason, confirm), or from_reviews: true.",
-        )
-        product = self.served_product(product)
-        if change.get("from_reviews") is True:
-            change = await self._from_reviews(product, change)
-        elif "from_reviews" in change or "days" in change:
-            raise Refused(400, "bad_request", "days goes with from_reviews: true.")
-        return await self._change("set_threshold", product, change)
-
-    async def _from_reviews(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
-        """The threshold suggestion, computed here from the records, sent to the runner with
-        its defect-free scores: the version states the rate the suggestion stated."""
-        if "threshold" in change or "confirm" in change:
-            raise Refused(400, "bad_request", "from_reviews sets the threshold itself.")
-        target = json_number(change, "target", None, 0.0, 0.5)
-        days = json_number(change, "days", 7.0, 0.0, 3650.0)
-        report = await anyio.to_thread.run_sync(
-            lambda: self._recorder().suggestion(product, target, days, keep_scores=True)
-        )
-        if report["suggested"] is None:
-            raise Refused(
-                409, "no_reviews", f"No defect-free records of {product} to set a threshold from."
-            )
-        reviewed = {
-            "threshold": report["suggested"]["threshold"],
-            "target": report["target_false_alarm_rate"],
-            "scores": report["defect_free_scores"],
-        }
-        reason = str(change.get("reason") or "suggested from reviewed records")
-        return {"reviewed": reviewed, "reason": reason}
-
-    async def add_images(
-        self,
-        product: str,
-        images: list[bytes],
-        reason: str,
-        calibration: list[bytes],
-        records: list[str] | None = None,
-    ) -> dict[str, Any]:
-        """Checked like scored uploads; any refused image refuses the whole change. The
-        images of `records` (reviewed false alarms of this product) are added too, and each
-        record then names the version it went into. One budget holds for the whole change,
-        record images included: `INSPECT_MAX_CHANGE_BYTES` of encoded bytes and
-        `INSPECT_MAX_CHANGE_PIXELS` of decoded pixels, checked from headers before the
-        runner decodes anything."""
-        product = self.served_product(product)
-        records = list(dict.fromkeys(records or []))
-        if len(records) > self.settings.max_batch_files:
-            raise Refused(
-                413, "too_many_files", f"At most {self.settings.max_batch_files} records at once."
-            )
-        budget = self.settings.max_change_bytes
-        used = sum(len(data) for data in images + calibration)
-        if used > budget:
-            raise Refused(
-                413, "too_large", f"The change holds {used} bytes; the limit is {budget}."
-            )
-        if records:
-            recorder = self._recorder()
-            images = images + await anyio.to_thread.run_sync(
-                recorder.false_alarm_images, records, product, budget - used
-            )
-        if not images:
-            raise Refused(
-                400, "no_images", "Send at least one defect-free image as 'images' or 'records'."
-            )
-        pixels = 0
-        for data in images + calibration:
-            width, height = self.check_header(data)
-            pixels += width * height
-        if pixels > self.settings.max_change_pixels:
-            raise Refused(
-                413,
-                "too_many_pixels",
-                f"The change's images hold {pixels} pixels; the limit is "
-                f"{self.settings.max_change_pixels} (INSPECT_MAX_CHANGE_PIXELS).",
-            )
-        async with self._runner_slots:
-            report = await self._change("add_images", product, images, reason, calibration, records)
-        if records:
-            tag = f"{products.model_name(report['product'])}:{report['version']}"
-            await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
-            report["records"] = records
-        return report
-
-    # ----- records -------------------------------------------------------------------
-    def _recorder(self) -> Recorder:
-        if self.recorder is None:
-            raise Refused(404, "records_off", RECORDS_OFF)
-        return self.recorder
-
-    async def records(self, params: dict[str, str]) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(self._recorder().list, params)
-
-    async def review_summary(self) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(self._recorder().summary)
-
-    async def record(self, record_id: str) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(self._recorder().get, record_id)
-
-    async def record_image(self, record_id: str) -> Response:
-        _, data = await anyio.to_thread.run_sync(self._recorder().image, record_id)
-        return Response(data, media_type=image_media_type(data))
-
-    async def record_heatmap(self, record_id: str) -> Response:
-        """The overlay of a record's kept image, drawn by its product's live bank; the
-        X-Bank-Model header says which version that was (the decision's is in the record).
-
-        Drawn once per (image, bank version) and kept (`RenderCache`); the image is read
-        only when the runner is ready for it, so waiting requests hold no image."""
-        recorder = self._recorder()
-        record = await anyio.to_thread.run_sync(recorder.get, record_id)
-        bank = self._banks.get(record["product"])
-        cached = self._rendered.get((record["image_sha256"], bank)) if bank else None
-        hit = cached is not None
-        if cached is None:
-            async with self._runner_slots:
-                _, data = await anyio.to_thread.run_sync(recorder.image, record_id)
-                answer = await self.runner.to_async.redraw(record["product"], data)
-            result = refused_answer(answer)
-            anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
-            async with self._renders:
-                picture = await anyio.to_thread.run_sync(
-                    self._picture, data, anomaly_map, result["threshold"], "overlay"
-                )
-            del data
-            headers = {
-                "X-Bank-Model": result["models"]["bank"],
-                "X-Anomaly-Score": f"{result['score']:.8g}",
-            }
-            cached = (picture, headers)
-            self._banks.setdefault(record["product"], headers["X-Bank-Model"])
-            self._rendered.put((record["image_sha256"], headers["X-Bank-Model"]), cached)
-        picture, headers = cached
-        headers = {**headers, "X-Cache": "hit" if hit else "miss"}
-        return Response(picture, media_type="image/png", headers=headers)
-
-    async def suggestion(self, product: str, params: dict[str, str]) -> dict[str, Any]:
-        """Rates at the live threshold and at one the reviewed records suggest."""
-        name = self.served_product(product)
-        target = real_number(params, "target", None, 0.0, 0.5)
-        days = real_number(params, "days", 7.0, 0.0, 3650.0)
-        recorder = self._recorder()
-        return await anyio.to_thread.run_sync(recorder.suggestion, name, target, days)
-
-    async def review(self, record_id: str, body: dict[str, Any], who: str | None) -> dict[str, Any]:
-        """A reviewer's decision on a record; who reviewed is the key's name, never a name
-        the body gives."""
-        only_fields(
-            body,
-            {"label", "note"},
-            'send {"label": ..., "note": ...}; the reviewer is the name of your key.',
-        )
-        label, note = body.get("label"), body.get("note")
-        if not isinstance(label, str) or not isinstance(note, str | None):
-            raise Refused(400, "bad_request", "label and note must be text.")
-        recorder = self._recorder()
-        return await anyio.to_thread.run_sync(recorder.review, record_id, label, note, who)
-
     # ----- endpoints -----------------------------------------------------------------
     async def inspect(
         self,
@@ -568,7 +258,7 @@ class InspectionEndpoints:
     ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
-            raise Refused(400, "bad_output", "output must be one of overlay, map, npy.")
+            raise Refusal(400, "bad_output", "output must be one of overlay, map, npy.")
         upload = await self.read_upload(image)
         (result,) = await self._score("score_with_maps", [(product, upload)], watch=not load_test)
         result = refused_answer(result)
@@ -632,13 +322,13 @@ class InspectionEndpoints:
                 answers[position] = self._answer(
                     refused_answer(result), False, data, who, started, load_test
                 )
-            except Refused as error:
+            except Refusal as error:
                 answers[position] = self._batch_error(error)
         return answers
 
     @staticmethod
-    def _batch_error(error: Refused | InvalidImageError) -> dict[str, str]:
+    def _batch_error(error: Refusal | InvalidImageError) -> dict[str, str]:
         """One bad image in /inspect_batch: counted, and answered in its place."""
-        refusal = Refused.of(error)
-        telemetry.rejected_inputs.labels(refusal.reason).inc()
-        return {"error": refusal.message, "reason": refusal.reason}
+        refused = refusal(error)
+        telemetry.rejected_inputs.labels(refused.reason).inc()
+        return refused.body()

@@ -23,10 +23,10 @@ import bentoml
 import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector
-from detector.backbone import BackboneSpec, FeatureExtractor, IncompatibleBankError
+from detector.banks import products, versions
 from detector.drift import DriftMonitor
+from detector.extractor import BackboneSpec, FeatureExtractor, IncompatibleBankError
 from detector.memory_bank import INDEX_FILE
-from detector.serving import products as store
 from detector.serving import telemetry
 from detector.serving.settings import Settings
 
@@ -58,13 +58,13 @@ class BankCatalog:
         self,
         extractor: FeatureExtractor,
         backbone_tag: str,
-        products: list[str],
+        names: list[str],
         settings: Settings,
     ) -> None:
         self.extractor = extractor
         self.backbone_tag = backbone_tag
         self.settings = settings
-        self.names = list(products)
+        self.names = list(names)
         self._pinned = bool(settings.products)  # INSPECT_PRODUCTS: no others are served
         self._live: OrderedDict[str, LiveBank] = OrderedDict()
         self._checked: dict[str, float] = {}
@@ -80,11 +80,11 @@ class BankCatalog:
         if not name:
             if len(self.names) == 1:
                 return self.names[0]
-            raise store.UnknownProductError(None, self.names)
+            raise products.UnknownProductError(None, self.names)
         if name not in self.names and not self._pinned:
             self.rescan()
         if name not in self.names:
-            raise store.UnknownProductError(name, self.names)
+            raise products.UnknownProductError(name, self.names)
         return name
 
     def rescan(self) -> None:
@@ -93,7 +93,7 @@ class BankCatalog:
             if self._pinned or time.monotonic() - self._rescanned < 1.0:
                 return
             self._rescanned = time.monotonic()
-            self.names = sorted(set(self.names) | set(store.list_products()))
+            self.names = sorted(set(self.names) | set(products.list_products()))
 
     # ----- banks ---------------------------------------------------------------------
     def bank(self, product: str) -> LiveBank:
@@ -109,14 +109,14 @@ class BankCatalog:
                 return live
             self._checked[product] = now
             try:
-                version = store.live_version(product)
+                version = products.live_version(product)
                 if live is not None and live.version == version:
                     self._live.move_to_end(product)
                     return live
                 if version is None:
-                    raise store.UnknownProductError(product, self.names)
-                return self.install(store.version_model(product, version))
-            except store.BankUnavailable as error:
+                    raise products.UnknownProductError(product, self.names)
+                return self.install(products.version_model(product, version))
+            except products.BankUnavailable as error:
                 # Never another bank in its place: the product answers 503 until fixed.
                 self._live.pop(product, None)
                 self._checked.pop(product, None)
@@ -141,7 +141,7 @@ class BankCatalog:
                     f"{list(served.layers)} at {served.resolution} px"
                 )
         except IncompatibleBankError as error:
-            raise store.BankIncompatible(
+            raise products.BankIncompatible(
                 f"{product} ({model.tag}) was fitted with backbone {fitted.source!r}, not the "
                 f"one this server runs ({self.backbone_tag}): {error} The other products are "
                 f"served. Refit {product} with the served backbone, or serve it from its own "
@@ -153,7 +153,7 @@ class BankCatalog:
         self.check_fits(model)
         product = str(model.info.metadata["product"])
         detector = AnomalyDetector.from_bank(
-            store.load_bank(model), self.extractor, self.settings.max_batch_size
+            versions.load_bank(model), self.extractor, self.settings.max_batch_size
         )
         live = LiveBank(
             product,
@@ -213,7 +213,7 @@ class BankCatalog:
         """The first image a version scores here marks it kept by retention: its records
         name it (products.mark_served)."""
         if live.tag not in self._served:
-            store.mark_served(live.product, live.version)
+            products.mark_served(live.product, live.version)
             self._served.add(live.tag)
 
     def drift(self, product: str) -> DriftMonitor:

@@ -31,19 +31,19 @@ carries headers that keep browsers from sniffing types or framing the service.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from detector.serving import telemetry
 from detector.serving.access import LOAD_TEST, FailedKeys, allows, client_key
+from detector.serving.answers import Refusal, send_error, with_security_headers
+from detector.serving.multipart import MultipartShape, media_type
+from detector.serving.route_rules import MOUNTED, MULTIPART, Rule, rule_key, rules
 from detector.serving.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -51,213 +51,14 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 SPOOL_IN_MEMORY = 1 << 20
-SMALL_BODY = 64 * 1024  # JSON bodies of /drift, /model_info
-MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around one file
 # Answered whatever the Host header says: orchestrators probe and scrape by address.
 log = logging.getLogger("inspection")
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-]
-JSON, MULTIPART = "application/json", "multipart/form-data"
 UPLOAD_GRACE_S = 5.0  # an upload's first seconds are not held to the minimum rate
 
 
-class Refusal(Exception):
-    def __init__(self, status: int, reason: str, message: str, **headers: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers = status, reason, message, headers
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one route accepts, and from whom."""
-
-    max_body: int
-    role: str  # line | reviewer | admin (detector/serving/access.py)
-    body: str | None = None  # the one content type a request body may have
-    file_fields: frozenset[str] = frozenset()  # multipart fields that must be file uploads
-    text_fields: frozenset[str] = frozenset()  # and the only other fields a body may carry
-    max_files: int | None = None
-    queued: bool = False  # counts against INSPECT_MAX_QUEUE (it waits for the runner)
-    # At most this many of these requests at once (the rest: 503), so a flood of them
-    # cannot take the whole queue from inspection.
-    max_at_once: int | None = None
-
-
-PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion")
-RECORD_ACTIONS = ("image", "heatmap", "review")
 CALLER_SCOPE_KEY = "inspection.caller"
 LOAD_TEST_SCOPE_KEY = "inspection.load_test"  # a loadtest key's request (access.LOAD_TEST)
-
-
-def rules(settings: Settings) -> dict[str, Rule]:
-    one_image = settings.max_bytes + MULTIPART_OVERHEAD
-    image = frozenset({"image"})
-    return {
-        "/inspect": Rule(
-            one_image,
-            "line",
-            MULTIPART,
-            image,
-            frozenset({"product", "drift_profile"}),
-            max_files=1,
-            queued=True,
-        ),
-        "/heatmap": Rule(
-            one_image,
-            "line",
-            MULTIPART,
-            image,
-            frozenset({"product", "output", "drift_profile"}),
-            max_files=1,
-            queued=True,
-        ),
-        "/inspect_batch": Rule(
-            settings.max_batch_bytes + MULTIPART_OVERHEAD,
-            "line",
-            MULTIPART,
-            frozenset({"images"}),
-            frozenset({"product"}),
-            max_files=settings.max_batch_files,
-            queued=True,
-        ),
-        "/drift": Rule(SMALL_BODY, "line", JSON),
-        "/model_info": Rule(SMALL_BODY, "line", JSON),
-        "/products/": Rule(SMALL_BODY, "line"),
-        "/products/*/history": Rule(SMALL_BODY, "reviewer"),
-        "/products/*/suggestion": Rule(SMALL_BODY, "reviewer"),
-        "/products/*/rollback": Rule(SMALL_BODY, "admin", JSON),
-        "/products/*/threshold": Rule(SMALL_BODY, "admin", JSON),
-        "/products/*/images": Rule(
-            settings.max_change_bytes + MULTIPART_OVERHEAD,
-            "admin",
-            MULTIPART,
-            frozenset({"images", "calibration_images"}),
-            frozenset({"reason", "records"}),
-            max_files=settings.max_batch_files,
-            queued=True,
-        ),
-        # Anything else under /products: the strictest rule (then a 404 from the route).
-        "/products/**": Rule(SMALL_BODY, "admin", JSON),
-        "/records/": Rule(SMALL_BODY, "reviewer"),
-        "/records/summary": Rule(SMALL_BODY, "reviewer"),
-        "/records/*": Rule(SMALL_BODY, "reviewer"),
-        "/records/*/image": Rule(SMALL_BODY, "reviewer"),
-        "/records/*/heatmap": Rule(
-            SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
-        ),
-        "/records/*/review": Rule(SMALL_BODY, "reviewer", JSON),
-        "/records/**": Rule(SMALL_BODY, "reviewer", JSON),
-    }
-
-
-MOUNTED = {"/products": PRODUCT_ACTIONS, "/records": RECORD_ACTIONS}
-
-
-def rule_key(path: str) -> str:
-    """The rules' key for a path. Under a mounted app (/products, /records), PREFIX/NAME/ACTION
-    matches PREFIX/*/ACTION, /records/ID matches /records/*, the root the listing, and any
-    other path under it (a typo, a path trick) PREFIX/**, so nothing under it is reached
-    without the key."""
-    prefix = "/" + path.split("/")[1] if path.count("/") >= 1 else path
-    actions = MOUNTED.get(prefix)
-    if actions is None or (path != prefix and not path.startswith(prefix + "/")):
-        return path
-    if path in (prefix, prefix + "/"):
-        return prefix + "/"
-    parts = path.split("/")
-    if len(parts) == 4 and parts[2] and parts[3] in actions:
-        return f"{prefix}/*/{parts[3]}"
-    if len(parts) == 3 and parts[2] and prefix == "/records":
-        return "/records/summary" if parts[2] == "summary" else "/records/*"
-    return f"{prefix}/**"
-
-
-def _media_type(value: str) -> str:
-    return parse_options_header(value)[0].decode("latin-1").lower()
-
-
-class MultipartShape:
-    """Reads part headers as a multipart body streams past; keeps no part data.
-
-    It must see every part exactly as BentoML's parser (Starlette's) will: header names and
-    values are gathered across chunks, and field names are decoded as Starlette decodes
-    them. A charset other than UTF-8 on the body is refused outright, so no part can be
-    named one way here and another way there.
-    """
-
-    def __init__(self, content_type: str, rule: Rule) -> None:
-        kind, options = parse_options_header(content_type)
-        if kind != b"multipart/form-data" or b"boundary" not in options:
-            raise Refusal(
-                415,
-                "not_multipart",
-                "Send the image as a multipart/form-data file upload.",
-            )
-        charset = options.get(b"charset", b"utf-8").decode("latin-1").lower()
-        if charset.replace("-", "").replace("_", "") not in ("utf8", "usascii", "ascii"):
-            raise Refusal(415, "bad_charset", "Multipart bodies are read as UTF-8 only.")
-        self.rule = rule
-        self.files = 0
-        self._name, self._value = b"", b""
-        self._headers: dict[bytes, bytes] = {}
-        callbacks = {
-            "on_header_field": self._on_field,
-            "on_header_value": self._on_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-        }
-        self.parser = MultipartParser(options[b"boundary"], callbacks)
-
-    def _on_field(self, data: bytes, start: int, end: int) -> None:
-        self._name += data[start:end]
-
-    def _on_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._name.lower()] = self._value
-        self._name, self._value = b"", b""
-
-    def _on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._headers = {}
-        field = _decoded(options.get(b"name", b""))
-        is_file = b"filename" in options
-        if field in self.rule.file_fields:
-            if not is_file:
-                raise Refusal(
-                    400,
-                    "not_a_file",
-                    f"Field '{field}' must be a file upload; URLs and text are not fetched.",
-                )
-        elif field not in self.rule.text_fields:
-            known = ", ".join(sorted(self.rule.file_fields | self.rule.text_fields))
-            raise Refusal(400, "unknown_field", f"Unknown field {field[:40]!r}; fields: {known}.")
-        elif is_file:
-            raise Refusal(400, "not_text", f"Field '{field}' must be text, not a file.")
-        if is_file:
-            self.files += 1
-        if self.rule.max_files is not None and self.files > self.rule.max_files:
-            raise Refusal(
-                413,
-                "too_many_files",
-                f"At most {self.rule.max_files} images per request.",
-            )
-
-    def feed(self, chunk: bytes) -> None:
-        self.parser.write(chunk)
-
-
-def _decoded(name: bytes) -> str:
-    """A part's name as Starlette decodes it (UTF-8, else Latin-1)."""
-    try:
-        return name.decode("utf-8")
-    except UnicodeDecodeError:
-        return name.decode("latin-1")
 
 
 class RequestGate:
@@ -276,7 +77,7 @@ class RequestGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _with_security_headers(send)
+        send = with_security_headers(send)
         path = scope.get("path", "")
         rule = self.rules.get(rule_key(path))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -428,7 +229,7 @@ class RequestGate:
         if scope.get("method") in ("GET", "HEAD"):
             has_body = False
         if has_body:
-            given = _media_type(headers.get("content-type", ""))
+            given = media_type(headers.get("content-type", ""))
             if rule.body == MULTIPART and given != MULTIPART:
                 raise Refusal(
                     415, "not_multipart", "Send the image as a multipart/form-data file upload."
@@ -453,41 +254,34 @@ class RequestGate:
         size, more = 0, True
         started = time.monotonic()
         min_rate = self.settings.upload_min_kbps * 1024
-        while more:
-            try:
-                with anyio.fail_after(self.settings.upload_idle_s):
-                    message = await receive()
-            except TimeoutError:
-                spool.close()
-                raise Refusal(408, "too_slow", "The upload stalled; send it again.") from None
-            elapsed = time.monotonic() - started
-            if elapsed > UPLOAD_GRACE_S and size < min_rate * elapsed:
-                spool.close()
-                raise Refusal(
-                    408,
-                    "too_slow",
-                    f"The upload is slower than {self.settings.upload_min_kbps} KiB/s "
-                    "(INSPECT_UPLOAD_MIN_KBPS); send it again.",
-                )
-            if message["type"] == "http.disconnect":
-                spool.close()
-                raise Refusal(400, "disconnected", "The client went away mid-upload.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > rule.max_body:
-                spool.close()
-                raise Refusal(413, "too_large", f"The request exceeds {rule.max_body} bytes.")
-            if shape is not None:
+        try:
+            while more:
                 try:
+                    with anyio.fail_after(self.settings.upload_idle_s):
+                        message = await receive()
+                except TimeoutError:
+                    raise Refusal(408, "too_slow", "The upload stalled; send it again.") from None
+                elapsed = time.monotonic() - started
+                if elapsed > UPLOAD_GRACE_S and size < min_rate * elapsed:
+                    raise Refusal(
+                        408,
+                        "too_slow",
+                        f"The upload is slower than {self.settings.upload_min_kbps} KiB/s "
+                        "(INSPECT_UPLOAD_MIN_KBPS); send it again.",
+                    )
+                if message["type"] == "http.disconnect":
+                    raise Refusal(400, "disconnected", "The client went away mid-upload.")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > rule.max_body:
+                    raise Refusal(413, "too_large", f"The request exceeds {rule.max_body} bytes.")
+                if shape is not None:
                     shape.feed(chunk)
-                except Refusal:
-                    spool.close()
-                    raise
-                except Exception as error:  # a malformed multipart body
-                    spool.close()
-                    raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
-            spool.write(chunk)
-            more = message.get("more_body", False)
+                spool.write(chunk)
+                more = message.get("more_body", False)
+        except BaseException:
+            spool.close()
+            raise
         spool.seek(0)
         return _replay(spool, receive), shape.files if shape is not None else 0
 
@@ -516,27 +310,18 @@ class RequestGate:
             path = scope.get("path", "")
             if path in PROBES:
                 log.info("%s failed: %s: %s", path, type(error).__name__, error)
-                await _send_json(send, 503, "not_ready", f"Not ready: {type(error).__name__}.")
+                await send_error(
+                    send, Refusal(503, "not_ready", f"Not ready: {type(error).__name__}.")
+                )
                 return
             log.exception("%s %s failed before answering", scope.get("method"), path)
             message = "The service failed on this request; its log says why."
-            await _send_json(send, 500, "internal_error", message)
+            await send_error(send, Refusal(500, "internal_error", message))
 
     @staticmethod
     async def _refuse(send: Send, refusal: Refusal) -> None:
         telemetry.rejected_inputs.labels(refusal.reason).inc()
-        await _send_json(send, refusal.status, refusal.reason, refusal.message, refusal.headers)
-
-
-async def _send_json(
-    send: Send, status: int, reason: str, message: str, extra: dict[str, str] | None = None
-) -> None:
-    """The one error body: {"error": a sentence, "reason": a word}."""
-    body = json.dumps({"error": message, "reason": reason}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await send_error(send, refusal)
 
 
 def _replay(spool: Any, receive: Receive, chunk_size: int = 1 << 16) -> Receive:
@@ -554,14 +339,3 @@ def _replay(spool: Any, receive: Receive, chunk_size: int = 1 << 16) -> Receive:
         return {"type": "http.request", "body": chunk, "more_body": not done}
 
     return replay
-
-
-def _with_security_headers(send: Send) -> Send:
-    async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            present = {name.lower() for name, _ in message.get("headers", [])}
-            extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
-            message["headers"] = [*message.get("headers", []), *extra]
-        await send(message)
-
-    return sending

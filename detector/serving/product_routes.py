@@ -30,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from detector.serving.api import Refused, as_response, current_endpoints, json_object
+from detector.serving.answers import Refusal
+from detector.serving.mounted import as_response, current_endpoints, json_object
 
 
 async def list_products(request: Request) -> Response:
@@ -63,7 +64,7 @@ async def add_images(request: Request) -> Response:
                     if part.strip()
                 ]
         except MultiPartException as error:
-            raise Refused(400, "bad_multipart", f"Malformed multipart: {error}") from None
+            raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
         name = request.path_params["name"]
         return await endpoints.add_images(name, images, reason, calibration, records)
 

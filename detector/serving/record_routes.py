@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from detector.serving.api import as_response, current_endpoints, json_object
 from detector.serving.gate import CALLER_SCOPE_KEY
+from detector.serving.mounted import as_response, current_endpoints, json_object
 
 
 async def list_records(request: Request) -> Response:

@@ -18,19 +18,12 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from detector.errors import UserError
+from detector.records.errors import ImageGone, RecordsError
 from detector.records.images import ImageStore
 from detector.records.model import make_record, utc_now
-from detector.records.store import (
-    MAX_PAGE,
-    ImageGone,
-    RecordQuery,
-    RecordsError,
-    RecordStore,
-    locate_records,
-    migrate_database,
-    parse_time,
-    unreachable,
-)
+from detector.records.query import MAX_PAGE, RecordQuery, parse_time
+from detector.records.store import RecordStore, locate_records, migrate_database, unreachable
+from detector.records.suggest import threshold_suggestion
 from detector.records.writer import RecordWriter
 from detector.serving import telemetry
 from detector.serving.params import BadParameter, whole_number
@@ -82,10 +75,6 @@ def query_from(params: dict[str, str]) -> RecordQuery:
         cursor=params.get("cursor") or None,
         limit=limit,
     )
-
-
-class UnknownProduct(RecordsError):
-    status, reason = 404, "unknown_product"
 
 
 class ChangeTooLarge(RecordsError):
@@ -242,102 +231,6 @@ class Recorder:
 
     def mark_added(self, record_ids: list[str], bank_tag: str) -> None:
         self.store.mark_added(record_ids, bank_tag)
-
-
-def apply_suggestion(
-    store: RecordStore, product: str, target: float | None, days: float, reason: str
-) -> dict[str, Any]:
-    """The suggestion made a new version, whose calibration scores are the suggestion's
-    defect-free records: it states the rate the suggestion stated."""
-    from detector.serving import products
-
-    report = threshold_suggestion(store, product, target, days, keep_scores=True)
-    if report["suggested"] is None:
-        raise RecordsError(f"No defect-free records of {product} to set a threshold from.")
-    reviewed = {
-        "threshold": report["suggested"]["threshold"],
-        "target": report["target_false_alarm_rate"],
-        "scores": report.pop("defect_free_scores"),
-    }
-    model, applied = products.set_operating_point(product, reason=reason, reviewed=reviewed)
-    report["applied"] = {
-        "version": applied["version"],
-        "threshold": applied["threshold_after"],
-        "statement": applied["after"].get("statement"),
-        "expected_false_alarm_rate": applied["after"].get("expected_false_alarm_rate"),
-    }
-    return report
-
-
-def threshold_suggestion(
-    store: RecordStore,
-    product: str,
-    target: float | None,
-    days: float = 7,
-    keep_scores: bool = False,
-) -> dict[str, Any]:
-    """Rates at the live threshold and at one set from the reviewed records of the
-    versions on the live version's scale (`products.scoring_versions`)."""
-    from detector.records.suggest import suggest_threshold
-    from detector.serving import products
-
-    try:
-        live, tags = products.scoring_versions(products.check_product(product))
-    except products.UnknownProductError as error:
-        raise UnknownProduct(str(error)) from None
-    calibration = live.info.metadata.get("calibration", {})
-    goal = calibration.get("target_false_alarm_rate", 0.01) if target is None else target
-    rule = calibration.get("rule", "empirical_quantile")
-    since = utc_now() - timedelta(days=days)
-    records = store.iterate(since=since, product=product, bank_models=tags)
-    try:
-        report = suggest_threshold(
-            records,
-            float(live.info.metadata["threshold"]),
-            goal,
-            rule if rule != "explicit" else "empirical_quantile",
-        )
-    except ValueError as error:
-        raise RecordsError(str(error)) from None
-    other = {
-        tag: count for tag, count in store.counts_by_bank(since, product).items() if tag not in tags
-    }
-    left_out = {
-        "unreviewed_alarms": report["unreviewed_alarms_left_out"],
-        "other_scale": {"records": sum(other.values()), "versions": other},
-    }
-    if not keep_scores:
-        report.pop("defect_free_scores")
-    return {
-        "product": product,
-        "version": str(live.tag.version),
-        "versions": tags,
-        "days": days,
-        **report,
-        "left_out": left_out,
-        "left_out_statement": _left_out_statement(tags, left_out),
-    }
-
-
-def _left_out_statement(tags: list[str], left_out: dict[str, Any]) -> str:
-    """What the suggestion did not count, and why, in one sentence."""
-    scale = ", ".join(tag.split(":")[-1] for tag in tags)
-    parts = []
-    if left_out["unreviewed_alarms"]:
-        parts.append(
-            f"{left_out['unreviewed_alarms']} flagged records not yet reviewed (either kind)"
-        )
-    other = left_out["other_scale"]
-    if other["records"]:
-        versions = ", ".join(tag.split(":")[-1] for tag in sorted(other["versions"]))
-        parts.append(
-            f"{other['records']} records scored by {versions}, whose bank had other rows "
-            f"(images were added or it was refitted since): their scores are not on the "
-            f"scale of {scale}"
-        )
-    if not parts:
-        return f"Every record of the window is counted (versions {scale})."
-    return f"Counted the records of {scale}; left out: " + "; ".join(parts) + "."
 
 
 def open_recorder(settings: Settings) -> Recorder | None:

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detector.backbone import FeatureExtractor
+from detector.banks import changes, products, versions
 from detector.drift import profile_to_list
 from detector.errors import UserError
+from detector.extractor import FeatureExtractor
 from detector.images import InvalidImageError, decode_image
 from detector.scoring import InspectionResult
-from detector.serving import products as store
 from detector.serving import telemetry
+from detector.serving.answers import Refusal
 from detector.serving.catalog import BankCatalog
 from detector.serving.settings import Settings
 
@@ -38,17 +39,7 @@ Upload = tuple[str, bytes]
 
 def refusal(error: UserError | InvalidImageError) -> dict[str, Any]:
     """A refused upload or change as the runner answers it: {error, reason, status}."""
-    if isinstance(error, InvalidImageError):
-        return {"error": error.message, "reason": error.reason, "status": error.status}
-    if isinstance(error, store.UnknownProductError):
-        if error.name is None:  # several products served and none named
-            return {"error": str(error), "reason": "product_required", "status": 400}
-        return {"error": str(error), "reason": "unknown_product", "status": 404}
-    if isinstance(error, store.VersionError):
-        return {"error": str(error), "reason": "unknown_version", "status": 404}
-    if isinstance(error, store.BankUnavailable):
-        return {"error": str(error), "reason": error.reason, "status": error.status}
-    return {"error": str(error), "reason": "bad_request", "status": 400}
+    return Refusal(error.status, error.reason, str(error)).as_answer()
 
 
 class ScoringRunner:
@@ -58,15 +49,15 @@ class ScoringRunner:
         self,
         extractor: FeatureExtractor,
         backbone_tag: str,
-        products: list[str],
+        names: list[str],
         settings: Settings,
     ) -> None:
         self.settings = settings
-        self.catalog = BankCatalog(extractor, backbone_tag, products, settings)
-        for product in products:  # refused by name at start, in the log and the metrics
+        self.catalog = BankCatalog(extractor, backbone_tag, names, settings)
+        for product in names:  # refused by name at start, in the log and the metrics
             try:
-                self.catalog.check_fits(store.live_model(product))
-            except store.BankUnavailable as error:
+                self.catalog.check_fits(products.live_model(product))
+            except products.BankUnavailable as error:
                 if telemetry.set_bank_unavailable(product, True):
                     log.error("%s: %s", product, error)
         self.info = {
@@ -207,7 +198,7 @@ class ScoringRunner:
             embedding = time.perf_counter()
             features = live.detector.embed_prepared(added)
             embedded = time.perf_counter()
-            model, report = store.add_images(
+            model, report = changes.add_images(
                 product,
                 features,
                 [hashlib.sha256(data).hexdigest() for data in uploads],
@@ -231,7 +222,7 @@ class ScoringRunner:
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         try:
             product = self.catalog.resolve(product)
-            model = store.rollback(product, version, reason)
+            model = versions.rollback(product, version, reason)
             self.catalog.install(model)
         except UserError as error:
             return refusal(error)
@@ -243,7 +234,7 @@ class ScoringRunner:
         `confirm` for a threshold far outside the calibration scores."""
         try:
             product = self.catalog.resolve(product)
-            model, report = store.set_operating_point(
+            model, report = changes.set_operating_point(
                 product,
                 target=change.get("target"),
                 threshold=change.get("threshold"),
@@ -264,10 +255,10 @@ class ScoringRunner:
         listing = []
         for product in self.catalog.names:
             try:
-                model = store.live_model(product)
+                model = products.live_model(product)
                 self.catalog.check_fits(model)
-                described = store.describe(model)
-            except store.BankUnavailable as error:
+                described = versions.describe(model)
+            except products.BankUnavailable as error:
                 listing.append({"name": product, "error": str(error), "reason": error.reason})
                 continue
             listing.append(

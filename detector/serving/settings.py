@@ -1,8 +1,10 @@
 """The service's settings from INSPECT_* environment variables, read in one place.
 
 Environment variables, not files, because that is what `docker run -e`, Cloud Run and
-Kubernetes set. Every variable is optional. Only the service reads them: the batch job and
-the commands take flags and Hydra configs.
+Kubernetes set. Every variable is optional. The service's are read here; the batch job and
+the commands take flags and Hydra configs, and read only what they share with the service
+(INSPECT_MODEL_STORE and INSPECT_KEEP_VERSIONS in `detector.banks`, the records location,
+INSPECT_API_KEY as the batch job's default `--api-key`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def default_max_batch_size(device: str) -> int:
     got 3 to 5 times less throughput (docs/PERFORMANCE.md). On a GPU batching multiplies
     throughput; 8 is a starting point, not measured here (no GPU on the development machine).
     """
-    from detector.backbone import device_type
+    from detector.extractor import device_type
 
     return 1 if device_type(device) == "cpu" else 8
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,21 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from detector.backbone import (
-    BackboneSpec,
-    FeatureExtractor,
-    IncompatibleBankError,
-    load_pretrained,
+from detector.banks.location import model_store_dir
+from detector.banks.products import (
+    UnknownProductError,
+    check_product,
+    list_products,
+    live_model,
+    live_version,
+    mark_served,
+    version_model,
 )
+from detector.banks.versions import Draft, commit_version, load_bank
+from detector.dino import load_pretrained
 from detector.errors import UserError
+from detector.extractor import BackboneSpec, FeatureExtractor, IncompatibleBankError
 from detector.memory_bank import MemoryBank
-from detector.serving.store_location import model_store_dir
 
 BACKBONE_MODEL = "dino-backbone"
 model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too
@@ -116,7 +121,6 @@ def save_bank(
     (added images, a reviewed threshold, a rollback), nor joins a store whose other products
     another backbone serves (one forward pass serves them all): `replaces` says why.
     """
-    from detector.serving.products import Draft, check_product, commit_version
 
     bank = MemoryBank.load(bank_dir)
     spec = BackboneSpec.from_dict(bank.metadata["extractor"])
@@ -159,11 +163,9 @@ def save_bank(
 
 def check_export(product: str, spec: BackboneSpec) -> None:
     """Refuse the two exports that silently broke what was served (see `save_bank`)."""
-    from detector.serving import products
-
-    live = products.live_version(product)
+    live = live_version(product)
     if live is not None:
-        current = products.version_model(product, live).info.metadata
+        current = version_model(product, live).info.metadata
         action = current.get("change", {}).get("action", "change")
         if action != "fit":
             raise UserError(
@@ -173,10 +175,10 @@ def check_export(product: str, spec: BackboneSpec) -> None:
                 f"anyway (`python -m detector rollback {product} {live}` undoes it), or "
                 "--product to export it as another product."
             )
-    for other in products.list_products():
-        if other == product or products.live_version(other) is None:
+    for other in list_products():
+        if other == product or live_version(other) is None:
             continue
-        served = products.live_model(other).info.metadata.get("extractor", {})
+        served = live_model(other).info.metadata.get("extractor", {})
         try:
             BackboneSpec.from_dict(served).check_compatible(spec)
         except IncompatibleBankError:
@@ -259,49 +261,23 @@ def no_banks() -> ModelMissingError:
     )
 
 
-def resolve_models(
-    products: list[str] | None = None,
-    backbone_tag: str | None = None,
+def load_extractor(
+    backbone: bentoml.Model,
+    banks: dict[str, bentoml.Model],
     runtime: str = "torch",
     precision: str = "f32",
-) -> tuple[bentoml.Model, dict[str, bentoml.Model], dict[str, str]]:
-    """(backbone, {product: live bank}, {product: why it is not served}) from the store:
-    every product unless some are named. A product fitted with another backbone is refused
-    by name and the others are served; only when none can be does the start stop.
-
-    Reads metadata (and, for a graph runtime, the stored graph's stamp), never weights, so
-    the service refuses a missing or mismatched set, an uninstalled runtime or a graph of
-    other weights when it is imported, before any worker starts.
-    """
-    from detector.serving.products import check_product, list_products, live_model
-
-    names = [check_product(name) for name in products] if products else list_products()
-    if not names:
-        raise no_banks()
-    banks = {name: live_model(name) for name in names}
-    # The backbone most products were fitted with (a demo product left beside real ones
-    # must not decide), unless one is named.
-    used = Counter(
-        str(bank.info.metadata["backbone_model"])
-        for bank in banks.values()
-        if bank.info.metadata.get("backbone_model")
-    )
-    backbone = stored(backbone_tag or (used.most_common(1)[0][0] if used else BACKBONE_MODEL))
-    served, refused = split_by_backbone(backbone, banks)
-    if not served:
-        raise IncompatibleBankError(next(iter(refused.values())))
-    checked_spec(backbone, served, runtime, precision)
-    return backbone, served, refused
-
-
-def load_extractor(
-    backbone: bentoml.Model, spec: BackboneSpec, runtime: str = "torch", **options: Any
+    **options: Any,
 ) -> FeatureExtractor:
-    """The stored backbone, run as `spec` says. A graph runtime uses the graph stored with the
-    backbone (`export` writes it); serving never traces or compiles one from scratch."""
+    """The one way from the store to an extractor: the stored backbone, checked against
+    every bank it will serve (`checked_spec`), run by `runtime`. A graph runtime uses the
+    graph stored with the backbone (`export` writes it); nothing traces or compiles one from
+    scratch here. `options`: device, half_precision, num_threads."""
+    from detector.backbone import extractor_for
+
+    spec = checked_spec(backbone, banks, runtime, precision)
     if runtime != "torch":
         options["export_missing"] = False
-    return spec.build(source=backbone.path, runtime=runtime, **options)
+    return extractor_for(spec, backbone.path, runtime=runtime, precision=precision, **options)
 
 
 @dataclass
@@ -326,13 +302,6 @@ def load_pair(
     """One product's detector from the store, for the batch job: the bank `bank_tag`, else
     the live version of `product`, else of the only product in the store."""
     from detector.anomaly_detector import AnomalyDetector
-    from detector.serving.products import (
-        UnknownProductError,
-        list_products,
-        live_model,
-        load_bank,
-        mark_served,
-    )
 
     if bank_tag:
         bank = stored(bank_tag)
@@ -344,12 +313,11 @@ def load_pair(
             product = known[0]
         bank = live_model(product)
     backbone = stored(backbone_tag or bank.info.metadata.get("backbone_model") or BACKBONE_MODEL)
-    spec = checked_spec(backbone, {str(bank.tag): bank}, runtime, precision)
     extractor = load_extractor(
         backbone,
-        spec,
+        {str(bank.tag): bank},
         runtime,
-        precision=precision,
+        precision,
         device=device,
         half_precision=half_precision,
         num_threads=num_threads,

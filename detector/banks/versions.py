@@ -1,0 +1,284 @@
+"""A product's versions: making one (under the product's lock, files hashed, made live),
+describing them, their history, rollback, and loading a version's bank with its files
+checked. `detector.banks.products` holds the names and the folder each version lives in."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from detector.banks.products import (
+    LIVE_FILE,
+    BankCorrupt,
+    LiveVersionMissing,
+    UnknownProductError,
+    list_products,
+    live_model,
+    live_version,
+    mark_served,
+    model_name,
+    next_number,
+    product_dir,
+    product_lock,
+    prune_versions,
+    version_model,
+    version_numbers,
+    write_live,
+)
+from detector.errors import UserError
+from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
+from detector.scoring import Calibration
+
+
+def _storable(value: Any) -> Any:
+    """BentoML metadata holds no None: absent keys say "none" instead."""
+    if isinstance(value, dict):
+        return {key: _storable(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list | tuple):
+        return [_storable(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a change's `make` returns: the new bank's files and its change record."""
+
+    folder: Path  # holds bank.json, and index.faiss unless `index_of` is given
+    change: dict[str, Any]
+    index_of: bentoml.Model | None = None  # a stored version whose index this one shares
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _share_file(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s bytes without copying them where the file system
+    allows (a hard link; versions never modify their files), else a copy."""
+    partial = target.with_name(".linking-" + target.name)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copy2(source, partial)
+    os.replace(partial, target)
+
+
+def _parent_or_missing(product: str) -> tuple[bentoml.Model | None, str | None]:
+    """(the live version, None), or (None, the missing live version's tag)."""
+    try:
+        return (live_model(product) if live_version(product) else None), None
+    except LiveVersionMissing:
+        version = (product_dir(product) / LIVE_FILE).read_text().strip()
+        return None, f"{model_name(product)}:{version}"
+
+
+def commit_version(
+    product: str,
+    make: Callable[[bentoml.Model | None], Draft],
+    *,
+    backbone_model: str | None = None,
+    labels: dict[str, str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    allow_missing_parent: bool = False,
+) -> bentoml.Model:
+    """Make a new version from the live one, under the product's lock, and make it live.
+
+    `make(parent)` builds the new bank's files from the live version (None for a product's
+    first version) while no other writer can change that version. With the live version
+    missing from the store only a change that needs no parent (a rollback, a fit) may run.
+    """
+    with product_lock(product):
+        parent, missing = _parent_or_missing(product)
+        if missing and not allow_missing_parent:
+            live_version(product)  # raises LiveVersionMissing with its sentence
+        draft = make(parent)  # a refused change uses up no number
+        number = next_number(product)
+        inherited = parent.info.metadata if parent is not None else {}
+        metadata = {
+            "product": product,
+            "version": number,
+            "change": {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "parent": str(parent.tag) if parent is not None else missing,
+                **draft.change,
+            },
+            "backbone_model": backbone_model or inherited.get("backbone_model"),
+            "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
+            **_describe_files(draft),
+        }
+        if metadata["backbone_model"] is None:
+            raise UserError("a product's first bank version must name its backbone model")
+        all_labels = {
+            "kind": "memory-bank",
+            "product": product,
+            "version": str(number),
+            "action": str(draft.change.get("action", "change")),
+            **(labels or {}),
+        }
+        tag = f"{model_name(product)}:v{number}"
+        with bentoml.models.create(tag, labels=all_labels, metadata=_storable(metadata)) as model:
+            shutil.copy2(draft.folder / METADATA_FILE, Path(model.path) / METADATA_FILE)
+            if draft.index_of is None:
+                shutil.copy2(draft.folder / INDEX_FILE, Path(model.path) / INDEX_FILE)
+        version_dir = product_dir(product) / f"v{number}"
+        if draft.index_of is not None:
+            _share_file(Path(draft.index_of.path) / INDEX_FILE, version_dir / INDEX_FILE)
+        for name in (INDEX_FILE, METADATA_FILE):  # versions never change their files
+            (version_dir / name).chmod(0o444)
+        write_live(product, f"v{number}")
+        prune_versions(product)
+    return bentoml.models.get(tag)
+
+
+def _describe_files(draft: Draft) -> dict[str, Any]:
+    """What a version's metadata says of its files: the extractor, rows, threshold and
+    calibration from bank.json, and each file's SHA-256 (a shared index's is inherited)."""
+    document = MemoryBank.read_document(draft.folder)
+    if draft.index_of is not None:
+        size = draft.index_of.info.metadata.get("bank_size")
+        index_hash = draft.index_of.info.metadata.get("files", {}).get(INDEX_FILE) or (
+            file_sha256(Path(draft.index_of.path) / INDEX_FILE)
+        )
+    else:
+        size = MemoryBank.load(draft.folder).size
+        index_hash = file_sha256(draft.folder / INDEX_FILE)
+    calibration = document.get("calibration", {})
+    return {
+        "extractor": document["extractor"],
+        "bank_size": size,
+        "threshold": calibration.get("threshold"),
+        "calibration": calibration_summary(calibration),
+        "files": {
+            INDEX_FILE: index_hash,
+            METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
+        },
+    }
+
+
+def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """How a version's threshold was set and what its calibration scores can show
+    (`Calibration.estimate`): the rule, the target, the scores' source and count, the
+    expected false-alarm rate and its upper bound."""
+    if not calibration.get("reference_scores"):
+        return {}
+    setting = Calibration.from_dict(calibration)
+    return {"rule": setting.rule, "source": setting.source, **setting.estimate()}
+
+
+def describe(model: bentoml.Model) -> dict[str, Any]:
+    """One version as /products and /history show it."""
+    metadata = model.info.metadata
+    return {
+        "version": str(model.tag.version),
+        "tag": str(model.tag),
+        "bank_rows": metadata.get("bank_size"),
+        "threshold": metadata.get("threshold"),
+        "calibration": metadata.get("calibration", {}),
+        "backbone_model": metadata.get("backbone_model"),
+        "created": model.info.creation_time.isoformat(timespec="seconds"),
+        "change": metadata.get("change", {}),
+    }
+
+
+def history(
+    product: str, limit: int | None = None, before: int | None = None
+) -> list[dict[str, Any]]:
+    """A product's versions, oldest first, with what changed and why: the newest `limit`
+    of those numbered below `before` (all of them by default). Each version's metadata is
+    read once."""
+    numbers = version_numbers(product)
+    if not numbers:
+        raise UnknownProductError(product, list_products())
+    try:
+        live = live_version(product)
+    except LiveVersionMissing:
+        live = None
+    chosen = [n for n in numbers if before is None or n < before]
+    if limit is not None:
+        chosen = chosen[-limit:]
+    return [
+        {**describe(bentoml.models.get(f"{model_name(product)}:v{n}")), "live": f"v{n}" == live}
+        for n in chosen
+    ]
+
+
+def rollback(product: str, version: str | int, reason: str = "") -> bentoml.Model:
+    """A new live version with an earlier version's exact files (and so its exact scores);
+    the only change allowed while the live version is missing from the store."""
+    target = version_model(product, version)
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        verify(target)  # never restore a damaged version
+        change = {"action": "rollback", "restored": str(target.tag.version), "reason": reason}
+        mark_served(product, str(target.tag.version))  # retention keeps what was restored
+        return Draft(Path(target.path), change, index_of=target)
+
+    return commit_version(
+        product,
+        make,
+        metrics=target.info.metadata.get("metrics", {}),
+        backbone_model=target.info.metadata.get("backbone_model"),
+        allow_missing_parent=True,
+    )
+
+
+def verify(model: bentoml.Model) -> None:
+    """Refuse a version whose files are not the ones it was saved with (truncated, replaced,
+    half-copied): `BankCorrupt`, with a sentence, instead of scores from a broken bank.
+    Versions saved before file hashes were kept are loaded as they are."""
+    expected = model.info.metadata.get("files") or {}
+    for name, digest in expected.items():
+        path = Path(model.path) / name
+        try:
+            actual = file_sha256(path)
+        except OSError:
+            actual = None
+        if actual != digest:
+            product = model.info.metadata.get("product", model.tag.name)
+            raise BankCorrupt(
+                f"{model.tag}'s {name} is missing or not the file it was saved with: roll "
+                f"{product} back to another version, or restore the file."
+            )
+
+
+def load_bank(model: bentoml.Model) -> MemoryBank:
+    """A stored version's bank, its files checked first."""
+    verify(model)
+    try:
+        return MemoryBank.load(model.path)
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        raise BankCorrupt(f"{model.tag} cannot be read ({type(error).__name__}).") from None
+
+
+def scoring_versions(product: str) -> tuple[bentoml.Model, list[str]]:
+    """The live version, and the tags of the versions whose scores equal its scores: it and
+    the versions before it that only moved the operating point (same bank rows), back to
+    the one that set the rows, or to the first one no longer in the store. Records of these
+    are on the live version's scale."""
+    from bentoml.exceptions import NotFound
+
+    live = live_model(product)
+    tags = [str(live.tag)]
+    model = live
+    while model.info.metadata.get("change", {}).get("action") == "operating_point":
+        parent = model.info.metadata["change"].get("parent")
+        if not parent:
+            break
+        try:
+            model = bentoml.models.get(parent)
+        except (NotFound, bentoml.exceptions.BentoMLException):
+            break
+        tags.append(str(model.tag))
+    return live, tags

@@ -1,0 +1,154 @@
+"""Fitting a detector from defect-free images: the memory bank, then the threshold.
+
+Kept apart from `AnomalyDetector` (the one scoring path) as anomalib keeps its pure model
+apart from its training harness: a detector is scored the same whatever made it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+import numpy as np
+
+from detector.anomaly_detector import AnomalyDetector, ImageSource, batched, iter_features
+from detector.extractor import FeatureExtractor
+from detector.memory_bank import BankConfig, MemoryBank
+from detector.scoring import Calibration, ScoringConfig, calibrate
+from detector.spill import Spill
+
+
+def fit_detector(
+    extractor: FeatureExtractor,
+    train_images: Sequence[ImageSource],
+    calibration_images: Sequence[ImageSource] | None = None,
+    *,
+    folds: int = 5,
+    groups: Sequence[int] | None = None,
+    rule: str = "empirical_quantile",
+    calibration_source: str = "held_out",
+    bank_config: BankConfig | None = None,
+    scoring: ScoringConfig | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> AnomalyDetector:
+    """Build the bank from defect-free images and set the threshold by `rule`.
+
+    With `calibration_images` (held out, or a later session's), they set the threshold
+    and the drift reference. Without, the fit is cross-fitted: the bank is built from
+    every training image, and every training image also gets a held-out score from a
+    bank built without its fold (`folds` folds; items of one `groups` value, such as the
+    augmented copies of one photo, stay in one fold). Features are extracted once.
+    """
+    if not train_images:
+        raise ValueError("fitting needs at least one defect-free training image")
+    config = bank_config or BankConfig()
+    if calibration_images is not None and len(calibration_images) > 0:
+        batches = iter_features(extractor, train_images, batch_size, progress, "fit features")
+        first = next(batches)
+        rows = int(np.prod(first.shape[1:-1])) * len(train_images)
+        bank = MemoryBank.fit_stream(chain([first], batches), rows, config, progress)
+        detector = uncalibrated(extractor, bank, len(train_images), scoring, batch_size)
+        normal = detector.predict(calibration_images, with_maps=False)
+        detector.calibration = calibrate(
+            [r.score for r in normal],
+            detector.scoring.false_alarm_rate,
+            [r.drift_profile for r in normal],
+            rule,
+            calibration_source,
+        )
+        return detector
+    fold_of = assign_folds(len(train_images), folds, groups, config.seed)
+    return cross_fit(extractor, train_images, fold_of, rule, config, scoring, batch_size, progress)
+
+
+def uncalibrated(
+    extractor: FeatureExtractor,
+    bank: MemoryBank,
+    n_images: int,
+    scoring: ScoringConfig | None,
+    batch_size: int,
+) -> AnomalyDetector:
+    """A detector of this bank whose threshold is still to be set (it flags nothing)."""
+    bank.metadata["extractor"] = extractor.spec.to_dict()
+    bank.metadata["n_train_images"] = n_images
+    placeholder = Calibration(threshold=float("inf"), false_alarm_rate=0.5)
+    return AnomalyDetector(extractor, bank, placeholder, scoring, batch_size)
+
+
+def cross_fit(
+    extractor: FeatureExtractor,
+    train_images: Sequence[ImageSource],
+    fold_of: np.ndarray,
+    rule: str,
+    config: BankConfig,
+    scoring: ScoringConfig | None,
+    batch_size: int,
+    progress: bool,
+) -> AnomalyDetector:
+    """The bank of every image, and each image's score from a bank without its fold."""
+    count, folds = len(train_images), int(fold_of.max()) + 1
+    with spilled_features(extractor, train_images, batch_size, progress) as features:
+        rows_per_image = int(np.prod(features.array.shape[1:-1]))
+        everything = np.arange(count)
+        bank = MemoryBank.fit_stream(
+            features.blocks(everything, batch_size), rows_per_image * count, config, progress
+        )
+        detector = uncalibrated(extractor, bank, count, scoring, batch_size)
+        scores = np.empty(count)
+        profiles: list[np.ndarray] = [np.empty(0)] * count
+        size = (extractor.spec.resolution, extractor.spec.resolution)
+        for fold in range(folds):
+            inside, held_out = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+            fold_bank = MemoryBank.fit_stream(
+                features.blocks(inside, batch_size), rows_per_image * len(inside), config, False
+            )
+            scorer = AnomalyDetector(
+                extractor, fold_bank, detector.calibration, scoring, batch_size
+            )
+            for chunk in batched(held_out, batch_size):
+                results = scorer.score_features(
+                    features.take(chunk), [size] * len(chunk), with_maps=False
+                )
+                for index, result in zip(chunk, results, strict=True):
+                    scores[index], profiles[index] = result.score, result.drift_profile
+    detector.bank.metadata["calibration_folds"] = folds
+    detector.calibration = calibrate(
+        scores, detector.scoring.false_alarm_rate, profiles, rule, "cross_fitted"
+    )
+    return detector
+
+
+def spilled_features(
+    extractor: FeatureExtractor,
+    images: Sequence[ImageSource],
+    batch_size: int,
+    progress: bool,
+) -> Spill:
+    """Every image's (h, w, D) features, extracted once for the bank and every fold."""
+    spill: Spill | None = None
+    filled = 0
+    for batch in iter_features(extractor, images, batch_size, progress, "fit features"):
+        if spill is None:
+            spill = Spill((len(images), *batch.shape[1:]), prefix="fit-features-")
+        spill.array[filled : filled + len(batch)] = batch
+        filled += len(batch)
+    assert spill is not None  # fit_detector refuses an empty image list
+    return spill
+
+
+def assign_folds(count: int, folds: int, groups: Sequence[int] | None, seed: int) -> np.ndarray:
+    """The fold of each of `count` items: groups shuffled by `seed`, dealt round-robin."""
+    group_of = np.asarray(groups if groups is not None else range(count))
+    if group_of.shape != (count,):
+        raise ValueError("groups must name one group per training image")
+    distinct = np.unique(group_of)
+    if folds < 2 or distinct.size < folds:
+        raise ValueError(
+            f"Cross-fitted calibration with {folds} folds needs at least {max(folds, 2)} "
+            f"distinct training images ({distinct.size} given): set calibration.folds, or "
+            "calibrate on separate images (data.calibration_dir)."
+        )
+    order = np.random.default_rng(seed).permutation(distinct)
+    fold_of_group = {group: position % folds for position, group in enumerate(order)}
+    return np.array([fold_of_group[group] for group in group_of])
