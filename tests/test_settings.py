@@ -26,10 +26,36 @@ def test_batch_size_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatc
     assert Settings.from_env().max_batch_size == 3
 
 
-def test_a_malformed_number_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INSPECT_MAX_BATCH_SIZE", "four")
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("INSPECT_MAX_QUEUE", "0", "at least 1"),  # was 16, silently
+        ("INSPECT_MAX_QUEUE", "sixteen", "whole number"),
+        ("INSPECT_THREADS", "-2", "at least 1"),
+        ("INSPECT_BANK_REFRESH_S", "nan", "at least 0"),
+        ("INSPECT_DRIFT_ALERT_LEVEL", "3", "at most 1"),
+        ("INSPECT_RECORDS", "maybe", "true or false"),
+        ("INSPECT_ANONYMOUS_SCORING", "yes please", "true or false"),  # was 'no', silently
+        ("INSPECT_KEEP_IMAGES", "some", "one of"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=says) as refused:
         Settings.from_env()
+    assert str(refused.value).startswith(name)
+
+
+def test_keep_versions_is_read_by_the_same_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector.banks.products import keep_versions
+
+    monkeypatch.setenv("INSPECT_KEEP_VERSIONS", "0")
+    with pytest.raises(UserError, match="INSPECT_KEEP_VERSIONS must be at least 1"):
+        keep_versions()
+    monkeypatch.setenv("INSPECT_KEEP_VERSIONS", "7")
+    assert keep_versions() == 7
 
 
 def test_products_and_the_retired_bank_setting(monkeypatch: pytest.MonkeyPatch) -> None:

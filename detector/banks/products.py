@@ -40,6 +40,7 @@ from pathlib import Path
 import bentoml
 
 from detector.banks.location import model_store_dir
+from detector.environment import env_int
 from detector.errors import UserError
 
 log = logging.getLogger("inspection")
@@ -241,14 +242,7 @@ def mark_served(product: str, version: str) -> None:
 
 
 def keep_versions() -> int:
-    value = os.environ.get("INSPECT_KEEP_VERSIONS", "").strip()
-    if not value:
-        return DEFAULT_KEEP_VERSIONS
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise UserError(
-            f"INSPECT_KEEP_VERSIONS must be a whole number of at least 1; it is {value!r}."
-        )
-    return int(value)
+    return env_int("INSPECT_KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS) or DEFAULT_KEEP_VERSIONS
 
 
 def _remove_version(path: Path) -> None:

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from detector.environment import env_bool
 from detector.errors import UserError
 
 ROLES = ("line", "reviewer", "admin")
@@ -227,14 +228,13 @@ def access_from_env(environ: Mapping[str, str] = os.environ) -> Access:
         for name in environ.get("INSPECT_ALLOWED_HOSTS", "").split(",")
         if name.strip()
     ]
-    flag = environ.get("INSPECT_ANONYMOUS_SCORING", "").strip().lower()
     return Access(
         keys=parse_keys(
             environ.get("INSPECT_API_KEY"),
             environ.get("INSPECT_ADMIN_KEY"),
             environ.get("INSPECT_API_KEYS"),
         ),
-        anonymous_scoring=flag in ("1", "true", "yes", "on"),
+        anonymous_scoring=env_bool("INSPECT_ANONYMOUS_SCORING", False, environ),
         allowed_hosts=tuple(hosts) or LOOPBACK_HOSTS,
         hosts_configured=bool(hosts),
     )

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from detector.drift import DriftSettings
+from detector.environment import env_bool, env_choice, env_float, env_int
 from detector.errors import UserError
 from detector.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector.records.images import KEEP_POLICIES
@@ -20,37 +21,15 @@ from detector.serving.access import Access, access_from_env
 from detector.threads import usable_cpus
 
 
-def _int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
-def _float(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    return float(value) if value else default
-
-
-def _bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    return value in ("1", "true", "yes", "on") if value else default
-
-
-def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = os.environ.get(name, "").strip().lower() or default
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}; it is {value!r}.")
-    return value
-
-
 def drift_settings() -> DriftSettings:
     """The drift window; a minimum above the window is capped to it rather than refused."""
-    window = _int("INSPECT_DRIFT_WINDOW", 200) or 200
+    window = env_int("INSPECT_DRIFT_WINDOW", 200) or 200
     return DriftSettings(
         window_size=window,
-        min_images=min(window, _int("INSPECT_DRIFT_MIN_IMAGES", 20) or 20),
-        alert_level=_float("INSPECT_DRIFT_ALERT_LEVEL", 0.3),
-        flag_alpha=_float("INSPECT_DRIFT_FLAG_ALPHA", 0.001),
-        defect_rate=_float("INSPECT_EXPECTED_DEFECT_RATE", 0.0),
+        min_images=min(window, env_int("INSPECT_DRIFT_MIN_IMAGES", 20) or 20),
+        alert_level=env_float("INSPECT_DRIFT_ALERT_LEVEL", 0.3, maximum=1.0),
+        flag_alpha=env_float("INSPECT_DRIFT_FLAG_ALPHA", 0.001, maximum=1.0),
+        defect_rate=env_float("INSPECT_EXPECTED_DEFECT_RATE", 0.0, maximum=1.0),
     )
 
 
@@ -123,47 +102,48 @@ class Settings:
                 for name in os.environ.get("INSPECT_PRODUCTS", "").split(",")
                 if name.strip()
             ],
-            bank_cache_mb=_int("INSPECT_BANK_CACHE_MB", 1024) or 1024,
-            bank_refresh_s=_float("INSPECT_BANK_REFRESH_S", 1.0),
+            bank_cache_mb=env_int("INSPECT_BANK_CACHE_MB", 1024),
+            bank_refresh_s=env_float("INSPECT_BANK_REFRESH_S", 1.0),
             device=device,
-            half_precision=_bool("INSPECT_HALF_PRECISION", False),
+            half_precision=env_bool("INSPECT_HALF_PRECISION", False),
             runtime=os.environ.get("INSPECT_RUNTIME", "").strip() or "torch",
             precision=os.environ.get("INSPECT_PRECISION", "").strip() or "f32",
             # Explicit by default: BentoML may set OMP_NUM_THREADS=1 in its workers, which
             # halves a CPU ViT's speed (measured: docs/PERFORMANCE.md).
-            num_threads=_int("INSPECT_THREADS", usable_cpus()),
-            max_batch_size=_int("INSPECT_MAX_BATCH_SIZE", None) or default_max_batch_size(device),
+            num_threads=env_int("INSPECT_THREADS", usable_cpus()),
+            max_batch_size=env_int("INSPECT_MAX_BATCH_SIZE", None)
+            or default_max_batch_size(device),
             # BentoML answers 503 to a request whose wait plus predicted batch time (queue
             # length x its per-image estimate) passes this: a load-shedding budget that must
             # cover a full queue (16 clients x 0.55 s/img on 2 cores was shed at 30 s).
-            max_latency_ms=_int("INSPECT_MAX_LATENCY_MS", 60000) or 60000,
-            max_bytes=_int("INSPECT_MAX_BYTES", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES,
-            max_pixels=_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS,
-            max_batch_files=_int("INSPECT_MAX_BATCH_FILES", 32) or 32,
-            max_batch_bytes=_int("INSPECT_MAX_BATCH_BYTES", 256 << 20) or 256 << 20,
+            max_latency_ms=env_int("INSPECT_MAX_LATENCY_MS", 60000),
+            max_bytes=env_int("INSPECT_MAX_BYTES", DEFAULT_MAX_BYTES),
+            max_pixels=env_int("INSPECT_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            max_batch_files=env_int("INSPECT_MAX_BATCH_FILES", 32),
+            max_batch_bytes=env_int("INSPECT_MAX_BATCH_BYTES", 256 << 20),
             # Waiting is bounded, not the number of clients: with the runner at ~0.35 s per
             # 448 px image on 2 cores, 16 requests in flight keep an accepted request's
             # wait under ~6 s; the rest get 503 + Retry-After at once (docs/PERFORMANCE.md).
-            max_queue=_int("INSPECT_MAX_QUEUE", 16) or 16,
+            max_queue=env_int("INSPECT_MAX_QUEUE", 16),
             # Uploads hold these, not queue slots, at a pace any plant network keeps.
-            max_uploads=_int("INSPECT_MAX_UPLOADS", 64) or 64,
-            upload_idle_s=_float("INSPECT_UPLOAD_IDLE_S", 10.0),
-            upload_min_kbps=_float("INSPECT_UPLOAD_MIN_KBPS", 16.0),
-            retry_after_s=_int("INSPECT_RETRY_AFTER_S", 2) or 2,
-            heatmap_max_side=_int("INSPECT_HEATMAP_MAX_SIDE", 2048) or 2048,
-            max_renders=_int("INSPECT_MAX_RENDERS", 2) or 2,
+            max_uploads=env_int("INSPECT_MAX_UPLOADS", 64),
+            upload_idle_s=env_float("INSPECT_UPLOAD_IDLE_S", 10.0),
+            upload_min_kbps=env_float("INSPECT_UPLOAD_MIN_KBPS", 16.0),
+            retry_after_s=env_int("INSPECT_RETRY_AFTER_S", 2),
+            heatmap_max_side=env_int("INSPECT_HEATMAP_MAX_SIDE", 2048),
+            max_renders=env_int("INSPECT_MAX_RENDERS", 2),
             access=access_from_env(),
             # One bank change's encoded bytes travel whole: bound them, and its pixels.
-            max_change_bytes=_int("INSPECT_MAX_CHANGE_BYTES", 64 << 20) or 64 << 20,
-            max_change_pixels=_int("INSPECT_MAX_CHANGE_PIXELS", 160_000_000) or 160_000_000,
+            max_change_bytes=env_int("INSPECT_MAX_CHANGE_BYTES", 64 << 20),
+            max_change_pixels=env_int("INSPECT_MAX_CHANGE_PIXELS", 160_000_000),
             # The drift window: images compared with the bank's calibration reference.
             drift=drift_settings(),
-            records=_bool("INSPECT_RECORDS", True),
+            records=env_bool("INSPECT_RECORDS", True),
             records_dir=os.environ.get("INSPECT_RECORDS_DIR") or None,
             records_db=os.environ.get("INSPECT_RECORDS_DB") or None,
-            records_migrate=_choice("INSPECT_RECORDS_MIGRATE", "apply", ("apply", "check")),
-            keep_images=_choice("INSPECT_KEEP_IMAGES", "flagged", KEEP_POLICIES),
-            images_max_age_days=_float("INSPECT_IMAGES_MAX_AGE_DAYS", 30.0),
-            images_max_mb=_float("INSPECT_IMAGES_MAX_MB", 2048.0),
-            records_spool_mb=_float("INSPECT_RECORDS_SPOOL_MB", 256.0),
+            records_migrate=env_choice("INSPECT_RECORDS_MIGRATE", "apply", ("apply", "check")),
+            keep_images=env_choice("INSPECT_KEEP_IMAGES", "flagged", KEEP_POLICIES),
+            images_max_age_days=env_float("INSPECT_IMAGES_MAX_AGE_DAYS", 30.0),
+            images_max_mb=env_float("INSPECT_IMAGES_MAX_MB", 2048.0),
+            records_spool_mb=env_float("INSPECT_RECORDS_SPOOL_MB", 256.0),
         )
