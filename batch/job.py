@@ -21,11 +21,12 @@ from tqdm import tqdm
 from batch.files import Shard, find_images
 from batch.loader import LoadedImage, prefetch
 from batch.outputs import Outputs, heatmap_path, locked
-from batch.results import ResultJournal, replace_durably, write_csv
+from batch.results import ResultJournal, write_csv
 from batch.scorers import BatchSetupError, Scorer
 from detector import schema
 from detector.data.mvtec import GOOD, Sample
 from detector.drift import DriftSettings, drift_report, profile_to_list
+from detector.files import write_atomic
 from detector.reports.evaluation import EvaluationAccumulator
 from detector.reports.plots import overlay, save_score_histogram
 from detector.scoring import Calibration, make_result
@@ -103,7 +104,7 @@ def save_drift_reference(scorer: Scorer, path: Path) -> None:
         "profiles": [profile_to_list(p) for p in reference],
         "promised_rate": scorer.promised_rate,
     }
-    replace_durably(path, json.dumps(document))
+    write_atomic(path, json.dumps(document))
 
 
 def load_drift_reference(paths: list[Path]) -> tuple[np.ndarray, float | None]:
@@ -191,7 +192,7 @@ def _run_locked(options: JobOptions, scorer: Scorer, outputs: Outputs) -> dict[s
         summary["evaluation"] = accumulator.write(
             outputs.evaluation, threshold, "batch: image ROC", {}
         )
-    replace_durably(outputs.summary, json.dumps(summary, indent=2) + "\n")
+    write_atomic(outputs.summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from batch.job import load_drift_reference, models_used, run_drift_report, summarise
 from batch.outputs import locked
-from batch.results import latest_per_path, read_rows, replace_durably, write_csv
+from batch.results import latest_per_path, read_rows, write_csv
 from batch.scorers import BatchSetupError
 from detector.drift import DriftSettings
+from detector.files import write_atomic
 
 SHARD_JOURNAL = re.compile(r"^results-shard-(\d{4})-of-(\d{4})\.jsonl$")
 
@@ -54,11 +55,11 @@ def merge(
                 f"The shards in {out_dir} were scored by different models or thresholds "
                 f"({names}): score the stale shards again, or pass --allow-mixed-models."
             )
-        replace_durably(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_csv(rows, out_dir / "results.csv")
         summary = summarise(rows, out_dir / "scores.png", [])
         reference, promised = load_drift_reference(sorted(out_dir.glob("drift_reference*.json")))
         summary["drift"] = run_drift_report(rows, reference, drift or DriftSettings(), promised)
         summary["merged_shards"] = [journal.name for journal in journals]
-        replace_durably(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from detector.files import write_atomic
 from detector.schema import CSV_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -44,27 +45,6 @@ def read_rows(journal: Path) -> list[dict[str, Any]]:
                 continue
             rows.append(row)
     return rows
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (POSIX: the directory entry is data too)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def replace_durably(path: Path, text: str) -> None:
-    """Write `text` to a temporary file, fsync it, rename it over `path`, fsync the folder:
-    after a crash the file is either the old one or the new one, whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_folder(path.parent)
 
 
 class ResultJournal:
@@ -111,7 +91,7 @@ class ResultJournal:
         """Rewrite the journal with one row per path (durably); returns those rows."""
         rows = latest_per_path(self.rows)
         if len(rows) != len(self.rows):
-            replace_durably(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+            write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
             self.rows = rows
         return rows
 
@@ -123,7 +103,7 @@ def write_csv(rows: Iterable[dict[str, Any]], path: Path) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow({key: row.get(key, "") for key in CSV_COLUMNS})
-    replace_durably(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -187,11 +187,12 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def images_in(folder: Path) -> list[Path]:
-    """The images directly in a folder, sorted; a missing or empty folder is one sentence."""
+def images_in(folder: Path, allow_empty: bool = False) -> list[Path]:
+    """The images directly in a folder, sorted by name; a missing folder (or an empty one,
+    unless `allow_empty`) is one sentence. (The batch job walks a tree: batch/files.py.)"""
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images.")
     paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
-    if not paths:
+    if not paths and not allow_empty:
         raise UserError(f"{folder} holds no images.")
     return paths

@@ -17,11 +17,12 @@ BentoML is told the answer (`BentoMLContainer.model_store`), so `bentoml.models.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+
+from detector.files import exclusive
 
 _selected: Path | None = None
 
@@ -43,8 +44,7 @@ def seed(shared: Path, packed: Path) -> list[str]:
     start together); returns the versions copied."""
     shared.mkdir(parents=True, exist_ok=True)
     copied = []
-    with open(shared / ".seed.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(shared / ".seed.lock"):
         for model in sorted(p for p in packed.iterdir() if p.is_dir()):
             for version in sorted(p for p in model.iterdir() if p.is_dir()):
                 target = shared / model.name / version.name

@@ -27,14 +27,11 @@ Nothing switches or grows silently:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 import bentoml
@@ -42,6 +39,7 @@ import bentoml
 from detector.banks.location import model_store_dir
 from detector.environment import env_int
 from detector.errors import UserError
+from detector.files import exclusive, write_atomic
 
 log = logging.getLogger("inspection")
 model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too
@@ -192,17 +190,9 @@ def version_model(product: str, version: str | int) -> bentoml.Model:
     return bentoml.models.get(f"{model_name(product)}:{version}")
 
 
-@contextmanager
-def product_lock(product: str) -> Iterator[None]:
+def product_lock(product: str) -> AbstractContextManager[None]:
     """One writer per product across processes and replicas that share the store."""
-    folder = product_dir(product)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(product_dir(product) / LOCK_FILE)
 
 
 def write_live(product: str, version: str) -> None:
@@ -220,12 +210,6 @@ def next_number(product: str) -> int:
     number = max(counted, numbers[-1] if numbers else 0) + 1
     write_atomic(folder / COUNTER_FILE, f"{number}\n")
     return number
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=".tmp-") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def mark_served(product: str, version: str) -> None:

@@ -18,17 +18,13 @@ from pathlib import Path
 from detector.anomaly_detector import AnomalyDetector
 from detector.drift import profile_to_list
 from detector.errors import exits_on_user_error
-from detector.images import is_image_path
+from detector.images import images_in
 from detector.scoring import Calibration
 
 
 def set_reference(model_dir: Path, image_dir: Path, limit: int | None = None) -> Calibration:
     """Score the images, store their profiles as the reference, and save the bank folder."""
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir} is not a folder of defect-free images")
-    paths = sorted(p for p in image_dir.iterdir() if p.is_file() and is_image_path(p))[:limit]
-    if not paths:
-        raise FileNotFoundError(f"{image_dir} holds no images")
+    paths = images_in(image_dir)[:limit]
     detector = AnomalyDetector.load(model_dir)
     results = detector.predict(paths, with_maps=False, progress=True)
     detector.calibration.reference_profiles = [

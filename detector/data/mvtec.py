@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detector.images import is_image_path
+from detector.images import images_in
 
 GOOD = "good"
 
@@ -24,10 +24,6 @@ class Sample:
     label: int  # 0 defect-free, 1 defective
     defect_type: str
     mask_path: Path | None
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file() and is_image_path(path))
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class MVTecCategory:
         return folder
 
     def train_paths(self) -> list[Path]:
-        paths = _images_in(self._require(self.folder / "train" / GOOD))
+        paths = images_in(self._require(self.folder / "train" / GOOD), allow_empty=True)
         if not paths:
             raise FileNotFoundError(f"{self.folder / 'train' / GOOD} holds no images")
         return paths
@@ -62,7 +58,7 @@ class MVTecCategory:
             if not defect_folder.is_dir():
                 continue
             defect = defect_folder.name
-            for path in _images_in(defect_folder):
+            for path in images_in(defect_folder, allow_empty=True):
                 mask = None
                 if defect != GOOD:
                     candidate = self.folder / "ground_truth" / defect / f"{path.stem}_mask.png"

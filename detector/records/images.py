@@ -17,11 +17,11 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from detector.files import write_atomic
 from detector.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image
 
 log = logging.getLogger("inspection.records")
@@ -90,11 +90,7 @@ class ImageStore:
             # Make room now, down to 90 % of the cap so the next images need no scan.
             self.prune(room_for=len(png) + self.max_bytes // 10)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=target.parent, prefix=".incoming-", delete=False
-        ) as handle:
-            handle.write(png)
-        os.replace(handle.name, target)
+        write_atomic(target, png, durable=False)  # a lost image is a record without one
         self._total = (self._total or 0) + len(png)
         return True
 

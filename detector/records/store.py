@@ -6,7 +6,6 @@ Any SQLAlchemy URL works; the default is an embedded SQLite file that needs no s
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from sqlalchemy import Engine, and_, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from detector.files import exclusive
 from detector.records.errors import RecordNotFound, RecordsError
 from detector.records.model import REVIEW_LABELS, Inspection, Review, utc_now
 from detector.records.query import RecordQuery, as_utc, decode_cursor, encode_cursor, record_dict
@@ -329,8 +329,7 @@ def migrate_database(store: RecordStore, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with (folder / ".migrate.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(folder / ".migrate.lock"):
             store.migrate()
     except OperationalError as error:
         unreachable(store, error)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from detector.files import write_atomic
 from detector.records.images import ImageStore
 from detector.records.store import RecordStore, safe_url, spooled_line
 
@@ -204,12 +204,7 @@ class RecordWriter:
                     self.images.remove(sha256)
             return
         path = self.spool_dir / f"spool-{time.time_ns():020d}.jsonl"
-        partial = path.with_suffix(".partial")
-        with partial.open("wb") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        write_atomic(path, text)
         self._count("spooled", len(batch))
         self._next_retry = min(self._next_retry, time.monotonic() + self.retry_s)
 
