@@ -33,7 +33,7 @@ from batch.outputs import check_writable
 from batch.scorers import BatchSetupError, LocalScorer, OutputBusyError, RemoteScorer, Scorer
 from detector.commands.records import add_location_arguments
 from detector.drift import DriftSettings
-from detector.errors import user_errors_exit
+from detector.errors import Exit, user_errors_exit
 from detector.records.images import KEEP_POLICIES
 from detector.runtimes import PRECISIONS, RUNTIMES
 from detector.threads import usable_cpus
@@ -241,12 +241,6 @@ def run_checked(args: argparse.Namespace) -> int:
     return 0
 
 
-INTERRUPTED_EXIT_CODE = 3
-# Another job holds OUT (or this shard of it): retry later, as for 3; a job engine can tell
-# it from a crash (3) and from a job that cannot run at all (2).
-BUSY_EXIT_CODE = 4
-
-
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwind: the journal closes (synced) and the lock is released
 
@@ -259,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
                 return run(sys.argv[1:] if argv is None else argv)
             except OutputBusyError as error:
                 print(f"error: {error}", file=sys.stderr)
-                return BUSY_EXIT_CODE
+                return Exit.BUSY
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
     except Exception:
         traceback.print_exc()
         print("the job stopped unexpectedly; run the same command again to resume", file=sys.stderr)
-    return INTERRUPTED_EXIT_CODE
+    return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from detector.commands import COMMANDS
+from detector.errors import Exit
 
 
 def usage() -> str:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     name, arguments = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(Exit.CANNOT_RUN)
     module_name, _, function = COMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
     # Each command parses sys.argv itself (argparse, or Hydra's overrides).

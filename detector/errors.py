@@ -1,4 +1,5 @@
-"""Mistakes a user can fix, and the one way every entry point reports them.
+"""Mistakes a user can fix, the one way every entry point reports them, and the one table
+of exit statuses.
 
 A command (`python -m detector ...`, `python -m batch`) or the service's start-up check that
 meets one prints a single `error: ...` line on stderr and exits with status 2, so a person
@@ -13,9 +14,23 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import IntEnum
 from typing import Any, NoReturn, TypeVar
 
-USER_ERROR_EXIT_CODE = 2
+
+class Exit(IntEnum):
+    """Every entry point's exit statuses; a job engine's retry rules key on them
+    (deploy/k8s/batch-indexed-job.yaml fails the Job on 2 and retries the rest)."""
+
+    OK = 0
+    CRASHED = 1  # a traceback: a bug to report
+    CANNOT_RUN = 2  # a user's mistake; one `error:` line says what to do; retrying won't help
+    INTERRUPTED = 3  # stopped part-way (a signal, an unexpected error): the same command resumes
+    BUSY = 4  # another job holds the output folder: retry later
+    DIFFERENCES = 5  # replay: some recorded decisions are not what the models give now
+
+
+USER_ERROR_EXIT_CODE = Exit.CANNOT_RUN
 Main = TypeVar("Main", bound=Callable[..., Any])
 
 

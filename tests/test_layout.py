@@ -278,3 +278,19 @@ def test_the_readme_lists_every_metric_the_service_exports() -> None:
         if name + ("_total" if name in counters else "") not in readme
     ]
     assert missing == []
+
+
+def test_every_exit_status_comes_from_the_one_table() -> None:
+    """No entry point exits with a number of its own: `detector.errors.Exit` names them."""
+    from detector.errors import Exit
+
+    assert [int(code) for code in Exit] == list(range(6))
+    literal = re.compile(r"(sys\.exit|SystemExit|return)\(?\s*[1-9]\b")
+    offenders = [
+        f"{module_name(path)}:{number}"
+        for path in SOURCES
+        if "commands" in path.parts or "batch" in path.parts or path.name == "__main__.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line) and "range(" not in line
+    ]
+    assert offenders == []

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from detector.errors import UserError, exits_on_user_error
+from detector.errors import Exit, UserError, exits_on_user_error
 from detector.records.images import ImageStore
 from detector.records.query import parse_time
 from detector.records.store import RecordStore, locate_records, safe_url
@@ -100,7 +100,7 @@ def replay_main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     if report["checked"] == 0:
         print("nothing replayed: no record with a kept image matched", file=sys.stderr)
-    return 1 if report["differing"] else 0
+    return Exit.DIFFERENCES if report["differing"] else Exit.OK
 
 
 @exits_on_user_error
