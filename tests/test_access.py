@@ -557,3 +557,22 @@ def test_an_app_that_fails_before_answering_still_answers_at_once(
     assert "TimeoutError" in caplog.text, "the log says why"
     with pytest.raises(TimeoutError):  # an answer under way is the server's to end
         call(settings, "GET", "/late", gate=gate)
+
+
+def test_every_mounted_route_has_its_own_gate_rule_and_metrics_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The /products and /records routes are declared once, in their apps; the gate's
+    rules and the metrics' route labels take the same action names, so a route added to
+    an app without a rule would fall to the strictest one (and be counted as 'other')."""
+    from detector.serving import telemetry
+    from detector.serving.product_routes import products_app
+    from detector.serving.record_routes import records_app
+    from detector.serving.route_rules import rules
+
+    known = rules(settings_with(monkeypatch))
+    for prefix, app in (("/products", products_app), ("/records", records_app)):
+        for route in app.routes:
+            path = prefix + route.path.replace("{name}", "carpet").replace("{id}", "18ecc5d3db")
+            assert rule_key(path) in known and not rule_key(path).endswith("**"), path
+            assert telemetry.route_template(path) != "other", path

@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from detector.serving.route_rules import PRODUCT_ACTIONS, RECORD_ACTIONS
+
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float("inf"))
 
 normalized_score = Histogram(
@@ -208,10 +210,7 @@ ROUTES = frozenset(
         "/set_threshold",
     }
 )
-TEMPLATES = {
-    "products": ("history", "rollback", "images", "threshold", "suggestion"),
-    "records": ("image", "heatmap", "review"),
-}
+TEMPLATES = {"products": PRODUCT_ACTIONS, "records": RECORD_ACTIONS}  # the gate's own
 
 
 def route_template(path: str) -> str:
