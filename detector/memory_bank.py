@@ -50,6 +50,38 @@ class BankConfig:
     global_limit: int = DEFAULT_GLOBAL_LIMIT  # more centres: each chunk keeps its share
 
 
+# bank.json's layout: 1 (no format_version) is what banks were saved as before it was kept.
+FORMAT_VERSION = 2
+
+
+def upgraded(document: dict[str, Any], source: str | Path = "bank.json") -> dict[str, Any]:
+    """A bank.json of any format this code knows, as the current format: the one place that
+    knows what older banks lack (everything else reads the current layout). A bank saved by
+    a newer version of this project is refused with a sentence, never half-read."""
+    version = int(document.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} was saved in bank format {version}; this version reads up to "
+            f"{FORMAT_VERSION}: upgrade this project, or refit the bank with this version."
+        )
+    document = dict(document)
+    if version < 2:  # before fingerprints, rules, sources and the bank's own config keys
+        extractor = dict(document.get("extractor") or {})
+        extractor.setdefault("layers", [-1])
+        extractor.setdefault("fingerprint", None)
+        if "backbone" not in extractor and "source" in extractor:
+            extractor["backbone"] = extractor.pop("source")
+        document["extractor"] = extractor
+        calibration = dict(document.get("calibration") or {})
+        calibration.setdefault("rule", "empirical_quantile")
+        calibration.setdefault("source", "held_out")
+        document["calibration"] = calibration
+        document.setdefault("scoring", {})
+        document.setdefault("bank", {})
+    document["format_version"] = FORMAT_VERSION
+    return document
+
+
 def l2_normalize(features: np.ndarray) -> np.ndarray:
     features = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
     norms = np.linalg.norm(features, axis=1, keepdims=True)
@@ -202,20 +234,20 @@ class MemoryBank:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
-        document = {"bank": asdict(self.config), **self.metadata}
-        (directory / METADATA_FILE).write_text(json.dumps(document, indent=2) + "\n")
-        return directory
+        document = {**self.metadata, "bank": asdict(self.config)}
+        return self.write_document(directory, document)
 
     @staticmethod
     def read_document(directory: str | Path) -> dict[str, Any]:
         """A saved bank's metadata (bank.json) without reading its index: what a change of
         the threshold alone needs."""
-        return json.loads((Path(directory) / METADATA_FILE).read_text())
+        return upgraded(json.loads((Path(directory) / METADATA_FILE).read_text()), directory)
 
     @staticmethod
     def write_document(directory: str | Path, document: dict[str, Any]) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        document = {**document, "format_version": FORMAT_VERSION}
         (directory / METADATA_FILE).write_text(json.dumps(document, indent=2) + "\n")
         return directory
 
@@ -228,7 +260,7 @@ class MemoryBank:
                 f"{directory} is not a saved memory bank (missing {', '.join(missing)}): "
                 "fit one with `python -m detector fit`."
             )
-        document = json.loads((directory / METADATA_FILE).read_text())
+        document = MemoryBank.read_document(directory)
         config = BankConfig(**document.pop("bank"))
         index = faiss.read_index(str(directory / INDEX_FILE))
         if config.index == "hnsw":

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,33 @@ def test_extend_works_on_a_copy_and_without_a_recorded_radius(tmp_path: Path) ->
     copy = bank.copy()
     copy.extend(l2_normalize(clustered(300, 4) - 0.8))
     assert copy.size > bank.size == bank.metadata["bank_size"]
+
+
+def test_bank_json_is_upgraded_in_one_place_and_a_newer_format_is_refused(tmp_path) -> None:
+    from detector.memory_bank import FORMAT_VERSION, upgraded
+    from detector.scoring import Calibration
+
+    old = {  # as banks were saved before format_version was kept
+        "bank": {"coreset_ratio": 0.1},
+        "extractor": {
+            "source": "/models/dinov3",
+            "resolution": 448,
+            "patch_size": 16,
+            "feature_dim": 384,
+        },
+        "calibration": {"threshold": 0.3, "false_alarm_rate": 0.01, "reference_scores": [0.1]},
+    }
+    current = upgraded(old)
+    assert current["format_version"] == FORMAT_VERSION and "format_version" not in old
+    assert current["extractor"]["backbone"] == "/models/dinov3"
+    assert current["extractor"]["layers"] == [-1] and current["extractor"]["fingerprint"] is None
+    calibration = Calibration.from_dict(current["calibration"])
+    assert (calibration.rule, calibration.source) == ("empirical_quantile", "held_out")
+    assert upgraded(current) == current
+    with pytest.raises(ValueError, match="upgrade this project"):
+        upgraded({**current, "format_version": FORMAT_VERSION + 1})
+    bank = MemoryBank.fit(
+        np.random.default_rng(0).normal(size=(40, 8)), BankConfig(coreset_ratio=None)
+    )
+    saved = json.loads((bank.save(tmp_path / "bank") / "bank.json").read_text())
+    assert saved["format_version"] == FORMAT_VERSION
