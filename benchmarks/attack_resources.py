@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.heatmap_memory import server_processes, tiny_store
-from detector.serving.local_server import REPO, bentoml_serve
+from devtools.local_server import REPO, bentoml_serve
 
 ADMIN_KEY = "attack-benchmark-admin-key"
 ADMIN = {"X-API-Key": ADMIN_KEY}

@@ -26,7 +26,7 @@ from PIL import Image
 from benchmarks.service_benchmark import benchmark_store
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.synthetic import carpet_texture
-from detector.serving.local_server import REPO, service_env
+from devtools.local_server import REPO, service_env
 
 
 def main() -> None:

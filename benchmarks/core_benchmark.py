@@ -33,7 +33,7 @@ from detector.dino import DinoBackbone
 from detector.greedy import greedy_k_center, random_projection
 from detector.memory_bank import BankConfig, MemoryBank, build_index, l2_normalize
 from detector.scoring import calibrate
-from detector.serving.local_server import REPO
+from devtools.local_server import REPO
 
 
 def timed(function, repeat: int) -> float:

@@ -29,7 +29,7 @@ from detector.data.synthetic import make_dataset
 from detector.dino import DinoBackbone
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
-from detector.serving.local_server import bentoml_serve, export_models
+from devtools.local_server import bentoml_serve, export_models
 
 
 def server_processes(port: int) -> dict[str, psutil.Process]:

@@ -23,7 +23,7 @@ import httpx
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
 from detector.anomaly_detector import AnomalyDetector
 from detector.images import decode_image
-from detector.serving.local_server import REPO, bentoml_serve, locust_command, service_env
+from devtools.local_server import REPO, bentoml_serve, locust_command, service_env
 
 CONFIGS = {
     "batching off (default on CPU)": {"INSPECT_MAX_BATCH_SIZE": "1"},

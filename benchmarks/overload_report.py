@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from benchmarks.service_benchmark import benchmark_store, upload_bytes
-from detector.serving.local_server import REPO, bentoml_serve, locust_command, service_env
+from devtools.local_server import REPO, bentoml_serve, locust_command, service_env
 
 
 def idle_latency(url: str, upload: bytes, count: int = 5) -> float:

@@ -39,7 +39,7 @@ from detector.data.synthetic import make_dataset
 from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig
 from detector.metrics import image_auroc
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     locust_command,

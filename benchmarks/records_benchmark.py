@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
-from detector.serving.local_server import bentoml_serve, service_cpu_seconds
+from devtools.local_server import bentoml_serve, service_cpu_seconds
 
 CONFIGS = {
     "records off": {"INSPECT_RECORDS": "off"},

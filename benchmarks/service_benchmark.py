@@ -30,8 +30,8 @@ from detector.dino import DinoBackbone
 from detector.fitting import fit_detector
 from detector.images import decode_image
 from detector.memory_bank import BankConfig
-from detector.serving.local_server import bentoml_serve, export_models
 from detector.threads import usable_cpus
+from devtools.local_server import bentoml_serve, export_models
 
 
 def build_models(scratch: Path, bank_rows: int) -> Path:

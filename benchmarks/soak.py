@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from benchmarks.service_benchmark import benchmark_store, served_throughput, upload_bytes
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     locust_command,

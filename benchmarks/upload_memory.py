@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.heatmap_memory import peak_during, server_processes, tiny_store
-from detector.serving.local_server import bentoml_serve
+from devtools.local_server import bentoml_serve
 
 KEY = "benchmark-key"
 PREAMBLE = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'

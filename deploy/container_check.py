@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from deploy.kube import container_run, load
-from detector.serving.local_server import REPO, free_port
+from devtools.local_server import REPO, free_port
 
 K8S = REPO / "deploy" / "k8s"
 IMAGE = "localhost/dino-inspection:check"

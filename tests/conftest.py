@@ -83,7 +83,7 @@ def saved_detector_dir(
 @pytest.fixture(scope="module")
 def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BentoML home holding the fitted tiny detector as models, one per test module."""
-    from detector.serving.local_server import export_models
+    from devtools.local_server import export_models
 
     home = tmp_path_factory.mktemp("bentoml_home")
     result = export_models(saved_detector_dir, home)
@@ -153,7 +153,7 @@ def postgres() -> PostgresServer:
     import pwd
     import shutil
 
-    from detector.serving.local_server import free_port
+    from devtools.local_server import free_port
 
     bin_dir = postgres_bin_dir()
     if bin_dir is None:

@@ -20,7 +20,7 @@ from batch.job import is_current
 from batch.outputs import heatmap_path
 from batch.results import ResultJournal, read_rows
 from detector.anomaly_detector import AnomalyDetector
-from detector.serving.local_server import REPO, bentoml_serve, export_models, service_env
+from devtools.local_server import REPO, bentoml_serve, export_models, service_env
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.serving.local_server import REPO
+from devtools.local_server import REPO
 
 STAND_IN = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$CALLS"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from detector.data.shifts import apply_shift
 from detector.data.synthetic import make_dataset
-from detector.serving.local_server import REPO, bentoml_serve, service_env
+from devtools.local_server import REPO, bentoml_serve, service_env
 
 WINDOW = "20"
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from detector.data.synthetic import carpet_texture
-from detector.serving.local_server import bentoml_serve, service_rss_mib
+from devtools.local_server import bentoml_serve, service_rss_mib
 
 KEY = "k3y-for-the-hardening-tests"
 AUTH = {"X-API-Key": KEY}

@@ -18,7 +18,7 @@ from detector.commands import COMMANDS
 from detector.dino import DinoBackbone
 from detector.extractor import BackboneSpec, IncompatibleBankError
 from detector.scoring import Calibration, make_result
-from detector.serving.local_server import REPO, service_env
+from devtools.local_server import REPO, service_env
 
 DOCUMENTS = ["README.md", "deploy/README.md", *(p.as_posix() for p in Path(REPO).glob("docs/*.md"))]
 
@@ -212,6 +212,12 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
         ]
     assert broken == []
     assert any(is_library(name) for name in graph) and "detector.banks.versions" in graph
+    shipped = [  # devtools/ is not in the wheel or the Bento: nothing that ships needs it
+        module_name(path)
+        for path in SOURCES
+        if any(under(m, "devtools") for m in imported_modules(path))
+    ]
+    assert shipped == []
 
 
 def test_no_module_imports_itself_through_others() -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     export_models,

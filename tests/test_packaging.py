@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from detector.commands.random_backbone import make_backbone
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     export_models,

@@ -31,7 +31,9 @@ from detector.dino import DinoBackbone
 from detector.errors import UserError
 from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig, MemoryBank
-from detector.serving.local_server import (
+from detector.serving.runner import ScoringRunner
+from detector.serving.settings import Settings
+from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     REPO,
@@ -39,8 +41,6 @@ from detector.serving.local_server import (
     service_env,
     wait_for,
 )
-from detector.serving.runner import ScoringRunner
-from detector.serving.settings import Settings
 
 API_KEY, ADMIN_KEY = "scoring-key-0123456", "admin-key-0123456789"
 

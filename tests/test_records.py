@@ -245,7 +245,7 @@ def test_records_are_spooled_while_the_database_is_down_and_all_arrive_once_it_i
 
 
 def test_a_full_spool_drops_and_counts_instead_of_growing(tmp_path: Path) -> None:
-    from detector.serving.local_server import free_port
+    from devtools.local_server import free_port
 
     # A database server that is not there: every connection is refused at once.
     store = RecordStore(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
@@ -326,7 +326,7 @@ def test_kept_images_are_the_scored_pixels_and_the_cap_holds_when_writing(
 
 
 def test_a_dropped_record_keeps_no_image_and_queued_images_are_bounded(tmp_path: Path) -> None:
-    from detector.serving.local_server import free_port
+    from devtools.local_server import free_port
 
     store = RecordStore(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
     images = ImageStore(tmp_path / "images", keep="all")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from detector.data.mvtec import MVTecCategory
-from detector.serving.local_server import bentoml_serve
 from detector.serving.replicas import check_records_location, on_network_filesystem
+from devtools.local_server import bentoml_serve
 
 KEYS = "cam=line:replica-line-key-0123,ops=admin:replica-admin-key-012"
 LINE = {"X-API-Key": "replica-line-key-0123"}

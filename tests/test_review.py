@@ -25,7 +25,7 @@ from PIL import Image
 
 from detector.data.mvtec import MVTecCategory
 from detector.images import decode_image
-from detector.serving.local_server import (
+from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     REPO,

@@ -16,7 +16,7 @@ from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     export_models,

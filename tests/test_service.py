@@ -18,7 +18,7 @@ from PIL import Image
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
 from detector.data.synthetic import carpet_texture
-from detector.serving.local_server import bentoml_serve, service_env, stored_model
+from devtools.local_server import bentoml_serve, service_env, stored_model
 
 MAX_BYTES = 1_000_000
 

@@ -132,7 +132,7 @@ def test_the_service_starts_without_torch_where_only_scoring_needs_it(store: Pat
     import subprocess
     import sys
 
-    from detector.serving.local_server import REPO, service_env
+    from devtools.local_server import REPO, service_env
 
     code = "import sys, service; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     shown = subprocess.run(
@@ -152,7 +152,7 @@ def test_products_prints_a_short_history_table_and_json_on_request(store: Path) 
     import subprocess
     import sys
 
-    from detector.serving.local_server import REPO, service_env
+    from devtools.local_server import REPO, service_env
 
     def products(*args: str) -> str:
         shown = subprocess.run(

@@ -8,7 +8,7 @@ import pytest
 
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
-from detector.serving.local_server import (
+from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     bentoml_serve,

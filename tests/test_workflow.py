@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from detector.serving.local_server import (
+from devtools.local_server import (
     REPO,
     bentoml_serve,
     free_port,

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout holding service.py
+REPO = Path(__file__).resolve().parents[1]  # the checkout holding service.py
 _SERVERS: dict[str, subprocess.Popen] = {}  # base URL -> its `bentoml serve` process
 
 
