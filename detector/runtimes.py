@@ -5,7 +5,7 @@ a faster runtime. `export_graph` traces `DinoBackbone.patch_tokens` (what torch'
 runs) into ONNX and writes the backbone's spec, weights fingerprint included, into the
 graph's own metadata; `GraphBackbone` runs that graph with OpenVINO or ONNX Runtime behind
 the same `FeatureExtractor` interface, with the same preprocessing. Because the graph
-carries its fingerprint, `BackboneSpec.build` refuses a graph of other weights exactly as it
+carries its fingerprint, `backbone.extractor_for` refuses a graph of other weights exactly as it
 refuses another checkpoint. docs/PERFORMANCE.md has the measurements behind the choices.
 
 Graphs live beside the weights they came from: `python -m detector export` stores one in the
