@@ -5,8 +5,8 @@
 Serves a tiny random backbone (the backbone's size does not change what a heatmap costs),
 then posts one 40 MP JPEG and one 40 MP PNG to /heatmap for each output, sampling the RSS of
 the API and runner processes every 20 ms. Prints, per request, each process's peak RSS above
-its RSS just before the request. Self-contained (finds the server's processes by its port),
-so it can be run on an older checkout for a before/after comparison.
+its RSS just before the request. It finds the server's processes by its port, and runs on
+checkouts from this commit's layout on (devtools/, detector.fitting).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ streamed (chunked) past the limit.
 
 Serves a tiny random backbone with INSPECT_API_KEY set and prints, per upload, the answer's
 status, how long it took, and the API worker's peak RSS above its RSS before the upload.
-Self-contained, so it also runs on an older checkout for a before/after comparison.
+It runs on checkouts from this commit's layout on (devtools/).
 """
 
 from __future__ import annotations

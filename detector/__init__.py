@@ -1,9 +1,11 @@
 """Training-free visual inspection: patch features, a memory bank, calibrated scores.
 
-The library is this folder's modules (backbone, coreset, memory_bank, scoring,
-anomaly_detector, images, drift, metrics, schema); data/, reports/, commands/ and serving/
-are the layers built on it. The main names are importable from here, loaded on first use
-so that `import detector.schema` stays light (no torch, no faiss):
+The library is this folder's modules (extractor, dino, runtimes, backbone, greedy, coreset,
+spill, memory_bank, scoring, anomaly_detector, fitting, images, drift, metrics, schema,
+files, environment, errors) and banks/ (the bank store); data/, reports/, records/,
+commands/ and serving/ are the layers built on it (README, "Layout"). The main names
+are importable from here, loaded on first use so that `import detector.schema` stays
+light (no torch, no faiss):
 
     from detector import AnomalyDetector, MemoryBank, BackboneSpec
 """

@@ -1,28 +1,19 @@
-"""Products and their bank versions in the BentoML model store: history, live version, rollback.
+"""Products in the BentoML model store, and where each one's versions live.
 
-A product (`carpet`, `line3-grey`) is the BentoML model `bank-<product>`; each change to its
-bank (a fit, added images, a recalibration, a rollback) is a new version `v1`, `v2`, ... whose
-metadata says what changed, from which parent, why and when. So `bentoml models list` shows
-every product and version, and `bentoml models export` carries a version with its history.
+A product (`carpet`, `line3-grey`) is the BentoML model `bank-<product>`; its versions are
+`v1`, `v2`, ... (`detector.banks.versions` makes, describes and restores them). Here: the
+names, the live pointer, the per-product lock, the version counter and retention.
 
-The live version is the newest one. Rollback makes a new version with an earlier version's
-files rather than moving a pointer, so history stays a straight line and "live" never needs
-anything but the store to be known. Writers take a per-product file lock (every worker and
-every replica sharing the store), so two concurrent updates both land, one on top of the
-other. After a version is complete, its number is written to `<store>/bank-<product>/live`
-(atomically): readers poll that one small file, and never see a half-copied version.
-
-Nothing switches or grows silently:
-- version numbers come from a counter (`<store>/bank-<product>/counter`) and are never
-  reused, so a record's `bank-x:v6` names one bank forever;
-- each version's metadata holds the SHA-256 of its files, checked when it is loaded: a
-  truncated or replaced file is refused with a sentence, never scored with;
-- a live version that disappears makes its product answer 503 (`LiveVersionMissing`),
-  never quietly fall back to an older bank;
-- a version that only moves the threshold shares its parent's index file (a hard link),
-  and old versions are removed beyond `INSPECT_KEEP_VERSIONS` (20) unless the live pointer
-  or a rollback names them, or they scored something (`mark_served`), which records may
-  name.
+- After a version is complete, its number is written to `<store>/bank-<product>/live`
+  (atomically): readers poll that one small file, and never see a half-copied version.
+- Writers take a per-product file lock (every worker and every replica sharing the store),
+  so two concurrent updates both land, one on top of the other.
+- Version numbers come from a counter (`<store>/bank-<product>/counter`) and are never
+  reused, so a record's `bank-x:v6` names one bank forever.
+- A live version that disappears makes its product answer 503 (`LiveVersionMissing`), never
+  quietly fall back to an older bank.
+- Old versions are removed beyond `INSPECT_KEEP_VERSIONS` (20) unless the live pointer or a
+  rollback names them, or they scored something (`mark_served`), which records may name.
 """
 
 from __future__ import annotations

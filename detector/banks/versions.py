@@ -1,6 +1,15 @@
-"""A product's versions: making one (under the product's lock, files hashed, made live),
-describing them, their history, rollback, and loading a version's bank with its files
-checked. `detector.banks.products` holds the names and the folder each version lives in."""
+"""A product's bank versions: each change (a fit, added images, a recalibration, a new
+operating point, a rollback) is a new version whose metadata says what changed, from which
+parent, why and when, so `bentoml models list` shows every version and `bentoml models
+export` carries one with its history.
+
+- Rollback makes a new version with an earlier version's files rather than moving a
+  pointer: history stays a straight line.
+- Each version's metadata holds the SHA-256 of its files, checked when it is loaded: a
+  truncated or replaced file is refused with a sentence, never scored with.
+- A version that only moves the threshold shares its parent's index file (a hard link).
+
+`detector.banks.products` holds the names, the live pointer and the lock."""
 
 from __future__ import annotations
 

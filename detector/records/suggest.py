@@ -64,7 +64,7 @@ def suggest_threshold(
     if good_scores.size:
         suggested = rule_named(rule).threshold(good_scores, target)
         report["suggested"] = rates(good_scores, defect_scores, suggested)
-        # The estimate the version it makes will state (products.set_operating_point).
+        # The estimate the version it makes will state (changes.set_operating_point).
         calibration = Calibration(suggested, target, good.copy(), source="reviewed_records")
         estimate = calibration.estimate()
         report["suggested"]["expected_false_alarm_rate"] = estimate["expected_false_alarm_rate"]
@@ -112,7 +112,6 @@ def threshold_suggestion(
     """Rates at the live threshold and at one set from the reviewed records of the
     versions on the live version's scale (`versions.scoring_versions`)."""
     from detector.banks import products, versions
-    from detector.records.suggest import suggest_threshold
 
     try:
         live, tags = versions.scoring_versions(products.check_product(product))

@@ -1,1 +1,2 @@
-"""Serving plumbing: settings, model store, metrics, the runner and API logic, the web page."""
+"""Serving plumbing: settings, access and the gate, which stored banks are served, metrics,
+the runner and API logic, the web page."""
