@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from batch.loader import LoadedImage
-from detector.records.images import ImageStore
 from detector.records.model import make_record
-from detector.records.store import RecordStore, locate_records, migrate_database
-from detector.records.writer import RecordWriter
+from detector.records.recording import open_recording
+from detector.records.store import locate_records
 
 
 class BatchRecorder:
@@ -29,14 +28,10 @@ class BatchRecorder:
         folder, url = locate_records(records_dir, db)
         self.root = input_dir
         self.product, self.settings_hash = product, settings_hash
-        self.store = RecordStore(url)
-        migrate_database(self.store, folder)
-        self.images = ImageStore(folder / "images", keep_images)
         # Its own spool: a job that ends while the database is down leaves its records
         # there, and the next --record run on this machine writes them.
-        self.writer = RecordWriter(
-            self.store, folder / "spool-batch", self.images, prepare=self.store.migrate
-        )
+        self.recording = open_recording(folder, url, keep_images, spool="spool-batch")
+        self.images, self.writer = self.recording.images, self.recording.writer
         self.counts = self.writer.counts
 
     def __call__(self, item: LoadedImage, row: dict[str, Any]) -> None:
@@ -54,6 +49,5 @@ class BatchRecorder:
         self.writer.submit(record, data if self.images.wants(row["is_anomalous"]) else None)
 
     def close(self) -> dict[str, int]:
-        self.writer.close(timeout=120)
-        self.store.close()
+        self.recording.close(timeout=120)
         return dict(self.counts)

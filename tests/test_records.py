@@ -380,7 +380,7 @@ def test_a_records_volume_this_user_cannot_restrict_keeps_images_private(
 ) -> None:
     """In a pod the records folder is a volume owned by root: chmod fails for the service's
     user. Recording stays on; the folders that hold images are made private instead."""
-    from detector.serving.records import private_folder
+    from detector.records.recording import private_folder
 
     volume = tmp_path / "records"
     volume.mkdir(mode=0o777)
@@ -395,3 +395,18 @@ def test_a_records_volume_this_user_cannot_restrict_keeps_images_private(
     private_folder(volume)
     for inner in ("images", "spool"):
         assert (volume / inner).stat().st_mode & 0o777 == 0o700
+
+
+def test_the_batch_job_opens_its_records_as_the_service_does(tmp_path: Path) -> None:
+    """One opener for both writers: a records folder a batch job creates is as private as
+    the service's, and its own spool keeps its records apart."""
+    from batch.records import BatchRecorder
+
+    folder = tmp_path / "records"
+    recorder = BatchRecorder(tmp_path, str(folder), None, "flagged", "carpet", "0" * 16)
+    try:
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert recorder.writer.spool_dir == folder / "spool-batch"
+        assert recorder.images.root == folder / "images"
+    finally:
+        assert not any(recorder.close().values()), "nothing was recorded"

@@ -19,12 +19,11 @@ from sqlalchemy.exc import OperationalError
 
 from detector.errors import UserError
 from detector.records.errors import ImageGone, RecordsError
-from detector.records.images import ImageStore
 from detector.records.model import make_record, utc_now
 from detector.records.query import MAX_PAGE, RecordQuery, parse_time
-from detector.records.store import RecordStore, locate_records, migrate_database, unreachable
+from detector.records.recording import open_recording
+from detector.records.store import RecordStore, locate_records, unreachable
 from detector.records.suggest import threshold_suggestion
-from detector.records.writer import RecordWriter
 from detector.serving import telemetry
 from detector.serving.params import BadParameter, whole_number
 from detector.serving.settings import Settings
@@ -81,49 +80,25 @@ class ChangeTooLarge(RecordsError):
     status, reason = 413, "too_large"
 
 
-def private_folder(folder: Path) -> None:
-    """Make `folder` readable by this user only. A mounted volume (a Kubernetes emptyDir or
-    PVC) belongs to root and cannot be changed by the service's user: then the folders that
-    hold images (kept, spooled) are made private instead, and the mount keeps its mode."""
-    try:
-        folder.chmod(0o700)
-    except PermissionError:
-        for inner in ("images", "spool"):
-            (folder / inner).mkdir(exist_ok=True)
-            (folder / inner).chmod(0o700)
-        log.info(
-            "records folder %s is a volume this user cannot restrict: its images and "
-            "spool folders are private instead",
-            folder,
-        )
-
-
 class Recorder:
     """One per API worker: the record writer, the kept images, and the database's readers."""
 
     def __init__(self, settings: Settings) -> None:
-        folder = records_dir(settings)
-        # Records and kept images are for reviewers: not for other users of this machine.
-        folder.mkdir(parents=True, exist_ok=True)
-        private_folder(folder)
-        self.store = RecordStore(records_url(settings))
-        migrate = settings.records_migrate == "apply"
-        if migrate:
-            migrate_database(self.store, folder)
-        self.images = ImageStore(
-            folder / "images",
+        recording = open_recording(
+            records_dir(settings),
+            records_url(settings),
             settings.keep_images,
-            settings.images_max_age_days,
-            settings.images_max_mb,
-            settings.max_pixels,
-        )
-        self.writer = RecordWriter(
-            self.store,
-            folder / "spool",
-            self.images,
-            prepare=self.store.migrate if migrate else self.store.check,
+            migrate=settings.records_migrate == "apply",
+            images_max_age_days=settings.images_max_age_days,
+            images_max_mb=settings.images_max_mb,
+            max_pixels=settings.max_pixels,
             spool_max_bytes=int(settings.records_spool_mb * 2**20),
             on_count=lambda outcome, n: telemetry.records.labels(outcome).inc(n),
+        )
+        self.store, self.images, self.writer = (
+            recording.store,
+            recording.images,
+            recording.writer,
         )
         # With the database down at start, the gauges appear with the first review.
         with contextlib.suppress(OperationalError):
