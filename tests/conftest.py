@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import tempfile
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
@@ -19,6 +20,7 @@ os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
 # Commands track their runs with MLflow; the tests' runs go to a folder of their own.
 os.environ["MLFLOW_TRACKING_URI"] = "file:" + tempfile.mkdtemp(prefix="mlruns-")
 
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -80,15 +82,35 @@ def saved_detector_dir(
     return fitted_detector.save(tmp_path_factory.mktemp("detector") / "carpet")
 
 
-@pytest.fixture(scope="module")
-def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BentoML home holding the fitted tiny detector as models, one per test module."""
+@pytest.fixture(scope="session")
+def exported_store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fitted tiny detector exported once per worker (`detector export` in a process of
+    its own, ONNX graph included); tests get copies (`copy_of`), never this one."""
     from devtools.local_server import export_models
 
-    home = tmp_path_factory.mktemp("bentoml_home")
+    home = tmp_path_factory.mktemp("bentoml_home_exported")
     result = export_models(saved_detector_dir, home)
     assert result.returncode == 0, result.stderr
     return home
+
+
+def copy_of(exported: Path, home: Path) -> Path:
+    """A BentoML home of its own (tests add versions and records to it): the store holds no
+    path of itself, so a copy is the same store."""
+    shutil.copytree(exported, home, symlinks=True, dirs_exist_ok=True)
+    return home
+
+
+@pytest.fixture
+def store_copy(exported_store: Path) -> Callable[[Path], Path]:
+    """`store_copy(folder)`: a copy of the exported store at `folder`, for one test."""
+    return lambda home: copy_of(exported_store, home)
+
+
+@pytest.fixture(scope="module")
+def store(exported_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BentoML home holding the fitted tiny detector as models, one per test module."""
+    return copy_of(exported_store, tmp_path_factory.mktemp("bentoml_home"))
 
 
 class PostgresServer:

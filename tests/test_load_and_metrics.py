@@ -17,7 +17,6 @@ import yaml
 from devtools.local_server import (
     REPO,
     bentoml_serve,
-    export_models,
     free_port,
     locust_command,
     service_env,
@@ -31,9 +30,8 @@ LOAD_TEST_KEY = "locust-key-for-load-tests"
 
 
 @pytest.fixture(scope="module")
-def server(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("bentoml_home")
-    assert export_models(saved_detector_dir, home).returncode == 0
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = store
     keys = f"line=line:{LINE['X-API-Key']},desk=reviewer:{DESK['X-API-Key']}"
     keys += f",locust=loadtest:{LOAD_TEST_KEY}"
     log = tmp_path_factory.mktemp("logs") / "serve.log"

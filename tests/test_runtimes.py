@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,6 @@ from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_
 from devtools.local_server import (
     REPO,
     bentoml_serve,
-    export_models,
     serve_until_exit,
     service_env,
 )
@@ -164,10 +164,9 @@ def test_an_uninstalled_runtime_stops_commands_and_serve_with_one_sentence(
 
 
 def test_a_graph_of_other_weights_or_none_stops_serve_with_one_sentence(
-    saved_detector_dir: Path, tmp_path: Path
+    store_copy: Callable[[Path], Path], tmp_path: Path
 ) -> None:
-    home = tmp_path / "home"
-    assert export_models(saved_detector_dir, home).returncode == 0
+    home = store_copy(tmp_path / "home")
     graph = stored_graph(home)
     other_dir = make_backbone(tmp_path / "other", "tiny", seed=1)
     resolution = graph_stamp(graph)["spec"]["resolution"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     bentoml_serve,
-    export_models,
     wait_for,
 )
 
@@ -22,15 +22,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_upload_shows_score_verdict_and_overlay(
-    saved_detector_dir: Path,
+    store_copy: Callable[[Path], Path],
     synthetic_dataset: MVTecCategory,
     fitted_detector: AnomalyDetector,
     tmp_path: Path,
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    home = tmp_path / "bentoml_home"
-    assert export_models(saved_detector_dir, home).returncode == 0
+    home = store_copy(tmp_path / "bentoml_home")
     defect = next(s.path for s in synthetic_dataset.test_samples() if s.defect_type == "color")
     (expected,) = fitted_detector.predict([defect], with_maps=False)
 
