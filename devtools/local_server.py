@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+from detector.commands.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout holding service.py
 _SERVERS: dict[str, subprocess.Popen] = {}  # base URL -> its `bentoml serve` process
@@ -162,22 +162,6 @@ def bentoml_serve(
             f"bentoml serve did not stop within {STOP_GRACE_S:.0f} s of SIGTERM:\n"
             + log_path.read_text()[-3000:]
         )
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
-    """Return once /readyz answers 200; raise if the server exits or is not ready in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("bentoml serve was not ready in time")
-        time.sleep(0.5)
 
 
 def role_of(command: str) -> str:

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_module
 
 from detector.commands.evaluate import evaluate
 from detector.commands.fit import fit
+from detector.commands.readiness import wait_until_ready
 from detector.errors import exits_on_user_error
 from detector.extractor import BackboneUnavailableError
 
@@ -88,6 +89,9 @@ def serve(port: int) -> None:
             flush=True,
         )
         process.wait()
+    except RuntimeError as error:  # it never answered: stop it and say why
+        process.terminate()
+        raise SystemExit(f"{error}.") from None
     except KeyboardInterrupt:
         process.terminate()
         process.wait(timeout=30)
@@ -130,23 +134,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
-    """Return once /readyz answers 200; exit with the server's code if it stops first."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.terminate()
-            raise SystemExit(f"bentoml serve was not ready within {timeout:.0f} s.")
-        time.sleep(0.5)
-    raise SystemExit(f"bentoml serve exited with {process.returncode}.")
