@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch.__main__ import main as batch_main
 from batch.files import Shard, find_images
 from batch.job import is_current
 from batch.outputs import heatmap_path
 from batch.results import ResultJournal, read_rows
 from detector.anomaly_detector import AnomalyDetector
+from devtools.in_process import Finished, run_main
 from devtools.local_server import REPO, bentoml_serve, export_models, service_env
 
 
@@ -35,15 +37,10 @@ def inspection_folder(synthetic_root: Path, tmp_path_factory: pytest.TempPathFac
     return folder
 
 
-def run_batch(store: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "batch", *args, "--no-progress"],
-        cwd=REPO,
-        env=service_env(store),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_batch(store: Path, *args: str, **environment: str) -> Finished:
+    """`python -m batch ARGS` in this process (torch is imported once per worker, not once per
+    run); the kill, SIGTERM and command-line tests below run the real subprocess."""
+    return run_main(batch_main, store, *args, "--no-progress", **environment)
 
 
 def scores_by_path(out: Path) -> dict[str, float]:
@@ -455,7 +452,7 @@ def test_special_files_links_and_an_output_inside_the_input_are_never_scored(
     (folder / "link.png").symlink_to(outside / "0.png")
     out = folder / "results"  # inside the input
     for _ in range(2):  # the second run would see the first run's heatmap PNGs
-        result = run_batch(store, str(folder), "--out", str(out), "--heatmaps", timeout=120)
+        result = run_batch(store, str(folder), "--out", str(out), "--heatmaps")
         assert result.returncode == 0, result.stderr
     summary = summary_of(out)
     assert summary["images"] == 2
@@ -497,15 +494,10 @@ def test_the_kubernetes_example_finishes_with_a_corrupt_image(
     command = [part.replace("$(THREADS)", "2") for part in container["command"][1:]]
     command = [str(tmp_path / "out") if part == "/data/out" else part for part in command]
     command = [str(inspection_folder) if part == "/data/incoming" else part for part in command]
+    assert command[:2] == ["-m", "batch"], command
     for index in range(2):
-        result = subprocess.run(
-            [sys.executable, *command],
-            cwd=REPO,
-            env=service_env(store, JOB_COMPLETION_INDEX=str(index), BATCH_SHARD_COUNT="2"),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        shard = {"JOB_COMPLETION_INDEX": str(index), "BATCH_SHARD_COUNT": "2"}
+        result = run_main(batch_main, store, *command[2:], **shard)
         assert result.returncode == 0, result.stderr
     merged = run_batch(store, "merge", str(tmp_path / "out"))
     assert merged.returncode == 0 and json.loads(merged.stdout)["failed"] == 1

@@ -1,0 +1,82 @@
+"""Run a command's `main` inside the test process, as `python -m ...` would run it.
+
+A `python -m batch` or `python -m detector` subprocess spends 4-7 s importing torch and
+transformers before it does anything; the tests that check what a command writes, prints
+and returns pay that once per run. Here the command runs in the test's own process (torch
+already imported), with the environment, the BentoML home and the model store it would have
+as a subprocess, its output captured and its exit status returned. Tests where the process
+boundary is the point (signals, a kill, the command line itself) keep a real subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from devtools.local_server import service_env
+
+
+@dataclass
+class Finished:
+    """What a finished command left: the fields of `subprocess.CompletedProcess` tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def bentoml_home(home: Path, **environment: str) -> Iterator[None]:
+    """The process's environment, BentoML home and model store as `service_env(home)` gives a
+    subprocess, for the block; everything is restored after it."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    from detector.banks import location
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(service_env(home, **environment))
+    models = home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    location._selected = None  # chosen again, from this environment
+    try:
+        with (
+            BentoMLContainer.bentoml_home.patch(str(home)),
+            BentoMLContainer.model_store_dir.patch(str(models)),
+            BentoMLContainer.model_store.patch(ModelStore(str(models))),
+        ):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        location._selected = None
+
+
+def run_main(
+    main: Callable[[list[str]], int | None], home: Path, *args: str, **environment: str
+) -> Finished:
+    """`main(args)` in the BentoML home `home`, with stdout and stderr captured; a
+    `SystemExit` becomes the exit status, as it would for the process."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with (
+            bentoml_home(home, **environment),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            try:
+                status = main(list(args))
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else 1
+                if exit_.code is not None and not isinstance(exit_.code, int):
+                    print(exit_.code, file=stderr)
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # a command may install its own
+    return Finished(int(status or 0), stdout.getvalue(), stderr.getvalue())
