@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_main(
     """`main(args)` in the BentoML home `home`, with stdout and stderr captured; a
     `SystemExit` becomes the exit status, as it would for the process."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
+    handler, argv = signal.getsignal(signal.SIGTERM), sys.argv
     try:
         with (
             bentoml_home(home, **environment),
@@ -79,4 +80,14 @@ def run_main(
                     print(exit_.code, file=stderr)
     finally:
         signal.signal(signal.SIGTERM, handler)  # a command may install its own
+        sys.argv = argv  # `python -m detector` hands its command's arguments over in it
     return Finished(int(status or 0), stdout.getvalue(), stderr.getvalue())
+
+
+def run_detector(home: Path, *args: str, **environment: str) -> Finished:
+    """`python -m detector ARGS` in this process, for the argparse commands (export, the bank
+    and records commands); the Hydra ones (fit, evaluate, demo) configure logging for their
+    whole process and keep their subprocess."""
+    from detector.__main__ import main
+
+    return run_main(main, home, *args, **environment)

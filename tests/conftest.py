@@ -6,6 +6,7 @@ reach the network or a user's model store.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import re
@@ -84,12 +85,12 @@ def saved_detector_dir(
 
 @pytest.fixture(scope="session")
 def exported_store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fitted tiny detector exported once per worker (`detector export` in a process of
-    its own, ONNX graph included); tests get copies (`copy_of`), never this one."""
-    from devtools.local_server import export_models
+    """The fitted tiny detector exported once per worker (`detector export`, run in the
+    worker's process, ONNX graph included); tests get copies (`copy_of`), never this one."""
+    from devtools.in_process import run_detector
 
     home = tmp_path_factory.mktemp("bentoml_home_exported")
-    result = export_models(saved_detector_dir, home)
+    result = run_detector(home, "export", str(saved_detector_dir))
     assert result.returncode == 0, result.stderr
     return home
 
@@ -217,17 +218,34 @@ def records_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # `pytest -m "not server"` is the quick in-process loop.
 PROCESS_STARTERS = re.compile(
     r"\b(bentoml_serve|serve_until_exit|subprocess|Popen|sync_playwright|run_python|"
-    r"postgres_server|prometheus_server|run_batch|run_command)\b"
+    r"postgres_server|prometheus_server|run_batch|run_command|run_cli|run_main|run_detector)\b"
 )
 
 
+CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\(")
+
+
 def _starts_processes(function: object, seen: dict[object, bool]) -> bool:
-    if function not in seen:
-        try:
-            seen[function] = bool(PROCESS_STARTERS.search(inspect.getsource(function)))
-        except (OSError, TypeError):
-            seen[function] = False
-    return seen[function]
+    """Whether `function`, or a helper of this repository's tests it calls by name (looked up
+    in its module), reaches a process starter."""
+    if function in seen:
+        return seen[function]
+    seen[function] = False  # a recursive helper
+    try:
+        source = inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    found = bool(PROCESS_STARTERS.search(source))
+    names = getattr(function, "__globals__", {})
+    for name in [] if found else CALLED_NAME.findall(source):
+        helper = names.get(name)
+        module = getattr(helper, "__module__", "") or ""
+        if inspect.isfunction(helper) and module.startswith(("tests", "test_", "conftest")):
+            found = _starts_processes(helper, seen)
+            if found:
+                break
+    seen[function] = found
+    return found
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -242,3 +260,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         test = getattr(item, "function", None)
         if any(_starts_processes(f, seen) for f in [test, *fixtures] if f is not None):
             item.add_marker(pytest.mark.server)
+    # The longest modules first: xdist deals whole modules to its workers in this order, and
+    # a long module dealt last runs alone while the other worker idles. How long a module took
+    # in the last run here, else (a fresh clone, as in CI) how many processes its source starts.
+    measured = items[0].config.cache.get(MODULE_SECONDS, {}) if items else {}
+    weights = {
+        path: measured.get(str(path), 10.0 * len(PROCESS_STARTERS.findall(path.read_text())))
+        for path in {item.path for item in items}
+    }
+    items.sort(key=lambda item: -weights[item.path])
+
+
+MODULE_SECONDS = "dino_inspect/module_seconds"
+_module_seconds: collections.Counter[str] = collections.Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _module_seconds[report.fspath] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Record each module's time for the next run's order (by the controller, which sees
+    every worker's reports, or by a run without workers)."""
+    if (
+        hasattr(session.config, "workerinput")
+        or not _module_seconds
+        or session.config.cache is None
+    ):
+        return
+    root = session.config.rootpath
+    measured = session.config.cache.get(MODULE_SECONDS, {})
+    measured.update({str(root / path): round(s, 1) for path, s in _module_seconds.items()})
+    session.config.cache.set(MODULE_SECONDS, measured)

@@ -21,8 +21,8 @@ from batch.job import is_current
 from batch.outputs import heatmap_path
 from batch.results import ResultJournal, read_rows
 from detector.anomaly_detector import AnomalyDetector
-from devtools.in_process import Finished, run_main
-from devtools.local_server import REPO, bentoml_serve, export_models, service_env
+from devtools.in_process import Finished, run_detector, run_main
+from devtools.local_server import REPO, bentoml_serve, service_env
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,9 @@ def test_resume_rescores_changed_files_other_folders_and_other_models(
     elsewhere = small_folder(tmp_path / "elsewhere", seed=5)  # same names, other folder
     assert run_batch(store, str(elsewhere), "--out", str(out)).returncode == 0
     assert summary_of(out)["scored_this_run"] == 3
-    exported = export_models(saved_detector_dir, store)  # a new version of the same bank
+    exported = run_detector(
+        store, "export", str(saved_detector_dir)
+    )  # a new version of the same bank
     assert exported.returncode == 0, exported.stderr
     result = run_batch(store, str(elsewhere), "--out", str(out))
     assert result.returncode == 0, result.stderr

@@ -4,8 +4,6 @@ the batch job reports the same statistic for the same images."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch.__main__ import main as batch_main
 from detector.data.shifts import apply_shift
 from detector.data.synthetic import make_dataset
-from devtools.local_server import REPO, bentoml_serve, service_env
+from devtools.in_process import run_main
+from devtools.local_server import bentoml_serve
 
 WINDOW = "20"
 
@@ -70,15 +70,8 @@ def gauge(url: str) -> float | None:
 
 
 def batch_drift(store: Path, folder: Path, out: Path) -> dict:
-    command = ["batch", str(folder), "--out", str(out), "--drift-min-images", "10"]
-    result = subprocess.run(
-        [sys.executable, "-m", *command, "--no-progress"],
-        cwd=REPO,
-        env=service_env(store),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [str(folder), "--out", str(out), "--drift-min-images", "10", "--no-progress"]
+    result = run_main(batch_main, store, *command)
     assert result.returncode == 0, result.stderr
     return json.loads((out / "summary.json").read_text())["drift"]
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from detector.drift import (
     drift_statistic,
     patch_profile,
 )
+from devtools.in_process import run_detector
 
 
 def profiles(rng: np.random.Generator, count: int, offset: float = 0.0) -> np.ndarray:
@@ -120,20 +119,7 @@ def test_reference_can_be_replaced_by_chosen_images(
     settings = DriftSettings(min_images=1)
     old = drift_report(np.asarray(before.calibration.reference_profiles), profiles, settings)
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detector",
-            "set-drift-reference",
-            str(model_dir),
-            str(accepted),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    result = run_detector(tmp_path, "set-drift-reference", str(model_dir), str(accepted))
     assert result.returncode == 0, result.stderr
     after = AnomalyDetector.load(model_dir)
     new = drift_report(np.asarray(after.calibration.reference_profiles), profiles, settings)
@@ -141,20 +127,7 @@ def test_reference_can_be_replaced_by_chosen_images(
     assert after.calibration.threshold == before.calibration.threshold  # only the reference
     assert old["statistic"] > 0.8 and new["statistic"] < 0.35
 
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detector",
-            "set-drift-reference",
-            str(model_dir),
-            str(tmp_path / "no"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    missing = run_detector(tmp_path, "set-drift-reference", str(model_dir), str(tmp_path / "no"))
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from detector.commands.random_backbone import make_backbone
+from devtools.in_process import run_detector
 from devtools.local_server import (
     REPO,
     bentoml_serve,
-    export_models,
     serve_until_exit,
     service_env,
 )
@@ -27,7 +27,7 @@ from devtools.local_server import (
 @pytest.fixture(scope="module")
 def store(saved_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("bentoml_home")
-    result = export_models(saved_detector_dir, home)
+    result = run_detector(home, "export", str(saved_detector_dir))
     assert result.returncode == 0, result.stderr
     assert "saved backbone model dino-backbone:" in result.stdout
     return home
@@ -41,7 +41,9 @@ def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_refuses_a_backbone_the_bank_was_not_fitted_with(
     saved_detector_dir: Path, other_backbone: Path, tmp_path: Path
 ) -> None:
-    result = export_models(saved_detector_dir, tmp_path, "--backbone", str(other_backbone))
+    result = run_detector(
+        tmp_path, "export", str(saved_detector_dir), "--backbone", str(other_backbone)
+    )
     assert result.returncode == 2
     assert "fingerprint" in result.stderr and "refit the bank" in result.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
@@ -180,21 +182,17 @@ def test_export_guards_the_store_and_serve_refuses_only_the_product_it_cannot_se
     """Issue 28: following evaluate's hint turned a reviewed live bank back into the
     original fit, and a product fitted with another backbone stopped every product."""
     home = tmp_path / "home"
-    assert export_models(saved_detector_dir, home).returncode == 0
-    again = export_models(saved_detector_dir, home)  # a fit over a fit: a normal update
+    assert run_detector(home, "export", str(saved_detector_dir)).returncode == 0
+    again = run_detector(
+        home, "export", str(saved_detector_dir)
+    )  # a fit over a fit: a normal update
     assert again.returncode == 0, again.stderr
-    moved = subprocess.run(
-        [sys.executable, "-m", "detector", "set-threshold", "carpet", "--target", "0.2"],
-        env=service_env(home),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    moved = run_detector(home, "set-threshold", "carpet", "--target", "0.2")
     assert moved.returncode == 0, moved.stderr
-    refused = export_models(saved_detector_dir, home)
+    refused = run_detector(home, "export", str(saved_detector_dir))
     assert refused.returncode == 2
     assert "v3" in refused.stderr and "--force" in refused.stderr, refused.stderr
-    forced = export_models(saved_detector_dir, home, "--force")
+    forced = run_detector(home, "export", str(saved_detector_dir), "--force")
     assert forced.returncode == 0 and "bank-carpet:v4" in forced.stdout, forced.stderr
 
     # A product fitted with other weights, as moving from the demo to real weights does.
@@ -209,11 +207,13 @@ def test_export_guards_the_store_and_serve_refuses_only_the_product_it_cannot_se
     )
     widget.bank.metadata["category"] = "widget"
     other = widget.save(tmp_path / "widget")
-    mixed = export_models(other, home, "--product", "widget")
+    mixed = run_detector(home, "export", str(other), "--product", "widget")
     assert mixed.returncode == 2 and "'carpet'" in mixed.stderr, mixed.stderr
     assert "INSPECT_PRODUCTS" in mixed.stderr
     # Forced in anyway: the service serves carpet and refuses widget by name.
-    assert export_models(other, home, "--product", "widget", "--force").returncode == 0
+    assert (
+        run_detector(home, "export", str(other), "--product", "widget", "--force").returncode == 0
+    )
     admin = {"X-API-Key": "admin-key-for-the-mixed-store"}
     log = tmp_path / "serve.log"
     with bentoml_serve(home, log, INSPECT_ADMIN_KEY=admin["X-API-Key"]) as url:

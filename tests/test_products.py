@@ -33,6 +33,7 @@ from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
+from devtools.in_process import run_detector
 from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
@@ -518,14 +519,8 @@ def test_an_update_from_the_command_is_served_without_restart_then_rolled_back(
     )
     before = inspect(server, "line2", held_out).json()
 
-    command = [sys.executable, "-m", "detector", "add-images", "line2", str(new_normal)]
-    added = subprocess.run(
-        [*command, "--reason", "relit line"],
-        cwd=REPO,
-        env=service_env(served_home),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    added = run_detector(
+        served_home, "add-images", "line2", str(new_normal), "--reason", "relit line"
     )
     assert added.returncode == 0, added.stderr[-3000:]
     done = time.monotonic()

@@ -10,8 +10,6 @@ import io
 import json
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,14 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch.__main__ import main as batch_main
 from detector.data.mvtec import MVTecCategory
 from detector.images import decode_image
+from devtools.in_process import run_detector, run_main
 from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
-    REPO,
     bentoml_serve,
-    service_env,
     wait_for,
 )
 
@@ -380,17 +378,9 @@ def test_a_batch_job_with_record_adds_its_decisions_to_the_same_records(
     for number, data in enumerate(parts(synthetic_dataset, 6, seed=9)):
         (folder / "line" / f"{number}.png").write_bytes(data)
     (folder / "line" / "broken.png").write_bytes(b"not an image")
-    env = service_env(served.home)
-    command = [sys.executable, "-m", "batch", str(folder), "--no-progress"]
+    command = [str(folder), "--no-progress"]
     records = ["--record", "--records-dir", str(served.records), "--keep-images", "all"]
-    job = subprocess.run(
-        [*command, "--out", str(tmp_path / "out"), *records],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    job = run_main(batch_main, served.home, *command, "--out", str(tmp_path / "out"), *records)
     assert job.returncode == 0, job.stderr[-3000:]
     assert json.loads(job.stdout.splitlines()[-1])["records"]["written"] == 6
     rows = {
@@ -407,14 +397,10 @@ def test_a_batch_job_with_record_adds_its_decisions_to_the_same_records(
         assert record["bank_model"] == row["bank_model"] and record["image_available"]
     served_hash = next(r["settings_hash"] for r in listing["records"] if r["source"] == "service")
     assert {r["settings_hash"] for r in batch_records.values()} == {served_hash}
-    remote = subprocess.run(
-        [*command, "--out", str(tmp_path / "remote"), "--url", served.url, "--record"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    remote = run_main(
+        batch_main, served.home, *command, "--out", str(tmp_path / "remote"), "--url", served.url,
+        "--record",
+    )  # fmt: skip
     assert remote.returncode == 2 and "the service records what it scores" in remote.stderr
 
 
@@ -427,14 +413,8 @@ def test_replay_reproduces_every_recorded_decision(
         answers += inspect_batch(served.url, images[start : start + 25])
     wait_for_records(served.url, {a["record_id"] for a in answers})
     report_path = tmp_path / "replay.json"
-    replayed = subprocess.run(
-        [sys.executable, "-m", "detector", "replay", "--out", str(report_path)],
-        cwd=REPO,
-        env=service_env(served.home, INSPECT_RECORDS_DIR=str(served.records)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    records = {"INSPECT_RECORDS_DIR": str(served.records)}
+    replayed = run_detector(served.home, "replay", "--out", str(report_path), **records)
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["checked"] >= 200 and report["differing"] == 0
@@ -450,14 +430,8 @@ def test_replay_reproduces_every_recorded_decision(
 def test_export_reviews_writes_the_mvtec_layout(served: Served, tmp_path: Path) -> None:
     summary = httpx.get(f"{served.url}/records/summary", headers=USER).json()["carpet"]
     out = tmp_path / "reviews"
-    exported = subprocess.run(
-        [sys.executable, "-m", "detector", "export-reviews", str(out)],
-        cwd=REPO,
-        env=service_env(served.home, INSPECT_RECORDS_DIR=str(served.records)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    records = {"INSPECT_RECORDS_DIR": str(served.records)}
+    exported = run_detector(served.home, "export-reviews", str(out), **records)
     assert exported.returncode == 0, exported.stderr[-3000:]
     category = MVTecCategory(out, "carpet")
     assert len(category.train_paths()) == summary["false_alarm"]
@@ -528,15 +502,9 @@ def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: S
     statement = report["left_out_statement"]
     assert (f"{len(elsewhere)} records scored by" in statement) == bool(elsewhere), statement
     suggested = report["suggested"]["threshold"]
-    applied = subprocess.run(
-        [sys.executable, "-m", "detector", "suggest-threshold", "carpet", "--target", "0.05",
-         "--days", "1", "--apply"],
-        cwd=REPO,
-        env=service_env(served.home, INSPECT_RECORDS_DIR=str(served.records)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    suggest = ["suggest-threshold", "carpet", "--target", "0.05", "--days", "1", "--apply"]
+    records = {"INSPECT_RECORDS_DIR": str(served.records)}
+    applied = run_detector(served.home, *suggest, **records)
     assert applied.returncode == 0, applied.stderr[-2000:]
     made = json.loads(applied.stdout)["applied"]
     assert made["threshold"] == pytest.approx(suggested)

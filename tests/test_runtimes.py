@@ -12,11 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
+from batch.__main__ import main as batch_main
 from detector.anomaly_detector import AnomalyDetector
 from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
+from devtools.in_process import run_main
 from devtools.local_server import (
     REPO,
     bentoml_serve,
@@ -107,8 +109,8 @@ def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
             assert got["score"] == pytest.approx(want.score, abs=F32_TOLERANCE)
     folder = test_paths[0].parent.parent  # the test split
     out = tmp_path / "batch"
-    command = ["batch", str(folder), "--out", str(out), "--runtime", "openvino", "--no-progress"]
-    result = run(store, "-m", *command)
+    command = [str(folder), "--out", str(out), "--runtime", "openvino", "--no-progress"]
+    result = run_main(batch_main, store, *command)
     assert result.returncode == 0, result.stderr
     from batch.results import read_rows
 

@@ -149,20 +149,11 @@ def test_the_service_starts_without_torch_where_only_scoring_needs_it(store: Pat
 
 def test_products_prints_a_short_history_table_and_json_on_request(store: Path) -> None:
     import json
-    import subprocess
-    import sys
 
-    from devtools.local_server import REPO, service_env
+    from devtools.in_process import run_detector
 
     def products(*args: str) -> str:
-        shown = subprocess.run(
-            [sys.executable, "-m", "detector", "products", *args],
-            cwd=REPO,
-            env=service_env(store),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        shown = run_detector(store, "products", *args)
         assert shown.returncode == 0, shown.stderr[-2000:]
         return shown.stdout
 
