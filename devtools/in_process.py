@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import sys
@@ -59,6 +60,33 @@ def bentoml_home(home: Path, **environment: str) -> Iterator[None]:
         location._selected = None
 
 
+@contextlib.contextmanager
+def logging_kept() -> Iterator[None]:
+    """Every logger's handlers, level and switches as they were before the block: a Hydra
+    command configures logging for its whole process (`dictConfig`), which here would take
+    pytest's capture off the root logger and leave handlers writing into a finished run."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    kept = {
+        logger: (logger.handlers[:], logger.level, logger.propagate, logger.disabled)
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+    }
+    try:
+        yield
+    finally:
+        now = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in (item for item in now if isinstance(item, logging.Logger)):
+            handlers, level, propagate, disabled = kept.get(
+                logger, ([], logging.NOTSET, True, False)
+            )
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate, logger.disabled = propagate, disabled
+
+
 def run_main(
     main: Callable[[list[str]], int | None], home: Path, *args: str, **environment: str
 ) -> Finished:
@@ -69,6 +97,7 @@ def run_main(
     try:
         with (
             bentoml_home(home, **environment),
+            logging_kept(),
             contextlib.redirect_stdout(stdout),
             contextlib.redirect_stderr(stderr),
         ):
@@ -85,9 +114,8 @@ def run_main(
 
 
 def run_detector(home: Path, *args: str, **environment: str) -> Finished:
-    """`python -m detector ARGS` in this process, for the argparse commands (export, the bank
-    and records commands); the Hydra ones (fit, evaluate, demo) configure logging for their
-    whole process and keep their subprocess."""
+    """`python -m detector ARGS` in this process: the argparse commands and the Hydra ones
+    (fit, evaluate, simulate-drift) alike."""
     from detector.__main__ import main
 
     return run_main(main, home, *args, **environment)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
+
+from devtools.in_process import run_detector
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_drift(tmp_path: Path, model_dir: Path, root: Path, backbone: Path, *extra: str):
     command = [
-        sys.executable,
-        "-m",
-        "detector",
         "simulate-drift",
         "data=synthetic",
         f"data.root={root}",
@@ -28,8 +24,7 @@ def run_drift(tmp_path: Path, model_dir: Path, root: Path, backbone: Path, *extr
         f"hydra.run.dir={tmp_path / 'drift'}",
         *extra,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_detector(tmp_path, *command)
 
 
 def test_drift_report_covers_every_severity_and_shows_brightness_hurting(

@@ -1,9 +1,6 @@
 """Fit, calibrate and predict on the synthetic MVTec-layout set with the tiny random backbone."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ from detector.dino import DinoBackbone
 from detector.extractor import IncompatibleBankError
 from detector.images import InvalidImageError
 from detector.metrics import image_auroc
+from devtools.in_process import run_detector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,13 +98,6 @@ def test_any_image_size_gets_a_map_of_its_own_size(fitted_detector: AnomalyDetec
     assert result.anomaly_map.shape == (97, 333) and result.image_size == (333, 97)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
     tmp_path: Path, tiny_backbone_dir: Path
 ) -> None:
@@ -124,7 +115,7 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
         "progress=false",
         "seed=3",
     ]
-    fit = run_cli("-m", "detector", "fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
+    fit = run_detector(tmp_path, "fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "model" / "index.faiss").exists()
     resolved = (tmp_path / "fit" / "resolved_config.yaml").read_text()
@@ -136,7 +127,7 @@ def test_fit_and_evaluate_commands_write_metrics_plots_and_config(
     assert calibration["calibration_images"] == 12
     assert 0 < calibration["expected_false_alarm_rate"] < calibration["upper_bound"] < 1
 
-    evaluate = run_cli("-m", "detector", "evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
+    evaluate = run_detector(tmp_path, "evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluate.returncode == 0, evaluate.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
@@ -155,9 +146,8 @@ def test_fit_reproduces_the_same_bank_for_the_same_seed(
 ) -> None:
     banks = []
     for name in ("a", "b"):
-        result = run_cli(
-            "-m",
-            "detector",
+        result = run_detector(
+            tmp_path,
             "fit",
             "data=synthetic",
             f"data.root={synthetic_root}",
@@ -176,9 +166,8 @@ def test_fit_reproduces_the_same_bank_for_the_same_seed(
 
 
 def test_fit_without_weights_prints_one_sentence(tmp_path: Path) -> None:
-    result = run_cli(
-        "-m",
-        "detector",
+    result = run_detector(
+        tmp_path,
         "fit",
         "data=synthetic",
         f"data.root={tmp_path}",
@@ -206,15 +195,13 @@ def test_a_calibration_session_sets_the_threshold_and_an_empty_one_is_refused(
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
-    refused = run_cli(
-        "-m", "detector", "fit", *common, f"data.calibration_dir={empty}",
+    refused = run_detector(tmp_path, "fit", *common, f"data.calibration_dir={empty}",
         f"model_dir={tmp_path / 'refused'}", f"hydra.run.dir={tmp_path / 'r'}",
     )  # fmt: skip
     assert refused.returncode == 2 and "holds no images" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
     session = synthetic_root / "carpet" / "test" / "good"
-    fitted = run_cli(
-        "-m", "detector", "fit", *common, f"data.calibration_dir={session}",
+    fitted = run_detector(tmp_path, "fit", *common, f"data.calibration_dir={session}",
         f"model_dir={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'fit'}",
     )  # fmt: skip
     assert fitted.returncode == 0, fitted.stderr
@@ -225,9 +212,8 @@ def test_a_calibration_session_sets_the_threshold_and_an_empty_one_is_refused(
 
 
 def test_fit_with_missing_data_root_says_where_it_looked(tmp_path: Path) -> None:
-    result = run_cli(
-        "-m",
-        "detector",
+    result = run_detector(
+        tmp_path,
         "fit",
         f"data.root={tmp_path / 'nowhere'}",
         f"hydra.run.dir={tmp_path / 'r'}",

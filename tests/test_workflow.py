@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from devtools.in_process import Finished, run_detector
 from devtools.local_server import (
     REPO,
     bentoml_serve,
@@ -74,15 +75,10 @@ def test_an_unreachable_hub_falls_back_within_seconds(tmp_path: Path) -> None:
     assert seen is not None and seen < 25, seen
 
 
-def run_command(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "detector", *args],
-        cwd=REPO,
-        env=command_env(home, **env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_command(home: Path, *args: str, **env: str) -> Finished:
+    """`python -m detector ARGS` in this process; the demo and the Bento's training job keep
+    their subprocess (the command line and the Bento's own source tree are their point)."""
+    return run_detector(home, *args, **env)
 
 
 def test_fit_and_evaluate_are_tracked_and_export_labels_the_run(
