@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from detector.commands.random_backbone import make_backbone
-from devtools.in_process import run_detector
+from devtools.in_process import bentoml_home, run_detector
 from devtools.local_server import (
     REPO,
     bentoml_serve,
@@ -52,12 +52,11 @@ def test_export_refuses_a_backbone_the_bank_was_not_fitted_with(
 def test_serve_refuses_a_mismatched_pair_with_one_sentence(
     store: Path, other_backbone: Path
 ) -> None:
-    save = (
-        "from detector.dino import DinoBackbone\n"
-        "from detector.banks.models import save_backbone\n"
-        f"save_backbone(DinoBackbone({str(other_backbone)!r}, resolution=128), 'other-backbone')"
-    )
-    subprocess.run([sys.executable, "-c", save], env=service_env(store), check=True, cwd=REPO)
+    from detector.banks.models import save_backbone
+    from detector.dino import DinoBackbone
+
+    with bentoml_home(store):
+        save_backbone(DinoBackbone(str(other_backbone), resolution=128), "other-backbone")
     code, output = serve_until_exit(store, 120, INSPECT_BACKBONE_MODEL="other-backbone:latest")
     assert code not in (None, 0), output[-2000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]

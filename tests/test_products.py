@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +31,11 @@ from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
-from devtools.in_process import run_detector
+from devtools.in_process import run_detector, run_main
 from devtools.local_server import (
     CHROMIUM,
     CHROMIUM_FLAGS,
-    REPO,
     bentoml_serve,
-    service_env,
     wait_for,
 )
 
@@ -390,27 +386,17 @@ def test_the_versions_on_the_live_scale_stop_where_the_store_does(
 
 
 # ----- served: one `bentoml serve`, three products, keys set ----------------------------
-EXPORT_ALL = """
-import sys
-from pathlib import Path
-from detector.commands.export import export_models
-for folder in sys.argv[1:]:
-    export_models(Path(folder), with_graph=False)
-"""
+def export_all(folders: list[str]) -> None:
+    from detector.commands.export import export_models
+
+    for folder in folders:
+        export_models(Path(folder), with_graph=False)
 
 
 @pytest.fixture(scope="module")
 def served_home(product_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("products_home")
-    folders = [str(folder) for folder in product_dirs.values()]
-    result = subprocess.run(
-        [sys.executable, "-c", EXPORT_ALL, *folders],
-        cwd=REPO,
-        env=service_env(home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_main(export_all, home, *[str(folder) for folder in product_dirs.values()])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("reusing the stored backbone") == 2, "one backbone for all"
     return home
