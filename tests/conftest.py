@@ -213,9 +213,10 @@ def records_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.url.rsplit("/", 1)[0] + "/" + name
 
 
-# What starts another process: a server, a browser, a database, a command line. A test that
-# reaches one of these, in its body or in any fixture it uses, is marked `server`, so that
-# `pytest -m "not server"` is the quick in-process loop.
+# What starts another process (a server, a browser, a database, a command line) or runs a
+# whole command in this one (devtools/in_process.py). A test that reaches one of these, in
+# its body, its module's helpers or any fixture it uses, is marked `server`, so that
+# `pytest -m "not server"` is the quick loop.
 PROCESS_STARTERS = re.compile(
     r"\b(bentoml_serve|serve_until_exit|subprocess|Popen|sync_playwright|run_python|"
     r"postgres_server|prometheus_server|run_batch|run_command|run_cli|run_main|run_detector)\b"
