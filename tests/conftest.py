@@ -20,6 +20,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
 # Commands track their runs with MLflow; the tests' runs go to a folder of their own.
 os.environ["MLFLOW_TRACKING_URI"] = "file:" + tempfile.mkdtemp(prefix="mlruns-")
+# The tests' tiny models finish a parallel region in microseconds, and OpenMP's threads then
+# spin on the cores the other worker and the served processes need: sleeping halves a test
+# server's runner CPU. Production keeps the libraries' default, which serves real models
+# about 8 % faster (`benchmarks.wait_policy_benchmark`, docs/PERFORMANCE.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
