@@ -148,6 +148,7 @@ class AnomalyDetector:
             self.scoring.false_alarm_rate,
             [r.drift_profile for r in normal],
             self.calibration.rule,
+            sessions=None,  # images the caller held out: their sessions are not known here
         )
         return AnomalyDetector(
             self.extractor, self.bank, calibration, self.scoring, self.batch_size

@@ -25,6 +25,7 @@ def fit_detector(
     *,
     folds: int = 5,
     groups: Sequence[int] | None = None,
+    sessions: Sequence[str] | None = None,
     rule: str = "empirical_quantile",
     calibration_source: str = "held_out",
     bank_config: BankConfig | None = None,
@@ -39,16 +40,20 @@ def fit_detector(
     every training image, and every training image also gets a held-out score from a
     bank built without its fold (`folds` folds; items of one `groups` value, such as the
     augmented copies of one photo, stay in one fold). Features are extracted once.
+
+    `sessions` names each training image's capture session (a shift, a day). With two or
+    more, each session is one fold: every image is scored by a bank of the other sessions
+    (leave one session out), the honest estimate for parts of a session not seen yet;
+    random folds of one session say nothing about the next. The calibration records how
+    many sessions it spans (a separate calibration folder counts as one more).
     """
     if not train_images:
         raise ValueError("fitting needs at least one defect-free training image")
     config = bank_config or BankConfig()
+    session_of = session_indices(sessions, len(train_images))
+    seen = int(session_of.max()) + 1
     if calibration_images is not None and len(calibration_images) > 0:
-        batches = iter_features(extractor, train_images, batch_size, progress, "fit features")
-        first = next(batches)
-        rows = int(np.prod(first.shape[1:-1])) * len(train_images)
-        bank = MemoryBank.fit_stream(chain([first], batches), rows, config, progress)
-        detector = uncalibrated(extractor, bank, len(train_images), scoring, batch_size)
+        detector = fit_bank(extractor, train_images, config, scoring, batch_size, progress)
         normal = detector.predict(calibration_images, with_maps=False)
         detector.calibration = calibrate(
             [r.score for r in normal],
@@ -56,10 +61,48 @@ def fit_detector(
             [r.drift_profile for r in normal],
             rule,
             calibration_source,
+            sessions=seen + 1 if calibration_source == "session" else seen,
         )
         return detector
-    fold_of = assign_folds(len(train_images), folds, groups, config.seed)
-    return cross_fit(extractor, train_images, fold_of, rule, config, scoring, batch_size, progress)
+    if seen >= 2:
+        fold_of, source = session_of, "leave_one_session_out"
+    else:
+        fold_of, source = (
+            assign_folds(len(train_images), folds, groups, config.seed),
+            "cross_fitted",
+        )
+    detector = cross_fit(
+        extractor, train_images, fold_of, rule, config, scoring, batch_size, progress, source
+    )
+    detector.calibration.sessions = seen
+    return detector
+
+
+def fit_bank(
+    extractor: FeatureExtractor,
+    train_images: Sequence[ImageSource],
+    config: BankConfig,
+    scoring: ScoringConfig | None,
+    batch_size: int,
+    progress: bool,
+) -> AnomalyDetector:
+    """The bank of every training image, streamed; its threshold is still to be set."""
+    batches = iter_features(extractor, train_images, batch_size, progress, "fit features")
+    first = next(batches)
+    rows = int(np.prod(first.shape[1:-1])) * len(train_images)
+    bank = MemoryBank.fit_stream(chain([first], batches), rows, config, progress)
+    return uncalibrated(extractor, bank, len(train_images), scoring, batch_size)
+
+
+def session_indices(sessions: Sequence[str] | None, count: int) -> np.ndarray:
+    """Each training image's session as 0, 1, ... in order of first appearance (all 0
+    without sessions)."""
+    if sessions is None:
+        return np.zeros(count, dtype=int)
+    if len(sessions) != count:
+        raise ValueError("sessions must name one session per training image")
+    order = {name: index for index, name in enumerate(dict.fromkeys(sessions))}
+    return np.array([order[name] for name in sessions], dtype=int)
 
 
 def uncalibrated(
@@ -85,6 +128,7 @@ def cross_fit(
     scoring: ScoringConfig | None,
     batch_size: int,
     progress: bool,
+    source: str = "cross_fitted",
 ) -> AnomalyDetector:
     """The bank of every image, and each image's score from a bank without its fold."""
     count, folds = len(train_images), int(fold_of.max()) + 1
@@ -114,7 +158,7 @@ def cross_fit(
                     scores[index], profiles[index] = result.score, result.drift_profile
     detector.bank.metadata["calibration_folds"] = folds
     detector.calibration = calibrate(
-        scores, detector.scoring.false_alarm_rate, profiles, rule, "cross_fitted"
+        scores, detector.scoring.false_alarm_rate, profiles, rule, source
     )
     return detector
 

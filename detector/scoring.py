@@ -23,6 +23,18 @@ class ScoringConfig:
     false_alarm_rate: float = 0.01  # target share of normal images flagged at the threshold
 
 
+# A promise measured on one capture session says nothing about the next one; two is the
+# fewest that can show it holds across sessions (leave-one-session-out calibration).
+SESSIONS_NEEDED = 2
+
+
+def images_needed(target: float, confidence: float = 0.95) -> int:
+    """Defect-free images that, with none above the threshold, bound the false-alarm rate at
+    `target` with `confidence` (one-sided Clopper-Pearson with no exceedance: the bound is
+    1 - (1 - confidence)^(1/n)); 299 for 1 % at 95 %."""
+    return int(np.ceil(np.log(1 - confidence) / np.log(1 - target)))
+
+
 @dataclass
 class Calibration:
     """Threshold set on held-out defect-free images; the scores stay as the drift reference."""
@@ -41,6 +53,10 @@ class Calibration:
     # without calibration images). Added rows only bring patches nearer the bank, so each
     # score can only have fallen: the rates stated from these scores are upper bounds.
     rows_added_since: int = 0
+    # Capture sessions the scores span (a shift, a day, a camera setting): with one, the
+    # promise holds only for parts exchangeable with the training images; random folds of
+    # one session say nothing about the next. None: not known (the line's own records).
+    sessions: int | None = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +66,12 @@ class Calibration:
         """A stored calibration: the fields it has (banks saved before the rule and source
         were kept get the defaults); other keys, such as an estimate, are not fields."""
         names = cls.__dataclass_fields__
-        return cls(**{key: value for key, value in document.items() if key in names})
+        fields = {key: value for key, value in document.items() if key in names}
+        if "sessions" not in fields:  # saved before sessions were counted
+            fields["sessions"] = {"session": 2, "reviewed_records": None}.get(
+                str(fields.get("source", "held_out")), 1
+            )
+        return cls(**fields)
 
     def estimate(self, confidence: float = 0.95) -> dict[str, Any]:
         """What the calibration scores can say about the false-alarm rate at this threshold.
@@ -71,6 +92,7 @@ class Calibration:
         upper = 1.0 if above >= n else float(beta.ppf(confidence, above + 1, n - above))
         lower = 0.0 if above == 0 else float(beta.ppf(1 - confidence, above, n - above + 1))
         expected = (above + 1) / (n + 1)
+        needed = images_needed(self.false_alarm_rate, confidence)
         return {
             "calibration_images": n,
             "above_threshold": above,
@@ -79,6 +101,9 @@ class Calibration:
             "lower_bound": round(lower, 6),  # one-sided bounds at `confidence` each
             "upper_bound": round(upper, 6),
             "confidence": confidence,
+            "sessions": self.sessions,
+            "images_needed": needed,
+            "sessions_needed": SESSIONS_NEEDED,
             "statement": (
                 f"{above} of {n} {self.scored_parts} score above the threshold: about "
                 f"{expected:.1%} of defect-free parts will be flagged, and with "
@@ -89,6 +114,12 @@ class Calibration:
                     else ""
                 )
                 + "."
+                + self.session_caveat
+                + (
+                    self.sample_size_advice(n, needed, confidence)
+                    if upper > self.false_alarm_rate
+                    else ""
+                )
                 + self.staleness
             ),
             "rows_added_since": self.rows_added_since,
@@ -107,10 +138,38 @@ class Calibration:
         )
 
     @property
+    def session_caveat(self) -> str:
+        """What the statement adds when every score comes from the training images' session."""
+        if self.source not in ("held_out", "cross_fitted") or self.sessions != 1:
+            return ""
+        return (
+            " This holds for parts like the training images (one capture session): fit with "
+            "a second session's images (train/good/<session>/) for a promise that holds "
+            "across sessions."
+        )
+
+    def sample_size_advice(self, images: int, needed: int, confidence: float) -> str:
+        """How far the product is from a bound that can show the target rate."""
+        if self.sessions is None:
+            sessions = "an unknown number of sessions"
+        else:
+            sessions = f"{self.sessions} session" + ("s" if self.sessions != 1 else "")
+        return (
+            f" A {confidence:.0%} bound at the {self.false_alarm_rate:.1%} target needs about "
+            f"{needed} defect-free images with none above the threshold, from at least "
+            f"{SESSIONS_NEEDED} sessions; this product has {images} from {sessions}."
+        )
+
+    @property
     def scored_parts(self) -> str:
         """What the calibration scores are of, as the statement names them."""
         if self.source == "reviewed_records":
             return "defect-free records (reviewed false alarms and parts not flagged)"
+        if self.source == "leave_one_session_out":
+            return (
+                f"defect-free images of {self.sessions} sessions, each scored by a bank of "
+                "the other sessions,"
+            )
         return "held-out defect-free images"
 
     @property
@@ -216,6 +275,7 @@ def calibrate(
     profiles: list[np.ndarray] | None = None,
     rule: str = "empirical_quantile",
     source: str = "held_out",
+    sessions: int | None = 1,
 ) -> Calibration:
     """The threshold `rule` (detector.thresholds) sets for the target `false_alarm_rate` on
     defect-free scores; the images' patch-distance `profiles` are kept as the drift
@@ -231,7 +291,13 @@ def calibrate(
     threshold = check_threshold(rule_named(rule).threshold(scores, false_alarm_rate))
     reference = [profile_to_list(profile) for profile in profiles or []]
     return Calibration(
-        threshold, false_alarm_rate, [float(s) for s in scores], reference, rule, source
+        threshold,
+        false_alarm_rate,
+        [float(s) for s in scores],
+        reference,
+        rule,
+        source,
+        sessions=sessions,
     )
 
 

@@ -618,6 +618,10 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
     from playwright.sync_api import sync_playwright
 
     image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
+    listed = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
+    (line2,) = [entry for entry in listed if entry["name"] == "line2"]
+    assert line2["calibration"]["sessions"] == 1
+    assert "(one capture session)" in line2["calibration"]["statement"]
     # What the API says for line2, whatever version is live; carpet (the first option)
     # scores the image differently, so the page's score shows which bank it used.
     expected = inspect(server, "line2", image.read_bytes()).json()["score"]
@@ -634,6 +638,11 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
             wait_for(page, "document.querySelectorAll('#product option').length === 3")
             page.select_option("#product", "line2")
             wait_for(page, "document.getElementById('product-info').textContent.includes('bank v')")
+            # One capture session: the page says what the promise holds for, and what more
+            # the target needs, as /products does.
+            info = page.inner_text("#product-info")
+            assert "of 1 capture session: it holds for parts like the training images" in info
+            assert "1.0 % target needs about 299 images from 2 sessions" in info
             page.set_input_files("#file", str(image))
             wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
             assert page.inner_text("#d-product") == "line2"

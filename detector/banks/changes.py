@@ -173,6 +173,7 @@ def _from_reviews(before: Calibration, reviewed: dict[str, Any]) -> Calibration:
         before.reference_profiles,
         before.rule if before.rule != "explicit" else "empirical_quantile",
         "reviewed_records",
+        sessions=None,  # the line's own records: whatever sessions the line ran
     )
 
 

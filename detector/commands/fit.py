@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detector.anomaly_detector import AnomalyDetector
+from detector.anomaly_detector import AnomalyDetector, ImageSource
 from detector.banks.products import check_product
 from detector.commands.config import (
     CONFIG_PATH,
@@ -33,8 +35,9 @@ from detector.commands.config import (
 )
 from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentConfig, AugmentedImages
-from detector.data.mvtec import split_calibration
+from detector.data.mvtec import MVTecCategory, split_calibration
 from detector.errors import exits_on_user_error
+from detector.extractor import FeatureExtractor
 from detector.fitting import fit_detector
 from detector.images import images_in
 from detector.threads import set_threads
@@ -60,6 +63,41 @@ def calibration_plan(cfg: DictConfig, train: list[Path]) -> tuple[list[Path], li
     return bank, held_out, "held_out"
 
 
+def training_set(cfg: DictConfig, dataset: MVTecCategory) -> tuple[list[Path], list[str]]:
+    """The training images and each one's capture session (subfolders of train/good, or
+    `data.sessions_manifest`)."""
+    manifest = cfg.data.get("sessions_manifest")
+    pairs = dataset.train_sessions(Path(str(manifest)) if manifest else None)
+    return [path for path, _ in pairs], [session for _, session in pairs]
+
+
+def fit_from_config(
+    cfg: DictConfig,
+    extractor: FeatureExtractor,
+    images: Sequence[ImageSource],
+    calibration_paths: list[Path],
+    source: str,
+    sessions: list[str],
+    copies: int,
+) -> AnomalyDetector:
+    """`fit_detector` as the config says; augmented copies of one photo share its fold and
+    its session."""
+    return fit_detector(
+        extractor,
+        images,
+        calibration_paths,
+        folds=int(cfg.calibration_folds),
+        groups=[index // copies for index in range(len(images))],
+        sessions=[sessions[index // copies] for index in range(len(images))],
+        rule=str(cfg.threshold_rule),
+        calibration_source=source,
+        bank_config=bank_config(cfg),
+        scoring=scoring_config(cfg),
+        batch_size=int(cfg.batch_size),
+        progress=bool(cfg.progress),
+    )
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> AnomalyDetector:
     """Fit and save a detector as the config says; returns it for callers like the demo."""
     with tracked(cfg, "fit") as run:
@@ -72,7 +110,6 @@ def fit_summary(
     model_dir: Path,
     bank_images: int,
     augmentation: AugmentConfig,
-    source: str,
 ) -> dict[str, Any]:
     """What fit_summary.json and the tracking run say of a fit: the extractor, the images,
     the bank, and what the calibration promises."""
@@ -90,7 +127,7 @@ def fit_summary(
         "calibration": {
             "rule": detector.calibration.rule,
             "source": detector.calibration.source,
-            "folds": int(cfg.calibration_folds) if source == "cross_fitted" else None,
+            "folds": detector.bank.metadata.get("calibration_folds"),
             **detector.calibration.estimate(),
         },
         "bank_size": detector.bank.size,
@@ -109,23 +146,16 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     product = check_product(str(cfg.product))
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
-    bank_paths, calibration_paths, source = calibration_plan(cfg, dataset.train_paths())
+    train, sessions = training_set(cfg, dataset)
+    bank_paths, calibration_paths, source = calibration_plan(cfg, train)
+    session_of = dict(zip(train, sessions, strict=True))
     augmentation = augment_config(cfg)
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
     copies = augmentation.copies_per_image if augmentation.enabled else 1
     started = time.perf_counter()
-    detector = fit_detector(
-        extractor,
-        bank_images,
-        calibration_paths,
-        folds=int(cfg.calibration_folds),
-        groups=[index // copies for index in range(len(bank_images))],  # copies: one fold
-        rule=str(cfg.threshold_rule),
-        calibration_source=source,
-        bank_config=bank_config(cfg),
-        scoring=scoring_config(cfg),
-        batch_size=int(cfg.batch_size),
-        progress=bool(cfg.progress),
+    bank_sessions = [session_of[path] for path in bank_paths]
+    detector = fit_from_config(
+        cfg, extractor, bank_images, calibration_paths, source, bank_sessions, copies
     )
     detector.bank.metadata["category"] = str(cfg.data.category)
     detector.bank.metadata["product"] = product
@@ -133,7 +163,8 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id
     model_dir = detector.save(Path(str(cfg.model_dir)))
-    summary = fit_summary(cfg, detector, model_dir, len(bank_paths), augmentation, source)
+    summary = fit_summary(cfg, detector, model_dir, len(bank_paths), augmentation)
+    summary["sessions"] = dict(Counter(bank_sessions))
     summary["fit_seconds"] = round(time.perf_counter() - started, 2)
     (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.metrics(summary)

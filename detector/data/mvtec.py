@@ -1,18 +1,20 @@
 """Read a dataset in the MVTec AD folder layout, any category.
 
-<root>/<category>/train/good/*.png
+<root>/<category>/train/good/*.png              (or train/good/<session>/*.png)
 <root>/<category>/test/<good|defect>/*.png
 <root>/<category>/ground_truth/<defect>/<stem>_mask.png
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from detector.errors import UserError
 from detector.images import images_in
 
 GOOD = "good"
@@ -47,10 +49,32 @@ class MVTecCategory:
         return folder
 
     def train_paths(self) -> list[Path]:
-        paths = images_in(self._require(self.folder / "train" / GOOD), allow_empty=True)
-        if not paths:
-            raise FileNotFoundError(f"{self.folder / 'train' / GOOD} holds no images")
-        return paths
+        return [path for path, _ in self.train_sessions()]
+
+    def train_sessions(self, manifest: Path | None = None) -> list[tuple[Path, str]]:
+        """Defect-free training images with their capture session.
+
+        Images directly in train/good are one session ("good"); each subfolder
+        train/good/<session>/ is another. A manifest CSV (columns path, session; paths
+        relative to train/good or absolute) names the sessions instead and must list every
+        training image.
+        """
+        good = self._require(self.folder / "train" / GOOD)
+        pairs = [(path, GOOD) for path in images_in(good, allow_empty=True)]
+        for folder in sorted(p for p in good.iterdir() if p.is_dir()):
+            pairs += [(path, folder.name) for path in images_in(folder, allow_empty=True)]
+        if not pairs:
+            raise FileNotFoundError(f"{good} holds no images")
+        if manifest is None:
+            return pairs
+        named = read_session_manifest(manifest, good)
+        missing = [path for path, _ in pairs if path.resolve() not in named]
+        if missing:
+            raise UserError(
+                f"{manifest} names no session for {len(missing)} training image(s), such as "
+                f"{missing[0]}: list every image of {good} with its session."
+            )
+        return [(path, named[path.resolve()]) for path, _ in pairs]
 
     def test_samples(self) -> list[Sample]:
         samples = []
@@ -65,6 +89,23 @@ class MVTecCategory:
                     mask = candidate if candidate.exists() else None
                 samples.append(Sample(path, int(defect != GOOD), defect, mask))
         return samples
+
+
+def read_session_manifest(manifest: Path, base: Path) -> dict[Path, str]:
+    """{resolved image path: session} from a CSV with columns path and session."""
+    if not manifest.is_file():
+        raise UserError(f"{manifest} is not a file: data.sessions_manifest names a CSV.")
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"path", "session"} <= set(reader.fieldnames or []):
+            raise UserError(f"{manifest} needs the columns path and session.")
+        named = {}
+        for line, row in enumerate(reader, start=2):
+            path, session = (row["path"] or "").strip(), (row["session"] or "").strip()
+            if not path or not session:
+                raise UserError(f"{manifest}, line {line}: a path and a session are needed.")
+            named[(base / path).resolve()] = session
+    return named
 
 
 def load_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:

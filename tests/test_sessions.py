@@ -1,0 +1,171 @@
+"""Capture sessions in the training data: leave-one-session-out calibration, the promise's
+session caveat, and how many images a target needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from scipy.stats import beta
+
+from detector.data.mvtec import MVTecCategory
+from detector.dino import DinoBackbone
+from detector.errors import UserError
+from detector.fitting import fit_detector
+from detector.memory_bank import BankConfig
+from detector.scoring import Calibration, images_needed
+from devtools.in_process import run_detector
+
+
+def test_images_needed_is_the_smallest_count_whose_bound_reaches_the_target() -> None:
+    for target in (0.01, 0.05, 0.002):
+        needed = images_needed(target)
+        assert beta.ppf(0.95, 1, needed) <= target < beta.ppf(0.95, 1, needed - 1)
+    assert images_needed(0.01) == 299
+
+
+def sessions_of_brightness(train: list[Path], root: Path) -> dict[str, list[Path]]:
+    """Two capture sessions of the same parts: as captured, and under brighter lamps."""
+    sessions = {"monday": root / "monday", "tuesday": root / "tuesday"}
+    for folder in sessions.values():
+        folder.mkdir(parents=True)
+    for path in train:
+        shutil.copy(path, sessions["monday"] / path.name)
+        with Image.open(path) as image:
+            brighter = ImageEnhance.Brightness(image.convert("RGB")).enhance(1.25)
+            brighter.save(sessions["tuesday"] / path.name)
+    return {name: sorted(folder.iterdir()) for name, folder in sessions.items()}
+
+
+def test_each_session_is_scored_by_a_bank_of_the_others(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    captured = sessions_of_brightness(synthetic_dataset.train_paths()[:6], tmp_path)
+    images = captured["monday"] + captured["tuesday"]
+    config = BankConfig(coreset_ratio=0.5, seed=0)
+    detector = fit_detector(
+        tiny_backbone,
+        images,
+        sessions=["monday"] * 6 + ["tuesday"] * 6,
+        bank_config=config,
+        progress=False,
+    )
+    calibration = detector.calibration
+    assert calibration.source == "leave_one_session_out" and calibration.sessions == 2
+    assert detector.bank.metadata["calibration_folds"] == 2
+    # Monday's scores are what a bank of Tuesday's images alone gives them.
+    tuesday_only = fit_detector(
+        tiny_backbone,
+        captured["tuesday"],
+        captured["monday"],
+        calibration_source="session",
+        bank_config=config,
+        progress=False,
+    )
+    np.testing.assert_allclose(
+        calibration.reference_scores[:6], tuesday_only.calibration.reference_scores, rtol=1e-5
+    )
+    assert tuesday_only.calibration.sessions == 2  # a calibration folder is a session too
+    estimate = calibration.estimate()
+    assert "2 sessions, each scored by a bank of the other sessions" in estimate["statement"]
+    assert "one capture session" not in estimate["statement"]
+    assert estimate["images_needed"] == 299 and estimate["sessions_needed"] == 2
+    assert "this product has 12 from 2 sessions" in estimate["statement"]
+
+
+def test_one_session_says_what_its_promise_holds_for_and_what_more_it_needs(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    detector = fit_detector(
+        tiny_backbone,
+        synthetic_dataset.train_paths()[:10],
+        folds=3,
+        sessions=["line"] * 10,  # one named session: random folds, as without sessions
+        bank_config=BankConfig(coreset_ratio=0.5, seed=0),
+        progress=False,
+    )
+    calibration = detector.calibration
+    assert calibration.source == "cross_fitted" and calibration.sessions == 1
+    statement = calibration.estimate()["statement"]
+    assert "parts like the training images (one capture session)" in statement
+    assert "a second session's images" in statement
+    assert "about 299 defect-free images" in statement and "has 10 from 1 session." in statement
+    # A target ten images can show says nothing of more images.
+    relaxed = Calibration(1.0, 0.5, [0.1] * 10, source="cross_fitted")
+    assert "defect-free images with none above" not in relaxed.estimate()["statement"]
+
+
+@pytest.mark.parametrize(
+    ("source", "sessions"), [("held_out", 1), ("session", 2), ("reviewed_records", None)]
+)
+def test_a_calibration_saved_before_sessions_were_counted_gets_them_from_its_source(
+    source: str, sessions: int | None
+) -> None:
+    stored = {"threshold": 1.0, "false_alarm_rate": 0.01, "source": source}
+    assert Calibration.from_dict(stored).sessions == sessions
+    assert Calibration.from_dict({**stored, "sessions": 3}).sessions == 3
+
+
+def layout(root: Path, train: list[Path]) -> MVTecCategory:
+    """An MVTec category whose training images are in two session subfolders."""
+    good = root / "carpet" / "train" / "good"
+    for index, path in enumerate(train):
+        session = good / ("day" if index % 2 else "night")
+        session.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, session / path.name)
+    return MVTecCategory(root, "carpet")
+
+
+def test_session_subfolders_and_a_manifest_name_the_sessions(
+    synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    train = synthetic_dataset.train_paths()[:4]
+    dataset = layout(tmp_path / "data", train)
+    good = dataset.folder / "train" / "good"
+    shutil.copy(train[0], good / "loose.png")  # directly in good/: a session of its own
+    pairs = dataset.train_sessions()
+    assert sorted({session for _, session in pairs}) == ["day", "good", "night"]
+    assert len(pairs) == 5 and sorted(dataset.train_paths()) == sorted(p for p, _ in pairs)
+
+    manifest = tmp_path / "sessions.csv"
+    rows = [
+        f"{path.relative_to(good)},{'a' if i < 3 else 'b'}" for i, (path, _) in enumerate(pairs)
+    ]
+    manifest.write_text("path,session\n" + "\n".join(rows) + "\n")
+    named = dataset.train_sessions(manifest)
+    assert [session for _, session in named] == ["a", "a", "a", "b", "b"]
+    manifest.write_text("path,session\n" + "\n".join(rows[:-1]) + "\n")
+    with pytest.raises(UserError, match="names no session for 1 training image"):
+        dataset.train_sessions(manifest)
+    manifest.write_text("file,shift\nx.png,a\n")
+    with pytest.raises(UserError, match="needs the columns path and session"):
+        dataset.train_sessions(manifest)
+
+
+def test_fit_calibrates_leave_one_session_out_from_subfolders(
+    synthetic_dataset: MVTecCategory, tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    layout(tmp_path / "data", synthetic_dataset.train_paths()[:8])
+    fitted = run_detector(
+        tmp_path,
+        "fit",
+        f"data.root={tmp_path / 'data'}",
+        "backbone=tiny_random",
+        f"backbone.name={tiny_backbone_dir}",
+        "backbone.resolution=96",
+        "progress=false",
+        f"model_dir={tmp_path / 'model'}",
+        f"hydra.run.dir={tmp_path / 'fit'}",
+    )
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    summary = json.loads((tmp_path / "fit" / "fit_summary.json").read_text())
+    assert summary["sessions"] == {"day": 4, "night": 4}
+    calibration = summary["calibration"]
+    assert calibration["source"] == "leave_one_session_out" and calibration["folds"] == 2
+    assert calibration["sessions"] == 2 and calibration["calibration_images"] == 8
+    stored = json.loads((tmp_path / "model" / "bank.json").read_text())["calibration"]
+    assert stored["sessions"] == 2 and stored["source"] == "leave_one_session_out"
