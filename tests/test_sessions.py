@@ -146,6 +146,20 @@ def test_session_subfolders_and_a_manifest_name_the_sessions(
         dataset.train_sessions(manifest)
 
 
+def test_the_synthetic_line_can_span_training_sessions(tmp_path: Path) -> None:
+    from detector.data.synthetic import make_dataset
+
+    make_dataset(tmp_path, size=64, n_train=3, n_test_good=1, n_per_defect=0, sessions=3,
+                 train_sessions=2)  # fmt: skip
+    pairs = MVTecCategory(tmp_path, "carpet").train_sessions()
+    assert [session for _, session in pairs] == ["s0"] * 3 + ["s1"] * 3
+
+    def brightness(session: str) -> float:
+        return float(np.mean([np.asarray(Image.open(p)).mean() for p, s in pairs if s == session]))
+
+    assert brightness("s1") > brightness("s0")  # session 1's lamps are 2 % brighter
+
+
 def test_fit_calibrates_leave_one_session_out_from_subfolders(
     synthetic_dataset: MVTecCategory, tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:

@@ -176,18 +176,26 @@ def make_dataset(
     seed: int = 0,
     sessions: int = 1,
     n_calibration: int = 0,
+    train_sessions: int = 1,
 ) -> Path:
     """Write the dataset under `root/category` and return that folder.
 
     With `sessions` > 1 the line drifts between capture sessions (`Session.later`): the
     training images come from session 0, `n_calibration` defect-free images of session 1
     go to `calibration/good` (for `data.calibration_dir`), and the test images come from
-    the last session, as parts made on a later shift.
+    the last session, as parts made on a later shift. With `train_sessions` > 1 the
+    training images span sessions 0 .. train_sessions - 1, `n_train` in each, written to
+    `train/good/s<k>/` (the layout `fit` reads sessions from).
     """
     rng = np.random.default_rng(seed)
     folder = Path(root) / category
     test_session = Session.later(sessions - 1) if sessions > 1 else Session()
-    for i in range(n_train):
+    if train_sessions > 1:
+        for k in range(train_sessions):
+            for i in range(n_train):
+                image = carpet_texture(size, rng, Session.later(k))
+                _save(image, folder / "train" / "good" / f"s{k}" / f"{i:03d}.png")
+    for i in range(n_train if train_sessions <= 1 else 0):
         _save(carpet_texture(size, rng), folder / "train" / "good" / f"{i:03d}.png")
     for i in range(n_calibration):
         image = carpet_texture(size, rng, Session.later(1) if sessions > 1 else Session())
