@@ -42,8 +42,9 @@ def fit_detector(
     augmented copies of one photo, stay in one fold). Features are extracted once.
 
     `sessions` names each training image's capture session (a shift, a day). With two or
-    more, each session is one fold: every image is scored by a bank of the other sessions
-    (leave one session out), the honest estimate for parts of a session not seen yet;
+    more, each session is one fold (whole sessions share one when there are more than
+    `folds`): every image is scored by a bank of the other sessions (leave one session
+    out), the honest estimate for parts of a session not seen yet;
     random folds of one session say nothing about the next. The calibration records how
     many sessions it spans (a separate calibration folder counts as one more).
     """
@@ -64,13 +65,7 @@ def fit_detector(
             sessions=seen + 1 if calibration_source == "session" else seen,
         )
         return detector
-    if seen >= 2:
-        fold_of, source = session_of, "leave_one_session_out"
-    else:
-        fold_of, source = (
-            assign_folds(len(train_images), folds, groups, config.seed),
-            "cross_fitted",
-        )
+    fold_of, source = fold_plan(session_of, folds, groups, config.seed)
     detector = cross_fit(
         extractor, train_images, fold_of, rule, config, scoring, batch_size, progress, source
     )
@@ -92,6 +87,19 @@ def fit_bank(
     rows = int(np.prod(first.shape[1:-1])) * len(train_images)
     bank = MemoryBank.fit_stream(chain([first], batches), rows, config, progress)
     return uncalibrated(extractor, bank, len(train_images), scoring, batch_size)
+
+
+def fold_plan(
+    session_of: np.ndarray, folds: int, groups: Sequence[int] | None, seed: int
+) -> tuple[np.ndarray, str]:
+    """(each image's fold, the calibration source): one fold per session with two or more
+    (whole sessions share a fold when there are more than `folds`), else random folds."""
+    sessions = int(session_of.max()) + 1
+    if sessions < 2:
+        return assign_folds(session_of.size, folds, groups, seed), "cross_fitted"
+    if sessions <= max(folds, 2):
+        return session_of, "leave_one_session_out"
+    return assign_folds(session_of.size, folds, session_of.tolist(), seed), "leave_one_session_out"
 
 
 def session_indices(sessions: Sequence[str] | None, count: int) -> np.ndarray:

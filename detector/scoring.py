@@ -53,10 +53,11 @@ class Calibration:
     # without calibration images). Added rows only bring patches nearer the bank, so each
     # score can only have fallen: the rates stated from these scores are upper bounds.
     rows_added_since: int = 0
-    # Capture sessions the scores span (a shift, a day, a camera setting): with one, the
-    # promise holds only for parts exchangeable with the training images; random folds of
-    # one session say nothing about the next. None: not known (the line's own records).
-    sessions: int | None = 1
+    # Capture sessions (a shift, a day, a camera setting) the fit saw, a calibration folder
+    # counted as one: with one, the promise holds only for parts exchangeable with the
+    # training images, as random folds of one session say nothing about the next. None: not
+    # known (the line's own records, images a caller held out).
+    sessions: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +103,7 @@ class Calibration:
             "upper_bound": round(upper, 6),
             "confidence": confidence,
             "sessions": self.sessions,
+            "across_sessions": self.across_sessions,
             "images_needed": needed,
             "sessions_needed": SESSIONS_NEEDED,
             "statement": (
@@ -138,14 +140,32 @@ class Calibration:
         )
 
     @property
+    def across_sessions(self) -> bool | None:
+        """Whether the scores come from parts of a session their bank did not see: False for
+        random held-out images or random folds of the training sessions, None if unknown."""
+        if self.source in ("leave_one_session_out", "session"):
+            return True
+        if self.source == "held_out" and self.sessions is not None:
+            return False
+        if self.source == "cross_fitted" and self.sessions == 1:
+            return False
+        return None
+
+    @property
     def session_caveat(self) -> str:
-        """What the statement adds when every score comes from the training images' session."""
-        if self.source not in ("held_out", "cross_fitted") or self.sessions != 1:
+        """What the statement adds when the scores come from the training images' sessions."""
+        if self.across_sessions is not False:
             return ""
+        if self.sessions == 1:
+            return (
+                " This holds for parts like the training images (one capture session): fit "
+                "with a second session's images (train/good/<session>/) for a promise that "
+                "holds across sessions."
+            )
         return (
-            " This holds for parts like the training images (one capture session): fit with "
-            "a second session's images (train/good/<session>/) for a promise that holds "
-            "across sessions."
+            f" This holds for parts like the training images (held out at random from their "
+            f"{self.sessions} sessions): calibrate with folds (calibration_folds >= 2) to "
+            "leave one session out, a promise that holds across sessions."
         )
 
     def sample_size_advice(self, images: int, needed: int, confidence: float) -> str:
@@ -157,7 +177,8 @@ class Calibration:
         return (
             f" A {confidence:.0%} bound at the {self.false_alarm_rate:.1%} target needs about "
             f"{needed} defect-free images with none above the threshold, from at least "
-            f"{SESSIONS_NEEDED} sessions; this product has {images} from {sessions}."
+            f"{SESSIONS_NEEDED} sessions; this product has {images}, and its fit saw "
+            f"{sessions}."
         )
 
     @property
@@ -275,7 +296,7 @@ def calibrate(
     profiles: list[np.ndarray] | None = None,
     rule: str = "empirical_quantile",
     source: str = "held_out",
-    sessions: int | None = 1,
+    sessions: int | None = None,
 ) -> Calibration:
     """The threshold `rule` (detector.thresholds) sets for the target `false_alarm_rate` on
     defect-free scores; the images' patch-distance `profiles` are kept as the drift

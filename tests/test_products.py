@@ -641,7 +641,7 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
             # One capture session: the page says what the promise holds for, and what more
             # the target needs, as /products does.
             info = page.inner_text("#product-info")
-            assert "of 1 capture session: it holds for parts like the training images" in info
+            assert "the fit saw 1 capture session: it holds for parts like the training" in info
             assert "1.0 % target needs about 299 images from 2 sessions" in info
             page.set_input_files("#file", str(image))
             wait_for(page, "document.getElementById('d-product') !== null", timeout=60)

@@ -74,7 +74,7 @@ def test_each_session_is_scored_by_a_bank_of_the_others(
     assert "2 sessions, each scored by a bank of the other sessions" in estimate["statement"]
     assert "one capture session" not in estimate["statement"]
     assert estimate["images_needed"] == 299 and estimate["sessions_needed"] == 2
-    assert "this product has 12 from 2 sessions" in estimate["statement"]
+    assert "this product has 12, and its fit saw 2 sessions" in estimate["statement"]
 
 
 def test_one_session_says_what_its_promise_holds_for_and_what_more_it_needs(
@@ -93,10 +93,65 @@ def test_one_session_says_what_its_promise_holds_for_and_what_more_it_needs(
     statement = calibration.estimate()["statement"]
     assert "parts like the training images (one capture session)" in statement
     assert "a second session's images" in statement
-    assert "about 299 defect-free images" in statement and "has 10 from 1 session." in statement
+    assert "about 299 defect-free images" in statement
+    assert "this product has 10, and its fit saw 1 session." in statement
     # A target ten images can show says nothing of more images.
     relaxed = Calibration(1.0, 0.5, [0.1] * 10, source="cross_fitted")
     assert "defect-free images with none above" not in relaxed.estimate()["statement"]
+
+
+def test_more_sessions_than_folds_share_folds_whole(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    """Six daily sessions, three folds: six fold banks would cost six coresets; whole
+    sessions share a fold instead, and every image is still scored without its session."""
+    train = synthetic_dataset.train_paths()[:12]
+    days = [f"day{index // 2}" for index in range(12)]
+    detector = fit_detector(
+        tiny_backbone,
+        train,
+        folds=3,
+        sessions=days,
+        bank_config=BankConfig(coreset_ratio=1.0, seed=0),
+        progress=False,
+    )
+    assert detector.bank.metadata["calibration_folds"] == 3
+    assert detector.calibration.source == "leave_one_session_out"
+    assert detector.calibration.sessions == 6
+    # With every patch kept, an image its own fold's bank held would score 0.
+    assert min(detector.calibration.reference_scores) > 1e-3
+
+
+def test_random_held_out_images_of_several_sessions_keep_the_caveat(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory
+) -> None:
+    train = synthetic_dataset.train_paths()
+    detector = fit_detector(
+        tiny_backbone,
+        train[:8],
+        train[8:10],  # held out at random, as calibration_folds=0 does
+        sessions=["a"] * 4 + ["b"] * 4,
+        bank_config=BankConfig(coreset_ratio=0.5, seed=0),
+        progress=False,
+    )
+    estimate = detector.calibration.estimate()
+    assert estimate["across_sessions"] is False and estimate["sessions"] == 2
+    assert "held out at random from their 2 sessions" in estimate["statement"]
+
+
+def test_moving_the_operating_point_keeps_the_sessions_and_a_suggestion_says_unknown() -> None:
+    from dataclasses import replace
+
+    from detector.banks.changes import _at_target, _from_reviews
+
+    scores = list(np.linspace(0.1, 0.5, 40))
+    before = Calibration(0.5, 0.01, scores, source="leave_one_session_out", sessions=3)
+    moved = _at_target(None, before, 0.05)  # type: ignore[arg-type]
+    assert moved.sessions == 3 and moved.source == "leave_one_session_out"
+    assert "has 40, and its fit saw 3 sessions" in moved.estimate()["statement"]
+    reviewed = {"threshold": 0.4, "target": 0.05, "scores": scores}
+    applied = _from_reviews(replace(before, sessions=1), reviewed)
+    assert applied.sessions is None  # the line's own records (test_thresholds: suggestion)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +182,8 @@ def test_session_subfolders_and_a_manifest_name_the_sessions(
     dataset = layout(tmp_path / "data", train)
     good = dataset.folder / "train" / "good"
     shutil.copy(train[0], good / "loose.png")  # directly in good/: a session of its own
+    (good / ".thumbnails").mkdir()
+    shutil.copy(train[1], good / ".thumbnails" / "small.png")  # a tool's folder, no session
     pairs = dataset.train_sessions()
     assert sorted({session for _, session in pairs}) == ["day", "good", "night"]
     assert len(pairs) == 5 and sorted(dataset.train_paths()) == sorted(p for p, _ in pairs)
@@ -140,6 +197,12 @@ def test_session_subfolders_and_a_manifest_name_the_sessions(
     assert [session for _, session in named] == ["a", "a", "a", "b", "b"]
     manifest.write_text("path,session\n" + "\n".join(rows[:-1]) + "\n")
     with pytest.raises(UserError, match="names no session for 1 training image"):
+        dataset.train_sessions(manifest)
+    manifest.write_text("path,session\n" + "\n".join([*rows, f"{train[1]},b"]) + "\n")
+    with pytest.raises(UserError, match="1 file.s. that are not training images"):
+        dataset.train_sessions(manifest)  # an absolute path outside train/good
+    manifest.write_text("path,session\n" + "\n".join([*rows, rows[0][:-1] + "b"]) + "\n")
+    with pytest.raises(UserError, match="named in two sessions"):
         dataset.train_sessions(manifest)
     manifest.write_text("file,shift\nx.png,a\n")
     with pytest.raises(UserError, match="needs the columns path and session"):

@@ -234,6 +234,8 @@ def test_a_suggestion_uses_reviewed_and_unflagged_parts_and_leaves_open_alarms_o
         and report["suggested"]["detection_rate"] == 1.0
     )
     assert "defect-free records" in report["suggested"]["statement"]
+    # Records come from whatever sessions the line ran: as the version it makes says.
+    assert "its fit saw an unknown number of sessions" in report["suggested"]["statement"]
     assert suggest_threshold([], 0.5, 0.01)["suggested"] is None
     with pytest.raises(ValueError, match="between 0 and 1"):
         suggest_threshold(good, 0.5, 0.0)

@@ -140,6 +140,7 @@ def _at_target(parent: bentoml.Model, before: Calibration, target: float) -> Cal
             before.reference_profiles,
             before.rule if before.rule != "explicit" else "empirical_quantile",
             before.source,
+            sessions=before.sessions,  # the same scores, from the same sessions
         )
     except ValueError as error:
         raise UserError(str(error)) from None

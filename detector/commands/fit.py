@@ -164,7 +164,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
         detector.bank.metadata["mlflow_run_id"] = run.run_id
     model_dir = detector.save(Path(str(cfg.model_dir)))
     summary = fit_summary(cfg, detector, model_dir, len(bank_paths), augmentation)
-    summary["sessions"] = dict(Counter(bank_sessions))
+    summary["sessions"] = dict(Counter(sessions))  # every training image, held out or not
     summary["fit_seconds"] = round(time.perf_counter() - started, 2)
     (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.metrics(summary)

@@ -56,12 +56,12 @@ class MVTecCategory:
 
         Images directly in train/good are one session ("good"); each subfolder
         train/good/<session>/ is another. A manifest CSV (columns path, session; paths
-        relative to train/good or absolute) names the sessions instead and must list every
-        training image.
+        relative to train/good, or absolute) names the sessions instead: every training
+        image, and nothing else. Hidden subfolders (".thumbnails") are not sessions.
         """
         good = self._require(self.folder / "train" / GOOD)
         pairs = [(path, GOOD) for path in images_in(good, allow_empty=True)]
-        for folder in sorted(p for p in good.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in good.iterdir() if p.is_dir() and p.name[0] != "."):
             pairs += [(path, folder.name) for path in images_in(folder, allow_empty=True)]
         if not pairs:
             raise FileNotFoundError(f"{good} holds no images")
@@ -73,6 +73,13 @@ class MVTecCategory:
             raise UserError(
                 f"{manifest} names no session for {len(missing)} training image(s), such as "
                 f"{missing[0]}: list every image of {good} with its session."
+            )
+        extra = set(named) - {path.resolve() for path, _ in pairs}
+        if extra:
+            raise UserError(
+                f"{manifest} names {len(extra)} file(s) that are not training images of "
+                f"{good}, such as {sorted(extra)[0]}: the manifest says sessions, it adds "
+                "no images."
             )
         return [(path, named[path.resolve()]) for path, _ in pairs]
 
@@ -104,7 +111,10 @@ def read_session_manifest(manifest: Path, base: Path) -> dict[Path, str]:
             path, session = (row["path"] or "").strip(), (row["session"] or "").strip()
             if not path or not session:
                 raise UserError(f"{manifest}, line {line}: a path and a session are needed.")
-            named[(base / path).resolve()] = session
+            resolved = (base / path).resolve()
+            if named.get(resolved, session) != session:
+                raise UserError(f"{manifest}, line {line}: {path} is named in two sessions.")
+            named[resolved] = session
     return named
 
 

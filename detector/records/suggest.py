@@ -65,7 +65,9 @@ def suggest_threshold(
         suggested = rule_named(rule).threshold(good_scores, target)
         report["suggested"] = rates(good_scores, defect_scores, suggested)
         # The estimate the version it makes will state (changes.set_operating_point).
-        calibration = Calibration(suggested, target, good.copy(), source="reviewed_records")
+        calibration = Calibration(
+            suggested, target, good.copy(), source="reviewed_records", sessions=None
+        )
         estimate = calibration.estimate()
         report["suggested"]["expected_false_alarm_rate"] = estimate["expected_false_alarm_rate"]
         report["suggested"]["upper_bound"] = estimate["upper_bound"]
