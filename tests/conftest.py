@@ -269,7 +269,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The longest modules first: xdist deals whole modules to its workers in this order, and
     # a long module dealt last runs alone while the other worker idles. How long a module took
     # in the last run here, else (a fresh clone, as in CI) how many processes its source starts.
-    measured = items[0].config.cache.get(MODULE_SECONDS, {}) if items else {}
+    cache = getattr(items[0].config, "cache", None) if items else None  # -p no:cacheprovider
+    measured = cache.get(MODULE_SECONDS, {}) if cache is not None else {}
     weights = {
         path: measured.get(str(path), 10.0 * len(PROCESS_STARTERS.findall(path.read_text())))
         for path in {item.path for item in items}
@@ -288,13 +289,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Record each module's time for the next run's order (by the controller, which sees
     every worker's reports, or by a run without workers)."""
-    if (
-        hasattr(session.config, "workerinput")
-        or not _module_seconds
-        or session.config.cache is None
-    ):
+    cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
+    if hasattr(session.config, "workerinput") or not _module_seconds or cache is None:
         return
     root = session.config.rootpath
-    measured = session.config.cache.get(MODULE_SECONDS, {})
+    measured = cache.get(MODULE_SECONDS, {})
     measured.update({str(root / path): round(s, 1) for path, s in _module_seconds.items()})
-    session.config.cache.set(MODULE_SECONDS, measured)
+    cache.set(MODULE_SECONDS, measured)

@@ -255,7 +255,7 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
         assert listening == {"127.0.0.1"}
         # The printed Locust line, run as printed (shortened): no failure, no record.
         load_key = load_test.split("INSPECT_LOAD_TEST_KEY=", 1)[1].split(";")[0]
-        command = shlex.split(load_test.split("; ", 1)[1].replace("-t 30s", "-t 10s"))
+        command = shlex.split(load_test.split("; ", 1)[1].replace("-t 30s", "-t 5s"))
         # One scored image first, with the same key: a fresh server's first answer pays
         # one-time costs, and requests still in flight when Locust stops are not counted.
         part = next((tmp_path / "demo").rglob("*.png"))
