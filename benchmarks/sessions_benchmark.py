@@ -27,11 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.commands.random_backbone import make_backbone
-from detector.data.mvtec import MVTecCategory
-from detector.data.synthetic import make_dataset
-from detector.dino import DinoBackbone
-from detector.fitting import fit_detector, iter_features
+from benchmarks.threshold_benchmark import session_shift_set, test_scores
+from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.scoring import Calibration
 from detector.thresholds import EmpiricalQuantile
@@ -48,28 +45,17 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        make_dataset(
-            scratch / "data",
-            size=256,
+        dataset, extractor, labels, features = session_shift_set(
+            scratch,
+            args.resolution,
             n_train=args.train,
             n_test_good=args.test_good,
             n_per_defect=args.per_defect,
-            sessions=3,
             train_sessions=2,
-        )
-        dataset = MVTecCategory(scratch / "data", "carpet")
-        extractor = DinoBackbone(
-            str(make_backbone(scratch / "vits16", "vits16")),
-            resolution=args.resolution,
-            device="cpu",
         )
         pairs = dataset.train_sessions()
         paths, sessions = [p for p, _ in pairs], [s for _, s in pairs]
         first = [p for p, s in pairs if s == "s0"]
-        samples = dataset.test_samples()
-        labels = np.array([sample.label for sample in samples])
-        features = np.concatenate(list(iter_features(extractor, [s.path for s in samples], 8)))
-        size = (args.resolution, args.resolution)
         config = BankConfig(coreset_ratio=0.01, seed=0)
         plans = {
             "one session, random folds": (first, None),
@@ -81,8 +67,7 @@ def main() -> None:
             detector = fit_detector(
                 extractor, train, sessions=named, bank_config=config, progress=False
             )
-            results = detector.score_features(features, [size] * len(features), with_maps=False)
-            scores = np.array([result.score for result in results])
+            scores = test_scores(detector, features, args.resolution)
             good, bad = scores[labels == 0], scores[labels == 1]
             calibration = np.asarray(detector.calibration.reference_scores)
             for target in TARGETS:

@@ -46,6 +46,23 @@ def test_scores(detector: AnomalyDetector, features: np.ndarray, size: int) -> n
     return np.array([result.score for result in results])
 
 
+def session_shift_set(
+    scratch: Path, resolution: int, **generate: int
+) -> tuple[MVTecCategory, DinoBackbone, np.ndarray, np.ndarray]:
+    """The session-shift synthetic line under `scratch` (test parts from session 2; `generate`
+    as `make_dataset` takes it), the ViT-S/16-shaped random extractor, and the test parts'
+    labels and features (extracted once for every fit)."""
+    make_dataset(scratch / "data", size=256, sessions=3, **generate)
+    dataset = MVTecCategory(scratch / "data", "carpet")
+    extractor = DinoBackbone(
+        str(make_backbone(scratch / "vits16", "vits16")), resolution=resolution, device="cpu"
+    )
+    samples = dataset.test_samples()
+    labels = np.array([sample.label for sample in samples])
+    features = np.concatenate(list(iter_features(extractor, [s.path for s in samples], 8)))
+    return dataset, extractor, labels, features
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=60)
@@ -57,26 +74,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        make_dataset(
-            scratch / "data",
-            size=256,
+        dataset, extractor, labels, test_features = session_shift_set(
+            scratch,
+            args.resolution,
             n_train=args.train,
             n_test_good=args.test_good,
             n_per_defect=args.per_defect,
-            sessions=3,
             n_calibration=args.calibration,
-        )
-        dataset = MVTecCategory(scratch / "data", "carpet")
-        extractor = DinoBackbone(
-            str(make_backbone(scratch / "vits16", "vits16")),
-            resolution=args.resolution,
-            device="cpu",
         )
         train = dataset.train_paths()
         session = sorted((dataset.folder / "calibration" / "good").glob("*.png"))
-        samples = dataset.test_samples()
-        labels = np.array([sample.label for sample in samples])
-        test_features = np.concatenate(list(iter_features(extractor, [s.path for s in samples], 8)))
         config = BankConfig(coreset_ratio=0.01, seed=0)
         bank_images, held_out = split_calibration(train, 0.1, 0)
         plans = {
