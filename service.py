@@ -163,6 +163,35 @@ class InspectionRunner:
         return self.runner.add_images(product, uploads, reason, calibration, records)
 
     @bentoml.api
+    def start_fit(
+        self,
+        product: str,
+        uploads: list[bytes],
+        sessions: list[str],
+        target: float,
+        coreset_ratio: float | None,
+        reason: str,
+        requested_by: str | None,
+    ) -> dict[str, Any]:
+        """A new product's fit, in the background here; the job's first state."""
+        from detector.serving.fit_requests import FitRequest
+
+        request = FitRequest(
+            product, uploads, sessions, target, coreset_ratio, reason, requested_by
+        )
+        return self.runner.start_fit(request)
+
+    @bentoml.api
+    def fit_job(self, product: str, job_id: str, cancel: bool) -> dict[str, Any]:
+        return self.runner.fit_job(product, job_id, cancel)
+
+    @bentoml.on_shutdown
+    def stop_fits(self) -> None:
+        """A fit still running is cancelled (nothing of it is saved) before the worker exits."""
+        if getattr(self, "runner", None) is not None:
+            self.runner.fits.stop()
+
+    @bentoml.api
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         return self.runner.rollback(product, version, reason)
 

@@ -6,7 +6,8 @@ apart from its training harness: a detector is scored the same whatever made it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -16,6 +17,31 @@ from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import Calibration, ScoringConfig, calibrate
 from detector.spill import Spill
+
+# Told (stage, done, total) as a fit goes: "features" per image read, "folds" per fold
+# scored. It may raise to stop the fit (a cancelled job): nothing is saved by a fit.
+Progress = Callable[[str, int, int], None]
+
+
+def _silent(stage: str, done: int, total: int) -> None:
+    """No one is told."""
+
+
+@dataclass(frozen=True)
+class FitSteps:
+    """How a fit's banks are built and its images read, the same for the final bank and
+    every fold's."""
+
+    config: BankConfig
+    scoring: ScoringConfig | None
+    batch_size: int
+    progress: bool
+    report: Progress = _silent
+
+    def features(self, extractor: FeatureExtractor, images: Sequence[ImageSource]) -> Iterator:
+        """Feature batches of `images`, each told to `report`."""
+        batches = iter_features(extractor, images, self.batch_size, self.progress, "fit features")
+        return reported(batches, len(images), self.report)
 
 
 def fit_detector(
@@ -32,6 +58,7 @@ def fit_detector(
     scoring: ScoringConfig | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    report: Progress = _silent,
 ) -> AnomalyDetector:
     """Build the bank from defect-free images and set the threshold by `rule`.
 
@@ -47,14 +74,15 @@ def fit_detector(
     out), the honest estimate for parts of a session not seen yet;
     random folds of one session say nothing about the next. The calibration records how
     many sessions it spans (a separate calibration folder counts as one more).
+    `report` is told how far the fit is, and may raise to stop it.
     """
     if not train_images:
         raise ValueError("fitting needs at least one defect-free training image")
-    config = bank_config or BankConfig()
+    steps = FitSteps(bank_config or BankConfig(), scoring, batch_size, progress, report)
     session_of = session_indices(sessions, len(train_images))
     seen = int(session_of.max()) + 1
     if calibration_images is not None and len(calibration_images) > 0:
-        detector = fit_bank(extractor, train_images, config, scoring, batch_size, progress)
+        detector = fit_bank(extractor, train_images, steps)
         normal = detector.predict(calibration_images, with_maps=False)
         detector.calibration = calibrate(
             [r.score for r in normal],
@@ -65,28 +93,21 @@ def fit_detector(
             sessions=seen + 1 if calibration_source == "session" else seen,
         )
         return detector
-    fold_of, source = fold_plan(session_of, folds, groups, config.seed)
-    detector = cross_fit(
-        extractor, train_images, fold_of, rule, config, scoring, batch_size, progress, source
-    )
+    fold_of, source = fold_plan(session_of, folds, groups, steps.config.seed)
+    detector = cross_fit(extractor, train_images, fold_of, rule, steps, source)
     detector.calibration.sessions = seen
     return detector
 
 
 def fit_bank(
-    extractor: FeatureExtractor,
-    train_images: Sequence[ImageSource],
-    config: BankConfig,
-    scoring: ScoringConfig | None,
-    batch_size: int,
-    progress: bool,
+    extractor: FeatureExtractor, train_images: Sequence[ImageSource], steps: FitSteps
 ) -> AnomalyDetector:
     """The bank of every training image, streamed; its threshold is still to be set."""
-    batches = iter_features(extractor, train_images, batch_size, progress, "fit features")
+    batches = steps.features(extractor, train_images)
     first = next(batches)
     rows = int(np.prod(first.shape[1:-1])) * len(train_images)
-    bank = MemoryBank.fit_stream(chain([first], batches), rows, config, progress)
-    return uncalibrated(extractor, bank, len(train_images), scoring, batch_size)
+    bank = MemoryBank.fit_stream(chain([first], batches), rows, steps.config, steps.progress)
+    return uncalibrated(extractor, bank, len(train_images), steps.scoring, steps.batch_size)
 
 
 def fold_plan(
@@ -132,19 +153,19 @@ def cross_fit(
     train_images: Sequence[ImageSource],
     fold_of: np.ndarray,
     rule: str,
-    config: BankConfig,
-    scoring: ScoringConfig | None,
-    batch_size: int,
-    progress: bool,
+    steps: FitSteps,
     source: str = "cross_fitted",
 ) -> AnomalyDetector:
     """The bank of every image, and each image's score from a bank without its fold."""
     count, folds = len(train_images), int(fold_of.max()) + 1
-    with spilled_features(extractor, train_images, batch_size, progress) as features:
+    config, scoring, batch_size = steps.config, steps.scoring, steps.batch_size
+    with spilled_features(extractor, train_images, steps) as features:
         rows_per_image = int(np.prod(features.array.shape[1:-1]))
-        everything = np.arange(count)
         bank = MemoryBank.fit_stream(
-            features.blocks(everything, batch_size), rows_per_image * count, config, progress
+            features.blocks(np.arange(count), batch_size),
+            rows_per_image * count,
+            config,
+            steps.progress,
         )
         detector = uncalibrated(extractor, bank, count, scoring, batch_size)
         scores = np.empty(count)
@@ -164,6 +185,7 @@ def cross_fit(
                 )
                 for index, result in zip(chunk, results, strict=True):
                     scores[index], profiles[index] = result.score, result.drift_profile
+            steps.report("folds", fold + 1, folds)
     detector.bank.metadata["calibration_folds"] = folds
     detector.calibration = calibrate(
         scores, detector.scoring.false_alarm_rate, profiles, rule, source
@@ -172,21 +194,33 @@ def cross_fit(
 
 
 def spilled_features(
-    extractor: FeatureExtractor,
-    images: Sequence[ImageSource],
-    batch_size: int,
-    progress: bool,
+    extractor: FeatureExtractor, images: Sequence[ImageSource], steps: FitSteps
 ) -> Spill:
     """Every image's (h, w, D) features, extracted once for the bank and every fold."""
     spill: Spill | None = None
     filled = 0
-    for batch in iter_features(extractor, images, batch_size, progress, "fit features"):
-        if spill is None:
-            spill = Spill((len(images), *batch.shape[1:]), prefix="fit-features-")
-        spill.array[filled : filled + len(batch)] = batch
-        filled += len(batch)
+    try:
+        for batch in steps.features(extractor, images):
+            if spill is None:
+                spill = Spill((len(images), *batch.shape[1:]), prefix="fit-features-")
+            spill.array[filled : filled + len(batch)] = batch
+            filled += len(batch)
+    except BaseException:  # a stopped fit leaves no temporary file behind
+        if spill is not None:
+            spill.close()
+        raise
     assert spill is not None  # fit_detector refuses an empty image list
     return spill
+
+
+def reported(batches: Iterator[np.ndarray], total: int, report: Progress) -> Iterator[np.ndarray]:
+    """The feature batches, each told to `report` as images read."""
+    done = 0
+    report("features", done, total)
+    for batch in batches:
+        done += len(batch)
+        report("features", done, total)
+        yield batch
 
 
 def assign_folds(count: int, folds: int, groups: Sequence[int] | None, seed: int) -> np.ndarray:

@@ -6,6 +6,7 @@ Tests and benchmarks share these, so a benchmark measures the server the tests c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -169,6 +170,18 @@ def role_of(command: str) -> str:
     if "--service-name inspection_runner" in command:
         return "runner"
     return "api" if "--service-name inspection_api" in command else "arbiter"
+
+
+def kill_server(url: str) -> None:
+    """Kill the server at `url` and every process it started with SIGKILL, as a machine
+    that fails or a pod evicted past its grace period does: no shutdown hook runs."""
+    import psutil
+
+    root = psutil.Process(_SERVERS[url].pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    _SERVERS[url].wait(timeout=10)
 
 
 def service_rss_mib(url: str) -> dict[str, float]:

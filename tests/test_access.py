@@ -22,7 +22,7 @@ from detector.serving.access import (
     serving_host,
 )
 from detector.serving.gate import CALLER_SCOPE_KEY, RequestGate
-from detector.serving.route_rules import rule_key
+from detector.serving.route_rules import rule_for, rule_key, rules
 from detector.serving.settings import Settings
 
 LINE, REVIEWER, ADMIN = "line-key-0123456789", "reviewer-key-0123456", "admin-key-0123456789"
@@ -325,7 +325,7 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_script() -> N
     assert "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
 
 
-def test_paths_under_mounted_apps_never_escape_their_rule() -> None:
+def test_paths_under_mounted_apps_never_escape_their_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rule_key("/records") == rule_key("/records/") == "/records/"
     assert rule_key("/records/summary") == "/records/summary"
     assert rule_key("/records/abc") == "/records/*"
@@ -335,6 +335,12 @@ def test_paths_under_mounted_apps_never_escape_their_rule() -> None:
     assert rule_key("/products//threshold") == "/products/**"
     assert rule_key("/products/x/y/z") == "/products/**"
     assert rule_key("/productsx") == "/productsx"  # not under /products: BentoML's 404
+    assert rule_key("/products/x/jobs/ab12") == "/products/*/jobs/*"
+    assert rule_key("/products/x/jobs/") == rule_key("/products/x/jobs/a/b") == "/products/**"
+    table = rules(settings_with(monkeypatch))
+    assert rule_for(table, "POST", "/products").role == "admin", "a new product is an admin's"
+    assert rule_for(table, "GET", "/products").role == "line"
+    assert rule_for(table, "DELETE", "/products/x/jobs/ab12").role == "admin"
 
 
 def test_bad_parameters_are_a_sentence_and_a_4xx_never_a_500(
@@ -568,11 +574,11 @@ def test_every_mounted_route_has_its_own_gate_rule_and_metrics_label(
     from detector.serving import telemetry
     from detector.serving.product_routes import products_app
     from detector.serving.record_routes import records_app
-    from detector.serving.route_rules import rules
 
     known = rules(settings_with(monkeypatch))
     for prefix, app in (("/products", products_app), ("/records", records_app)):
         for route in app.routes:
             path = prefix + route.path.replace("{name}", "carpet").replace("{id}", "18ecc5d3db")
+            path = path.replace("{job}", "5f2a9c01b7d4")
             assert rule_key(path) in known and not rule_key(path).endswith("**"), path
             assert telemetry.route_template(path) != "other", path

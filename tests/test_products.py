@@ -682,3 +682,119 @@ def test_learning_a_brighter_normal_cuts_its_false_alarms_and_keeps_defects_rank
     assert auroc(learned) >= auroc(fitted_detector) - 0.02
     assert 0 < added < features.shape[0] * features.shape[1] * features.shape[2]
     assert fitted_detector.bank.size < learned.bank.size, "the served detector is untouched"
+
+
+# ----- new products over HTTP and from the page (after the tests that count products) ---
+def fit_files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (path.name, path.read_bytes(), "image/png")) for path in paths]
+
+
+def job_end(server: str, location: str) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server}{location}", headers={"X-API-Key": ADMIN_KEY}, timeout=30)
+        assert job.status_code == 200, job.text
+        if job.json()["state"] != "running":
+            return job.json()
+        time.sleep(0.1)
+    raise AssertionError(f"the fit job never ended: {job.text}")
+
+
+def test_a_new_product_over_http_is_an_admins_refuses_bad_input_and_ends_as_v1(
+    server: str, synthetic_dataset: MVTecCategory
+) -> None:
+    train = synthetic_dataset.train_paths()
+    admin, line = {"X-API-Key": ADMIN_KEY}, {"X-API-Key": API_KEY}
+    url = f"{server}/products"
+
+    def post(files: list, headers: dict = admin, **form: str) -> httpx.Response:
+        return httpx.post(url, files=files, data=form, headers=headers, timeout=120)
+
+    for headers, status in (({}, 401), (line, 403)):
+        refused = post(fit_files(train[:6]), headers, name="line4")
+        assert refused.status_code == status and "admin" in refused.json()["error"]
+    small = Image.open(train[3]).resize((40, 30))
+    mixed = [*fit_files(train[:6]), ("images", ("small.png", png(small), "image/png"))]
+    for files, form, status, said in (
+        ([], {"name": "line4"}, 415, "multipart"),  # a form without files
+        (fit_files(train[:1]), {"name": "line4"}, 400, "at least 5"),
+        (mixed, {"name": "line4"}, 400, "40 x 30 (1)"),
+        (fit_files(train[:6]), {"name": "carpet"}, 409, "exists already"),
+        (fit_files(train[:6]), {"name": "Line 4"}, 400, "not valid"),
+        (fit_files(train[:6]), {"name": "line4", "resolution": "999"}, 400, "px"),
+        (fit_files(train[:6]), {"name": "line4", "target": "nan"}, 400, "target"),
+    ):
+        answer = post(files, **form)
+        assert answer.status_code == status and said in answer.json()["error"], answer.text
+    started = post(fit_files(train[:12]), name="line4", target="0.05", reason="new line")
+    assert started.status_code == 202, started.text
+    location = started.headers["location"]
+    assert location == f"/products/line4/jobs/{started.json()['job']}"
+    job = job_end(server, location)
+    assert job["state"] == "done" and job["version"] == "v1", job
+    assert job["calibration"]["target_false_alarm_rate"] == 0.05
+    late = httpx.delete(f"{server}{location}", headers=admin, timeout=30)
+    assert late.status_code == 409 and "v1 is live" in late.json()["error"]
+    gone = httpx.get(f"{server}/products/line4/jobs/0123456789ab", headers=admin, timeout=30)
+    assert gone.status_code == 404 and "restart" in gone.json()["error"]
+    listed = {e["name"]: e for e in httpx.get(url, headers=line, timeout=30).json()}
+    assert listed["line4"]["version"] == "v1"
+    assert listed["line4"]["change"]["requested_by"] == "admin"
+    part = synthetic_dataset.test_samples()[0].path
+    inspected = inspect(server, "line4", part.read_bytes())
+    assert inspected.status_code == 200 and inspected.json()["models"]["bank"] == "bank-line4:v1"
+    # A cancel mid-fit: nothing of it is saved, and the name stays free.
+    started = post(fit_files(train[:24]), name="line6")
+    cancel = httpx.delete(f"{server}{started.headers['location']}", headers=admin, timeout=30)
+    assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
+    assert job_end(server, started.headers["location"])["state"] == "cancelled"
+    assert "line6" not in {e["name"] for e in httpx.get(url, headers=line, timeout=30).json()}
+
+
+def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects_it(
+    server: str, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    folder = tmp_path / "line5"  # two capture sessions, as subfolders of the chosen folder
+    for index, path in enumerate(synthetic_dataset.train_paths()[:12]):
+        session = folder / ("day" if index < 6 else "night")
+        session.mkdir(parents=True, exist_ok=True)
+        (session / path.name).write_bytes(path.read_bytes())
+    part = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/ui/#new")
+            page.fill("#apikey", ADMIN_KEY)
+            page.dispatch_event("#apikey", "change")
+            page.fill("#new-name", "line5")
+            page.set_input_files("#new-folder", str(folder))
+            page.fill("#new-target", "5")
+            page.click("#new-start")
+            wait_for(page, "document.getElementById('fit-status').textContent.includes('Fitting')")
+            wait_for(
+                page, "document.getElementById('fit-status').textContent.includes('live')", 120
+            )
+            status = page.inner_text("#fit-status")
+            progress = page.eval_on_selector("#fit-progress", "p => p.value")
+            wait_for(page, "document.getElementById('product').value === 'line5'")
+            page.screenshot(path=str(tmp_path / "new-product.png"))
+            page.click("#tab-inspect")
+            page.set_input_files("#file", str(part))
+            wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
+            inspected = page.inner_text("#d-product")
+        finally:
+            browser.close()
+    assert status.startswith("line5 v1 is live") and progress == 1
+    assert "the fit saw 2 capture sessions" in status, "the folders were its sessions"
+    assert inspected == "line5"
+    admin = {"X-API-Key": ADMIN_KEY}
+    (version,) = httpx.get(f"{server}/products/line5/history", headers=admin).json()["versions"]
+    assert version["calibration"]["source"] == "leave_one_session_out"
+    assert version["change"]["sessions"] == ["day", "night"]

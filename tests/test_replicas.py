@@ -18,7 +18,7 @@ import pytest
 
 from detector.data.mvtec import MVTecCategory
 from detector.serving.replicas import check_records_location, on_network_filesystem
-from devtools.local_server import bentoml_serve
+from devtools.local_server import bentoml_serve, kill_server
 
 KEYS = "cam=line:replica-line-key-0123,ops=admin:replica-admin-key-012"
 LINE = {"X-API-Key": "replica-line-key-0123"}
@@ -31,6 +31,10 @@ def verdict_total(url: str) -> float:
         if line.startswith("inspection_verdicts_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def job_state(url: str, location: str) -> str:
+    return httpx.get(f"{url}{location}", headers=ADMIN, timeout=30).json()["state"]
 
 
 def test_two_replicas_share_versions_and_records_but_not_metrics(
@@ -111,6 +115,29 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
                 time.sleep(0.5)
             stored = {row[0] for row in db.execute("SELECT id FROM inspections")}
         assert count == distinct == len(record_ids) and stored == set(record_ids)
+        # A new product's fit on replica 0, which is killed mid-fit (a failed machine, a pod
+        # evicted past its grace period): replica 1, on the same store, sees no half-made
+        # product, answers for the job as a restarted server does, and the name is free.
+        train = synthetic_dataset.train_paths()[:24]
+        files = [("images", (path.name, path.read_bytes(), "image/png")) for path in train]
+        started = httpx.post(
+            f"{urls[0]}/products", files=files, data={"name": "line9"}, headers=ADMIN, timeout=60
+        )
+        assert started.status_code == 202, started.text
+        kill_server(urls[0])
+        job = httpx.get(f"{urls[1]}{started.headers['location']}", headers=ADMIN, timeout=30)
+        assert job.status_code == 404 and "a fit cut off by a restart saved nothing" in job.text
+        listed = httpx.get(f"{urls[1]}/products", headers=ADMIN, timeout=30).json()
+        assert [entry["name"] for entry in listed] == ["carpet"]
+        again = httpx.post(
+            f"{urls[1]}/products", files=files, data={"name": "line9"}, headers=ADMIN, timeout=60
+        )
+        assert again.status_code == 202, again.text
+        deadline = time.monotonic() + 60
+        while (state := job_state(urls[1], again.headers["location"])) == "running":
+            assert time.monotonic() < deadline, "the fit never ended"
+            time.sleep(0.1)
+        assert state == "done"
     for n in (0, 1):
         log = (tmp_path / f"replica{n}.log").read_text()
         assert "access: keys required (line 1, reviewer 0, admin 1)" in log

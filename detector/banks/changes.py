@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 import numpy as np
 
-from detector.banks.products import UnknownProductError, list_products
+from detector.banks.products import UnknownProductError, list_products, version_numbers
 from detector.banks.versions import Draft, commit_version, load_bank, verify
 from detector.errors import UserError
 from detector.memory_bank import MemoryBank
@@ -232,3 +232,34 @@ def set_operating_point(
     with tempfile.TemporaryDirectory(prefix="operating-point-") as scratch:
         model = commit_version(product, make)
     return model, {"product": product, "version": str(model.tag.version), **report}
+
+
+class ProductExistsError(UserError):
+    """A new product under a name that has a bank already (HTTP 409)."""
+
+    status, reason = 409, "product_exists"
+
+    def __init__(self, product: str) -> None:
+        super().__init__(
+            f"A product named {product!r} exists already: choose another name, or add "
+            f"images to it (POST /products/{product}/images)."
+        )
+
+
+def new_product(
+    product: str,
+    folder: Path,
+    backbone_model: str,
+    change: dict[str, Any],
+    labels: dict[str, str] | None = None,
+) -> bentoml.Model:
+    """A product's first version, from a fitted detector's folder, live at once. Under the
+    product's lock a product that has any version already is refused: a name made
+    meanwhile (by another server sharing the store, or a command) is never overwritten."""
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        if parent is not None or version_numbers(product):
+            raise ProductExistsError(product)
+        return Draft(folder, {"action": "fit", **change})
+
+    return commit_version(product, make, backbone_model=backbone_model, labels=labels)

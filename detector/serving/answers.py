@@ -87,5 +87,12 @@ def with_security_headers(send: Send) -> Send:
 def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
     """The runner's answer for one upload, or the refusal its decode raised."""
     if "error" in runner_answer:
-        raise Refusal(runner_answer["status"], runner_answer["reason"], runner_answer["error"])
+        headers = (
+            {"Retry-After": str(runner_answer["retry_after"])}
+            if runner_answer.get("retry_after")
+            else {}
+        )
+        raise Refusal(
+            runner_answer["status"], runner_answer["reason"], runner_answer["error"], **headers
+        )
     return runner_answer

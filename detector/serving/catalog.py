@@ -75,6 +75,11 @@ class BankCatalog:
         self._lock = threading.RLock()
 
     # ----- names ---------------------------------------------------------------------
+    @property
+    def pinned(self) -> bool:
+        """INSPECT_PRODUCTS names every product served: no others join."""
+        return self._pinned
+
     def resolve(self, name: str | None) -> str:
         """The product a request means: the named one, or the only one when none is named."""
         if not name:

@@ -43,7 +43,7 @@ from detector.serving import telemetry
 from detector.serving.access import LOAD_TEST, FailedKeys, allows, client_key
 from detector.serving.answers import Refusal, send_error, with_security_headers
 from detector.serving.multipart import MultipartShape, media_type
-from detector.serving.route_rules import MOUNTED, MULTIPART, Rule, rule_key, rules
+from detector.serving.route_rules import MOUNTED, MULTIPART, Rule, rule_for, rules
 from detector.serving.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -79,7 +79,7 @@ class RequestGate:
             return await self.app(scope, receive, send)
         send = with_security_headers(send)
         path = scope.get("path", "")
-        rule = self.rules.get(rule_key(path))
+        rule = rule_for(self.rules, scope.get("method", "GET"), path)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             self._check_door(scope, headers)

@@ -9,8 +9,8 @@ from typing import Any
 import anyio
 
 from detector.banks import products, versions
-from detector.serving.answers import Refusal
-from detector.serving.params import json_number, only_fields, whole_number
+from detector.serving.answers import Refusal, refused_answer
+from detector.serving.params import json_number, only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
 
@@ -112,11 +112,7 @@ class ProductEndpoints:
                 413, "too_many_files", f"At most {self.settings.max_batch_files} records at once."
             )
         budget = self.settings.max_change_bytes
-        used = sum(len(data) for data in images + calibration)
-        if used > budget:
-            raise Refusal(
-                413, "too_large", f"The change holds {used} bytes; the limit is {budget}."
-            )
+        used = self._check_bytes(images + calibration)
         if records:
             recorder = self._recorder()
             images = images + await anyio.to_thread.run_sync(
@@ -126,8 +122,29 @@ class ProductEndpoints:
             raise Refusal(
                 400, "no_images", "Send at least one defect-free image as 'images' or 'records'."
             )
+        self._check_pixels(images + calibration)
+        async with self._runner_slots:
+            report = await self._change("add_images", product, images, reason, calibration, records)
+        if records:
+            tag = f"{products.model_name(report['product'])}:{report['version']}"
+            await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
+            report["records"] = records
+        return report
+
+    def _check_bytes(self, images: list[bytes]) -> int:
+        """One change's (or fit's) encoded bytes, within INSPECT_MAX_CHANGE_BYTES."""
+        used, budget = sum(len(data) for data in images), self.settings.max_change_bytes
+        if used > budget:
+            raise Refusal(
+                413, "too_large", f"The change holds {used} bytes; the limit is {budget}."
+            )
+        return used
+
+    def _check_pixels(self, images: list[bytes]) -> None:
+        """Each image's header, and their decoded pixels together within
+        INSPECT_MAX_CHANGE_PIXELS, before the runner decodes any."""
         pixels = 0
-        for data in images + calibration:
+        for data in images:
             width, height = self.check_header(data)
             pixels += width * height
         if pixels > self.settings.max_change_pixels:
@@ -137,10 +154,39 @@ class ProductEndpoints:
                 f"The change's images hold {pixels} pixels; the limit is "
                 f"{self.settings.max_change_pixels} (INSPECT_MAX_CHANGE_PIXELS).",
             )
-        async with self._runner_slots:
-            report = await self._change("add_images", product, images, reason, calibration, records)
-        if records:
-            tag = f"{products.model_name(report['product'])}:{report['version']}"
-            await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
-            report["records"] = records
-        return report
+
+    # ----- new products ---------------------------------------------------------------
+    async def create_product(
+        self, images: list[bytes], fields: dict[str, str], sessions: list[str], by: str | None
+    ) -> dict[str, Any]:
+        """A new product fitted on the runner in the background (detector/serving/
+        fit_jobs.py), under the same budget as a bank change; the job's first state."""
+        product = products.check_product(fields.get("name", ""))
+        if not images:
+            raise Refusal(
+                400, "no_images", "Send the new product's defect-free images as 'images'."
+            )
+        self._check_bytes(images)
+        self._check_pixels(images)
+        target = real_number(fields, "target", 0.01, 0.0, 0.5)
+        ratio = real_number(fields, "coreset_ratio", None, 0.0, 1.0)
+        served = (await self.model_info())["extractor"]["resolution"]
+        resolution = whole_number(fields, "resolution", served, 1, 100_000)
+        if resolution != served:
+            raise Refusal(
+                400,
+                "bad_request",
+                f"This server's backbone reads {served} px images; one forward pass serves "
+                f"every product, so a new product here uses {served} px (leave resolution out).",
+            )
+        reason = fields.get("reason", "")[:500]
+        async with self._runner_slots:  # the start decodes headers only; the fit runs after
+            return await self._change(
+                "start_fit", product, images, sessions, target, ratio, reason, by
+            )
+
+    async def fit_job(self, product: str, job_id: str, cancel: bool) -> dict[str, Any]:
+        products.check_product(product)
+        if not (job_id.isascii() and job_id.isalnum() and len(job_id) <= 32):
+            raise Refusal(404, "unknown_job", "Job ids are the ones POST /products answered.")
+        return refused_answer(await self.runner.to_async.fit_job(product, job_id, cancel))

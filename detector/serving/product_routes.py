@@ -5,6 +5,12 @@ BentoML APIs take no path parameters, so these routes are a small Starlette app 
 endpoint, and the same `RequestGate` checks keys (the admin key for changes) and sizes first.
 
     GET  /products                        every product, its live version, threshold, drift
+    POST /products                        multipart: name, images (files), sessions (one per
+                                          image, or none), target (false-alarm rate, 0.01),
+                                          coreset_ratio, reason: a new product fitted in the
+                                          background; 202 and the job (Location: its URL)
+    GET  /products/{name}/jobs/{id}       the fit job: state, stage, progress, version, error
+    DELETE /products/{name}/jobs/{id}     cancel it: nothing of it is saved
     GET  /products/{name}/history         ?limit=50&before=N: versions, newest last: what
                                           changed, why, when (`next_before` pages back)
     POST /products/{name}/images          multipart: images (files), reason, calibration_images,
@@ -27,10 +33,11 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from detector.serving.answers import Refusal
+from detector.serving.gate import CALLER_SCOPE_KEY
 from detector.serving.mounted import as_response, current_endpoints, json_object
 
 
@@ -71,6 +78,40 @@ async def add_images(request: Request) -> Response:
     return await as_response(work())
 
 
+FIT_FIELDS = ("name", "target", "coreset_ratio", "resolution", "reason")
+
+
+async def create_product(request: Request) -> Response:
+    async def work() -> Response:
+        endpoints = current_endpoints()
+        limit = endpoints.settings.max_batch_files
+        try:
+            async with request.form(max_files=limit, max_fields=limit + 16) as form:
+                images = await _files(form, "images")
+                fields = {name: str(form.get(name) or "")[:500] for name in FIT_FIELDS}
+                sessions = [
+                    part.strip()
+                    for field in form.getlist("sessions")
+                    if isinstance(field, str)
+                    for part in field.split(",")
+                    if part.strip()
+                ]
+        except MultiPartException as error:
+            raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
+        by = request.scope.get(CALLER_SCOPE_KEY)
+        job = await endpoints.create_product(images, fields, sessions, by)
+        where = f"/products/{job['product']}/jobs/{job['job']}"
+        return JSONResponse(job, status_code=202, headers={"Location": where})
+
+    return await as_response(work())
+
+
+async def fit_job(request: Request) -> Response:
+    name, job = request.path_params["name"], request.path_params["job"]
+    cancel = request.method == "DELETE"
+    return await as_response(current_endpoints().fit_job(name, job, cancel))
+
+
 async def rollback(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         body = await json_object(request, 'Send JSON: {"version": "v2", "reason": "..."}.')
@@ -97,6 +138,8 @@ async def suggestion(request: Request) -> Response:
 products_app = Starlette(
     routes=[
         Route("/", list_products, methods=["GET"]),
+        Route("/", create_product, methods=["POST"]),
+        Route("/{name}/jobs/{job}", fit_job, methods=["GET", "DELETE"]),
         Route("/{name}/history", history, methods=["GET"]),
         Route("/{name}/images", add_images, methods=["POST"]),
         Route("/{name}/rollback", rollback, methods=["POST"]),

@@ -65,7 +65,34 @@ def rules(settings: Settings) -> dict[str, Rule]:
         ),
         "/drift": Rule(SMALL_BODY, "line", JSON),
         "/model_info": Rule(SMALL_BODY, "line", JSON),
+        **product_rules(settings),
+        "/records/": Rule(SMALL_BODY, "reviewer"),
+        "/records/summary": Rule(SMALL_BODY, "reviewer"),
+        "/records/*": Rule(SMALL_BODY, "reviewer"),
+        "/records/*/image": Rule(SMALL_BODY, "reviewer"),
+        "/records/*/heatmap": Rule(
+            SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
+        ),
+        "/records/*/review": Rule(SMALL_BODY, "reviewer", JSON),
+        "/records/**": Rule(SMALL_BODY, "reviewer", JSON),
+    }
+
+
+def product_rules(settings: Settings) -> dict[str, Rule]:
+    """The rules of /products: the listing the line's, changes an admin's."""
+    return {
         "/products/": Rule(SMALL_BODY, "line"),
+        # A new product: one fit's upload at a time (the runner fits one at a time too).
+        "POST /products/": Rule(
+            settings.max_change_bytes + MULTIPART_OVERHEAD,
+            "admin",
+            MULTIPART,
+            frozenset({"images"}),
+            frozenset({"name", "sessions", "target", "coreset_ratio", "resolution", "reason"}),
+            max_files=settings.max_batch_files,
+            max_at_once=1,
+        ),
+        "/products/*/jobs/*": Rule(SMALL_BODY, "admin"),
         "/products/*/history": Rule(SMALL_BODY, "reviewer"),
         "/products/*/suggestion": Rule(SMALL_BODY, "reviewer"),
         "/products/*/rollback": Rule(SMALL_BODY, "admin", JSON),
@@ -81,19 +108,17 @@ def rules(settings: Settings) -> dict[str, Rule]:
         ),
         # Anything else under /products: the strictest rule (then a 404 from the route).
         "/products/**": Rule(SMALL_BODY, "admin", JSON),
-        "/records/": Rule(SMALL_BODY, "reviewer"),
-        "/records/summary": Rule(SMALL_BODY, "reviewer"),
-        "/records/*": Rule(SMALL_BODY, "reviewer"),
-        "/records/*/image": Rule(SMALL_BODY, "reviewer"),
-        "/records/*/heatmap": Rule(
-            SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
-        ),
-        "/records/*/review": Rule(SMALL_BODY, "reviewer", JSON),
-        "/records/**": Rule(SMALL_BODY, "reviewer", JSON),
     }
 
 
 MOUNTED = {"/products": PRODUCT_ACTIONS, "/records": RECORD_ACTIONS}
+
+
+def rule_for(table: dict[str, Rule], method: str, path: str) -> Rule | None:
+    """A path's rule; one for its method first ("POST /products/": a new product is an
+    admin's, the listing the line's)."""
+    key = rule_key(path)
+    return table.get(f"{method} {key}") or table.get(key)
 
 
 def rule_key(path: str) -> str:
@@ -110,6 +135,8 @@ def rule_key(path: str) -> str:
     parts = path.split("/")
     if len(parts) == 4 and parts[2] and parts[3] in actions:
         return f"{prefix}/*/{parts[3]}"
+    if len(parts) == 5 and prefix == "/products" and parts[2] and parts[3] == "jobs" and parts[4]:
+        return "/products/*/jobs/*"
     if len(parts) == 3 and parts[2] and prefix == "/records":
         return "/records/summary" if parts[2] == "summary" else "/records/*"
     return f"{prefix}/**"

@@ -30,6 +30,8 @@ from detector.scoring import InspectionResult
 from detector.serving import telemetry
 from detector.serving.answers import Refusal
 from detector.serving.catalog import BankCatalog
+from detector.serving.fit_jobs import FitJobs
+from detector.serving.fit_requests import FitRequest
 from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection")
@@ -67,6 +69,7 @@ class ScoringRunner:
             "runtime": settings.runtime,
             "precision": settings.precision,
         }
+        self.fits = FitJobs(self.catalog, settings)
         # Pillow's decoders and resize release the GIL: a batch's uploads decode in parallel.
         self.decoder = ThreadPoolExecutor(
             max_workers=settings.num_threads or 2, thread_name_prefix="decode"
@@ -218,6 +221,24 @@ class ScoringRunner:
         }
         log.info("%s: %s live, %d images added in %s s", product, model.tag, len(uploads), timing)
         return {**report, "timing_s": timing}
+
+    def start_fit(self, request: FitRequest) -> dict[str, Any]:
+        """A new product fitted in the background (detector/serving/fit_jobs.py)."""
+        try:
+            return self.fits.start(request)
+        except UserError as error:
+            answer = refusal(error)
+            if getattr(error, "retry_after", 0):
+                answer["retry_after"] = error.retry_after  # type: ignore[attr-defined]
+            return answer
+
+    def fit_job(self, product: str, job_id: str, cancel: bool) -> dict[str, Any]:
+        try:
+            if cancel:
+                return self.fits.cancel(product, job_id)
+            return self.fits.status(product, job_id)
+        except UserError as error:
+            return refusal(error)
 
     def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
         try:

@@ -225,6 +225,8 @@ def route_template(path: str) -> str:
         return f"/{parts[0]}/{name}/{parts[2]}"
     if parts[0] == "records" and len(parts) == 2 and parts[1]:
         return "/records/{id}"
+    if parts[0] == "products" and len(parts) == 4 and parts[1] and parts[2] == "jobs" and parts[3]:
+        return "/products/{name}/jobs/{job}"
     return "other"
 
 
