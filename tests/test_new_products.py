@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ class PausedExtractor:
         return getattr(self._extractor, name)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.policy = os.sched_getscheduler(0)  # the calling thread's scheduling policy
         if not self.paused.is_set():
             self.waiting.set()
             self.paused.wait(30)
@@ -92,6 +94,8 @@ def test_a_fit_job_ends_as_v1_live_and_scores_like_the_same_fit_in_process(
     state = finished(runner, "nf-fresh", first["job"])
     assert state["state"] == "done" and state["version"] == "v1", state
     assert state["progress"] == 1.0 and state["failure"] is None
+    assert set(state["stage_seconds"]) == {"decoding", "features", "folds", "saving"}
+    assert sum(state["stage_seconds"].values()) <= state["seconds"] + 0.01
     # The promise it states is the one /products states: leave one session out.
     assert state["calibration"]["source"] == "leave_one_session_out"
     assert state["calibration"]["sessions"] == 2
@@ -128,6 +132,7 @@ def test_a_cancelled_fit_saves_nothing_and_the_name_stays_free(
     extractor.paused.clear()
     job = runner.start_fit(FitRequest("nf-cancel", uploads, []))["job"]
     assert extractor.waiting.wait(30), "the fit reached the backbone"
+    assert extractor.policy == os.SCHED_IDLE, "a fit runs only on cores scoring leaves idle"
     # One fit at a time: another is refused with a time to retry.
     busy = runner.start_fit(FitRequest("nf-other", uploads, []))
     assert busy["status"] == 503 and busy["reason"] == "fit_busy" and busy["retry_after"] >= 1

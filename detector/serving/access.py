@@ -7,7 +7,7 @@ Three roles, each allowed what the ones before it are:
               states (/model_info, /drift, the product list): a camera or a line PC
     reviewer  + read records and their kept images, review them, read a bank's history
               and the threshold suggestion: a quality engineer at the review desk
-    admin     + change a bank: add images, roll back, move the threshold
+    admin     + change a bank: add images, roll back, move the threshold; make a product
 
 Secure by default: nothing that changes a bank, a threshold or a record, and nothing that
 reveals records or their images, is ever anonymous, whatever is configured. Only the line
