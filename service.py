@@ -159,8 +159,10 @@ class InspectionRunner:
         reason: str,
         calibration: list[bytes],
         records: list[str],
+        session: str | None = None,
+        join: str = "both",
     ) -> dict[str, Any]:
-        return self.runner.add_images(product, uploads, reason, calibration, records)
+        return self.runner.add_images(product, uploads, reason, calibration, records, session, join)
 
     @bentoml.api
     def start_fit(

@@ -11,7 +11,10 @@ closer and turned: `detector.data.synthetic.Session`). Three fits through `fit_d
 - one session, random folds: session 0 alone, cross-fitted (the default with one session);
 - sessions pooled, random folds: both sessions, folds that ignore them;
 - leave one session out: both sessions, each scored by a bank of the other (the default
-  with two or more sessions).
+  with two or more sessions);
+- session 1 joined later: session 0's fit, then session 1's images added as a later session
+  (`add-images --session`, `detector.sessions.join_session`): scored by session 0's bank,
+  they set the threshold, then join the bank.
 
 At 1 % and 5 % targets (empirical quantile) prints, per fit, the share of session-2
 defect-free parts flagged and of defective parts found, and what each fit promised.
@@ -28,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.threshold_benchmark import session_shift_set, test_scores
+from detector.anomaly_detector import iter_features
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.scoring import Calibration
+from detector.sessions import join_session
 from detector.thresholds import EmpiricalQuantile
 
 TARGETS = (0.01, 0.05)
@@ -63,10 +68,17 @@ def main() -> None:
             "leave one session out": (paths, sessions),
         }
         rows = []
-        for name, (train, named) in plans.items():
-            detector = fit_detector(
-                extractor, train, sessions=named, bank_config=config, progress=False
-            )
+        fits = {
+            name: fit_detector(extractor, train, sessions=named, bank_config=config, progress=False)
+            for name, (train, named) in plans.items()
+        }
+        later = np.concatenate(
+            list(iter_features(extractor, [p for p, s in pairs if s == "s1"], 8))
+        )
+        fits["session 1 joined later"] = join_session(
+            fits["one session, random folds"], later, "both", bank_sessions=1
+        )[0]
+        for name, detector in fits.items():
             scores = test_scores(detector, features, args.resolution)
             good, bad = scores[labels == 0], scores[labels == 1]
             calibration = np.asarray(detector.calibration.reference_scores)

@@ -188,8 +188,8 @@ class Calibration:
             return "defect-free records (reviewed false alarms and parts not flagged)"
         if self.source == "leave_one_session_out":
             return (
-                f"defect-free images of {self.sessions} sessions, each scored by a bank of "
-                "the other sessions,"
+                "defect-free images, each scored by a bank that had not seen its session "
+                f"({self.sessions} sessions in all),"
             )
         return "held-out defect-free images"
 

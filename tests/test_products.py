@@ -553,6 +553,55 @@ def test_images_added_over_http_make_a_version(
     assert {e["name"]: e["version"] for e in listing}["line3"] == "v2"
 
 
+def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_again(
+    server: str, synthetic_dataset: MVTecCategory
+) -> None:
+    train = synthetic_dataset.train_paths()
+    files = [
+        ("images", (f"{i}.png", png(brighter(p, 30 + i)), "image/png"))
+        for i, p in enumerate(train[14:20])
+    ]
+    admin = {"X-API-Key": ADMIN_KEY}
+    url = f"{server}/products/line3/images"
+
+    def post(headers: dict = admin, **form: str) -> httpx.Response:
+        return httpx.post(url, files=files, data=form, headers=headers, timeout=120)
+
+    assert post({"X-API-Key": API_KEY}, session="night").status_code == 403
+    for form, said in [
+        ({"session": "../night"}, "not a valid name"),
+        ({"session": "night", "join": "sideways"}, "join must be one of both, bank"),
+    ]:
+        refused = post(**form)
+        assert refused.status_code == 400 and refused.json()["reason"] == "bad_session"
+        assert said in refused.json()["error"]
+    with_calibration = httpx.post(
+        url,
+        files=[*files, ("calibration_images", files[0][1])],
+        data={"session": "night"},
+        headers=admin,
+        timeout=60,
+    )
+    assert with_calibration.status_code == 400
+    assert "without calibration_images" in with_calibration.json()["error"]
+
+    before = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    answer = post(session="night", reason="night shift")
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["session"] == "night" and report["after"]["across_sessions"] is True
+    assert report["after"]["statement"] != report["before"]["statement"]
+    again = post(session="night", join="calibration")
+    assert again.status_code == 400 and "in the bank already" in again.json()["error"]
+    listed = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    line3 = listed["line3"]
+    assert int(line3["version"][1:]) == int(before["line3"]["version"][1:]) + 1
+    assert line3["sessions"]["calibration"] == ["night"] and "night" in line3["sessions"]["bank"]
+    assert line3["calibration"]["source"] == "session"
+    assert line3["calibration"]["statement"] == report["after"]["statement"]
+    assert line3["change"]["action"] == "add_session" and line3["change"]["reason"] == "night shift"
+
+
 def test_the_operating_point_moves_over_http_with_the_admin_key(
     server: str, synthetic_dataset: MVTecCategory
 ) -> None:

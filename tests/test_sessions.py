@@ -12,13 +12,17 @@ import pytest
 from PIL import Image, ImageEnhance
 from scipy.stats import beta
 
+from detector.anomaly_detector import AnomalyDetector, iter_features
+from detector.banks import changes, products
+from detector.banks.models import save_backbone, save_bank
+from detector.commands.banks import add_images_main
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.errors import UserError
 from detector.fitting import fit_detector
-from detector.memory_bank import BankConfig
+from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import Calibration, images_needed
-from devtools.in_process import run_detector
+from devtools.in_process import bentoml_home, run_detector, run_main
 
 
 def test_images_needed_is_the_smallest_count_whose_bound_reaches_the_target() -> None:
@@ -71,7 +75,10 @@ def test_each_session_is_scored_by_a_bank_of_the_others(
     )
     assert tuesday_only.calibration.sessions == 2  # a calibration folder is a session too
     estimate = calibration.estimate()
-    assert "2 sessions, each scored by a bank of the other sessions" in estimate["statement"]
+    assert (
+        "each scored by a bank that had not seen its session (2 sessions in all)"
+        in (estimate["statement"])
+    )
     assert "one capture session" not in estimate["statement"]
     assert estimate["images_needed"] == 299 and estimate["sessions_needed"] == 2
     assert "this product has 12, and its fit saw 2 sessions" in estimate["statement"]
@@ -246,3 +253,116 @@ def test_fit_calibrates_leave_one_session_out_from_subfolders(
     assert calibration["sessions"] == 2 and calibration["calibration_images"] == 8
     stored = json.loads((tmp_path / "model" / "bank.json").read_text())["calibration"]
     assert stored["sessions"] == 2 and stored["source"] == "leave_one_session_out"
+
+
+# ----- later sessions for an existing product ---------------------------------------------
+def session_folders(train: list[Path], root: Path) -> dict[str, list[Path]]:
+    """Monday's parts as captured, Tuesday's under brighter lamps, Wednesday's at lower
+    contrast: three capture sessions of one line."""
+    captured = sessions_of_brightness(train, root)
+    wednesday = root / "wednesday"
+    wednesday.mkdir()
+    for path in captured["monday"]:
+        with Image.open(path) as image:
+            ImageEnhance.Contrast(image.convert("RGB")).enhance(0.8).save(wednesday / path.name)
+    return {**captured, "wednesday": sorted(wednesday.iterdir())}
+
+
+def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_seen_it(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
+    first = fit_detector(
+        tiny_backbone,
+        captured["monday"],
+        sessions=["monday"] * 6,
+        bank_config=BankConfig(coreset_ratio=0.5, seed=0),
+        progress=False,
+    )
+    assert first.calibration.source == "cross_fitted" and first.calibration.sessions == 1
+    home = tmp_path / "home"
+    with bentoml_home(home):
+        backbone = save_backbone(tiny_backbone, "dino-backbone", with_graph=False)
+        save_bank(first.save(tmp_path / "v1"), backbone, product="shifts")
+
+    # Tuesday from the command line: scored by Monday's bank before its rows join it.
+    added = run_main(
+        add_images_main,
+        home,
+        "shifts",
+        str(tmp_path / "parts" / "tuesday"),
+        "--session",
+        "tuesday",
+        "--reason",
+        "second shift",
+    )
+    assert added.returncode == 0, added.stderr
+    report = json.loads(added.stdout)
+    tuesday = [r.score for r in first.predict(captured["tuesday"], with_maps=False)]
+    assert report["session"] == "tuesday" and report["join"] == "both" and report["rows_added"] > 0
+    assert report["sessions"] == {"bank": ["monday", "tuesday"], "calibration": ["tuesday"]}
+    assert report["threshold_after"] == pytest.approx(max(tuesday), rel=1e-4)  # 6 images at 1 %
+    assert "one capture session" in report["before"]["statement"]
+    after = report["after"]
+    assert after["across_sessions"] is True and after["sessions"] == 2
+    assert after["calibration_images"] == 6 and "one capture session" not in after["statement"]
+
+    with bentoml_home(home):
+        v2 = products.live_model("shifts")
+        stored = Calibration.from_dict(MemoryBank.read_document(v2.path)["calibration"])
+        assert stored.source == "session" and stored.rows_added_since == 0
+        np.testing.assert_allclose(stored.reference_scores, tuesday, rtol=1e-4)
+        assert v2.info.metadata["change"]["action"] == "add_session"
+        assert v2.info.metadata["sessions"]["bank"] == ["monday", "tuesday"]
+
+        # Wednesday joins the calibration only: scored by the bank of Monday and Tuesday,
+        # beside Tuesday's scores; the bank's rows and index are the parent's.
+        wednesday = AnomalyDetector.load(v2.path, tiny_backbone).predict(
+            captured["wednesday"], with_maps=False
+        )
+        features = np.concatenate(list(iter_features(tiny_backbone, captured["wednesday"], 4)))
+        v3, third = changes.add_session(
+            "shifts", "wednesday", features, ["w"] * 6, tiny_backbone, join="calibration"
+        )
+        calibration = Calibration.from_dict(MemoryBank.read_document(v3.path)["calibration"])
+        assert calibration.source == "leave_one_session_out" and calibration.sessions == 3
+        np.testing.assert_allclose(
+            calibration.reference_scores, tuesday + [r.score for r in wednesday], rtol=1e-4
+        )
+        assert (
+            third["rows_added"] == 0
+            and v3.info.metadata["bank_size"] == v2.info.metadata["bank_size"]
+        )
+        assert v3.info.metadata["files"]["index.faiss"] == v2.info.metadata["files"]["index.faiss"]
+        assert "(3 sessions in all)" in third["after"]["statement"]
+
+        # A session the bank has seen, or the calibration has counted, cannot join again.
+        with pytest.raises(UserError, match="in the bank already"):
+            changes.add_session("shifts", "tuesday", features, ["w"] * 6, tiny_backbone)
+        with pytest.raises(UserError, match="in the calibration already"):
+            changes.add_session("shifts", "wednesday", features, ["w"] * 6, tiny_backbone)
+        with pytest.raises(UserError, match="not a valid name"):
+            changes.add_session("shifts", "../etc", features, ["w"] * 6, tiny_backbone)
+        assert products.live_model("shifts").tag == v3.tag, "a refused change makes nothing"
+
+        # Into the bank only: the threshold stays, and says its scores predate the rows.
+        v4, fourth = changes.add_session(
+            "shifts", "wednesday", features, ["w"] * 6, tiny_backbone, join="bank"
+        )
+        kept = Calibration.from_dict(MemoryBank.read_document(v4.path)["calibration"])
+        assert kept.threshold == calibration.threshold and kept.rows_added_since > 0
+        assert fourth["sessions"]["bank"] == ["monday", "tuesday", "wednesday"]
+        assert "upper bounds" in fourth["after"]["statement"]
+
+
+def test_the_add_images_command_refuses_a_join_without_a_session_and_two_thresholds(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    without = run_main(add_images_main, tmp_path, "shifts", str(folder), "--join", "bank")
+    assert without.returncode == 2 and "--join says what a --session joins" in without.stderr
+    both = run_main(
+        add_images_main, tmp_path, "shifts", str(folder), "--session", "b", "--calibration", "c"
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -92,6 +92,64 @@ def add_images(
     return model, {"product": product, "version": str(model.tag.version), **report}
 
 
+def add_session(
+    product: str,
+    session: str,
+    features: np.ndarray,
+    hashes: list[str],
+    extractor: FeatureExtractor,
+    *,
+    join: str = "both",
+    reason: str = "",
+    batch_size: int = 8,
+) -> tuple[bentoml.Model, dict[str, Any]]:
+    """A new live version with a later capture session's defect-free images in its bank,
+    its calibration, or both (`join`; see detector.sessions), and the promise stated again.
+
+    The session's images are scored by the live bank before any of their rows are added:
+    a bank that has not seen the session, as leave-one-session-out scores each session.
+    """
+    from detector.anomaly_detector import AnomalyDetector
+    from detector.sessions import SessionNames, check_session_name, join_session
+
+    check_session_name(session)
+    if not hashes:
+        raise UserError(f"Send at least one defect-free image of session {session!r}.")
+    report: dict[str, Any] = {}
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        if parent is None:
+            raise UnknownProductError(product, list_products())
+        current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
+        names = SessionNames.of(current.bank.metadata)
+        names_after = names.joined(session, join)
+        updated, added, scores = join_session(current, features, join, len(names.bank))
+        if scores:
+            report["session_scores"] = _summary(scores)
+        before = current.calibration
+        updated.bank.metadata["sessions"] = names_after.to_dict()
+        report.update(
+            session=session,
+            join=join,
+            sessions=names_after.to_dict(),
+            bank_rows_before=current.bank.size,
+            rows_added=added,
+            bank_rows_after=updated.bank.size,
+            threshold_before=before.threshold,
+            threshold_after=updated.calibration.threshold,
+            before=before.estimate(),
+            after=updated.calibration.estimate(),
+        )
+        folder = updated.save(Path(scratch) / "bank")
+        change = {"action": "add_session", "reason": reason, "session": session, "join": join}
+        change.update(added_images=len(hashes), added_sha256=hashes, rows_added=added)
+        return Draft(folder, change, index_of=parent if join == "calibration" else None)
+
+    with tempfile.TemporaryDirectory(prefix="bank-session-") as scratch:
+        model = commit_version(product, make)
+    return model, {"product": product, "version": str(model.tag.version), **report}
+
+
 def _number(name: str, value: Any) -> float:
     """A JSON number as a float; true/false, text and lists are refused, not converted
     (the range checks that follow refuse NaN and infinities)."""

@@ -169,6 +169,7 @@ def _describe_files(draft: Draft) -> dict[str, Any]:
         "bank_size": size,
         "threshold": calibration.get("threshold"),
         "calibration": calibration_summary(calibration),
+        "sessions": document.get("sessions"),  # names of the capture sessions, if named
         "files": {
             INDEX_FILE: index_hash,
             METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
@@ -195,6 +196,7 @@ def describe(model: bentoml.Model) -> dict[str, Any]:
         "bank_rows": metadata.get("bank_size"),
         "threshold": metadata.get("threshold"),
         "calibration": metadata.get("calibration", {}),
+        "sessions": metadata.get("sessions"),
         "backbone_model": metadata.get("backbone_model"),
         "created": model.info.creation_time.isoformat(timespec="seconds"),
         "change": metadata.get("change", {}),

@@ -3,6 +3,7 @@
     python -m detector products                          # every product and its live version
     python -m detector products carpet                   # carpet's history, oldest first
     python -m detector add-images carpet DIR --reason "new yarn batch" [--calibration DIR]
+    python -m detector add-images carpet DIR --session night [--join both|bank|calibration]
     python -m detector rollback carpet v2 --reason "v3 missed a stain"
     python -m detector set-threshold carpet --target 0.02 --reason "too many shadows flagged"
 
@@ -28,6 +29,7 @@ from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
 from detector.images import images_in
 from detector.memory_bank import MemoryBank
+from detector.sessions import JOINS, SessionNames, check_session_name
 from detector.threads import set_threads
 
 
@@ -38,8 +40,11 @@ def add_folder(
     calibration: Path | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    session: str | None = None,
+    join: str = "both",
 ) -> dict:
-    """Add a folder of defect-free images to a product's bank: only they pass the backbone."""
+    """Add a folder of defect-free images to a product's bank: only they pass the backbone.
+    Images of a later capture `session` join the bank, the calibration or both (`join`)."""
     paths = images_in(folder)
     held_out = images_in(calibration) if calibration is not None else []
     live = products.live_model(product)
@@ -47,6 +52,8 @@ def add_folder(
     # Torch, the reference runtime: the bank's new rows are what the fit would have made.
     extractor = load_extractor(backbone, {product: live}, device=device)
     detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
+    if session is not None:  # refused before the backbone pass (and again under the lock)
+        SessionNames.of(detector.bank.metadata).joined(check_session_name(session), join)
     features = np.concatenate(list(iter_features(extractor, paths, batch_size)))
     # Calibration images decoded one at a time, reduced to the backbone's input, let go.
     inputs = [detector.prepare(path) for path in held_out]
@@ -54,6 +61,18 @@ def add_folder(
         (np.stack([array for array, _ in inputs]), [size for _, size in inputs]) if inputs else None
     )
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+    if session is not None:
+        _, report = changes.add_session(
+            product,
+            session,
+            features,
+            hashes,
+            extractor,
+            join=join,
+            reason=reason,
+            batch_size=batch_size,
+        )
+        return report
     _, report = changes.add_images(
         product,
         features,
@@ -110,13 +129,26 @@ def add_images_main(argv: list[str] | None = None) -> None:
     parser.add_argument("product")
     parser.add_argument("image_dir", type=Path)
     parser.add_argument("--reason", default="", help="why: kept in the version's history")
-    parser.add_argument(
+    exclusive = parser.add_mutually_exclusive_group()
+    exclusive.add_argument(
         "--calibration", type=Path, help="held-out defect-free images: set the threshold anew"
+    )
+    exclusive.add_argument(
+        "--session",
+        help="the images are a later capture session (a shift, a day): scored by the bank "
+        "before they join it, they set the threshold for parts of sessions not seen yet",
+    )
+    parser.add_argument(
+        "--join",
+        choices=JOINS,
+        help="what the session's images join: both (default), bank, or calibration",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.join and not args.session:
+        parser.error("--join says what a --session joins: name the session")
     set_threads(args.threads)
     report = add_folder(
         products.check_product(args.product),
@@ -125,6 +157,8 @@ def add_images_main(argv: list[str] | None = None) -> None:
         args.calibration,
         args.batch_size,
         args.device,
+        args.session,
+        args.join or "both",
     )
     print(json.dumps(report, indent=2))
 

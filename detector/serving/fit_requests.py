@@ -3,16 +3,15 @@ before any work starts, so every refusal is an answer to the request, never a fa
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from detector.banks import changes, products
 from detector.errors import UserError
 from detector.images import InvalidImageError, check_image_header
 from detector.serving.settings import Settings
+from detector.sessions import SESSION_NAME
 
 MIN_FIT_IMAGES = 5  # five folds: each image is scored by a bank of the others
-SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class FitRefused(UserError):

@@ -13,6 +13,7 @@ from detector.serving.answers import Refusal, refused_answer
 from detector.serving.params import json_number, only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
+from detector.sessions import SessionNames, check_session_name
 
 
 class ProductEndpoints:
@@ -98,14 +99,20 @@ class ProductEndpoints:
         reason: str,
         calibration: list[bytes],
         records: list[str] | None = None,
+        session: str | None = None,
+        join: str = "both",
     ) -> dict[str, Any]:
         """Checked like scored uploads; any refused image refuses the whole change. The
         images of `records` (reviewed false alarms of this product) are added too, and each
         record then names the version it went into. One budget holds for the whole change,
         record images included: `INSPECT_MAX_CHANGE_BYTES` of encoded bytes and
         `INSPECT_MAX_CHANGE_PIXELS` of decoded pixels, checked from headers before the
-        runner decodes anything."""
+        runner decodes anything. A later capture `session`'s images set the threshold
+        themselves (`join`: detector.sessions), so they come without calibration images
+        or records."""
         product = self.served_product(product)
+        if session is not None:
+            check_session(session, join, calibration, records)
         records = list(dict.fromkeys(records or []))
         if len(records) > self.settings.max_batch_files:
             raise Refusal(
@@ -124,7 +131,9 @@ class ProductEndpoints:
             )
         self._check_pixels(images + calibration)
         async with self._runner_slots:
-            report = await self._change("add_images", product, images, reason, calibration, records)
+            report = await self._change(
+                "add_images", product, images, reason, calibration, records, session, join
+            )
         if records:
             tag = f"{products.model_name(report['product'])}:{report['version']}"
             await anyio.to_thread.run_sync(self._recorder().mark_added, records, tag)
@@ -190,3 +199,19 @@ class ProductEndpoints:
         if not (job_id.isascii() and job_id.isalnum() and len(job_id) <= 32):
             raise Refusal(404, "unknown_job", "Job ids are the ones POST /products answered.")
         return refused_answer(await self.runner.to_async.fit_job(product, job_id, cancel))
+
+
+def check_session(
+    session: str, join: str, calibration: list[bytes], records: list[str] | None
+) -> None:
+    """A later session's change before any image is read: a valid name and join, and
+    nothing else that would set the threshold."""
+    check_session_name(session)
+    SessionNames().joined(session, join)  # the join's name; the bank's names on the runner
+    if calibration or records:
+        raise Refusal(
+            400,
+            "bad_session",
+            "A session's images are scored as a session the bank has not seen and set the "
+            "threshold themselves: send them without calibration_images or records.",
+        )

@@ -14,7 +14,9 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
     GET  /products/{name}/history         ?limit=50&before=N: versions, newest last: what
                                           changed, why, when (`next_before` pages back)
     POST /products/{name}/images          multipart: images (files), reason, calibration_images,
-                                          records (ids of reviewed false alarms: their images)
+                                          records (ids of reviewed false alarms: their images);
+                                          or images of a later capture session: session (its
+                                          name), join (both, bank or calibration)
     POST /products/{name}/rollback        JSON: {"version": "v2", "reason": "..."}
     POST /products/{name}/threshold       JSON: {"target": 0.02} or {"threshold": 0.31},
                                           and "reason": a new version, nothing refitted;
@@ -63,6 +65,7 @@ async def add_images(request: Request) -> Response:
                 images = await _files(form, "images")
                 calibration = await _files(form, "calibration_images")
                 reason = str(form.get("reason") or "")[:500]
+                session_fields = {k: str(form[k]) for k in ("session", "join") if form.get(k)}
                 records = [
                     part.strip()
                     for field in form.getlist("records")
@@ -73,7 +76,9 @@ async def add_images(request: Request) -> Response:
         except MultiPartException as error:
             raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
         name = request.path_params["name"]
-        return await endpoints.add_images(name, images, reason, calibration, records)
+        return await endpoints.add_images(
+            name, images, reason, calibration, records, **session_fields
+        )
 
     return await as_response(work())
 

@@ -102,7 +102,7 @@ def product_rules(settings: Settings) -> dict[str, Rule]:
             "admin",
             MULTIPART,
             frozenset({"images", "calibration_images"}),
-            frozenset({"reason", "records"}),
+            frozenset({"reason", "records", "session", "join"}),
             max_files=settings.max_batch_files,
             queued=True,
         ),

@@ -96,6 +96,19 @@ class ScoringRunner:
             return image
         return self.catalog.extractor.prepare(image), image.size
 
+    def _prepared_all(self, uploads: list[bytes]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Every upload as the backbone's input, with its size; one image decoded at a time
+        and reduced at once, so a change of large frames holds one decoded frame, never
+        several. The first image that fails to decode is raised."""
+        prepared, sizes = [], []
+        for upload in uploads:
+            item = self._prepare(upload)
+            if isinstance(item, InvalidImageError):
+                raise item
+            prepared.append(item[0])
+            sizes.append(item[1])
+        return np.stack(prepared), sizes
+
     def _resolve(self, upload: Upload) -> str | UserError:
         try:
             name = self.catalog.resolve(upload[0] or None)
@@ -177,40 +190,39 @@ class ScoringRunner:
         reason: str,
         calibration: list[bytes],
         records: list[str] | None = None,
+        session: str | None = None,
+        join: str = "both",
     ) -> dict[str, Any]:
         """A new bank version that also covers these defect-free images, live here at once
         and in every other worker and replica within INSPECT_BANK_REFRESH_S; `records` are
-        the ids of the reviewed records the images came from, kept in the version."""
+        the ids of the reviewed records the images came from, kept in the version. Images
+        of a later capture `session` join the bank, the calibration or both (`join`)."""
         started = time.perf_counter()
         try:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
-            # One image decoded at a time and reduced to the backbone's input at once: a
-            # change of large frames holds one decoded frame, never several.
-            prepared, sizes = [], []
-            for upload in uploads + calibration:
-                item = self._prepare(upload)
-                if isinstance(item, InvalidImageError):
-                    return refusal(item)
-                prepared.append(item[0])
-                sizes.append(item[1])
-            added = np.stack(prepared[: len(uploads)])
-            held_out = (
-                (np.stack(prepared[len(uploads) :]), sizes[len(uploads) :]) if calibration else None
-            )
+            prepared, sizes = self._prepared_all(uploads + calibration)
+            held_out = (prepared[len(uploads) :], sizes[len(uploads) :]) if calibration else None
             embedding = time.perf_counter()
-            features = live.detector.embed_prepared(added)
+            features = live.detector.embed_prepared(prepared[: len(uploads)])
             embedded = time.perf_counter()
-            model, report = changes.add_images(
-                product,
-                features,
-                [hashlib.sha256(data).hexdigest() for data in uploads],
-                self.catalog.extractor,
-                reason=reason,
-                calibration=held_out,
-                batch_size=self.settings.max_batch_size,
-                records=records,
-            )
+            hashes = [hashlib.sha256(data).hexdigest() for data in uploads]
+            extractor = self.catalog.extractor
+            options = {"reason": reason, "batch_size": self.settings.max_batch_size}
+            if session is not None:
+                model, report = changes.add_session(
+                    product, session, features, hashes, extractor, join=join, **options
+                )
+            else:
+                model, report = changes.add_images(
+                    product,
+                    features,
+                    hashes,
+                    extractor,
+                    calibration=held_out,
+                    records=records,
+                    **options,
+                )
         except (UserError, InvalidImageError) as error:
             return refusal(error)
         self.catalog.install(model)
