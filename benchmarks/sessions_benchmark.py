@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks.threshold_benchmark import session_shift_set, test_scores
 from detector.anomaly_detector import iter_features
+from detector.banks.versions import file_sha256
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.scoring import Calibration
@@ -72,12 +73,15 @@ def main() -> None:
             name: fit_detector(extractor, train, sessions=named, bank_config=config, progress=False)
             for name, (train, named) in plans.items()
         }
-        later = np.concatenate(
-            list(iter_features(extractor, [p for p, s in pairs if s == "s1"], 8))
-        )
+        later_paths = [p for p, s in pairs if s == "s1"]
+        later = np.concatenate(list(iter_features(extractor, later_paths, 8)))
         fits["session 1 joined later"] = join_session(
-            fits["one session, random folds"], later, "both", bank_sessions=1
-        )[0]
+            fits["one session, random folds"],
+            "s1",
+            later,
+            [file_sha256(path) for path in later_paths],
+            "both",
+        ).detector
         for name, detector in fits.items():
             scores = test_scores(detector, features, args.resolution)
             good, bad = scores[labels == 0], scores[labels == 1]

@@ -32,6 +32,7 @@ from detector.scoring import (
     image_score,
     make_result,
 )
+from detector.thresholds import rule_for_new_scores
 
 ImageSource = Image.Image | str | Path
 Item = TypeVar("Item")
@@ -147,7 +148,7 @@ class AnomalyDetector:
             [r.score for r in normal],
             self.scoring.false_alarm_rate,
             [r.drift_profile for r in normal],
-            self.calibration.rule,
+            rule_for_new_scores(self.calibration.rule),  # new images set a hand-set one anew
             sessions=None,  # images the caller held out: their sessions are not known here
         )
         return AnomalyDetector(

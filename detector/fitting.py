@@ -16,7 +16,7 @@ from detector.anomaly_detector import AnomalyDetector, ImageSource, batched, ite
 from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import Calibration, ScoringConfig, calibrate
-from detector.sessions import fitted_names
+from detector.sessions import BANK_SESSIONS, fitted_names
 from detector.spill import Spill
 
 # Told (stage, done, total) as a fit goes: "features" per image read, "folds" per fold
@@ -93,13 +93,17 @@ def fit_detector(
             calibration_source,
             sessions=seen + 1 if calibration_source == "session" else seen,
         )
-        detector.bank.metadata["sessions"] = fitted_names(sessions, across_sessions=False).to_dict()
+        named_bank, _ = fitted_names(sessions, across_sessions=False)
+        detector.bank.metadata[BANK_SESSIONS] = named_bank
+        if calibration_source == "session":  # the calibration folder: a session of its own
+            detector.calibration.session_names = ["calibration"]
         return detector
     fold_of, source = fold_plan(session_of, folds, groups, steps.config.seed)
     detector = cross_fit(extractor, train_images, fold_of, rule, steps, source)
     detector.calibration.sessions = seen
-    across = source == "leave_one_session_out"
-    detector.bank.metadata["sessions"] = fitted_names(sessions, across).to_dict()
+    named_bank, named_calibration = fitted_names(sessions, source == "leave_one_session_out")
+    detector.bank.metadata[BANK_SESSIONS] = named_bank
+    detector.calibration.session_names = named_calibration
     return detector
 
 

@@ -58,6 +58,9 @@ class Calibration:
     # training images, as random folds of one session say nothing about the next. None: not
     # known (the line's own records, images a caller held out).
     sessions: int | None = None
+    # The named sessions whose scores came from a bank without them (detector.sessions);
+    # new scores bring their own, so a recalibration never keeps names of scores it dropped.
+    session_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,8 +138,8 @@ class Calibration:
         return (
             f" These scores were measured before {self.rows_added_since} rows were added "
             "to the bank; added rows only lower scores, so both rates are upper bounds "
-            "until the product is recalibrated (calibration images, or the threshold "
-            "from reviews)."
+            "until the product is recalibrated (calibration images, a later session's "
+            "images, or the threshold from reviews)."
         )
 
     @property
@@ -297,6 +300,7 @@ def calibrate(
     rule: str = "empirical_quantile",
     source: str = "held_out",
     sessions: int | None = None,
+    session_names: list[str] | None = None,
 ) -> Calibration:
     """The threshold `rule` (detector.thresholds) sets for the target `false_alarm_rate` on
     defect-free scores; the images' patch-distance `profiles` are kept as the drift
@@ -319,6 +323,7 @@ def calibrate(
         rule,
         source,
         sessions=sessions,
+        session_names=list(session_names or []),
     )
 
 

@@ -4,9 +4,9 @@ and a later session joining either.
 
 A promise measured on one session says nothing about the next; a session's images scored
 by a bank that never saw that session say what the next session will see. So a later
-session can join the calibration once, and only while the bank has not seen it: scored
-by the live bank before its own rows are added, as leave-one-session-out scores each
-session with a bank of the others.
+session can join the calibration once, only while the bank has not seen it, and only with
+images new to the product: scored by the live bank before its own rows are added, as
+leave-one-session-out scores each session with a bank of the others.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from detector.errors import UserError
 from detector.scoring import Calibration, InspectionResult, calibrate
+from detector.thresholds import rule_for_new_scores
 
 if TYPE_CHECKING:
     from detector.anomaly_detector import AnomalyDetector
@@ -39,28 +40,35 @@ SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 JOINS = ("both", "bank", "calibration")
 
 
+# A later session's scores set a threshold: fewer than this many say almost nothing.
+MIN_SESSION_IMAGES = 5
+
+# bank.json keys: the sessions whose images are in the bank, and the SHA-256 of every image
+# the product has used (training, added, calibration; 65 bytes each), so an image cannot
+# come back as a "new" session (scored by a bank that holds it, it would score near 0).
+BANK_SESSIONS, IMAGE_HASHES = "bank_sessions", "image_sha256"
+
+
 @dataclass
 class SessionNames:
-    """The named sessions behind a bank version, kept in its metadata under "sessions".
-    Banks fitted without names (one unnamed session) or before names were kept list none."""
+    """The named sessions behind a bank version. Banks fitted without names (one unnamed
+    session) or before names were kept list none in the bank."""
 
     bank: list[str] = field(default_factory=list)
-    # Sessions whose calibration scores came from a bank without them.
-    calibration: list[str] = field(default_factory=list)
+    calibration: list[str] = field(default_factory=list)  # Calibration.session_names
 
     @classmethod
-    def of(cls, metadata: dict[str, Any]) -> SessionNames:
-        stored = metadata.get("sessions") or {}
-        return cls(list(stored.get("bank", [])), list(stored.get("calibration", [])))
+    def of(cls, detector: AnomalyDetector) -> SessionNames:
+        names = detector.bank.metadata.get(BANK_SESSIONS) or []
+        return cls(list(names), list(detector.calibration.session_names))
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"bank": list(self.bank), "calibration": list(self.calibration)}
 
-    def joined(self, session: str, join: str) -> SessionNames:
-        """The names once `session` joins as `join` says; a session the bank has seen, or
-        one the calibration has scored already, cannot join the calibration."""
-        if join not in JOINS:
-            raise SessionError(f"join must be one of {', '.join(JOINS)}; it is {join!r:.40}.")
+    def check(self, session: str, join: str) -> None:
+        """A session the bank has seen, or one the calibration has scored already, cannot
+        join the calibration."""
+        check_join(join)
         if join != "bank" and session in self.bank:
             raise SessionError(
                 f"Session {session!r} is in the bank already: its images scored by this bank "
@@ -72,12 +80,12 @@ class SessionNames:
                 f"Session {session!r} is in the calibration already: a session's images are "
                 "counted once. Name the new session, or add them to the bank only (join: bank)."
             )
-        bank, calibration = list(self.bank), list(self.calibration)
-        if join != "calibration" and session not in bank:
-            bank.append(session)
-        if join != "bank":
-            calibration.append(session)
-        return SessionNames(bank, calibration)
+
+
+def check_join(join: str) -> str:
+    if join not in JOINS:
+        raise SessionError(f"join must be one of {', '.join(JOINS)}; it is {join!r:.40}.")
+    return join
 
 
 def check_session_name(name: str) -> str:
@@ -89,41 +97,78 @@ def check_session_name(name: str) -> str:
     return name
 
 
-def fitted_names(sessions: list[str] | None, across_sessions: bool) -> SessionNames:
-    """The names a fit records: every training session in the bank, and in the calibration
-    too when each was scored by a bank of the others (leave one session out)."""
+def check_new_images(hashes: list[str], metadata: dict[str, Any], join: str) -> None:
+    """A session's images are new to the product, each sent once, and enough of them to
+    score: a repeated image would count twice, a known one scores near 0 against a bank
+    that holds it. Banks saved before hashes were kept can only be checked within the
+    request."""
+    if len(set(hashes)) < len(hashes):
+        raise SessionError("The same image is sent twice: send each image of a session once.")
+    known = set(metadata.get(IMAGE_HASHES) or []) & set(hashes)
+    if known:
+        raise SessionError(
+            f"{len(known)} of these images are in the product already (training images, or "
+            "images added before): a later session's images must be new to it."
+        )
+    if join != "bank" and len(hashes) < MIN_SESSION_IMAGES:
+        raise SessionError(
+            f"A session that sets the threshold needs at least {MIN_SESSION_IMAGES} "
+            f"images; {len(hashes)} were sent (join: bank adds fewer to the bank only)."
+        )
+
+
+def remember_images(metadata: dict[str, Any], hashes: list[str]) -> None:
+    """Record images the product has used, so none comes back as a new session."""
+    known = dict.fromkeys(metadata.get(IMAGE_HASHES) or [])
+    metadata[IMAGE_HASHES] = list({**known, **dict.fromkeys(hashes)})
+
+
+def fitted_names(sessions: list[str] | None, across_sessions: bool) -> tuple[list[str], list[str]]:
+    """(the bank's session names, the calibration's) a fit records: every training session
+    in the bank, and in the calibration too when each was scored by a bank of the others."""
     names = list(dict.fromkeys(sessions or []))
-    return SessionNames(names, names if across_sessions else [])
+    return names, names if across_sessions else []
 
 
 def with_later_session(
-    before: Calibration, scores: list[float], profiles: list[np.ndarray], bank_sessions: int
+    before: Calibration,
+    session: str,
+    results: list[InspectionResult],
+    bank_names: list[str],
 ) -> Calibration:
-    """The calibration once a later session's scores (from a bank that had not seen it)
-    join it, with the threshold set anew by the same rule at the same target.
+    """The calibration once a later session's results (from a bank that had not seen it)
+    join it, with the threshold set anew by the version's rule at its target; a hand-set
+    threshold stays, and the promise is stated at it.
 
     Scores already measured across sessions are kept beside the new ones; scores of the
     training sessions themselves (random folds, a random hold-out, reviewed records) say
-    nothing about a new session, so the new session's scores replace them. The count of
-    sessions grows by one: `bank_sessions` is what the bank held when `before` does not say.
+    nothing about a new session, so the new session's scores replace them. The drift
+    reference keeps every profile: the line runs the old sessions too.
     """
-    seen = before.sessions if before.sessions is not None else max(bank_sessions, 1)
-    rule = before.rule if before.rule != "explicit" else "empirical_quantile"
-    if before.across_sessions:
-        kept_scores = [*before.reference_scores, *scores]
-        kept_profiles = [np.asarray(p) for p in before.reference_profiles] + list(profiles)
-        source, rows_added_since = "leave_one_session_out", before.rows_added_since
-    else:
-        kept_scores, kept_profiles, source, rows_added_since = (
-            list(scores),
-            list(profiles),
-            "session",
-            0,
+    across = bool(before.across_sessions)
+    scores = [r.score for r in results]
+    kept = [*before.reference_scores, *scores] if across else scores
+    names = [*before.session_names, session] if across else [session]
+    # The named sessions of bank and calibration; one more than before where none is named.
+    count = len(set(bank_names) | set(names)) if bank_names else (before.sessions or 1) + 1
+    profiles = [np.asarray(p) for p in before.reference_profiles]
+    profiles += [r.drift_profile for r in results]
+    source = "leave_one_session_out" if across else "session"
+    try:
+        after = calibrate(
+            kept,
+            before.false_alarm_rate,
+            profiles,
+            rule_for_new_scores(before.rule),
+            source,
+            sessions=count,
+            session_names=names,
         )
-    after = calibrate(
-        kept_scores, before.false_alarm_rate, kept_profiles, rule, source, sessions=seen + 1
-    )
-    return replace(after, rows_added_since=rows_added_since)
+    except ValueError as error:
+        raise SessionError(str(error)) from None
+    if before.rule == "explicit":
+        after = replace(after, threshold=before.threshold, rule="explicit")
+    return replace(after, rows_added_since=before.rows_added_since if across else 0)
 
 
 def scored(detector: AnomalyDetector, features: np.ndarray) -> list[InspectionResult]:
@@ -139,28 +184,44 @@ def scored(detector: AnomalyDetector, features: np.ndarray) -> list[InspectionRe
     ]
 
 
+@dataclass
+class SessionJoined:
+    """What a later session's join made: the new detector, and what its answer reports."""
+
+    detector: AnomalyDetector
+    rows_added: int
+    scores: list[float]
+    names: SessionNames
+
+
 def join_session(
-    detector: AnomalyDetector, features: np.ndarray, join: str, bank_sessions: int
-) -> tuple[AnomalyDetector, int, list[float]]:
-    """(the detector once a later session's features join its bank, its calibration or
-    both, the rows added, the session's scores from the bank before it grew); `detector`
-    is untouched. The calibration's scores come first, so the session is scored by a bank
-    that has not seen it."""
+    detector: AnomalyDetector, session: str, features: np.ndarray, hashes: list[str], join: str
+) -> SessionJoined:
+    """The detector once a later session's features join its bank, its calibration or
+    both; `detector` is untouched. The session is scored first, by a bank that has not
+    seen it; its rows join after."""
     from detector.anomaly_detector import AnomalyDetector
     from detector.memory_bank import MemoryBank
 
+    check_session_name(session)
+    names = SessionNames.of(detector)
+    names.check(session, join)
+    check_new_images(hashes, detector.bank.metadata, join)
     calibration, scores = detector.calibration, []
     if join != "bank":
         results = scored(detector, features)
         scores = [r.score for r in results]
-        profiles = [r.drift_profile for r in results]
-        calibration = with_later_session(calibration, scores, profiles, bank_sessions)
+        calibration = with_later_session(calibration, session, results, names.bank)
     updated, added = detector.learned(features) if join != "calibration" else (detector, 0)
+    bank = updated.bank
+    if updated is detector:  # the same rows: shared, with metadata of its own
+        bank = MemoryBank(bank.index, bank.config, copy.deepcopy(bank.metadata))
+    if join != "calibration" and session not in names.bank:
+        bank.metadata[BANK_SESSIONS] = [*names.bank, session]
+    remember_images(bank.metadata, hashes)
     if join != "bank":
-        bank = updated.bank
-        if updated is detector:  # the same rows: shared, with metadata of its own
-            bank = MemoryBank(bank.index, bank.config, copy.deepcopy(bank.metadata))
         updated = AnomalyDetector(
             detector.extractor, bank, calibration, detector.scoring, detector.batch_size
         )
-    return updated, added, scores
+    joined = SessionNames.of(updated)
+    return SessionJoined(updated, added, scores, joined)

@@ -113,3 +113,9 @@ def rule_named(name: str) -> ThresholdRule:
     if name not in RULES:
         raise ValueError(f"Unknown threshold rule {name!r}: use one of {', '.join(RULES)}.")
     return RULES[name]
+
+
+def rule_for_new_scores(rule: str) -> str:
+    """The rule that sets a threshold on new scores for a version whose threshold was set
+    by `rule`: a hand-set ("explicit") threshold has none, so the default one."""
+    return rule if rule != "explicit" else "empirical_quantile"

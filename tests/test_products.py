@@ -571,6 +571,7 @@ def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_ag
     for form, said in [
         ({"session": "../night"}, "not a valid name"),
         ({"session": "night", "join": "sideways"}, "join must be one of both, bank"),
+        ({"join": "calibration"}, "name the session"),
     ]:
         refused = post(**form)
         assert refused.status_code == 400 and refused.json()["reason"] == "bad_session"

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -15,13 +16,15 @@ from scipy.stats import beta
 from detector.anomaly_detector import AnomalyDetector, iter_features
 from detector.banks import changes, products
 from detector.banks.models import save_backbone, save_bank
+from detector.banks.versions import file_sha256
 from detector.commands.banks import add_images_main
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.errors import UserError
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig, MemoryBank
-from detector.scoring import Calibration, images_needed
+from detector.scoring import Calibration, images_needed, make_result
+from detector.sessions import SessionError, with_later_session
 from devtools.in_process import bentoml_home, run_detector, run_main
 
 
@@ -258,32 +261,52 @@ def test_fit_calibrates_leave_one_session_out_from_subfolders(
 # ----- later sessions for an existing product ---------------------------------------------
 def session_folders(train: list[Path], root: Path) -> dict[str, list[Path]]:
     """Monday's parts as captured, Tuesday's under brighter lamps, Wednesday's at lower
-    contrast: three capture sessions of one line."""
+    contrast, Thursday's at higher contrast: four capture sessions of one line."""
     captured = sessions_of_brightness(train, root)
-    wednesday = root / "wednesday"
-    wednesday.mkdir()
-    for path in captured["monday"]:
-        with Image.open(path) as image:
-            ImageEnhance.Contrast(image.convert("RGB")).enhance(0.8).save(wednesday / path.name)
-    return {**captured, "wednesday": sorted(wednesday.iterdir())}
+    for day, contrast in (("wednesday", 0.8), ("thursday", 1.2)):
+        (root / day).mkdir()
+        for path in captured["monday"]:
+            with Image.open(path) as image:
+                changed = ImageEnhance.Contrast(image.convert("RGB")).enhance(contrast)
+                changed.save(root / day / path.name)
+        captured[day] = sorted((root / day).iterdir())
+    return captured
+
+
+def one_session_product(
+    tiny_backbone: DinoBackbone, monday: list[Path], folder: Path, home: Path, name: str
+) -> AnomalyDetector:
+    """A product fitted on Monday's images alone (random folds), in the store at `home`."""
+    first = fit_detector(
+        tiny_backbone,
+        monday,
+        sessions=["monday"] * len(monday),
+        bank_config=BankConfig(coreset_ratio=0.5, seed=0),
+        progress=False,
+    )
+    with bentoml_home(home):
+        backbone = save_backbone(tiny_backbone, "dino-backbone", with_graph=False)
+        save_bank(first.save(folder), backbone, product=name)
+    return first
+
+
+def session_of(tiny_backbone: DinoBackbone, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """A session's features and its images' SHA-256, as add-images computes them."""
+    features = np.concatenate(list(iter_features(tiny_backbone, paths, 4)))
+    return features, [file_sha256(path) for path in paths]
+
+
+def stored_calibration(model: bentoml.Model) -> Calibration:
+    return Calibration.from_dict(MemoryBank.read_document(model.path)["calibration"])
 
 
 def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_seen_it(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:
     captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
-    first = fit_detector(
-        tiny_backbone,
-        captured["monday"],
-        sessions=["monday"] * 6,
-        bank_config=BankConfig(coreset_ratio=0.5, seed=0),
-        progress=False,
-    )
-    assert first.calibration.source == "cross_fitted" and first.calibration.sessions == 1
     home = tmp_path / "home"
-    with bentoml_home(home):
-        backbone = save_backbone(tiny_backbone, "dino-backbone", with_graph=False)
-        save_bank(first.save(tmp_path / "v1"), backbone, product="shifts")
+    first = one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "shifts")
+    assert first.calibration.source == "cross_fitted" and first.calibration.sessions == 1
 
     # Tuesday from the command line: scored by Monday's bank before its rows join it.
     added = run_main(
@@ -309,9 +332,10 @@ def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_see
 
     with bentoml_home(home):
         v2 = products.live_model("shifts")
-        stored = Calibration.from_dict(MemoryBank.read_document(v2.path)["calibration"])
+        stored = stored_calibration(v2)
         assert stored.source == "session" and stored.rows_added_since == 0
         np.testing.assert_allclose(stored.reference_scores, tuesday, rtol=1e-4)
+        assert len(stored.reference_profiles) == 6 + 6, "the drift reference keeps Monday's"
         assert v2.info.metadata["change"]["action"] == "add_session"
         assert v2.info.metadata["sessions"]["bank"] == ["monday", "tuesday"]
 
@@ -320,39 +344,95 @@ def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_see
         wednesday = AnomalyDetector.load(v2.path, tiny_backbone).predict(
             captured["wednesday"], with_maps=False
         )
-        features = np.concatenate(list(iter_features(tiny_backbone, captured["wednesday"], 4)))
+        features, hashes = session_of(tiny_backbone, captured["wednesday"])
         v3, third = changes.add_session(
-            "shifts", "wednesday", features, ["w"] * 6, tiny_backbone, join="calibration"
+            "shifts", "wednesday", features, hashes, tiny_backbone, join="calibration"
         )
-        calibration = Calibration.from_dict(MemoryBank.read_document(v3.path)["calibration"])
+        calibration = stored_calibration(v3)
         assert calibration.source == "leave_one_session_out" and calibration.sessions == 3
+        assert calibration.session_names == ["tuesday", "wednesday"]
         np.testing.assert_allclose(
             calibration.reference_scores, tuesday + [r.score for r in wednesday], rtol=1e-4
         )
-        assert (
-            third["rows_added"] == 0
-            and v3.info.metadata["bank_size"] == v2.info.metadata["bank_size"]
-        )
+        assert third["rows_added"] == 0
+        assert v3.info.metadata["bank_size"] == v2.info.metadata["bank_size"]
         assert v3.info.metadata["files"]["index.faiss"] == v2.info.metadata["files"]["index.faiss"]
         assert "(3 sessions in all)" in third["after"]["statement"]
 
-        # A session the bank has seen, or the calibration has counted, cannot join again.
-        with pytest.raises(UserError, match="in the bank already"):
-            changes.add_session("shifts", "tuesday", features, ["w"] * 6, tiny_backbone)
-        with pytest.raises(UserError, match="in the calibration already"):
-            changes.add_session("shifts", "wednesday", features, ["w"] * 6, tiny_backbone)
-        with pytest.raises(UserError, match="not a valid name"):
-            changes.add_session("shifts", "../etc", features, ["w"] * 6, tiny_backbone)
-        assert products.live_model("shifts").tag == v3.tag, "a refused change makes nothing"
-
         # Into the bank only: the threshold stays, and says its scores predate the rows.
+        thursday, thursday_hashes = session_of(tiny_backbone, captured["thursday"])
         v4, fourth = changes.add_session(
-            "shifts", "wednesday", features, ["w"] * 6, tiny_backbone, join="bank"
+            "shifts", "thursday", thursday, thursday_hashes, tiny_backbone, join="bank"
         )
-        kept = Calibration.from_dict(MemoryBank.read_document(v4.path)["calibration"])
+        kept = stored_calibration(v4)
         assert kept.threshold == calibration.threshold and kept.rows_added_since > 0
-        assert fourth["sessions"]["bank"] == ["monday", "tuesday", "wednesday"]
+        assert fourth["sessions"]["bank"] == ["monday", "tuesday", "thursday"]
         assert "upper bounds" in fourth["after"]["statement"]
+
+
+def test_a_session_the_product_has_seen_or_too_small_is_refused_and_nothing_is_made(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
+    home = tmp_path / "home"
+    one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "seen")
+    tuesday, hashes = session_of(tiny_backbone, captured["tuesday"])
+    wednesday, wednesday_hashes = session_of(tiny_backbone, captured["wednesday"])
+    with bentoml_home(home):
+        changes.add_session("seen", "tuesday", tuesday, hashes, tiny_backbone)
+        live = products.live_model("seen").tag
+        refused = {
+            "in the bank already": ("tuesday", wednesday, wednesday_hashes, "both"),
+            "in the product already": ("friday", tuesday, hashes, "both"),
+            "sent twice": ("friday", wednesday, [wednesday_hashes[0]] * 6, "both"),
+            "at least 5 images": ("friday", wednesday[:3], wednesday_hashes[:3], "calibration"),
+            "not a valid name": ("../etc", wednesday, wednesday_hashes, "both"),
+            "join must be one of": ("friday", wednesday, wednesday_hashes, "sideways"),
+        }
+        for said, (session, features, names, join) in refused.items():
+            with pytest.raises(UserError, match=said):
+                changes.add_session("seen", session, features, names, tiny_backbone, join=join)
+        assert products.live_model("seen").tag == live, "a refused change makes nothing"
+        # Fewer images may join the bank only: they set no threshold.
+        small, _ = changes.add_session(
+            "seen", "friday", wednesday[:3], wednesday_hashes[:3], tiny_backbone, join="bank"
+        )
+        assert small.info.metadata["sessions"]["bank"] == ["monday", "tuesday", "friday"]
+
+
+def test_a_hand_set_threshold_stays_and_new_calibration_scores_drop_the_session_names(
+    tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
+) -> None:
+    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
+    home = tmp_path / "home"
+    one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "manual")
+    tuesday, hashes = session_of(tiny_backbone, captured["tuesday"])
+    with bentoml_home(home):
+        _, moved = changes.set_operating_point("manual", threshold=0.5, confirm=True)
+        model, report = changes.add_session("manual", "tuesday", tuesday, hashes, tiny_backbone)
+        calibration = stored_calibration(model)
+        assert calibration.threshold == 0.5 and calibration.rule == "explicit"
+        assert report["threshold_after"] == 0.5
+        assert calibration.source == "session" and calibration.session_names == ["tuesday"]
+        # Calibration images (no session) replace the scores, and with them the names.
+        prepared = np.stack([tiny_backbone.prepare(Image.open(p)) for p in captured["thursday"]])
+        thursday, thursday_hashes = session_of(tiny_backbone, captured["thursday"])
+        recalibrated, _ = changes.add_images(
+            "manual",
+            thursday[:1],
+            thursday_hashes[:1],
+            tiny_backbone,
+            calibration=(prepared, [(96, 96)] * len(prepared)),
+        )
+        assert stored_calibration(recalibrated).session_names == []
+        assert recalibrated.info.metadata["sessions"]["calibration"] == []
+
+
+def test_scores_that_cannot_set_a_threshold_are_a_sentence_not_a_crash() -> None:
+    before = Calibration(0.3, 0.01, [0.2] * 10, source="cross_fitted", sessions=1)
+    zeros = [make_result(0.0, before, (8, 8), None, np.zeros(4)) for _ in range(6)]
+    with pytest.raises(SessionError, match="not a finite number above 0"):
+        with_later_session(before, "copy", zeros, ["monday"])
 
 
 def test_the_add_images_command_refuses_a_join_without_a_session_and_two_thresholds(

@@ -17,6 +17,7 @@ from detector.banks.versions import Draft, commit_version, load_bank, verify
 from detector.errors import UserError
 from detector.memory_bank import MemoryBank
 from detector.scoring import Calibration
+from detector.thresholds import rule_for_new_scores
 
 if TYPE_CHECKING:  # the backbone (torch) is imported by the runner only
     from detector.extractor import FeatureExtractor
@@ -51,6 +52,7 @@ def add_images(
     scores moved from the parent bank to the new one.
     """
     from detector.anomaly_detector import AnomalyDetector
+    from detector.sessions import remember_images
 
     if not hashes:
         raise UserError("Send at least one defect-free image to add.")
@@ -74,15 +76,11 @@ def add_images(
                 "scores_after": _summary(learned.calibration.reference_scores),
             }
         report["bank_rows_after"] = learned.bank.size
+        remember_images(learned.bank.metadata, hashes)
         folder = learned.save(Path(scratch) / "bank")
-        change = {
-            "action": "recalibrate" if held_out else "add_images",
-            "reason": reason,
-            "added_images": len(hashes),
-            "added_sha256": hashes,
-            "rows_added": added,
-            "calibration_images": held_out,
-        }
+        change = {"action": "recalibrate" if held_out else "add_images", "reason": reason}
+        change.update(added_images=len(hashes), added_sha256=hashes, rows_added=added)
+        change["calibration_images"] = held_out
         if records:  # reviewed false alarms: the version points back to their records
             change["records"] = list(records)
         return Draft(folder, change)
@@ -110,9 +108,10 @@ def add_session(
     a bank that has not seen the session, as leave-one-session-out scores each session.
     """
     from detector.anomaly_detector import AnomalyDetector
-    from detector.sessions import SessionNames, check_session_name, join_session
+    from detector.sessions import check_join, check_session_name, join_session
 
     check_session_name(session)
+    check_join(join)
     if not hashes:
         raise UserError(f"Send at least one defect-free image of session {session!r}.")
     report: dict[str, Any] = {}
@@ -121,23 +120,20 @@ def add_session(
         if parent is None:
             raise UnknownProductError(product, list_products())
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
-        names = SessionNames.of(current.bank.metadata)
-        names_after = names.joined(session, join)
-        updated, added, scores = join_session(current, features, join, len(names.bank))
-        if scores:
-            report["session_scores"] = _summary(scores)
-        before = current.calibration
-        updated.bank.metadata["sessions"] = names_after.to_dict()
+        joined = join_session(current, session, features, hashes, join)
+        updated, added = joined.detector, joined.rows_added
+        if joined.scores:
+            report["session_scores"] = _summary(joined.scores)
         report.update(
             session=session,
             join=join,
-            sessions=names_after.to_dict(),
+            sessions=joined.names.to_dict(),
             bank_rows_before=current.bank.size,
             rows_added=added,
             bank_rows_after=updated.bank.size,
-            threshold_before=before.threshold,
+            threshold_before=current.calibration.threshold,
             threshold_after=updated.calibration.threshold,
-            before=before.estimate(),
+            before=current.calibration.estimate(),
             after=updated.calibration.estimate(),
         )
         folder = updated.save(Path(scratch) / "bank")
@@ -196,9 +192,10 @@ def _at_target(parent: bentoml.Model, before: Calibration, target: float) -> Cal
             before.reference_scores,
             target,
             before.reference_profiles,
-            before.rule if before.rule != "explicit" else "empirical_quantile",
+            rule_for_new_scores(before.rule),
             before.source,
             sessions=before.sessions,  # the same scores, from the same sessions
+            session_names=before.session_names,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -230,7 +227,7 @@ def _from_reviews(before: Calibration, reviewed: dict[str, Any]) -> Calibration:
         float(reviewed["target"]),
         [float(score) for score in reviewed["scores"]],
         before.reference_profiles,
-        before.rule if before.rule != "explicit" else "empirical_quantile",
+        rule_for_new_scores(before.rule),
         "reviewed_records",
         sessions=None,  # the line's own records: whatever sessions the line ran
     )

@@ -169,7 +169,11 @@ def _describe_files(draft: Draft) -> dict[str, Any]:
         "bank_size": size,
         "threshold": calibration.get("threshold"),
         "calibration": calibration_summary(calibration),
-        "sessions": document.get("sessions"),  # names of the capture sessions, if named
+        # The capture sessions' names where they are known (detector.sessions).
+        "sessions": {
+            "bank": document.get("bank_sessions") or [],
+            "calibration": calibration.get("session_names") or [],
+        },
         "files": {
             INDEX_FILE: index_hash,
             METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),

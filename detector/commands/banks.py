@@ -53,7 +53,7 @@ def add_folder(
     extractor = load_extractor(backbone, {product: live}, device=device)
     detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
     if session is not None:  # refused before the backbone pass (and again under the lock)
-        SessionNames.of(detector.bank.metadata).joined(check_session_name(session), join)
+        SessionNames.of(detector).check(check_session_name(session), join)
     features = np.concatenate(list(iter_features(extractor, paths, batch_size)))
     # Calibration images decoded one at a time, reduced to the backbone's input, let go.
     inputs = [detector.prepare(path) for path in held_out]
@@ -135,13 +135,15 @@ def add_images_main(argv: list[str] | None = None) -> None:
     )
     exclusive.add_argument(
         "--session",
-        help="the images are a later capture session (a shift, a day): scored by the bank "
-        "before they join it, they set the threshold for parts of sessions not seen yet",
+        help="the images are a later capture session (a shift, a day), new to the product: "
+        "scored by the bank before they join it (at least 5 images unless --join bank)",
     )
     parser.add_argument(
         "--join",
         choices=JOINS,
-        help="what the session's images join: both (default), bank, or calibration",
+        help="both (default): the session's scores set the threshold, then its images join "
+        "the bank; calibration: they set the threshold only; bank: they join the bank only "
+        "(the threshold stays, and its stated rates become upper bounds)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")

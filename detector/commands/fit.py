@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from detector.anomaly_detector import AnomalyDetector, ImageSource
 from detector.banks.products import check_product
+from detector.banks.versions import file_sha256
 from detector.commands.config import (
     CONFIG_PATH,
     augment_config,
@@ -40,6 +41,7 @@ from detector.errors import exits_on_user_error
 from detector.extractor import FeatureExtractor
 from detector.fitting import fit_detector
 from detector.images import images_in
+from detector.sessions import remember_images
 from detector.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,8 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     detector.bank.metadata["category"] = str(cfg.data.category)
     detector.bank.metadata["product"] = product
     detector.bank.metadata["augmentation"] = asdict(augmentation)
+    used = [*bank_paths, *calibration_paths]  # none may come back as a later session
+    remember_images(detector.bank.metadata, [file_sha256(path) for path in used])
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id
     model_dir = detector.save(Path(str(cfg.model_dir)))

@@ -20,7 +20,7 @@ from detector.records.errors import RecordsError
 from detector.records.model import utc_now
 from detector.records.store import RecordStore
 from detector.scoring import Calibration
-from detector.thresholds import check_target, rule_named
+from detector.thresholds import check_target, rule_for_new_scores, rule_named
 
 
 def rates(good: np.ndarray, defective: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def threshold_suggestion(
             records,
             float(live.info.metadata["threshold"]),
             goal,
-            rule if rule != "explicit" else "empirical_quantile",
+            rule_for_new_scores(rule),
         )
     except ValueError as error:
         raise RecordsError(str(error)) from None

@@ -28,6 +28,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from detector.scoring import ScoringConfig
 from detector.serving.catalog import BankCatalog
 from detector.serving.fit_requests import FitRefused, FitRequest, check_request
 from detector.serving.settings import Settings
+from detector.sessions import remember_images
 
 log = logging.getLogger("inspection")
 KEPT_JOBS = 32  # finished jobs still answered by GET; older ones are forgotten
@@ -238,6 +240,8 @@ class FitJobs:
         )
         job.step("saving", 0, 1)
         detector.bank.metadata.update(category=request.product, product=request.product)
+        hashes = [sha256(data).hexdigest() for data in request.uploads]
+        remember_images(detector.bank.metadata, hashes)  # none may come back as a session
         change = {
             "source": "http",
             "reason": request.reason,

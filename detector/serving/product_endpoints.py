@@ -13,7 +13,7 @@ from detector.serving.answers import Refusal, refused_answer
 from detector.serving.params import json_number, only_fields, real_number, whole_number
 from detector.serving.records import Recorder
 from detector.serving.settings import Settings
-from detector.sessions import SessionNames, check_session_name
+from detector.sessions import check_join, check_session_name
 
 
 class ProductEndpoints:
@@ -113,6 +113,8 @@ class ProductEndpoints:
         product = self.served_product(product)
         if session is not None:
             check_session(session, join, calibration, records)
+        elif join != "both":
+            raise Refusal(400, "bad_session", "join says what a session joins: name the session.")
         records = list(dict.fromkeys(records or []))
         if len(records) > self.settings.max_batch_files:
             raise Refusal(
@@ -207,7 +209,7 @@ def check_session(
     """A later session's change before any image is read: a valid name and join, and
     nothing else that would set the threshold."""
     check_session_name(session)
-    SessionNames().joined(session, join)  # the join's name; the bank's names on the runner
+    check_join(join)  # the bank's names and the images' hashes are checked on the runner
     if calibration or records:
         raise Refusal(
             400,
