@@ -814,6 +814,9 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
         session.mkdir(parents=True, exist_ok=True)
         (session / path.name).write_bytes(path.read_bytes())
     part = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
+    evening = [tmp_path / f"evening-{i}.png" for i in range(6)]  # a later session: new images
+    for seed, path in enumerate(synthetic_dataset.train_paths()[12:18]):
+        brighter(path, 60 + seed).save(evening[seed])
     with sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
@@ -835,6 +838,20 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
             progress = page.eval_on_selector("#fit-progress", "p => p.value")
             wait_for(page, "document.getElementById('product').value === 'line5'")
             page.screenshot(path=str(tmp_path / "new-product.png"))
+            # The evening shift joins line5 from the same view; named twice, it is refused.
+            sessions = []
+            for _ in range(2):
+                page.fill("#session-name", "evening")
+                page.set_input_files("#session-images", [str(path) for path in evening])
+                page.click("#session-add")
+                wait_for(
+                    page,
+                    "/ is live|Not added/.test(document.getElementById('session-status')"
+                    ".textContent)",
+                    60,
+                )
+                sessions.append(page.inner_text("#session-status"))
+                page.evaluate("document.getElementById('session-status').textContent = ''")
             page.click("#tab-inspect")
             page.set_input_files("#file", str(part))
             wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
@@ -844,7 +861,11 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
     assert status.startswith("line5 v1 is live") and progress == 1
     assert "the fit saw 2 capture sessions" in status, "the folders were its sessions"
     assert inspected == "line5"
+    assert sessions[0].startswith("line5 v2 is live"), sessions
+    assert "had not seen its session (3 sessions in all)" in sessions[0]
+    assert sessions[1].startswith("Not added: Session 'evening' is in the bank already")
     admin = {"X-API-Key": ADMIN_KEY}
-    (version,) = httpx.get(f"{server}/products/line5/history", headers=admin).json()["versions"]
-    assert version["calibration"]["source"] == "leave_one_session_out"
-    assert version["change"]["sessions"] == ["day", "night"]
+    fitted, joined = httpx.get(f"{server}/products/line5/history", headers=admin).json()["versions"]
+    assert fitted["calibration"]["source"] == "leave_one_session_out"
+    assert fitted["change"]["sessions"] == ["day", "night"]
+    assert joined["change"]["session"] == "evening" and joined["calibration"]["sessions"] == 3
