@@ -6,23 +6,31 @@ scale), so the same colour means the same thing on every image and every service
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 from PIL import Image
 
-COLORMAP = matplotlib.colormaps["jet"]
-# The colormap as a 256-entry uint8 table: colouring a map is one index per pixel (a float
-# RGBA colormap over a 4 MP map allocated ~230 MB).
-COLOR_TABLE = (COLORMAP(np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+@functools.cache
+def color_table() -> np.ndarray:
+    """matplotlib's "jet" as a 256-entry uint8 table: colouring a map is one index per pixel
+    (a float RGBA colormap over a 4 MP map allocated ~230 MB). Made on first use, so a
+    server that draws no heatmap, and its start, skip matplotlib's import."""
+    import matplotlib
+
+    jet = matplotlib.colormaps["jet"]
+    return (jet(np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
 
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn:
     the service and the batch job colour heatmaps without paying its import (~0.4 s)."""
+    import matplotlib
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -35,7 +43,7 @@ def heatmap_colors(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     levels = np.asarray(anomaly_map, dtype=np.float32) * np.float32(255.0 / scale)
     np.nan_to_num(levels, copy=False, nan=255.0)  # not a number: as anomalous as it gets
     np.clip(levels, 0.0, 255.0, out=levels)
-    return COLOR_TABLE[levels.astype(np.uint8)]
+    return color_table()[levels.astype(np.uint8)]
 
 
 def overlay(
