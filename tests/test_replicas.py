@@ -55,10 +55,11 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
         "INSPECT_THREADS": "1",
     }
     with ExitStack() as stack:
-        urls = [
-            stack.enter_context(bentoml_serve(store, tmp_path / f"replica{n}.log", **settings))
-            for n in (0, 1)
-        ]
+        # Started together, as a rollout starts its pods: both migrate the records schema
+        # at once, and neither may fail for it.
+        servers = [bentoml_serve(store, tmp_path / f"replica{n}.log", **settings) for n in (0, 1)]
+        with ThreadPoolExecutor(2) as pool:
+            urls = list(pool.map(stack.enter_context, servers))
         answered: Counter[str] = Counter()
         seen: list[tuple[float, str, str]] = []  # (time, replica, bank version)
         failures: list[str] = []
