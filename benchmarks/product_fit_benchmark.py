@@ -28,27 +28,15 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 from PIL import Image
 
 from benchmarks.service_benchmark import benchmark_store, upload_bytes
-from detector.data.synthetic import carpet_texture
 from detector.dino import DinoBackbone
 from devtools.local_server import bentoml_serve
 
 LINE_KEY, ADMIN_KEY = "benchmark-line-key-0123", "benchmark-admin-key-0123"
 LINE, ADMIN = {"X-API-Key": LINE_KEY}, {"X-API-Key": ADMIN_KEY}
-
-
-def product_images(count: int) -> list[bytes]:
-    rng = np.random.default_rng(11)
-    images = []
-    for _ in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray((carpet_texture(448, rng) * 255).astype(np.uint8)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
 
 
 def backbone_seconds(checkpoint: Path, images: list[bytes]) -> float:
@@ -127,7 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     os.environ.update(BENTOML_DO_NOT_TRACK="True", HF_HUB_OFFLINE="1")
-    images, upload = product_images(args.images), upload_bytes(1)[0]
+    images, upload = upload_bytes(args.images, size=448, seed=11), upload_bytes(1)[0]
     keys = {"INSPECT_API_KEY": LINE_KEY, "INSPECT_ADMIN_KEY": ADMIN_KEY}
     with tempfile.TemporaryDirectory() as scratch:
         _, home = benchmark_store(Path(scratch))

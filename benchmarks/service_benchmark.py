@@ -60,12 +60,13 @@ def benchmark_store(scratch: Path) -> tuple[Path, Path]:
     return model_dir, home
 
 
-def upload_bytes(count: int) -> list[bytes]:
-    rng = np.random.default_rng(5)
+def upload_bytes(count: int, size: int = 1024, seed: int = 5) -> list[bytes]:
+    """`count` synthetic carpet PNGs of `size` px, the same for the same seed."""
+    rng = np.random.default_rng(seed)
     uploads = []
     for _ in range(count):
         buffer = io.BytesIO()
-        Image.fromarray((carpet_texture(1024, rng) * 255).astype(np.uint8)).save(buffer, "PNG")
+        Image.fromarray((carpet_texture(size, rng) * 255).astype(np.uint8)).save(buffer, "PNG")
         uploads.append(buffer.getvalue())
     return uploads
 

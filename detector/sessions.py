@@ -43,9 +43,9 @@ JOINS = ("both", "bank", "calibration")
 # A later session's scores set a threshold: fewer than this many say almost nothing.
 MIN_SESSION_IMAGES = 5
 
-# bank.json keys: the sessions whose images are in the bank, and the SHA-256 of every image
-# the product has used (training, added, calibration; 65 bytes each), so an image cannot
-# come back as a "new" session (scored by a bank that holds it, it would score near 0).
+# bank.json keys: the sessions whose images are in the bank, and the SHA-256 of the images
+# the product was fitted on, added to its bank or given as a session (65 bytes each), so
+# none comes back as a "new" session (scored by a bank that holds it, it would score near 0).
 BANK_SESSIONS, IMAGE_HASHES = "bank_sessions", "image_sha256"
 
 

@@ -7,12 +7,15 @@ over HTTP, as a line's clients and an operator would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import httpx
@@ -657,6 +660,25 @@ def promises(server: str, product: str = "line2") -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def page_with_key(url: str, key: str) -> Iterator[Any]:
+    """A headless Chromium page at `url` with `key` typed into the page's key field."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#apikey", key)
+            page.dispatch_event("#apikey", "change")
+            yield page
+        finally:
+            browser.close()
+
+
 def test_the_web_page_scores_with_the_product_the_operator_picks(
     server: str,
     product_dirs: dict[str, Path],
@@ -665,8 +687,6 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
 ) -> None:
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
     image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
     listed = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
     (line2,) = [entry for entry in listed if entry["name"] == "line2"]
@@ -676,29 +696,19 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
     # scores the image differently, so the page's score shows which bank it used.
     expected = inspect(server, "line2", image.read_bytes()).json()["score"]
     assert inspect(server, "carpet", image.read_bytes()).json()["score"] != expected
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page()
-            page.goto(f"{server}/ui/")
-            page.fill("#apikey", API_KEY)
-            page.dispatch_event("#apikey", "change")
-            wait_for(page, "document.querySelectorAll('#product option').length === 3")
-            page.select_option("#product", "line2")
-            wait_for(page, "document.getElementById('product-info').textContent.includes('bank v')")
-            # One capture session: the page says what the promise holds for, and what more
-            # the target needs, as /products does.
-            info = page.inner_text("#product-info")
-            assert "the fit saw 1 capture session: it holds for parts like the training" in info
-            assert "1.0 % target needs about 299 images from 2 sessions" in info
-            page.set_input_files("#file", str(image))
-            wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
-            assert page.inner_text("#d-product") == "line2"
-            assert float(page.inner_text("#d-score")) == pytest.approx(expected, abs=1e-4)
-        finally:
-            browser.close()
+    with page_with_key(f"{server}/ui/", API_KEY) as page:
+        wait_for(page, "document.querySelectorAll('#product option').length === 3")
+        page.select_option("#product", "line2")
+        wait_for(page, "document.getElementById('product-info').textContent.includes('bank v')")
+        # One capture session: the page says what the promise holds for, and what more
+        # the target needs, as /products does.
+        info = page.inner_text("#product-info")
+        assert "the fit saw 1 capture session: it holds for parts like the training" in info
+        assert "1.0 % target needs about 299 images from 2 sessions" in info
+        page.set_input_files("#file", str(image))
+        wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
+        assert page.inner_text("#d-product") == "line2"
+        assert float(page.inner_text("#d-score")) == pytest.approx(expected, abs=1e-4)
 
 
 def test_learning_a_brighter_normal_cuts_its_false_alarms_and_keeps_defects_ranked(
@@ -806,8 +816,6 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
 ) -> None:
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
     folder = tmp_path / "line5"  # two capture sessions, as subfolders of the chosen folder
     for index, path in enumerate(synthetic_dataset.train_paths()[:12]):
         session = folder / ("day" if index < 6 else "night")
@@ -817,47 +825,34 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
     evening = [tmp_path / f"evening-{i}.png" for i in range(6)]  # a later session: new images
     for seed, path in enumerate(synthetic_dataset.train_paths()[12:18]):
         brighter(path, 60 + seed).save(evening[seed])
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page()
-            page.goto(f"{server}/ui/#new")
-            page.fill("#apikey", ADMIN_KEY)
-            page.dispatch_event("#apikey", "change")
-            page.fill("#new-name", "line5")
-            page.set_input_files("#new-folder", str(folder))
-            page.fill("#new-target", "5")
-            page.click("#new-start")
-            wait_for(page, "document.getElementById('fit-status').textContent.includes('Fitting')")
+    with page_with_key(f"{server}/ui/#new", ADMIN_KEY) as page:
+        page.fill("#new-name", "line5")
+        page.set_input_files("#new-folder", str(folder))
+        page.fill("#new-target", "5")
+        page.click("#new-start")
+        wait_for(page, "document.getElementById('fit-status').textContent.includes('Fitting')")
+        wait_for(page, "document.getElementById('fit-status').textContent.includes('live')", 120)
+        status = page.inner_text("#fit-status")
+        progress = page.eval_on_selector("#fit-progress", "p => p.value")
+        wait_for(page, "document.getElementById('product').value === 'line5'")
+        page.screenshot(path=str(tmp_path / "new-product.png"))
+        # The evening shift joins line5 from the same view; named twice, it is refused.
+        sessions = []
+        for _ in range(2):
+            page.fill("#session-name", "evening")
+            page.set_input_files("#session-images", [str(path) for path in evening])
+            page.click("#session-add")
             wait_for(
-                page, "document.getElementById('fit-status').textContent.includes('live')", 120
+                page,
+                "/ is live|Not added/.test(document.getElementById('session-status').textContent)",
+                60,
             )
-            status = page.inner_text("#fit-status")
-            progress = page.eval_on_selector("#fit-progress", "p => p.value")
-            wait_for(page, "document.getElementById('product').value === 'line5'")
-            page.screenshot(path=str(tmp_path / "new-product.png"))
-            # The evening shift joins line5 from the same view; named twice, it is refused.
-            sessions = []
-            for _ in range(2):
-                page.fill("#session-name", "evening")
-                page.set_input_files("#session-images", [str(path) for path in evening])
-                page.click("#session-add")
-                wait_for(
-                    page,
-                    "/ is live|Not added/.test(document.getElementById('session-status')"
-                    ".textContent)",
-                    60,
-                )
-                sessions.append(page.inner_text("#session-status"))
-                page.evaluate("document.getElementById('session-status').textContent = ''")
-            page.click("#tab-inspect")
-            page.set_input_files("#file", str(part))
-            wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
-            inspected = page.inner_text("#d-product")
-        finally:
-            browser.close()
+            sessions.append(page.inner_text("#session-status"))
+            page.evaluate("document.getElementById('session-status').textContent = ''")
+        page.click("#tab-inspect")
+        page.set_input_files("#file", str(part))
+        wait_for(page, "document.getElementById('d-product') !== null", timeout=60)
+        inspected = page.inner_text("#d-product")
     assert status.startswith("line5 v1 is live") and progress == 1
     assert "the fit saw 2 capture sessions" in status, "the folders were its sessions"
     assert inspected == "line5"

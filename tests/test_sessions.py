@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
@@ -273,21 +274,32 @@ def session_folders(train: list[Path], root: Path) -> dict[str, list[Path]]:
     return captured
 
 
+@dataclass
+class OneShift:
+    """A product fitted on Monday's images alone (random folds), in the store at `home`,
+    and the line's sessions captured after it."""
+
+    captured: dict[str, list[Path]]
+    home: Path
+    fitted: AnomalyDetector
+
+
 def one_session_product(
-    tiny_backbone: DinoBackbone, monday: list[Path], folder: Path, home: Path, name: str
-) -> AnomalyDetector:
-    """A product fitted on Monday's images alone (random folds), in the store at `home`."""
+    tiny_backbone: DinoBackbone, dataset: MVTecCategory, tmp_path: Path, name: str
+) -> OneShift:
+    captured = session_folders(dataset.train_paths()[:6], tmp_path / "parts")
     first = fit_detector(
         tiny_backbone,
-        monday,
-        sessions=["monday"] * len(monday),
+        captured["monday"],
+        sessions=["monday"] * len(captured["monday"]),
         bank_config=BankConfig(coreset_ratio=0.5, seed=0),
         progress=False,
     )
+    home = tmp_path / "home"
     with bentoml_home(home):
         backbone = save_backbone(tiny_backbone, "dino-backbone", with_graph=False)
-        save_bank(first.save(folder), backbone, product=name)
-    return first
+        save_bank(first.save(tmp_path / "v1"), backbone, product=name)
+    return OneShift(captured, home, first)
 
 
 def session_of(tiny_backbone: DinoBackbone, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
@@ -303,9 +315,8 @@ def stored_calibration(model: bentoml.Model) -> Calibration:
 def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_seen_it(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:
-    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
-    home = tmp_path / "home"
-    first = one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "shifts")
+    shift = one_session_product(tiny_backbone, synthetic_dataset, tmp_path, "shifts")
+    captured, home, first = shift.captured, shift.home, shift.fitted
     assert first.calibration.source == "cross_fitted" and first.calibration.sessions == 1
 
     # Tuesday from the command line: scored by Monday's bank before its rows join it.
@@ -373,9 +384,8 @@ def test_a_later_session_joins_the_calibration_scored_by_a_bank_that_had_not_see
 def test_a_session_the_product_has_seen_or_too_small_is_refused_and_nothing_is_made(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:
-    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
-    home = tmp_path / "home"
-    one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "seen")
+    shift = one_session_product(tiny_backbone, synthetic_dataset, tmp_path, "seen")
+    captured, home = shift.captured, shift.home
     tuesday, hashes = session_of(tiny_backbone, captured["tuesday"])
     wednesday, wednesday_hashes = session_of(tiny_backbone, captured["wednesday"])
     with bentoml_home(home):
@@ -403,9 +413,8 @@ def test_a_session_the_product_has_seen_or_too_small_is_refused_and_nothing_is_m
 def test_a_hand_set_threshold_stays_and_new_calibration_scores_drop_the_session_names(
     tiny_backbone: DinoBackbone, synthetic_dataset: MVTecCategory, tmp_path: Path
 ) -> None:
-    captured = session_folders(synthetic_dataset.train_paths()[:6], tmp_path / "parts")
-    home = tmp_path / "home"
-    one_session_product(tiny_backbone, captured["monday"], tmp_path / "v1", home, "manual")
+    shift = one_session_product(tiny_backbone, synthetic_dataset, tmp_path, "manual")
+    captured, home = shift.captured, shift.home
     tuesday, hashes = session_of(tiny_backbone, captured["tuesday"])
     with bentoml_home(home):
         _, moved = changes.set_operating_point("manual", threshold=0.5, confirm=True)

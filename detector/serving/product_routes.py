@@ -56,6 +56,17 @@ async def _files(form: Any, field: str) -> list[bytes]:
     return [await item.read() for item in form.getlist(field) if isinstance(item, UploadFile)]
 
 
+def _listed(form: Any, field: str) -> list[str]:
+    """A text field's items: the field repeated, or one comma-separated value, or both."""
+    return [
+        part.strip()
+        for value in form.getlist(field)
+        if isinstance(value, str)
+        for part in value.split(",")
+        if part.strip()
+    ]
+
+
 async def add_images(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         endpoints = current_endpoints()
@@ -66,13 +77,7 @@ async def add_images(request: Request) -> Response:
                 calibration = await _files(form, "calibration_images")
                 reason = str(form.get("reason") or "")[:500]
                 session_fields = {k: str(form[k]) for k in ("session", "join") if form.get(k)}
-                records = [
-                    part.strip()
-                    for field in form.getlist("records")
-                    if isinstance(field, str)
-                    for part in field.split(",")
-                    if part.strip()
-                ]
+                records = _listed(form, "records")
         except MultiPartException as error:
             raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
         name = request.path_params["name"]
@@ -94,13 +99,7 @@ async def create_product(request: Request) -> Response:
             async with request.form(max_files=limit, max_fields=limit + 16) as form:
                 images = await _files(form, "images")
                 fields = {name: str(form.get(name) or "")[:500] for name in FIT_FIELDS}
-                sessions = [
-                    part.strip()
-                    for field in form.getlist("sessions")
-                    if isinstance(field, str)
-                    for part in field.split(",")
-                    if part.strip()
-                ]
+                sessions = _listed(form, "sessions")
         except MultiPartException as error:
             raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
         by = request.scope.get(CALLER_SCOPE_KEY)
