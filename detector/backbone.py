@@ -5,6 +5,7 @@ torch (`detector.dino`) or, on CPU, by a graph runtime (`detector.runtimes`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,41 @@ def build_extractor(
 
     `options`: layers, resolution, device, half_precision, num_threads; and for a graph
     runtime `export_missing` (False in the service: only stored graphs are used).
+    `stored_trace`: torch on the CPU in float32 runs the TorchScript trace `export` stored
+    beside the weights, when there is one (detector.traced: the same tokens, bit for bit,
+    without importing transformers); the store's consumers ask for it.
     """
     from detector.runtimes import build_graph_backbone, check_runtime
 
+    stored_trace = options.pop("stored_trace", False)
     if runtime == "torch":
         from detector.dino import DinoBackbone
 
         check_runtime(runtime, precision)
         options.pop("export_missing", None)
+        if stored_trace and (trace := _stored_trace(source, **options)):
+            from detector.traced import TracedBackbone
+
+            return TracedBackbone(trace, options.get("num_threads"))
         return DinoBackbone(source, **options)
     return build_graph_backbone(source, runtime, precision=precision, **options)
+
+
+def _stored_trace(
+    source: str,
+    *,
+    layers: Sequence[int] = (-1,),
+    resolution: int = 448,
+    device: str = "auto",
+    half_precision: bool = False,
+    **_: Any,
+) -> Path | None:
+    from detector.extractor import resolve_device
+    from detector.traced import find_trace
+
+    if half_precision or resolve_device(device).type != "cpu" or not Path(source).is_dir():
+        return None
+    return find_trace(Path(source), resolution, layers)
 
 
 def extractor_for(

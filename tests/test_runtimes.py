@@ -181,3 +181,59 @@ def test_a_graph_of_other_weights_or_none_stops_serve_with_one_sentence(
     code, output = serve_until_exit(home, 120, INSPECT_RUNTIME="onnxruntime")
     assert code not in (None, 0)
     assert "no exported graph" in one_error_line(output)
+
+
+def stored_backbone(home: Path) -> Path:
+    (folder,) = (home / "models" / "dino-backbone").glob("*/model.yaml")
+    return folder.parent
+
+
+def test_the_stored_trace_gives_the_eager_tokens_bit_for_bit_without_transformers(
+    store: Path, tiny_backbone: DinoBackbone, tmp_path: Path
+) -> None:
+    from detector.backbone import build_extractor
+    from detector.traced import TracedBackbone
+
+    folder = stored_backbone(store)
+    assert "trace: torchscript" in (folder / "model.yaml").read_text()
+    batch = np.stack([np.random.default_rng(seed).normal(size=(3, 128, 128)) for seed in (1, 2)])
+    np.save(tmp_path / "batch.npy", batch.astype(np.float32))
+    # What the runner does, in a process of its own: the store's extractor, then one batch.
+    script = (
+        "import sys, numpy as np, bentoml\n"
+        "from detector.banks.models import load_extractor\n"
+        "backbone = bentoml.models.get('dino-backbone:latest')\n"
+        "bank = bentoml.models.get('bank-carpet:latest')\n"
+        "extractor = load_extractor(backbone, {'carpet': bank}, device='cpu')\n"
+        f"batch = np.load('{tmp_path / 'batch.npy'}')\n"
+        f"np.save('{tmp_path / 'tokens.npy'}', extractor.embed(batch))\n"
+        "print(type(extractor).__name__, 'transformers' in sys.modules)\n"
+    )
+    result = run(store, "-c", script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["TracedBackbone", "False"]
+    eager = tiny_backbone.embed(np.load(tmp_path / "batch.npy"))
+    assert np.array_equal(np.load(tmp_path / "tokens.npy"), eager)
+    # Half precision (CUDA's option) and commands given the folder itself load the eager model.
+    options = {"resolution": 128, "device": "cpu"}
+    traced = build_extractor(str(folder), stored_trace=True, **options)
+    assert isinstance(traced, TracedBackbone) and traced.spec == tiny_backbone.spec
+    assert isinstance(build_extractor(str(folder), **options), DinoBackbone)
+    half = build_extractor(str(folder), stored_trace=True, half_precision=True, **options)
+    assert isinstance(half, DinoBackbone)
+
+
+def test_a_trace_that_does_not_reproduce_the_tokens_is_not_stored(
+    tiny_backbone: DinoBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detector import traced
+
+    exact = traced.run_trace
+    monkeypatch.setattr(
+        traced, "run_trace", lambda program, pixels: exact(program, pixels) * 1.0001
+    )
+    assert traced.trace_backbone(tiny_backbone, tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(traced, "run_trace", exact)
+    stored = traced.trace_backbone(tiny_backbone, tmp_path)
+    assert stored is not None and [p.name for p in tmp_path.iterdir()] == [stored.name]

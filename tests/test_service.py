@@ -258,3 +258,5 @@ def test_metrics_expose_custom_series(server: str, test_paths: list[Path]) -> No
 def test_model_info_endpoint(server: str) -> None:
     info = httpx.post(f"{server}/model_info", timeout=30).json()
     assert info["category"] == "carpet" and info["extractor"]["resolution"] == 128
+    # The runner runs the trace export stored (its scores equal in-process predict's, above).
+    assert info["runtime"] == "torch" and info["backbone_trace"] is True

@@ -58,24 +58,29 @@ def save_backbone(
     backbone: FeatureExtractor, name: str = BACKBONE_MODEL, with_graph: bool = True
 ) -> bentoml.Model:
     """Copy a loaded torch checkpoint's folder (or a hub download of it) into the model
-    store, with the ONNX graph the CPU runtimes run (detector.runtimes) exported from it."""
+    store, with its TorchScript trace (the torch runtime's fast start, detector.traced) and
+    the ONNX graph the CPU runtimes run (detector.runtimes), both made from it here."""
+    from detector.traced import TRACES_FOLDER, trace_backbone
+
     spec = backbone.spec
+    labels = {
+        "kind": "backbone",
+        "source": _label(spec.source),
+        "resolution": str(spec.resolution),
+        "random_weights": str(backbone.random_weights).lower(),
+        "graph": "onnx" if with_graph else "none",
+    }
     with bentoml.models.create(
-        name,
-        labels={
-            "kind": "backbone",
-            "source": _label(spec.source),
-            "resolution": str(spec.resolution),
-            "random_weights": str(backbone.random_weights).lower(),
-            "graph": "onnx" if with_graph else "none",
-        },
-        metadata={**spec.to_dict(), "source": spec.source},
+        name, labels=labels, metadata={**spec.to_dict(), "source": spec.source}
     ) as model:
         folder = Path(spec.source)
         if folder.is_dir():
             shutil.copytree(folder, model.path, dirs_exist_ok=True)
         else:  # a hub id: write the cached weights out as a plain folder
             load_pretrained(spec.source).save_pretrained(model.path)
+        traced = trace_backbone(backbone, Path(model.path) / TRACES_FOLDER)
+        # "refused": the trace was tried and did not reproduce the tokens on this machine.
+        model.info.labels["trace"] = "torchscript" if traced else "refused"
         if with_graph:
             from detector.runtimes import GRAPHS_FOLDER, export_graph
 
@@ -97,6 +102,8 @@ def find_backbone(
     for model in sorted(candidates, key=lambda m: m.info.creation_time, reverse=True):
         labels = model.info.labels
         if with_graph and labels.get("graph") != "onnx":
+            continue
+        if "trace" not in labels:  # stored before traces: store the weights once more
             continue
         stored_spec = BackboneSpec.from_dict(model.info.metadata)
         if (
@@ -277,6 +284,7 @@ def load_extractor(
     spec = checked_spec(backbone, banks, runtime, precision)
     if runtime != "torch":
         options["export_missing"] = False
+    options["stored_trace"] = True
     return extractor_for(spec, backbone.path, runtime=runtime, precision=precision, **options)
 
 

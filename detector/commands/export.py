@@ -49,7 +49,10 @@ def export_models(
     else:
         step(f"loading the backbone {backbone_source or spec.source}")
         loaded = extractor_for(spec, backbone_source, device="cpu")
-        step("saving the backbone" + (" and tracing its ONNX graph" if with_graph else ""))
+        step(
+            "saving the backbone with its TorchScript trace"
+            + (" and its ONNX graph" if with_graph else "")
+        )
         backbone = save_backbone(loaded, backbone_name, with_graph=with_graph)
     step("saving the memory bank")
     bank = save_bank(model_dir, backbone, scores, product, force=force)

@@ -33,6 +33,7 @@ from detector.serving.catalog import BankCatalog
 from detector.serving.fit_jobs import FitJobs
 from detector.serving.fit_requests import FitRequest
 from detector.serving.settings import Settings
+from detector.traced import TracedBackbone
 
 log = logging.getLogger("inspection")
 # One upload to score: (product name or "" for the only product, encoded image bytes).
@@ -68,6 +69,8 @@ class ScoringRunner:
             "extractor": extractor.spec.to_dict(),
             "runtime": settings.runtime,
             "precision": settings.precision,
+            # The stored TorchScript trace runs instead of the eager model (detector.traced).
+            "backbone_trace": isinstance(extractor, TracedBackbone),
         }
         self.fits = FitJobs(self.catalog, settings)
         # Pillow's decoders and resize release the GIL: a batch's uploads decode in parallel.

@@ -33,6 +33,7 @@ UNREAD = (
 # runtime chosen): named here so their bytecode is compiled too.
 LATER_IMPORTS = (
     "service",
+    "detector.traced",
     "transformers.models.dinov3_vit.modeling_dinov3_vit",
     "transformers.models.auto.modeling_auto",
     "faiss",
