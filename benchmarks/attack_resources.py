@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.heatmap_memory import server_processes, tiny_store
-from devtools.local_server import REPO, bentoml_serve
+from devtools.local_server import REPO, bentoml_serve, checkout_of
 
 ADMIN_KEY = "attack-benchmark-admin-key"
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -211,16 +211,6 @@ def run(repo: Path, scratch: Path, versions: int) -> dict[str, Any]:
     return figures
 
 
-def worktree(commit: str, scratch: Path) -> Path:
-    path = scratch / f"checkout-{commit}"
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit],
-        check=True,
-        capture_output=True,
-    )
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="27d0ec0", help="the older commit to compare")
@@ -230,14 +220,11 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="attack-") as scratch_dir:
         scratch = Path(scratch_dir)
-        old = worktree(args.baseline, scratch)
-        try:
+        with checkout_of(args.baseline, scratch) as old:
             for name, repo in ((args.baseline, old), ("this checkout", REPO)):
                 (scratch / name).mkdir()
                 results[name] = run(repo, scratch / name, args.versions)
                 print(name, json.dumps(results[name], indent=1), flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
     before, after = results[args.baseline], results["this checkout"]
     print(f"\n| figure | {args.baseline} | this checkout | ratio |\n| --- | --- | --- | --- |")
     for key in after:

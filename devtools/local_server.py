@@ -107,6 +107,19 @@ def stored_model(bentoml_home: Path, tag: str) -> dict:
     return json.loads(shown.stdout)
 
 
+@contextmanager
+def checkout_of(commit: str, scratch: Path) -> Iterator[Path]:
+    """An older commit of this repository as a `git worktree` (a benchmark's "before"),
+    removed afterwards."""
+    path = scratch / f"checkout-{commit}"
+    command = ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit]
+    subprocess.run(command, check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)])
+
+
 def export_models(
     model_dir: Path, bentoml_home: Path, *args: str, repo: Path = REPO
 ) -> subprocess.CompletedProcess:
