@@ -33,6 +33,7 @@ from detector.scoring import (
     make_result,
 )
 from detector.thresholds import rule_for_new_scores
+from detector.tiling import Tiling, tiling_of, with_tiling
 
 ImageSource = Image.Image | str | Path
 Item = TypeVar("Item")
@@ -92,7 +93,8 @@ class AnomalyDetector:
         scoring: ScoringConfig | None = None,
         batch_size: int = 8,
     ) -> None:
-        self.extractor = extractor
+        # A tiled product's extractor runs on its tiles (detector.tiling), wherever it scores.
+        self.extractor = with_tiling(extractor, Tiling.from_metadata(bank.metadata))
         self.bank = bank
         self.calibration = calibration
         self.scoring = scoring or ScoringConfig()
@@ -116,6 +118,8 @@ class AnomalyDetector:
             "threshold": self.calibration.threshold,
             **context,
         }
+        if tiling := tiling_of(self.extractor):  # untiled products keep their hashes
+            document["tiling"] = tiling.to_dict()
         encoded = json.dumps(document, sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -169,11 +173,11 @@ class AnomalyDetector:
         their long side (a 40 MP frame's full-size float map is 160 MB).
         """
         distances = self.bank.distances(features)
-        input_size = self.extractor.spec.resolution
+        patch = self.extractor.spec.patch_size
         results = []
         for grid, size in zip(distances, image_sizes, strict=True):
             out = capped_size(size, map_max_side)
-            heatmap = anomaly_map(grid, input_size, out, self.scoring.sigma) if with_maps else None
+            heatmap = anomaly_map(grid, patch, out, self.scoring.sigma) if with_maps else None
             score = image_score(grid, self.scoring)
             results.append(make_result(score, self.calibration, size, heatmap, patch_profile(grid)))
         return results

@@ -9,6 +9,7 @@ OpenVINO); `detector.backbone` makes one.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from detector.errors import UserError
 if TYPE_CHECKING:  # torch is imported where a backbone runs: what only reads a bank's
     import torch  # metadata (the API process, `bentoml serve` itself) starts without it
 
+log = logging.getLogger(__name__)
+_NUDGED = False  # the tiling nudge was said in this process
 DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -107,18 +110,38 @@ class FeatureExtractor(Protocol):
         """A (B, 3, H, W) batch -> (B, h, w, D) float32 patch features."""
 
 
-def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
+def preprocess(image: Image.Image, resolution: int, *, tile: bool = False) -> np.ndarray:
     """Resize to a square `resolution` and normalise with ImageNet statistics: (3, H, W).
 
     Squashing instead of cropping keeps every pixel of the part in view, so the anomaly map
-    can be stretched back over the whole original image. Every runtime prepares images here.
+    can be stretched back over the whole original image. Every runtime prepares images here
+    (`tile`: a tile of a tiled frame, detector.tiling).
     """
+    if not tile and max(image.size) > 2 * resolution and not _NUDGED:
+        _nudge_towards_tiling(image.size, resolution)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     resized = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
     array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32)
     array *= _PIXEL_SCALE
     array += _PIXEL_OFFSET
     return array
+
+
+def _nudge_towards_tiling(size: tuple[int, int], resolution: int) -> None:
+    """Said once in a process, at its first large frame: a frame shrunk to the input loses
+    what is smaller than a few of its pixels per patch."""
+    global _NUDGED
+    _NUDGED = True
+    shrink = max(size) / resolution
+    log.warning(
+        "frames of %d x %d px are resized to %d px for the backbone (%.1fx smaller): defects "
+        "smaller than about %d px may be lost; fit the product with tiling.enabled=true to "
+        "inspect tiles at native resolution (README, 'High-resolution frames')",
+        *size,
+        resolution,
+        shrink,
+        round(4 * shrink),
+    )
 
 
 def resolve_device(device: str) -> torch.device:

@@ -18,6 +18,7 @@ from detector.memory_bank import BankConfig, MemoryBank
 from detector.scoring import Calibration, ScoringConfig, calibrate
 from detector.sessions import BANK_SESSIONS, fitted_names
 from detector.spill import Spill
+from detector.tiling import TILING_KEY, tiling_of
 
 # Told (stage, done, total) as a fit goes: "features" per image read, "folds" per fold
 # scored. It may raise to stop the fit (a cancelled job): nothing is saved by a fit.
@@ -152,6 +153,8 @@ def uncalibrated(
     """A detector of this bank whose threshold is still to be set (it flags nothing)."""
     bank.metadata["extractor"] = extractor.spec.to_dict()
     bank.metadata["n_train_images"] = n_images
+    if tiling := tiling_of(extractor):
+        bank.metadata[TILING_KEY] = tiling.to_dict()
     placeholder = Calibration(threshold=float("inf"), false_alarm_rate=0.5)
     return AnomalyDetector(extractor, bank, placeholder, scoring, batch_size)
 

@@ -278,18 +278,18 @@ def _map_operator(cells: int, input_size: int, output_size: int, sigma: float) -
 
 
 def anomaly_map(
-    patch_scores: np.ndarray, input_size: int, image_size: tuple[int, int], sigma: float
+    patch_scores: np.ndarray, patch_size: int, image_size: tuple[int, int], sigma: float
 ) -> np.ndarray:
     """A (height, width) map for an image of `image_size` (width, height).
 
-    The patch grid is upsampled to the model's input resolution and blurred there, which
-    keeps sigma's meaning the same whatever the camera's resolution, then stretched to the
-    original image.
+    The patch grid is upsampled to the model's input (`patch_size` px per cell: the input
+    itself, or a tiled frame's whole grid) and blurred there, which keeps sigma's meaning
+    the same whatever the camera's resolution, then stretched to the original image.
     """
     grid = np.asarray(patch_scores, dtype=np.float32)
     width, height = image_size
-    rows = _map_operator(grid.shape[0], input_size, height, float(sigma))
-    columns = _map_operator(grid.shape[1], input_size, width, float(sigma))
+    rows = _map_operator(grid.shape[0], grid.shape[0] * patch_size, height, float(sigma))
+    columns = _map_operator(grid.shape[1], grid.shape[1] * patch_size, width, float(sigma))
     return rows @ grid @ columns.T
 
 

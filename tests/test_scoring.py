@@ -17,7 +17,7 @@ def test_top_percent_score_is_the_mean_of_the_highest_patches() -> None:
 def test_anomaly_map_has_the_original_size_and_keeps_the_peak_place() -> None:
     grid = np.zeros((8, 8), np.float32)
     grid[2, 5] = 1.0
-    amap = anomaly_map(grid, input_size=128, image_size=(300, 200), sigma=4)
+    amap = anomaly_map(grid, patch_size=16, image_size=(300, 200), sigma=4)
     assert amap.shape == (200, 300)
     row, col = np.unravel_index(np.argmax(amap), amap.shape)
     assert 2 / 8 * 200 <= row < 3 / 8 * 200
@@ -27,8 +27,8 @@ def test_anomaly_map_has_the_original_size_and_keeps_the_peak_place() -> None:
 def test_blur_lowers_the_peak_but_not_the_mass() -> None:
     grid = np.zeros((8, 8), np.float32)
     grid[4, 4] = 1.0
-    sharp = anomaly_map(grid, 64, (64, 64), sigma=0)
-    smooth = anomaly_map(grid, 64, (64, 64), sigma=4)
+    sharp = anomaly_map(grid, 8, (64, 64), sigma=0)
+    smooth = anomaly_map(grid, 8, (64, 64), sigma=4)
     assert smooth.max() < sharp.max()
     assert smooth.sum() == pytest.approx(sharp.sum(), rel=0.02)
 
@@ -68,9 +68,10 @@ def test_separable_map_equals_upsample_blur_resize_step_by_step() -> None:
         tensor = torch.from_numpy(array)[None, None]
         return F.interpolate(tensor, (height, width), mode="bilinear", align_corners=False)[0, 0]
 
-    step_by_step = gaussian_filter(resize(grid, 112, 112).numpy(), 4, truncate=4.0, mode="reflect")
+    # 16 px per cell: a 7 x 9 grid spans 112 x 144 input px (a tiled frame's grid is not square)
+    step_by_step = gaussian_filter(resize(grid, 112, 144).numpy(), 4, truncate=4.0, mode="reflect")
     expected = resize(np.ascontiguousarray(step_by_step), 150, 230).numpy()
-    np.testing.assert_allclose(anomaly_map(grid, 112, (230, 150), 4.0), expected, atol=1e-5)
+    np.testing.assert_allclose(anomaly_map(grid, 16, (230, 150), 4.0), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("scores", [[0.0, 0.0, 0.0], [float("nan"), 0.1], [float("inf"), 0.2]])

@@ -54,7 +54,7 @@ def add_folder(
     detector = AnomalyDetector.from_bank(MemoryBank.load(live.path), extractor, batch_size)
     if session is not None:  # refused before the backbone pass (and again under the lock)
         SessionNames.of(detector).check(check_session_name(session), join)
-    features = np.concatenate(list(iter_features(extractor, paths, batch_size)))
+    features = np.concatenate(list(iter_features(detector.extractor, paths, batch_size)))
     # Calibration images decoded one at a time, reduced to the backbone's input, let go.
     inputs = [detector.prepare(path) for path in held_out]
     calibration_inputs = (

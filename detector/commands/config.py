@@ -22,6 +22,7 @@ from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig
 from detector.scoring import ScoringConfig
 from detector.threads import set_threads
+from detector.tiling import Tiling
 
 log = logging.getLogger(__name__)
 # Hydra's config package; `python -m detector <command> --help` lists its groups.
@@ -58,6 +59,19 @@ def runtime_options(backbone: DictConfig) -> dict[str, str]:
         "runtime": str(backbone.get("runtime", "torch")),
         "precision": str(backbone.get("precision", "f32")),
     }
+
+
+def tiling_config(cfg: DictConfig) -> Tiling | None:
+    """The fit's `tiling.*` settings, or None when tiling is off (configs before tiling)."""
+    settings = cfg.get("tiling")
+    if not settings or not settings.get("enabled"):
+        return None
+    return Tiling(
+        enabled=True,
+        tile=int(settings.tile),
+        overlap=float(settings.overlap),
+        scale=float(settings.scale),
+    )
 
 
 def check_dataset(data: DictConfig) -> MVTecCategory:

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detector.anomaly_detector import AnomalyDetector, ImageSource
+from detector.anomaly_detector import AnomalyDetector, ImageSource, as_image
 from detector.banks.products import check_product
 from detector.banks.versions import file_sha256
 from detector.commands.config import (
@@ -33,6 +33,7 @@ from detector.commands.config import (
     save_resolved_config,
     scoring_config,
     seed_everything,
+    tiling_config,
 )
 from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentConfig, AugmentedImages
@@ -43,6 +44,7 @@ from detector.fitting import fit_detector
 from detector.images import images_in
 from detector.sessions import remember_images
 from detector.threads import set_threads
+from detector.tiling import TiledExtractor
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,10 @@ def fit_from_config(
     copies: int,
 ) -> AnomalyDetector:
     """`fit_detector` as the config says; augmented copies of one photo share its fold and
-    its session."""
+    its session. A tiled fit's frame size is its first image's."""
+    tiling = tiling_config(cfg)
+    if tiling is not None:
+        extractor = TiledExtractor(extractor, tiling.for_frame(as_image(images[0]).size))
     return fit_detector(
         extractor,
         images,
@@ -132,6 +137,7 @@ def fit_summary(
             "folds": detector.bank.metadata.get("calibration_folds"),
             **detector.calibration.estimate(),
         },
+        "tiling": detector.bank.metadata.get("tiling"),
         "bank_size": detector.bank.size,
         "n_train_features": detector.bank.metadata["n_train_features"],
         "threshold": detector.calibration.threshold,

@@ -15,23 +15,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from detector.banks import changes, products, versions
 from detector.drift import profile_to_list
 from detector.errors import UserError
 from detector.extractor import FeatureExtractor
-from detector.images import InvalidImageError, decode_image
+from detector.images import InvalidImageError
 from detector.scoring import InspectionResult
 from detector.serving import telemetry
 from detector.serving.answers import Refusal
 from detector.serving.catalog import BankCatalog
 from detector.serving.fit_jobs import FitJobs
 from detector.serving.fit_requests import FitRequest
+from detector.serving.inputs import UploadInputs, by_input
 from detector.serving.settings import Settings
 from detector.traced import TracedBackbone
 
@@ -73,45 +72,9 @@ class ScoringRunner:
             "backbone_trace": isinstance(extractor, TracedBackbone),
         }
         self.fits = FitJobs(self.catalog, settings)
-        # Pillow's decoders and resize release the GIL: a batch's uploads decode in parallel.
-        self.decoder = ThreadPoolExecutor(
-            max_workers=settings.num_threads or 2, thread_name_prefix="decode"
-        )
+        self.inputs = UploadInputs(settings)
 
     # ----- scoring -------------------------------------------------------------------
-    def _decode(self, upload: bytes) -> Image.Image | InvalidImageError:
-        """Decode one upload with the service's limits; a bad one becomes its error, never
-        the batch's."""
-        try:
-            return decode_image(
-                upload, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels
-            )
-        except InvalidImageError as error:
-            return error
-        except Exception as error:  # a decoder bug on one upload must not fail its batch-mates
-            log.warning("could not decode an upload: %r", error)
-            return InvalidImageError("corrupt", f"The image could not be decoded: {error}")
-
-    def _prepare(self, upload: bytes) -> tuple[np.ndarray, tuple[int, int]] | InvalidImageError:
-        """Decode and preprocess one upload for the backbone."""
-        image = self._decode(upload)
-        if isinstance(image, InvalidImageError):
-            return image
-        return self.catalog.extractor.prepare(image), image.size
-
-    def _prepared_all(self, uploads: list[bytes]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Every upload as the backbone's input, with its size; one image decoded at a time
-        and reduced at once, so a change of large frames holds one decoded frame, never
-        several. The first image that fails to decode is raised."""
-        prepared, sizes = [], []
-        for upload in uploads:
-            item = self._prepare(upload)
-            if isinstance(item, InvalidImageError):
-                raise item
-            prepared.append(item[0])
-            sizes.append(item[1])
-        return np.stack(prepared), sizes
-
     def _resolve(self, upload: Upload) -> str | UserError:
         try:
             name = self.catalog.resolve(upload[0] or None)
@@ -126,33 +89,38 @@ class ScoringRunner:
         """One answer per upload, in order: a result, or {error, reason, status}.
 
         One backbone pass serves the whole batch whatever products it mixes (the forward
-        pass does not depend on the product); only the k-NN search differs. Maps are made
+        pass does not depend on the product; only on its tiling, so products tiled alike
+        share one); only the k-NN search differs. Maps are made
         at most `heatmap_max_side` long (all the API draws); every answer carries its
         product's drift status, so the API answers /drift without a call here. With
         `watch` off (a recorded image drawn again for review) the drift window is left as
         it is: the line did not make that part again.
         """
         names = [self._resolve(upload) for upload in uploads]
-        prepared: list[Any] = [
-            name if isinstance(name, UserError) else item
-            for name, item in zip(
-                names, self.decoder.map(self._prepare, [data for _, data in uploads]), strict=True
-            )
+        # Each upload's product's extractor (a tiled product's cuts tiles), or its refusal.
+        targets = [
+            name if isinstance(name, UserError) else self.catalog.bank(name).detector.extractor
+            for name in names
         ]
+        prepared: list[Any] = self.inputs.prepare_each([data for _, data in uploads], targets)
         good = [i for i, item in enumerate(prepared) if not isinstance(item, Exception)]
         answers: list[dict[str, Any]] = [
             refusal(item) if isinstance(item, Exception) else {} for item in prepared
         ]
-        if not good:
-            return answers
-        first_bank = self.catalog.bank(names[good[0]])
-        features = first_bank.detector.embed_prepared(np.stack([prepared[i][0] for i in good]))
+        features: dict[int, np.ndarray] = {}
+        for same_input in by_input(good, targets).values():
+            embed = self.catalog.bank(names[same_input[0]]).detector.embed_prepared
+            grids = embed(np.stack([prepared[i][0] for i in same_input]))
+            features.update(zip(same_input, grids, strict=True))
         for product in dict.fromkeys(names[i] for i in good):
-            rows = [row for row, i in enumerate(good) if names[i] == product]
+            rows = [i for i in good if names[i] == product]
             live = self.catalog.bank(product)
-            sizes = [prepared[good[row]][1] for row in rows]
+            sizes = [prepared[i][1] for i in rows]
             results = live.detector.score_features(
-                features[rows], sizes, with_maps, self.settings.heatmap_max_side
+                np.stack([features[i] for i in rows]),
+                sizes,
+                with_maps,
+                self.settings.heatmap_max_side,
             )
             drift = self.catalog.drift(product)
             if watch:
@@ -165,7 +133,7 @@ class ScoringRunner:
             if watch:
                 self.catalog.mark_served(live)
             for row, result in zip(rows, results, strict=True):
-                answers[good[row]] = self._answer(result, live, status, with_maps)
+                answers[row] = self._answer(result, live, status, with_maps)
         return answers
 
     def _answer(
@@ -204,7 +172,10 @@ class ScoringRunner:
         try:
             product = self.catalog.resolve(product)
             live = self.catalog.bank(product)
-            prepared, sizes = self._prepared_all(uploads + calibration)
+            prepared, sizes = self.inputs.prepare_all(
+                uploads + calibration,
+                live.detector.extractor,  # a tiled product's: tiles
+            )
             held_out = (prepared[len(uploads) :], sizes[len(uploads) :]) if calibration else None
             embedding = time.perf_counter()
             features = live.detector.embed_prepared(prepared[: len(uploads)])

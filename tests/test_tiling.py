@@ -1,0 +1,219 @@
+"""Tiles at native resolution: the layout, the stitched grid, a defect on a tile border, the
+nudge for large untiled frames, and one score on every surface for a tiled product."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from batch.__main__ import main as batch_main
+from batch.results import read_rows
+from detector import extractor as extractor_module
+from detector.anomaly_detector import AnomalyDetector
+from detector.data.synthetic import carpet_texture
+from detector.dino import DinoBackbone
+from detector.extractor import BackboneSpec, preprocess
+from detector.fitting import fit_detector
+from detector.memory_bank import BankConfig
+from detector.tiling import TiledExtractor, Tiling, TilingError, layout
+from devtools.in_process import run_detector, run_main
+from devtools.local_server import bentoml_serve
+
+FRAME = 384  # px: three tiny-backbone inputs (128 px) across, tiled at native scale
+TILE = 128
+SEAM_PX = 112  # where the first tile's cells end and the second's begin (nearest centre)
+LINE_KEY = "tiling-line-key-0123456789"
+LINE = {"X-API-Key": LINE_KEY}
+
+
+def frame(seed: int, blot: tuple[int, int] | None = None) -> Image.Image:
+    """A carpet frame; `blot`: a dark 24-px square centred there (x, y)."""
+    pixels = carpet_texture(FRAME, np.random.default_rng(seed)) * 255
+    if blot is not None:
+        x, y = blot
+        pixels[y - 12 : y + 12, x - 12 : x + 12] = 20
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class PatchMeans:
+    """A feature extractor of plain arrays: each 16-px patch's mean colour. It sees nothing
+    outside its patch, so a tiled frame's grid must equal the whole frame's."""
+
+    spec = BackboneSpec("patch-means", (-1,), resolution=128, patch_size=16, feature_dim=3)
+    random_weights = False
+    device = None
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return preprocess(image, 128)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        b, channels, height, width = batch.shape
+        cells = batch.reshape(b, channels, height // 16, 16, width // 16, 16).mean(axis=(3, 5))
+        return cells.transpose(0, 2, 3, 1)
+
+
+def test_the_tiles_cover_the_frame_on_the_patch_grid_and_settings_are_checked() -> None:
+    grid_layout = layout(Tiling(True, TILE, 0.25, 1.0, (1000, 700)), PatchMeans.spec)
+    assert grid_layout.cells == 8 and grid_layout.grid == (44, 62)  # 700 / 16, 1000 / 16
+    for origins, total in (
+        (grid_layout.row_origins, 44),
+        (grid_layout.column_origins, 62),
+    ):
+        assert origins[0] == 0 and origins[-1] + 8 == total  # the last tile is flush
+        assert max(np.diff(origins)) <= 6  # 25 % of 8 cells overlap: a stride of 6
+    square = layout(Tiling(True, TILE, 0.25, 1.0, (FRAME, FRAME)), PatchMeans.spec)
+    assert square.column_origins == (0, 6, 12, 16)  # cell 6 is tile 0's, cell 7 tile 1's
+    half = layout(Tiling(True, TILE, 0.25, 0.5, (1000, 700)), PatchMeans.spec)
+    assert half.grid == (22, 31)
+    for bad in ({"overlap": 0.95}, {"tile": 8}, {"scale": 0.0}):
+        with pytest.raises(TilingError, match=f"tiling.{next(iter(bad))}"):
+            Tiling(True, **bad)
+
+
+def test_the_stitched_grid_is_the_whole_frames_patch_grid() -> None:
+    image = frame(3).resize((400, 272))  # 25 x 17 cells: tiles overlap unevenly at the end
+    tiled = TiledExtractor(PatchMeans(), Tiling(True, TILE, 0.25, 1.0, image.size))
+    (grid,) = tiled.embed(np.stack([tiled.prepare(image)]))
+    # The whole frame normalised as `preprocess` normalises each tile.
+    whole = np.asarray(image, np.float32).transpose(2, 0, 1)
+    whole = whole * extractor_module._PIXEL_SCALE + extractor_module._PIXEL_OFFSET
+    expected = PatchMeans().embed(whole[None])[0]
+    assert grid.shape == expected.shape == (17, 25, 3)
+    np.testing.assert_allclose(grid, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiled_detector(tiny_backbone: DinoBackbone) -> AnomalyDetector:
+    """A tiny-backbone product fitted on 384-px carpet frames in 128-px tiles at native scale."""
+    tiling = Tiling(True, TILE, 0.25, 1.0).for_frame((FRAME, FRAME))
+    detector = fit_detector(
+        TiledExtractor(tiny_backbone, tiling),
+        [frame(seed) for seed in range(10)],
+        bank_config=BankConfig(coreset_ratio=0.25, seed=0),
+        progress=False,
+    )
+    detector.bank.metadata["category"] = "carpet"
+    return detector
+
+
+def test_a_defect_across_a_tile_border_is_found_once_and_the_map_is_continuous_there(
+    tiled_detector: AnomalyDetector,
+) -> None:
+    (clean,) = tiled_detector.predict([frame(100)])
+    (flagged,) = tiled_detector.predict([frame(100, blot=(SEAM_PX, 200))])
+    assert not clean.is_anomalous and flagged.is_anomalous
+    hot = flagged.anomaly_map > (flagged.anomaly_map.max() + clean.anomaly_map.max()) / 2
+    labels, regions = ndimage.label(hot)
+    assert regions == 1  # one region, not one per tile
+    columns = np.flatnonzero(hot.any(axis=0))
+    assert columns.min() < SEAM_PX <= columns.max()
+    # No step at the seams (tiles at 0, 96, 192 and 256 px; the tiny backbone's cells are
+    # 8 px): the map changes there no more than it does within a tile, along either axis.
+    seams = np.array([SEAM_PX, 208, 288]) - 1
+    for axis in (0, 1):
+        steps = np.abs(np.diff(clean.anomaly_map, axis=1 - axis)).max(axis=axis)
+        assert steps[seams].max() <= np.delete(steps, seams).max()
+
+
+def test_a_large_untiled_frame_gets_one_nudge_towards_tiling(
+    fitted_detector: AnomalyDetector, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    monkeypatch.setattr(extractor_module, "_NUDGED", False)
+    with caplog.at_level(logging.WARNING, logger="detector.extractor"):
+        fitted_detector.predict([frame(1).resize((200, 200))], with_maps=False)  # < 2 x 128
+        assert not caplog.records
+        fitted_detector.predict([frame(1), frame(2)], with_maps=False)
+    (nudge,) = caplog.records
+    assert "384 x 384 px are resized to 128 px" in nudge.message
+    assert "tiling.enabled=true" in nudge.message
+
+
+def test_a_tiled_product_scores_the_same_served_in_batch_predict_and_replay(
+    tiled_detector: AnomalyDetector, tmp_path: Path
+) -> None:
+    model_dir = tiled_detector.save(tmp_path / "model")
+    home = tmp_path / "home"
+    exported = run_detector(home, "export", str(model_dir))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    stored = json.loads((next((home / "models" / "bank-carpet").glob("v*/bank.json"))).read_text())
+    assert stored["tiling"]["frame"] == [FRAME, FRAME] and stored["tiling"]["tile"] == TILE
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames = [frame(200), frame(201, blot=(SEAM_PX, 100)), frame(202).resize((500, 420))]
+    for number, image in enumerate(frames):
+        image.save(folder / f"{number}.png")
+    paths = sorted(folder.glob("*.png"))
+    expected = tiled_detector.predict(paths, with_maps=False)
+    assert [r.is_anomalous for r in expected] == [False, True, False]
+    records = tmp_path / "records"
+    settings = {"INSPECT_RECORDS_DIR": str(records), "INSPECT_KEEP_IMAGES": "all"}
+    with bentoml_serve(
+        home, tmp_path / "serve.log", INSPECT_API_KEYS=f"cam1=line:{LINE_KEY}", **settings
+    ) as url:
+        for path, want in zip(paths, expected, strict=True):
+            files = {"image": (path.name, path.read_bytes(), "image/png")}
+            got = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60).json()
+            assert "score" in got, got
+            assert got["score"] == pytest.approx(want.score, abs=1e-5), path.name
+            assert got["is_anomalous"] == want.is_anomalous
+        heatmap = httpx.post(
+            f"{url}/heatmap", files=files, data={"output": "npy"}, headers=LINE, timeout=60
+        )
+        assert np.load(io.BytesIO(heatmap.content)).shape == (420, 500)
+    batch = run_main(batch_main, home, str(folder), "--out", str(tmp_path / "out"), "--no-progress")
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    rows = {row["path"]: row["score"] for row in read_rows(tmp_path / "out" / "results.jsonl")}
+    for path, want in zip(paths, expected, strict=True):
+        assert rows[path.name] == pytest.approx(want.score, abs=1e-5), path.name
+    replayed = run_detector(home, "replay", "--out", str(tmp_path / "replay.json"), **settings)
+    assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
+    report = json.loads((tmp_path / "replay.json").read_text())
+    # Four inspections recorded (the heatmap too), each decided again the same way.
+    assert report["checked"] == 4 and report["same"] == 4 and report["other_settings"] == 0
+
+
+def test_fit_and_evaluate_commands_tile_when_the_config_says_so(
+    tmp_path: Path, tiny_backbone_dir: Path
+) -> None:
+    common = [
+        "data=synthetic",
+        f"data.root={tmp_path / 'data'}",
+        "data.generate.size=192",
+        "data.generate.n_train=8",
+        "data.generate.n_test_good=2",
+        "data.generate.n_per_defect=1",
+        "backbone=tiny_random",
+        f"backbone.name={tiny_backbone_dir}",
+        "backbone.resolution=96",
+        f"model_dir={tmp_path / 'model'}",
+        "progress=false",
+        "tiling.enabled=true",
+        "tiling.tile=96",
+    ]
+    fit = run_detector(tmp_path, "fit", *common, f"hydra.run.dir={tmp_path / 'fit'}")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    summary = json.loads((tmp_path / "fit" / "fit_summary.json").read_text())
+    assert summary["tiling"] == {
+        "enabled": True, "tile": 96, "overlap": 0.25, "scale": 1.0, "frame": [192, 192]
+    }  # fmt: skip
+    # 192 px in 96-px tiles of 12 x 12 patches (8 px): one 24 x 24 grid per frame, each
+    # patch once however many tiles cover it.
+    assert summary["n_train_features"] == 8 * 24 * 24
+    evaluate = run_detector(tmp_path, "evaluate", *common, f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == 2 + 5 and 0.0 <= metrics["pixel_auroc"] <= 1.0
