@@ -120,13 +120,17 @@ def layout(tiling: Tiling, spec: BackboneSpec) -> Layout:
     )
 
 
-def _owners(origins: tuple[int, ...], cells: int, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each cell along an axis: the tile whose centre is nearest, and the cell's
-    position inside that tile."""
+def _owned_slices(origins: tuple[int, ...], cells: int, total: int) -> list[slice]:
+    """For each tile along an axis, the cells whose nearest tile centre is its own: one
+    slice each, together covering the axis once."""
     centres = np.asarray(origins, dtype=np.float64) + cells / 2
     positions = np.arange(total) + 0.5
     owner = np.abs(positions[:, None] - centres[None, :]).argmin(axis=1)
-    return owner, np.arange(total) - np.asarray(origins)[owner]
+    slices = []
+    for tile in range(len(origins)):
+        owned = np.flatnonzero(owner == tile)
+        slices.append(slice(int(owned[0]), int(owned[-1]) + 1) if owned.size else slice(0, 0))
+    return slices
 
 
 class TiledExtractor:
@@ -142,8 +146,11 @@ class TiledExtractor:
         self.device: torch.device = inner.device
         self.random_weights = inner.random_weights
         self.layout = layout(tiling, inner.spec)
-        self._rows = _owners(self.layout.row_origins, self.layout.cells, self.layout.grid[0])
-        self._columns = _owners(self.layout.column_origins, self.layout.cells, self.layout.grid[1])
+        # For each tile row and column: the slice of the frame's grid it owns.
+        self._owned = (
+            _owned_slices(self.layout.row_origins, self.layout.cells, self.layout.grid[0]),
+            _owned_slices(self.layout.column_origins, self.layout.cells, self.layout.grid[1]),
+        )
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
@@ -152,34 +159,38 @@ class TiledExtractor:
             rgb = rgb.resize(size, Image.Resampling.BICUBIC)
         return np.asarray(rgb)
 
-    def _tile_inputs(self, frame: np.ndarray) -> np.ndarray:
-        """(tiles, 3, R, R) backbone inputs of one scaled frame, row by row."""
-        cell, cells = self.layout.cell, self.layout.cells
-        side = round(cells * cell)
-        tiles = []
-        for row in self.layout.row_origins:
-            for column in self.layout.column_origins:
-                top, left = round(row * cell), round(column * cell)
-                crop = Image.fromarray(frame[top : top + side, left : left + side])
-                tiles.append(preprocess(crop, self.spec.resolution, tile=True))
-        return np.stack(tiles)
+    def _tile_input(self, frame: np.ndarray, row: int, column: int) -> np.ndarray:
+        """The (3, R, R) backbone input of the tile whose first cell is (`row`, `column`)."""
+        cell = self.layout.cell
+        side = round(self.layout.cells * cell)
+        top, left = round(row * cell), round(column * cell)
+        crop = Image.fromarray(frame[top : top + side, left : left + side])
+        return preprocess(crop, self.spec.resolution, tile=True)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) scaled frames -> (B, rows, columns, D) patch grids of whole frames."""
         return np.stack([self._embed_frame(frame) for frame in batch])
 
     def _embed_frame(self, frame: np.ndarray) -> np.ndarray:
-        inputs = self._tile_inputs(frame)
-        features = np.concatenate(
-            [
-                self.inner.embed(inputs[start : start + TILE_BATCH])
-                for start in range(0, len(inputs), TILE_BATCH)
-            ]
-        )
-        columns = len(self.layout.column_origins)
-        (row_owner, row_local), (column_owner, column_local) = self._rows, self._columns
-        tile = row_owner[:, None] * columns + column_owner[None, :]
-        return features[tile, row_local[:, None], column_local[None, :]]
+        """One frame's grid, `TILE_BATCH` tiles at a time: each tile writes the cells it owns
+        (nearest centre), so memory holds the grid and one batch of tiles, whatever the frame."""
+        rows, columns = self.layout.row_origins, self.layout.column_origins
+        tiles = [(row, column) for row in range(len(rows)) for column in range(len(columns))]
+        grid: np.ndarray | None = None
+        for start in range(0, len(tiles), TILE_BATCH):
+            chunk = tiles[start : start + TILE_BATCH]
+            inputs = [self._tile_input(frame, rows[i], columns[j]) for i, j in chunk]
+            features = self.inner.embed(np.stack(inputs))
+            if grid is None:
+                grid = np.empty((*self.layout.grid, features.shape[-1]), dtype=np.float32)
+            for (i, j), tile_features in zip(chunk, features, strict=True):
+                owned_rows, owned_columns = self._owned[0][i], self._owned[1][j]
+                grid[owned_rows, owned_columns] = tile_features[
+                    owned_rows.start - rows[i] : owned_rows.stop - rows[i],
+                    owned_columns.start - columns[j] : owned_columns.stop - columns[j],
+                ]
+        assert grid is not None  # a layout has at least one tile
+        return grid
 
 
 def with_tiling(extractor: FeatureExtractor, tiling: Tiling | None) -> FeatureExtractor:

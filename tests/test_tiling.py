@@ -174,6 +174,8 @@ def test_a_tiled_product_scores_the_same_served_in_batch_predict_and_replay(
             f"{url}/heatmap", files=files, data={"output": "npy"}, headers=LINE, timeout=60
         )
         assert np.load(io.BytesIO(heatmap.content)).shape == (420, 500)
+        (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
+        assert listed["tiling"]["tile"] == TILE  # the version says how it inspects
     batch = run_main(batch_main, home, str(folder), "--out", str(tmp_path / "out"), "--no-progress")
     assert batch.returncode == 0, batch.stderr[-3000:]
     rows = {row["path"]: row["score"] for row in read_rows(tmp_path / "out" / "results.jsonl")}

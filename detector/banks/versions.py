@@ -174,6 +174,7 @@ def _describe_files(draft: Draft) -> dict[str, Any]:
             "bank": document.get("bank_sessions") or [],
             "calibration": calibration.get("session_names") or [],
         },
+        "tiling": document.get("tiling"),  # None: whole frames (detector.tiling)
         "files": {
             INDEX_FILE: index_hash,
             METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
@@ -201,6 +202,7 @@ def describe(model: bentoml.Model) -> dict[str, Any]:
         "threshold": metadata.get("threshold"),
         "calibration": metadata.get("calibration", {}),
         "sessions": metadata.get("sessions"),
+        "tiling": metadata.get("tiling"),
         "backbone_model": metadata.get("backbone_model"),
         "created": model.info.creation_time.isoformat(timespec="seconds"),
         "change": metadata.get("change", {}),
