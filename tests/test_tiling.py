@@ -219,3 +219,21 @@ def test_fit_and_evaluate_commands_tile_when_the_config_says_so(
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_images"] == 2 + 5 and 0.0 <= metrics["pixel_auroc"] <= 1.0
+
+
+def test_the_high_resolution_set_has_small_defects_with_masks_in_the_mvtec_layout(
+    tmp_path: Path,
+) -> None:
+    from detector.data.highres import make_highres_dataset
+    from detector.data.mvtec import MVTecCategory
+
+    root = make_highres_dataset(tmp_path, size=512, n_train=2, n_test_good=1, n_per_defect=3)
+    data = MVTecCategory(root.parent, root.name)
+    assert len(data.train_paths()) == 2
+    defective = [s for s in data.test_samples() if s.label == 1]
+    assert sorted({s.defect_type for s in defective}) == ["scratch", "spot"]
+    for sample in defective:
+        with Image.open(sample.path) as image:
+            assert image.size == (512, 512)
+        ys, xs = np.nonzero(np.asarray(Image.open(sample.mask_path)) > 127)
+        assert 4 <= max(np.ptp(xs), np.ptp(ys)) + 1 <= 22  # 6-20 px: small at any input size

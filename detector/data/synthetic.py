@@ -44,10 +44,17 @@ class Session:
         )
 
 
-def carpet_texture(size: int, rng: np.random.Generator, session: Session = Session()) -> np.ndarray:
+def carpet_texture(
+    size: int,
+    rng: np.random.Generator,
+    session: Session = Session(),
+    period_px: float | None = None,
+) -> np.ndarray:
     """A (size, size, 3) float image in [0, 1]: woven threads in alternating blocks, as
-    captured in `session`."""
-    period = size / rng.uniform(14.0, 16.0) * session.scale
+    captured in `session`. The weave's period is 1/15 of the frame, or `period_px` (a
+    high-resolution frame of the same carpet: more periods, each as many px as before)."""
+    blocks_across = rng.uniform(14.0, 16.0)
+    period = (period_px or size / blocks_across) * session.scale
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     if session.angle:
         turn = np.deg2rad(session.angle)
