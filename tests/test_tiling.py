@@ -237,3 +237,35 @@ def test_the_high_resolution_set_has_small_defects_with_masks_in_the_mvtec_layou
             assert image.size == (512, 512)
         ys, xs = np.nonzero(np.asarray(Image.open(sample.mask_path)) > 127)
         assert 4 <= max(np.ptp(xs), np.ptp(ys)) + 1 <= 22  # 6-20 px: small at any input size
+
+
+class Zeros:
+    """A stand-in ViT-S/16 at 448 px that returns zero features at once: what a tiled
+    frame holds besides the backbone's own memory."""
+
+    spec = BackboneSpec("zeros", (-1,), resolution=448, patch_size=16, feature_dim=384)
+    random_weights = True
+    device = None
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return np.zeros((len(batch), 28, 28, 384), np.float32)
+
+
+def test_a_20_mp_frame_holds_its_grid_and_one_batch_of_tiles_not_every_tile() -> None:
+    import tracemalloc
+
+    size = (5472, 3648)  # 20 MP
+    tiled = TiledExtractor(Zeros(), Tiling(True, 448, 0.25, 1.0, size))
+    frame_pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    grid_bytes = tiled.layout.grid[0] * tiled.layout.grid[1] * 384 * 4
+    every_tile = tiled.layout.tiles * (3 * 448 * 448 + 28 * 28 * 384) * 4
+    tracemalloc.start()
+    try:
+        (grid,) = tiled.embed(frame_pixels[None])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grid.shape == (228, 342, 384) and tiled.layout.tiles == 11 * 16
+    # The grid (120 MB), the stacked result and one batch of 8 tiles; every tile's input
+    # and features at once would be about 640 MB more.
+    assert peak < 2 * grid_bytes + 64 * 2**20 < every_tile
