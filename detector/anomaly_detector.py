@@ -21,6 +21,8 @@ from tqdm import tqdm
 from detector.drift import patch_profile
 from detector.extractor import BackboneSpec, FeatureExtractor
 from detector.images import read_image
+from detector.masks import MASK_KEY
+from detector.masks import from_document as mask_from_document
 from detector.memory_bank import MemoryBank
 from detector.scoring import (
     Calibration,
@@ -96,6 +98,8 @@ class AnomalyDetector:
         # A tiled product's extractor runs on its tiles (detector.tiling), wherever it scores.
         self.extractor = with_tiling(extractor, Tiling.from_metadata(bank.metadata))
         self.bank = bank
+        # Cells of the grid that are inspected (detector.masks); None: all of them.
+        self.inspected = mask_from_document(bank.metadata)
         self.calibration = calibration
         self.scoring = scoring or ScoringConfig()
         self.batch_size = max(1, int(batch_size))
@@ -120,6 +124,8 @@ class AnomalyDetector:
         }
         if tiling := tiling_of(self.extractor):  # untiled products keep their hashes
             document["tiling"] = tiling.to_dict()
+        if self.inspected is not None:  # products without a mask too
+            document["inspect_mask"] = self.bank.metadata[MASK_KEY]["sha256"]
         encoded = json.dumps(document, sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -176,10 +182,14 @@ class AnomalyDetector:
         patch = self.extractor.spec.patch_size
         results = []
         for grid, size in zip(distances, image_sizes, strict=True):
+            inspected = grid if self.inspected is None else grid[self.inspected]
+            if self.inspected is not None:  # ignored cells read 0 on the map
+                grid = np.where(self.inspected, grid, 0.0)
             out = capped_size(size, map_max_side)
             heatmap = anomaly_map(grid, patch, out, self.scoring.sigma) if with_maps else None
-            score = image_score(grid, self.scoring)
-            results.append(make_result(score, self.calibration, size, heatmap, patch_profile(grid)))
+            score = image_score(inspected, self.scoring)
+            profile = patch_profile(inspected)
+            results.append(make_result(score, self.calibration, size, heatmap, profile))
         return results
 
     def predict_prepared(

@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "detector.commands.banks:set_threshold_main",
         "move a product's operating point (false-alarm target or threshold): a new version",
     ),
+    "set-mask": (
+        "detector.commands.banks:set_mask_main",
+        "ignore regions of a product's frames (a mask image; --clear): a new version",
+    ),
     "suggest-threshold": (
         "detector.commands.records:suggest_threshold_main",
         "rates of reviewed records at the live and a suggested threshold; --apply sets it",

@@ -25,9 +25,10 @@ import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector, iter_features
 from detector.banks import changes, products, versions
+from detector.banks.mask_change import set_mask
 from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
-from detector.images import images_in
+from detector.images import images_in, read_image
 from detector.memory_bank import MemoryBank
 from detector.sessions import JOINS, SessionNames, check_session_name
 from detector.threads import set_threads
@@ -199,4 +200,20 @@ def set_threshold_main(argv: list[str] | None = None) -> None:
         reason=args.reason,
         confirm=args.confirm,
     )
+    print(json.dumps(report, indent=2))
+
+
+@exits_on_user_error
+def set_mask_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Ignore regions of a product's frames (white = inspect, black = ignore)."
+    )
+    parser.add_argument("product")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("mask", nargs="?", type=Path, help="a mask image, stretched over frames")
+    which.add_argument("--clear", action="store_true", help="inspect every patch again")
+    parser.add_argument("--reason", default="")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    mask = None if args.clear else read_image(args.mask)
+    _, report = set_mask(products.check_product(args.product), mask, args.reason)
     print(json.dumps(report, indent=2))
