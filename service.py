@@ -201,6 +201,10 @@ class InspectionRunner:
     def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         return self.runner.set_threshold(product, change)
 
+    @bentoml.api
+    def set_mask(self, product: str, mask: bytes | None, reason: str) -> dict[str, Any]:
+        return self.runner.set_mask(product, mask, reason)
+
 
 # Each product's bank is declared for `bentoml build` to pack, as a class attribute would be
 # (BentoML collects them into `models` when the class is decorated).

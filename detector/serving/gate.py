@@ -248,7 +248,7 @@ class RequestGate:
         """Stream the body into a spooled file, counting and shape-checking it as it comes;
         returns a `receive` that replays it, and the number of image files it holds."""
         shape = None
-        if rule.body == MULTIPART and scope.get("method") == "POST":
+        if rule.body == MULTIPART and scope.get("method") in ("POST", "PUT"):
             shape = MultipartShape(scope["gate.content_type"], rule)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
         size, more = 0, True

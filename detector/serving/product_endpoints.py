@@ -70,6 +70,11 @@ class ProductEndpoints:
             raise Refusal(400, "bad_request", "days goes with from_reviews: true.")
         return await self._change("set_threshold", product, change)
 
+    async def set_mask(self, product: str, mask: bytes | None, reason: str) -> dict[str, Any]:
+        """A new version inspecting only where `mask` is white (None: everywhere); the
+        runner decodes it with the service's image limits."""
+        return await self._change("set_mask", self.served_product(product), mask, reason)
+
     async def _from_reviews(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         """The threshold suggestion, computed here from the records, sent to the runner with
         its defect-free scores: the version states the rate the suggestion stated."""

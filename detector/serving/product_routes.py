@@ -25,6 +25,9 @@ endpoint, and the same `RequestGate` checks keys (the admin key for changes) and
     GET  /products/{name}/suggestion      ?target=0.01&days=7: false-alarm and detection
                                           rates of reviewed records at the live threshold
                                           and at a suggested one (apply it with /threshold)
+    PUT  /products/{name}/mask            multipart: mask (an image: white = inspect, black =
+                                          ignore), reason: a new version (detector.masks)
+    DELETE /products/{name}/mask          ?reason=...: inspect every patch again
 """
 
 from __future__ import annotations
@@ -134,6 +137,25 @@ async def threshold(request: Request) -> Response:
     return await as_response(work())
 
 
+async def mask(request: Request) -> Response:
+    async def work() -> dict[str, Any]:
+        endpoints, name = current_endpoints(), request.path_params["name"]
+        if request.method == "DELETE":
+            reason = str(request.query_params.get("reason") or "")[:500]
+            return await endpoints.set_mask(name, None, reason)
+        try:
+            async with request.form(max_files=1, max_fields=2) as form:
+                files, reason = await _files(form, "mask"), str(form.get("reason") or "")[:500]
+        except MultiPartException as error:
+            raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
+        if len(files) != 1:
+            usage = "Send the mask as the file field 'mask' (white = inspect, black = ignore)."
+            raise Refusal(400, "no_mask", usage)
+        return await endpoints.set_mask(name, files[0], reason)
+
+    return await as_response(work())
+
+
 async def suggestion(request: Request) -> Response:
     name, params = request.path_params["name"], dict(request.query_params)
     return await as_response(current_endpoints().suggestion(name, params))
@@ -149,5 +171,6 @@ products_app = Starlette(
         Route("/{name}/rollback", rollback, methods=["POST"]),
         Route("/{name}/threshold", threshold, methods=["POST"]),
         Route("/{name}/suggestion", suggestion, methods=["GET"]),
+        Route("/{name}/mask", mask, methods=["PUT", "DELETE"]),
     ]
 )

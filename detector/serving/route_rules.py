@@ -28,7 +28,7 @@ class Rule:
     max_at_once: int | None = None
 
 
-PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion")
+PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion", "mask")
 RECORD_ACTIONS = ("image", "heatmap", "review")
 
 
@@ -97,6 +97,16 @@ def product_rules(settings: Settings) -> dict[str, Rule]:
         "/products/*/suggestion": Rule(SMALL_BODY, "reviewer"),
         "/products/*/rollback": Rule(SMALL_BODY, "admin", JSON),
         "/products/*/threshold": Rule(SMALL_BODY, "admin", JSON),
+        # PUT: a mask image (white = inspect) and a reason; DELETE: inspect everything again.
+        "/products/*/mask": Rule(
+            settings.max_bytes + MULTIPART_OVERHEAD,
+            "admin",
+            MULTIPART,
+            frozenset({"mask"}),
+            frozenset({"reason"}),
+            max_files=1,
+            queued=True,
+        ),
         "/products/*/images": Rule(
             settings.max_change_bytes + MULTIPART_OVERHEAD,
             "admin",

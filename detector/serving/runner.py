@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from detector.banks import changes, products, versions
+from detector.banks.mask_change import set_mask
 from detector.drift import profile_to_list
 from detector.errors import UserError
 from detector.extractor import FeatureExtractor
@@ -235,6 +236,19 @@ class ScoringRunner:
             return refusal(error)
         restored = model.info.metadata["change"]["restored"]
         return {"product": product, "version": str(model.tag.version), "restored": restored}
+
+    def set_mask(self, product: str, upload: bytes | None, reason: str) -> dict[str, Any]:
+        """A new version inspecting only where the mask is white (None: everywhere)."""
+        try:
+            product = self.catalog.resolve(product)
+            image = None if upload is None else self.inputs.decode(upload)
+            if isinstance(image, InvalidImageError):
+                raise image
+            model, report = set_mask(product, image, reason)
+            self.catalog.install(model)
+        except (UserError, InvalidImageError) as error:
+            return refusal(error)
+        return report
 
     def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         """A new version with a new operating point: {"target": 0.02} or {"threshold": x};
