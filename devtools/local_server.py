@@ -108,6 +108,25 @@ def stored_model(bentoml_home: Path, tag: str) -> dict:
 
 
 @contextmanager
+def page_with_key(url: str, key: str) -> Iterator[Any]:
+    """A headless Chromium page at `url` with `key` typed into the page's key field."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#apikey", key)
+            page.dispatch_event("#apikey", "change")
+            yield page
+        finally:
+            browser.close()
+
+
+@contextmanager
 def checkout_of(commit: str, scratch: Path) -> Iterator[Path]:
     """An older commit of this repository as a `git worktree` (a benchmark's "before"),
     removed afterwards."""

@@ -17,7 +17,7 @@ from detector.banks.models import load_pair
 from detector.data.mvtec import MVTecCategory
 from detector.masks import MaskError, from_document, mask_grid, to_document
 from devtools.in_process import bentoml_home, run_detector
-from devtools.local_server import bentoml_serve
+from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
 LINE_KEY, ADMIN_KEY = "mask-line-key-0123456789", "mask-admin-key-0123456789"
 LINE, ADMIN = {"X-API-Key": LINE_KEY}, {"X-API-Key": ADMIN_KEY}
@@ -119,3 +119,37 @@ def test_an_admin_puts_and_deletes_a_mask_over_http_and_the_line_cannot(
         cleared = httpx.delete(put, params={"reason": "moved"}, headers=ADMIN, timeout=60)
         assert cleared.status_code == 200 and cleared.json()["inspected_share_after"] == 1.0
         assert inspect() is True
+        if CHROMIUM is None:
+            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+        example = tmp_path / "example.png"
+        example.write_bytes(left)
+        said = {
+            role: mark_on_the_page(url, key, example, tmp_path / f"mask-page-{role}.png")
+            for role, key in (("line", LINE_KEY), ("admin", ADMIN_KEY))
+        }
+        assert said["line"].startswith("Not saved: ") and "admin" in said["line"]
+        assert said["admin"].startswith("carpet v") and "is live, inspecting" in said["admin"]
+        assert inspect() is False  # the rectangle covers the blot
+
+
+def mark_on_the_page(url: str, key: str, example: Path, screenshot: Path) -> str:
+    """Drag one rectangle over the left 40 % of `example` in the page's mask view and
+    save it with `key`; what the page then says."""
+    with page_with_key(f"{url}/ui/#new", key) as page:
+        wait_for(page, "document.getElementById('product').value === 'carpet'")
+        page.set_input_files("#mask-example", str(example))
+        wait_for(page, "document.getElementById('mask-canvas').width === 128")
+        canvas = page.locator("#mask-canvas")
+        canvas.scroll_into_view_if_needed()  # the mouse acts where the page shows it
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 1, box["y"] + 1)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] - 1, steps=4)
+        page.mouse.up()
+        wait_for(page, "document.getElementById('mask-status').textContent.includes('1 region')")
+        page.click("#mask-save")
+        wait_for(
+            page, "/is live|Not saved/.test(document.getElementById('mask-status').textContent)"
+        )
+        page.screenshot(path=str(screenshot))
+        return page.inner_text("#mask-status")

@@ -7,15 +7,12 @@ over HTTP, as a line's clients and an operator would.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import httpx
@@ -35,12 +32,7 @@ from detector.memory_bank import BankConfig, MemoryBank
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
 from devtools.in_process import run_detector, run_main
-from devtools.local_server import (
-    CHROMIUM,
-    CHROMIUM_FLAGS,
-    bentoml_serve,
-    wait_for,
-)
+from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
 API_KEY, ADMIN_KEY = "scoring-key-0123456", "admin-key-0123456789"
 
@@ -658,25 +650,6 @@ def promises(server: str, product: str = "line2") -> dict[str, float]:
         "products": listing[product]["calibration"]["expected_false_alarm_rate"],
         "drift": drift.json()["promised_rate"],
     }
-
-
-@contextlib.contextmanager
-def page_with_key(url: str, key: str) -> Iterator[Any]:
-    """A headless Chromium page at `url` with `key` typed into the page's key field."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            page.fill("#apikey", key)
-            page.dispatch_event("#apikey", "change")
-            yield page
-        finally:
-            browser.close()
 
 
 def test_the_web_page_scores_with_the_product_the_operator_picks(

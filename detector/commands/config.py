@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from detector.anomaly_detector import AnomalyDetector
 from detector.backbone import build_extractor
 from detector.data.augment import AugmentConfig
-from detector.data.mvtec import MVTecCategory, Sample
+from detector.data.layouts import Category, open_category
+from detector.data.mvtec import Sample
 from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig
 from detector.scoring import ScoringConfig
@@ -74,19 +75,20 @@ def tiling_config(cfg: DictConfig) -> Tiling | None:
     )
 
 
-def check_dataset(data: DictConfig) -> MVTecCategory:
+def check_dataset(data: DictConfig) -> Category:
     """The cheap part of `build_dataset`: a missing data.root, or a real dataset's missing
     folder, is refused before anything slow (loading a backbone, generating data) runs."""
     if OmegaConf.is_missing(data, "root"):
         raise ValueError("data.root is not set: pass data.root=/path/to/mvtec (or data=synthetic)")
-    dataset = MVTecCategory(Path(str(data.root)), str(data.category))
+    layout = str(data.get("layout") or "mvtec")
+    dataset = open_category(layout, Path(str(data.root)), str(data.category))
     if not data.get("generate"):
-        dataset.train_paths()  # says where it looked, in the MVTec AD layout
+        dataset.train_paths()  # says where it looked, in the data set's layout
     return dataset
 
 
-def build_dataset(data: DictConfig, seed: int) -> MVTecCategory:
-    """The MVTec-layout category; a synthetic one is generated on first use."""
+def build_dataset(data: DictConfig, seed: int) -> Category:
+    """The category in its layout (`data.layout`); a synthetic one is generated on first use."""
     dataset = check_dataset(data)
     if data.get("generate") and not dataset.folder.exists():
         from detector.data.synthetic import make_dataset

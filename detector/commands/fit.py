@@ -37,7 +37,8 @@ from detector.commands.config import (
 )
 from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentConfig, AugmentedImages
-from detector.data.mvtec import MVTecCategory, split_calibration
+from detector.data.layouts import Category
+from detector.data.mvtec import split_calibration
 from detector.errors import exits_on_user_error
 from detector.extractor import FeatureExtractor
 from detector.fitting import fit_detector
@@ -49,25 +50,30 @@ from detector.tiling import TiledExtractor
 log = logging.getLogger(__name__)
 
 
-def calibration_plan(cfg: DictConfig, train: list[Path]) -> tuple[list[Path], list[Path], str]:
+def calibration_plan(
+    cfg: DictConfig, train: list[Path], dataset: Category
+) -> tuple[list[Path], list[Path], str]:
     """(bank images, calibration images, where the calibration scores come from).
 
-    A separate folder of later defect-free images (`data.calibration_dir`) sets the
-    threshold and the drift reference, and every training image goes into the bank; so does
-    cross-fitting (`calibration_folds` >= 2, the default), which scores every training
-    image with a bank built without it. `calibration_folds=0` holds `calibration_fraction`
-    of the training images out instead (this project's behaviour before cross-fitting).
+    A separate folder of later defect-free images (`data.calibration_dir`, or the layout's
+    own: MVTec AD 2's validation/good) sets the threshold and the drift reference, and
+    every training image goes into the bank; so does cross-fitting (`calibration_folds`
+    >= 2, the default), which scores every training image with a bank built without it.
+    `calibration_folds=0` holds `calibration_fraction` of the training images out instead
+    (this project's behaviour before cross-fitting).
     """
     folder = cfg.data.get("calibration_dir")
     if folder:
         return train, images_in(Path(str(folder))), "session"
+    if later := dataset.calibration_paths():  # a layout's own later session (MVTec AD 2)
+        return train, later, "session"
     if int(cfg.calibration_folds) >= 2:
         return train, [], "cross_fitted"
     bank, held_out = split_calibration(train, float(cfg.calibration_fraction), int(cfg.seed))
     return bank, held_out, "held_out"
 
 
-def training_set(cfg: DictConfig, dataset: MVTecCategory) -> tuple[list[Path], list[str]]:
+def training_set(cfg: DictConfig, dataset: Category) -> tuple[list[Path], list[str]]:
     """The training images and each one's capture session (subfolders of train/good, or
     `data.sessions_manifest`)."""
     manifest = cfg.data.get("sessions_manifest")
@@ -155,7 +161,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
     train, sessions = training_set(cfg, dataset)
-    bank_paths, calibration_paths, source = calibration_plan(cfg, train)
+    bank_paths, calibration_paths, source = calibration_plan(cfg, train, dataset)
     session_of = dict(zip(train, sessions, strict=True))
     augmentation = augment_config(cfg)
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths

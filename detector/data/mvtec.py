@@ -83,6 +83,10 @@ class MVTecCategory:
             )
         return [(path, named[path.resolve()]) for path, _ in pairs]
 
+    def calibration_paths(self) -> list[Path]:
+        """None in this layout: a later session is data.calibration_dir."""
+        return []
+
     def test_samples(self) -> list[Sample]:
         samples = []
         for defect_folder in sorted(p for p in self._require(self.folder / "test").iterdir()):
@@ -129,8 +133,9 @@ def load_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
     if sample.mask_path is None:
         return None
     with Image.open(sample.mask_path) as mask:
+        # Any nonzero pixel is a defect: MVTec AD's masks are 0/255, VisA's 0/class index.
         resized = mask.convert("L").resize(size, Image.Resampling.NEAREST)
-        return np.asarray(resized) > 127
+        return np.asarray(resized) > 0
 
 
 def split_calibration(
