@@ -3,12 +3,10 @@ mask is a bank version like any other (history, rollback)."""
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,7 +15,6 @@ from detector.banks.models import load_pair
 from detector.data.mvtec import MVTecCategory
 from detector.masks import MaskError, from_document, mask_grid, to_document
 from devtools.in_process import bentoml_home, run_detector
-from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
 LINE_KEY, ADMIN_KEY = "mask-line-key-0123456789", "mask-admin-key-0123456789"
 LINE, ADMIN = {"X-API-Key": LINE_KEY}, {"X-API-Key": ADMIN_KEY}
@@ -81,75 +78,3 @@ def test_an_ignored_region_never_flags_and_rollback_restores_the_old_verdicts(
     Image.new("L", (64, 64), 0).save(empty)
     refused = run_detector(home, "set-mask", "carpet", str(empty))
     assert refused.returncode == 2 and "ignores the whole frame" in refused.stderr
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def test_an_admin_puts_and_deletes_a_mask_over_http_and_the_line_cannot(
-    store_copy: Callable[[Path], Path], synthetic_dataset: MVTecCategory, tmp_path: Path
-) -> None:
-    home = store_copy(tmp_path / "home")
-    good = next(s.path for s in synthetic_dataset.test_samples() if s.label == 0)
-    left = png(blotted(good, left=8))
-    mask = np.full((128, 128), 255, np.uint8)
-    mask[:, :56] = 0
-    keys = f"cam=line:{LINE_KEY},boss=admin:{ADMIN_KEY}"
-    with bentoml_serve(home, tmp_path / "serve.log", INSPECT_API_KEYS=keys) as url:
-
-        def inspect() -> bool:
-            files = {"image": ("p.png", left, "image/png")}
-            answer = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
-            return answer.json()["is_anomalous"]
-
-        files = {"mask": ("mask.png", png(Image.fromarray(mask)), "image/png")}
-        put = f"{url}/products/carpet/mask"
-        assert inspect() is True
-        refused = httpx.put(put, files=files, data={"reason": "x"}, headers=LINE, timeout=60)
-        assert refused.status_code == 403, refused.text
-        bad = {"mask": ("mask.png", b"not an image", "image/png")}
-        not_image = httpx.put(put, files=bad, headers=ADMIN, timeout=60)
-        assert not_image.status_code == 415 and "image" in not_image.json()["error"]
-        changed = httpx.put(put, files=files, data={"reason": "fixture"}, headers=ADMIN, timeout=60)
-        assert changed.status_code == 200, changed.text
-        assert inspect() is False  # live at once on this server
-        cleared = httpx.delete(put, params={"reason": "moved"}, headers=ADMIN, timeout=60)
-        assert cleared.status_code == 200 and cleared.json()["inspected_share_after"] == 1.0
-        assert inspect() is True
-        if CHROMIUM is None:
-            pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-        example = tmp_path / "example.png"
-        example.write_bytes(left)
-        said = {
-            role: mark_on_the_page(url, key, example, tmp_path / f"mask-page-{role}.png")
-            for role, key in (("line", LINE_KEY), ("admin", ADMIN_KEY))
-        }
-        assert said["line"].startswith("Not saved: ") and "admin" in said["line"]
-        assert said["admin"].startswith("carpet v") and "is live, inspecting" in said["admin"]
-        assert inspect() is False  # the rectangle covers the blot
-
-
-def mark_on_the_page(url: str, key: str, example: Path, screenshot: Path) -> str:
-    """Drag one rectangle over the left 40 % of `example` in the page's mask view and
-    save it with `key`; what the page then says."""
-    with page_with_key(f"{url}/ui/#new", key) as page:
-        wait_for(page, "document.getElementById('product').value === 'carpet'")
-        page.set_input_files("#mask-example", str(example))
-        wait_for(page, "document.getElementById('mask-canvas').width === 128")
-        canvas = page.locator("#mask-canvas")
-        canvas.scroll_into_view_if_needed()  # the mouse acts where the page shows it
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + 1, box["y"] + 1)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] - 1, steps=4)
-        page.mouse.up()
-        wait_for(page, "document.getElementById('mask-status').textContent.includes('1 region')")
-        page.click("#mask-save")
-        wait_for(
-            page, "/is live|Not saved/.test(document.getElementById('mask-status').textContent)"
-        )
-        page.screenshot(path=str(screenshot))
-        return page.inner_text("#mask-status")

@@ -18,20 +18,21 @@ from batch.__main__ import main as batch_main
 from batch.results import read_rows
 from detector import extractor as extractor_module
 from detector.anomaly_detector import AnomalyDetector
+from detector.banks.models import load_pair
 from detector.data.synthetic import carpet_texture
 from detector.dino import DinoBackbone
 from detector.extractor import BackboneSpec, preprocess
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.tiling import TiledExtractor, Tiling, TilingError, layout
-from devtools.in_process import run_detector, run_main
-from devtools.local_server import bentoml_serve
+from devtools.in_process import bentoml_home, run_detector, run_main
+from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
 FRAME = 384  # px: three tiny-backbone inputs (128 px) across, tiled at native scale
 TILE = 128
 SEAM_PX = 112  # where the first tile's cells end and the second's begin (nearest centre)
-LINE_KEY = "tiling-line-key-0123456789"
-LINE = {"X-API-Key": LINE_KEY}
+LINE_KEY, ADMIN_KEY = "tiling-line-key-0123456789", "tiling-admin-key-0123456789"
+LINE, ADMIN = {"X-API-Key": LINE_KEY}, {"X-API-Key": ADMIN_KEY}
 
 
 def frame(seed: int, blot: tuple[int, int] | None = None) -> Image.Image:
@@ -102,7 +103,7 @@ def tiled_detector(tiny_backbone: DinoBackbone) -> AnomalyDetector:
     tiling = Tiling(True, TILE, 0.25, 1.0).for_frame((FRAME, FRAME))
     detector = fit_detector(
         TiledExtractor(tiny_backbone, tiling),
-        [frame(seed) for seed in range(10)],
+        [frame(seed) for seed in range(6)],
         bank_config=BankConfig(coreset_ratio=0.25, seed=0),
         progress=False,
     )
@@ -142,50 +143,116 @@ def test_a_large_untiled_frame_gets_one_nudge_towards_tiling(
     assert "tiling.enabled=true" in nudge.message
 
 
-def test_a_tiled_product_scores_the_same_served_in_batch_predict_and_replay(
+def test_a_tiled_masked_product_scores_the_same_served_in_batch_predict_and_replay(
     tiled_detector: AnomalyDetector, tmp_path: Path
 ) -> None:
-    model_dir = tiled_detector.save(tmp_path / "model")
+    """One server: the mask set over HTTP by an admin (not by the line), the scores of the
+    tiled, masked version on every surface, the page's mask view, and replay of every
+    decision, before and after the mask."""
     home = tmp_path / "home"
-    exported = run_detector(home, "export", str(model_dir))
+    exported = run_detector(home, "export", str(tiled_detector.save(tmp_path / "model")))
     assert exported.returncode == 0, exported.stderr[-3000:]
     stored = json.loads((next((home / "models" / "bank-carpet").glob("v*/bank.json"))).read_text())
     assert stored["tiling"]["frame"] == [FRAME, FRAME] and stored["tiling"]["tile"] == TILE
     folder = tmp_path / "frames"
     folder.mkdir()
-    frames = [frame(200), frame(201, blot=(SEAM_PX, 100)), frame(202).resize((500, 420))]
+    frames = [
+        frame(200),
+        frame(201, blot=(SEAM_PX, 100)),
+        frame(202).resize((500, 420)),
+        frame(203, blot=(320, 200)),  # in the third the mask ignores
+    ]
     for number, image in enumerate(frames):
         image.save(folder / f"{number}.png")
     paths = sorted(folder.glob("*.png"))
-    expected = tiled_detector.predict(paths, with_maps=False)
-    assert [r.is_anomalous for r in expected] == [False, True, False]
+    mask = np.full((FRAME, FRAME), 255, np.uint8)
+    mask[:, 256:] = 0  # the right third of every frame: a fixture
     records = tmp_path / "records"
     settings = {"INSPECT_RECORDS_DIR": str(records), "INSPECT_KEEP_IMAGES": "all"}
-    with bentoml_serve(
-        home, tmp_path / "serve.log", INSPECT_API_KEYS=f"cam1=line:{LINE_KEY}", **settings
-    ) as url:
+    keys = f"cam1=line:{LINE_KEY},boss=admin:{ADMIN_KEY}"
+    with bentoml_serve(home, tmp_path / "serve.log", INSPECT_API_KEYS=keys, **settings) as url:
+        assert inspect(url, paths[3])["is_anomalous"] is True  # before the mask
+        put = f"{url}/products/carpet/mask"
+        files = {"mask": ("mask.png", png(Image.fromarray(mask)), "image/png")}
+        refused = httpx.put(put, files=files, headers=LINE, timeout=60)
+        assert refused.status_code == 403, refused.text
+        bad = {"mask": ("mask.png", b"not an image", "image/png")}
+        not_image = httpx.put(put, files=bad, headers=ADMIN, timeout=60)
+        assert not_image.status_code == 415 and "image" in not_image.json()["error"]
+        changed = httpx.put(put, files=files, data={"reason": "fixture"}, headers=ADMIN)
+        assert changed.status_code == 200, changed.text
+        with bentoml_home(home):  # `predict` on the live (tiled, masked) version
+            expected = load_pair(product="carpet", device="cpu").detector.predict(paths, False)
+        assert [r.is_anomalous for r in expected] == [False, True, False, False]
         for path, want in zip(paths, expected, strict=True):
-            files = {"image": (path.name, path.read_bytes(), "image/png")}
-            got = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60).json()
-            assert "score" in got, got
+            got = inspect(url, path)
             assert got["score"] == pytest.approx(want.score, abs=1e-5), path.name
             assert got["is_anomalous"] == want.is_anomalous
+        wide = {"image": (paths[2].name, paths[2].read_bytes(), "image/png")}
         heatmap = httpx.post(
-            f"{url}/heatmap", files=files, data={"output": "npy"}, headers=LINE, timeout=60
+            f"{url}/heatmap", files=wide, data={"output": "npy"}, headers=LINE, timeout=60
         )
-        assert np.load(io.BytesIO(heatmap.content)).shape == (420, 500)
+        heat = np.load(io.BytesIO(heatmap.content))
+        assert heat.shape == (420, 500)  # the frame's own size, though it was tiled at 384
+        assert heat[:, 420:].max() < 1e-3 * heat.max()  # the ignored third reads 0 (blur aside)
         (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
         assert listed["tiling"]["tile"] == TILE  # the version says how it inspects
-    batch = run_main(batch_main, home, str(folder), "--out", str(tmp_path / "out"), "--no-progress")
-    assert batch.returncode == 0, batch.stderr[-3000:]
-    rows = {row["path"]: row["score"] for row in read_rows(tmp_path / "out" / "results.jsonl")}
-    for path, want in zip(paths, expected, strict=True):
-        assert rows[path.name] == pytest.approx(want.score, abs=1e-5), path.name
+        batch = run_main(batch_main, home, str(folder), "--out", str(tmp_path / "out"))
+        assert batch.returncode == 0, batch.stderr[-3000:]
+        rows = {row["path"]: row["score"] for row in read_rows(tmp_path / "out" / "results.jsonl")}
+        for path, want in zip(paths, expected, strict=True):
+            assert rows[path.name] == pytest.approx(want.score, abs=1e-5), path.name
+        page_says = marked_on_the_page(url, paths[0], tmp_path)
+        cleared = httpx.delete(put, params={"reason": "moved"}, headers=ADMIN, timeout=60)
+        assert cleared.status_code == 200 and cleared.json()["inspected_share_after"] == 1.0
+    if page_says is not None:
+        assert page_says["line"].startswith("Not saved: ") and "admin" in page_says["line"]
+        assert (
+            page_says["admin"].startswith("carpet v")
+            and "is live, inspecting" in page_says["admin"]
+        )
     replayed = run_detector(home, "replay", "--out", str(tmp_path / "replay.json"), **settings)
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
     report = json.loads((tmp_path / "replay.json").read_text())
-    # Four inspections recorded (the heatmap too), each decided again the same way.
-    assert report["checked"] == 4 and report["same"] == 4 and report["other_settings"] == 0
+    # Six inspections recorded (one before the mask, the heatmap too), each decided again
+    # the same way by the version that decided it.
+    assert report["checked"] == 6 and report["same"] == 6 and report["other_settings"] == 0
+
+
+def inspect(url: str, path: Path) -> dict:
+    files = {"image": (path.name, path.read_bytes(), "image/png")}
+    answer = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def marked_on_the_page(url: str, example: Path, screenshots: Path) -> dict[str, str] | None:
+    """What the page's mask view says after one rectangle is dragged over the left 40 % of
+    `example` and saved, with the line's key and then an admin's (None without Chromium)."""
+    if CHROMIUM is None:
+        return None
+    said = {}
+    for role, key in (("line", LINE_KEY), ("admin", ADMIN_KEY)):
+        with page_with_key(f"{url}/ui/#new", key) as page:
+            wait_for(page, "document.getElementById('product').value === 'carpet'")
+            page.set_input_files("#mask-example", str(example))
+            wait_for(page, f"document.getElementById('mask-canvas').width === {FRAME}")
+            canvas = page.locator("#mask-canvas")
+            canvas.scroll_into_view_if_needed()  # the mouse acts where the page shows it
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + 1, box["y"] + 1)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] - 1, steps=4)
+            page.mouse.up()
+            wait_for(
+                page, "document.getElementById('mask-status').textContent.includes('1 region')"
+            )
+            page.click("#mask-save")
+            status = "/is live|Not saved/.test(document.getElementById('mask-status').textContent)"
+            wait_for(page, status)
+            page.screenshot(path=str(screenshots / f"mask-page-{role}.png"))
+            said[role] = page.inner_text("#mask-status")
+    return said
 
 
 def test_fit_and_evaluate_commands_tile_when_the_config_says_so(
