@@ -336,3 +336,23 @@ def test_a_20_mp_frame_holds_its_grid_and_one_batch_of_tiles_not_every_tile() ->
     # The grid (120 MB) and one batch of 8 tiles; every tile's input and features at once
     # would be about 640 MB more.
     assert peak < grid_bytes + 64 * 2**20 < every_tile
+
+
+def test_the_labelled_variant_prints_a_different_label_on_every_frame_and_masks_it(
+    tmp_path: Path,
+) -> None:
+    from detector.data.highres import MASK_FILE, label_box, make_highres_dataset
+    from detector.masks import mask_grid
+
+    root = make_highres_dataset(tmp_path, size=512, n_train=2, n_test_good=1, n_per_defect=1,
+                                labelled=True)  # fmt: skip
+    left, top, right, bottom = label_box(512)
+    labels = [
+        np.asarray(Image.open(path))[top:bottom, left:right].astype(int)
+        for path in sorted((root / "train" / "good").glob("*.png"))
+    ]
+    assert np.abs(labels[0] - labels[1]).max() > 100  # other marks on each frame
+    with Image.open(root / MASK_FILE) as mask:
+        ignored = ~mask_grid(mask, (32, 32))  # 16-px cells of the 512-px frame
+    assert ignored[top // 16 + 1 : bottom // 16, left // 16 + 1 : right // 16].all()
+    assert 0.02 < ignored.mean() < 0.05  # the label and its margin, nothing else

@@ -1,7 +1,7 @@
 """Write the synthetic carpet set (seeded, MVTec AD layout) for tests, demos and benchmarks.
 
 python -m detector synthetic-data OUT_ROOT [--category carpet] [--size 256] [--train 40] ...
-python -m detector synthetic-data OUT_ROOT --high-resolution [--size 2048] ...
+python -m detector synthetic-data OUT_ROOT --high-resolution [--size 2048] [--labelled] ...
     (carpet_highres: native-scale weave, 6-20 px defects; detector/data/highres.py)
 """
 
@@ -23,6 +23,11 @@ def main() -> None:
         action="store_true",
         help="large frames with small defects (spot, scratch): the set tiling is for",
     )
+    parser.add_argument(
+        "--labelled",
+        action="store_true",
+        help="with --high-resolution: a printed label on every frame, and its ignore_mask.png",
+    )
     parser.add_argument("--train", type=int, default=40)
     parser.add_argument("--test-good", type=int, default=10)
     parser.add_argument("--per-defect", type=int, default=4)
@@ -36,6 +41,7 @@ def main() -> None:
             n_test_good=args.test_good,
             n_per_defect=args.per_defect,
             seed=args.seed,
+            labelled=args.labelled,
         )
     else:
         folder = make_dataset(
