@@ -124,7 +124,7 @@ class AnomalyDetector:
         }
         if tiling := tiling_of(self.extractor):  # untiled products keep their hashes
             document["tiling"] = tiling.to_dict()
-        if self.inspected is not None:  # products without a mask too
+        if self.inspected is not None:  # unmasked products keep their hashes too
             document["inspect_mask"] = self.bank.metadata[MASK_KEY]["sha256"]
         encoded = json.dumps(document, sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
@@ -182,13 +182,15 @@ class AnomalyDetector:
         patch = self.extractor.spec.patch_size
         results = []
         for grid, size in zip(distances, image_sizes, strict=True):
+            # The drift profile keeps every cell, as its reference was measured; the score
+            # and the map leave ignored cells out (they read 0 there).
+            profile = patch_profile(grid)
             inspected = grid if self.inspected is None else grid[self.inspected]
-            if self.inspected is not None:  # ignored cells read 0 on the map
+            if self.inspected is not None:
                 grid = np.where(self.inspected, grid, 0.0)
             out = capped_size(size, map_max_side)
             heatmap = anomaly_map(grid, patch, out, self.scoring.sigma) if with_maps else None
             score = image_score(inspected, self.scoring)
-            profile = patch_profile(inspected)
             results.append(make_result(score, self.calibration, size, heatmap, profile))
         return results
 

@@ -3,9 +3,10 @@
 Fixtures, printed labels and the background around a part vary from frame to frame without
 being defects. A mask image (white = inspect, black = ignore; any size, stretched over the
 frame as the anomaly map is) is reduced to the product's patch grid once: a cell is
-inspected when at least half of its pixels are white. Ignored cells leave the image score,
-the drift profile and the map (they read 0 there), so they can neither flag a part nor
-move the drift statistic.
+inspected when at least half of its pixels are white. Ignored cells leave the image score
+and the map (they read 0 there), so they never flag a part. The drift profile keeps every
+cell: its reference was measured over every cell, and a profile without the ignored ones
+would differ from it for that reason alone (set-drift-reference measures it anew).
 
 The grid-sized mask is kept in the bank version's bank.json (packed bits: a 228 x 342
 tiled grid takes 13 KB), so a mask change is a version like any other, with history and
