@@ -204,6 +204,23 @@ class DinoBackbone:
             selected.append(tokens.reshape(-1, grid, grid, tokens.shape[-1]))
         return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
 
+    def as_module(self) -> torch.nn.Module:
+        """`patch_tokens` as a module whose weights are registered: what the ONNX export
+        (detector.runtimes) and the TorchScript trace (detector.traced) both record."""
+        import torch
+
+        backbone = self
+
+        class PatchTokens(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = backbone.model  # registered, so the weights are recorded
+
+            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+                return backbone.patch_tokens(pixels)
+
+        return PatchTokens().eval()
+
     def embed(self, batch: np.ndarray) -> np.ndarray:
         import torch
 

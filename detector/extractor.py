@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -94,6 +95,23 @@ class BackboneSpec:
                 f"with '{other.source}' ({'; '.join(differences)}): refit the bank with this "
                 "backbone or serve it with the backbone it was fitted with."
             )
+
+
+def stored_name(spec: BackboneSpec, suffix: str) -> str:
+    """The file name an exported form of a backbone is stored under (`.onnx`, `.pt`)."""
+    return f"{spec_prefix(spec.resolution, spec.layers)}{spec.fingerprint}{suffix}"
+
+
+def spec_prefix(resolution: int, layers: Sequence[int]) -> str:
+    """What a stored form's name starts with for this resolution and layer set (any
+    weights: the caller checks the stamped spec, fingerprint included, against the bank's)."""
+    return f"r{resolution}-l{'_'.join(str(layer) for layer in layers)}-"
+
+
+def find_stored(folder: Path, resolution: int, layers: Sequence[int], suffix: str) -> Path | None:
+    """A stored form in `folder` for this resolution and layer set, or None."""
+    found = sorted(folder.glob(f"{spec_prefix(resolution, layers)}*{suffix}"))
+    return found[0] if found else None
 
 
 class FeatureExtractor(Protocol):

@@ -29,10 +29,16 @@ from PIL import Image
 
 from detector.dino import DinoBackbone
 from detector.errors import UserError
-from detector.extractor import BackboneSpec, preprocess, resolve_device
+from detector.extractor import (
+    BackboneSpec,
+    find_stored,
+    preprocess,
+    resolve_device,
+    stored_name,
+)
 
 if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "openvino", "onnxruntime")
@@ -95,11 +101,6 @@ def check_runtime(runtime: str, precision: str = "f32") -> None:
 
 
 # ----- graphs ----------------------------------------------------------------------------
-def graph_name(spec: BackboneSpec) -> str:
-    layers = "_".join(str(layer) for layer in spec.layers)
-    return f"r{spec.resolution}-l{layers}-{spec.fingerprint}.onnx"
-
-
 def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     """Trace `backbone.patch_tokens` to `folder/<resolution, layers, fingerprint>.onnx`.
 
@@ -108,24 +109,15 @@ def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     """
     import torch
 
-    class PatchTokens(torch.nn.Module):
-        def __init__(self, backbone: DinoBackbone) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.model = backbone.model  # registered, so the weights are in the graph
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return self.backbone.patch_tokens(pixels)
-
     if backbone.dtype != torch.float32 or backbone.device.type != "cpu":
         raise ValueError("export the graph from a float32 backbone on the CPU")
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / graph_name(backbone.spec)
+    target = folder / stored_name(backbone.spec, ".onnx")
     temporary = target.with_suffix(".onnx.tmp")
     example = torch.zeros(1, 3, backbone.resolution, backbone.resolution)
     with torch.inference_mode():
         torch.onnx.export(
-            PatchTokens(backbone).eval(),
+            backbone.as_module(),
             (example,),
             str(temporary),
             input_names=["pixels"],
@@ -179,11 +171,8 @@ def graph_stamp(path: Path) -> dict[str, Any]:
 
 
 def find_graph(folder: Path, resolution: int, layers: Sequence[int]) -> Path | None:
-    """A stored graph in `folder` for this resolution and layer set (any fingerprint: the
-    caller compares the graph's own spec with the bank's)."""
-    spec_key = f"r{resolution}-l{'_'.join(str(layer) for layer in layers)}-"
-    found = sorted((folder / GRAPHS_FOLDER).glob(f"{spec_key}*.onnx"))
-    return found[0] if found else None
+    """A stored graph in `folder` for this resolution and layer set."""
+    return find_stored(folder / GRAPHS_FOLDER, resolution, layers, ".onnx")
 
 
 def locate_graph(
@@ -201,7 +190,7 @@ def locate_graph(
             "stores the graph with the backbone), or serve with INSPECT_RUNTIME=torch."
         )
     backbone = DinoBackbone(source, layers=layers, resolution=resolution, **torch_options)
-    cached = cache_dir() / GRAPHS_FOLDER / graph_name(backbone.spec)
+    cached = cache_dir() / GRAPHS_FOLDER / stored_name(backbone.spec, ".onnx")
     return cached if cached.exists() else export_graph(backbone, cached.parent)
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from detector.extractor import BackboneSpec, preprocess
+from detector.extractor import BackboneSpec, find_stored, preprocess, stored_name
 
 if TYPE_CHECKING:
     import torch
@@ -42,17 +42,9 @@ STAMP_FILE = "dino_inspect_backbone.json"  # inside the trace: the spec it compu
 CHECK_BATCHES = (1, 2, 1)
 
 
-def trace_name(spec: BackboneSpec) -> str:
-    layers = "_".join(str(layer) for layer in spec.layers)
-    return f"r{spec.resolution}-l{layers}-{spec.fingerprint}.pt"
-
-
 def find_trace(folder: Path, resolution: int, layers: Sequence[int]) -> Path | None:
-    """A stored trace in `folder` for this resolution and layer set (the caller checks its
-    stamped spec, fingerprint included, against the bank's)."""
-    spec_key = f"r{resolution}-l{'_'.join(str(layer) for layer in layers)}-"
-    found = sorted((folder / TRACES_FOLDER).glob(f"{spec_key}*.pt"))
-    return found[0] if found else None
+    """A stored trace in `folder` for this resolution and layer set."""
+    return find_stored(folder / TRACES_FOLDER, resolution, layers, ".pt")
 
 
 def _load(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -73,19 +65,10 @@ def trace_backbone(backbone: DinoBackbone, folder: Path) -> Path | None:
     bit: the torch runtime then loads the eager model, as before."""
     import torch
 
-    class PatchTokens(torch.nn.Module):
-        def __init__(self, backbone: DinoBackbone) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.model = backbone.model  # registered, so the weights are in the trace
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return self.backbone.patch_tokens(pixels)
-
     if backbone.dtype != torch.float32 or backbone.device.type != "cpu":
         raise ValueError("trace the backbone in float32 on the CPU")
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / trace_name(backbone.spec)
+    target = folder / stored_name(backbone.spec, ".pt")
     temporary = target.with_suffix(".pt.tmp")
     size = backbone.resolution
     stamp = {"spec": backbone.spec.to_dict(), "random_weights": backbone.random_weights}
@@ -94,7 +77,7 @@ def trace_backbone(backbone: DinoBackbone, folder: Path) -> Path | None:
         warnings.filterwarnings("ignore", module="torch.jit")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         program = torch.jit.trace(
-            PatchTokens(backbone).eval(), torch.zeros(1, 3, size, size), check_trace=False
+            backbone.as_module(), torch.zeros(1, 3, size, size), check_trace=False
         )
         torch.jit.save(program, str(temporary), _extra_files={STAMP_FILE: json.dumps(stamp)})
         reloaded, _ = _load(temporary)

@@ -1,6 +1,7 @@
 """The changes an operator makes to a product's live bank, each a new version: images added
-(reviewed false alarms, a new batch of material), a recalibration, and a new operating
-point (a false-alarm target, an explicit threshold, or the threshold from reviews)."""
+(reviewed false alarms, a new batch of material), a recalibration, a new operating point
+(a false-alarm target, an explicit threshold, or the threshold from reviews), and an ignore
+mask set or cleared (detector.masks says what a mask does)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
+from PIL import Image
 
 from detector.banks.products import UnknownProductError, list_products, version_numbers
-from detector.banks.versions import Draft, commit_version, load_bank, verify
+from detector.banks.versions import Draft, commit_document_change, commit_version, load_bank
 from detector.errors import UserError
-from detector.memory_bank import MemoryBank
+from detector.masks import MASK_KEY, grid_shape, mask_grid, to_document
 from detector.scoring import Calibration
 from detector.thresholds import rule_for_new_scores
 
@@ -255,11 +257,7 @@ def set_operating_point(
     target, threshold = _operating_point(target, threshold)
     report: dict[str, Any] = {}
 
-    def make(parent: bentoml.Model | None) -> Draft:
-        if parent is None:
-            raise UnknownProductError(product, list_products())
-        verify(parent)
-        document = MemoryBank.read_document(parent.path)
+    def edit(parent: bentoml.Model, document: dict[str, Any]) -> dict[str, Any]:
         before = Calibration.from_dict(document.get("calibration", {}))
         if reviewed is not None:
             after = _from_reviews(before, reviewed)
@@ -268,24 +266,51 @@ def set_operating_point(
         else:
             after = _explicit(parent, before, threshold, confirm)  # type: ignore[arg-type]
         document["calibration"] = after.to_dict()
-        folder = MemoryBank.write_document(Path(scratch) / "bank", document)
         report.update(
             threshold_before=before.threshold,
             threshold_after=after.threshold,
             before=before.estimate(),
             after=after.estimate(),
         )
-        change = {
+        return {
             "action": "operating_point",
             "reason": reason,
             "target": target,
             "threshold": after.threshold,
             "threshold_before": before.threshold,
         }
-        return Draft(folder, change, index_of=parent)
 
-    with tempfile.TemporaryDirectory(prefix="operating-point-") as scratch:
-        model = commit_version(product, make)
+    model = commit_document_change(product, edit)
+    return model, {"product": product, "version": str(model.tag.version), **report}
+
+
+def set_mask(
+    product: str, mask: Image.Image | None, reason: str = ""
+) -> tuple[bentoml.Model, dict[str, Any]]:
+    """A new live version whose frames are inspected only where `mask` is white (None:
+    everywhere again). The bank rows, threshold and calibration scores are kept, and the
+    change says they were measured over every patch: under a mask a frame's score is taken
+    over fewer patches (with the max rule it can only fall; with the top-percent rule it
+    may move either way a little). A later calibration session (add-images --session
+    ... --join calibration) restates the false-alarm rate under the mask."""
+    report: dict[str, Any] = {}
+
+    def edit(parent: bentoml.Model, document: dict[str, Any]) -> dict[str, Any]:
+        before = (document.get(MASK_KEY) or {}).get("inspected_share", 1.0)
+        if mask is None:
+            document.pop(MASK_KEY, None)
+        else:
+            document[MASK_KEY] = to_document(mask_grid(mask, grid_shape(document)))
+        after = (document.get(MASK_KEY) or {}).get("inspected_share", 1.0)
+        report.update(inspected_share_before=before, inspected_share_after=after)
+        return {
+            "action": "mask",
+            "reason": reason,
+            "inspected_share": after,
+            "calibration": "measured over every patch, before this mask",
+        }
+
+    model = commit_document_change(product, edit)
     return model, {"product": product, "version": str(model.tag.version), **report}
 
 

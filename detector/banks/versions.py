@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,6 +150,26 @@ def commit_version(
         write_live(product, f"v{number}")
         prune_versions(product)
     return bentoml.models.get(tag)
+
+
+def commit_document_change(
+    product: str, edit: Callable[[bentoml.Model, dict[str, Any]], dict[str, Any]]
+) -> bentoml.Model:
+    """A new live version with the live one's rows (its index is shared, not copied) and its
+    bank.json as `edit(parent, document)` leaves it; `edit` returns the change record. The
+    operating point and the mask change this way."""
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        if parent is None:
+            raise UnknownProductError(product, list_products())
+        verify(parent)
+        document = MemoryBank.read_document(parent.path)
+        change = edit(parent, document)
+        folder = MemoryBank.write_document(Path(scratch) / "bank", document)
+        return Draft(folder, change, index_of=parent)
+
+    with tempfile.TemporaryDirectory(prefix="bank-change-") as scratch:
+        return commit_version(product, make)
 
 
 def _describe_files(draft: Draft) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector, iter_features
 from detector.banks import changes, products, versions
-from detector.banks.mask_change import set_mask
 from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
 from detector.images import images_in, read_image
@@ -215,5 +214,5 @@ def set_mask_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reason", default="")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     mask = None if args.clear else read_image(args.mask)
-    _, report = set_mask(products.check_product(args.product), mask, args.reason)
+    _, report = changes.set_mask(products.check_product(args.product), mask, args.reason)
     print(json.dumps(report, indent=2))

@@ -33,26 +33,17 @@ def main() -> None:
     parser.add_argument("--per-defect", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    counts = {
+        "n_train": args.train,
+        "n_test_good": args.test_good,
+        "n_per_defect": args.per_defect,
+        "seed": args.seed,
+    }
     if args.high_resolution:
-        folder = make_highres_dataset(
-            args.root,
-            size=args.size or 2048,
-            n_train=args.train,
-            n_test_good=args.test_good,
-            n_per_defect=args.per_defect,
-            seed=args.seed,
-            labelled=args.labelled,
-        )
+        size = args.size or 2048
+        folder = make_highres_dataset(args.root, size=size, labelled=args.labelled, **counts)
     else:
-        folder = make_dataset(
-            args.root,
-            args.category,
-            size=args.size or 256,
-            n_train=args.train,
-            n_test_good=args.test_good,
-            n_per_defect=args.per_defect,
-            seed=args.seed,
-        )
+        folder = make_dataset(args.root, args.category, size=args.size or 256, **counts)
     print(f"wrote synthetic MVTec-layout dataset to {folder}")
 
 

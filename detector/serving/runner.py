@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from detector.banks import changes, products, versions
-from detector.banks.mask_change import set_mask
 from detector.drift import profile_to_list
 from detector.errors import UserError
 from detector.extractor import FeatureExtractor
@@ -244,7 +243,7 @@ class ScoringRunner:
             image = None if upload is None else self.inputs.decode(upload)
             if isinstance(image, InvalidImageError):
                 raise image
-            model, report = set_mask(product, image, reason)
+            model, report = changes.set_mask(product, image, reason)
             self.catalog.install(model)
         except (UserError, InvalidImageError) as error:
             return refusal(error)
