@@ -204,16 +204,18 @@ def _openvino_session(path: Path, precision: str, num_threads: int | None) -> Se
     core = openvino.Core()
     # Compiled blobs are cached, so a restart compiles in a fraction of the first time.
     core.set_property({"CACHE_DIR": str(cache_dir() / "openvino")})
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if precision == "bf16" and "BF16" not in capabilities:
+        # Asked anyway, OpenVINO emulates bf16 on AVX-512 without it: 29x slower than f32
+        # (docs/PERFORMANCE.md, "INT8 per product"). f32 it is, and the log says so.
+        log.warning(
+            "this CPU has no bf16 instructions (OpenVINO offers %s): running f32", capabilities
+        )
+        precision = "f32"
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
     if num_threads:
         config["INFERENCE_NUM_THREADS"] = int(num_threads)
     compiled = core.compile_model(str(path), "CPU", config)
-    effective = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    if precision == "bf16" and "bf16" not in effective:
-        log.warning(
-            "this CPU has no bf16 instructions (OpenVINO offers %s): running f32",
-            core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
-        )
     request = compiled.create_infer_request()
     output = compiled.output(0)
     return lambda batch: request.infer({0: batch})[output]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,27 @@ def test_int8_is_opt_in_and_moves_scores_only_a_little(
         abs(got.score - want.score) for got, want in zip(results, torch_results, strict=True)
     ]
     assert 0 < max(differences) < 0.05  # quantized for real, and still the same scale
+
+
+def test_bf16_on_a_cpu_without_it_runs_f32_and_says_so(
+    saved_detector_dir: Path, test_paths: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenVINO emulates bf16 on AVX-512 CPUs without it, 29x slower than f32: never asked."""
+    import openvino
+
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has bf16 instructions: bf16 runs for real here")
+    with caplog.at_level(logging.WARNING, logger="detector.runtimes"):
+        bf16 = AnomalyDetector.load(
+            saved_detector_dir, runtime="openvino", precision="bf16", device="cpu"
+        )
+    assert any(
+        "no bf16 instructions" in r.message and "running f32" in r.message for r in caplog.records
+    )
+    f32 = AnomalyDetector.load(saved_detector_dir, runtime="openvino", device="cpu")
+    images = test_paths[:3]
+    got = [r.score for r in bf16.predict(images, with_maps=False)]
+    assert got == [r.score for r in f32.predict(images, with_maps=False)]  # f32 itself
 
 
 def test_a_precision_a_runtime_does_not_offer_is_one_sentence(saved_detector_dir: Path) -> None:
