@@ -121,6 +121,8 @@ class AnomalyDetector:
             "scoring": asdict(self.scoring),
             "threshold": self.calibration.threshold,
             **context,
+            # A product's own int8 graph says so itself, whatever runtime serves the rest.
+            **getattr(self.extractor, "hash_context", {}),
         }
         if tiling := tiling_of(self.extractor):  # untiled products keep their hashes
             document["tiling"] = tiling.to_dict()

@@ -194,6 +194,23 @@ def locate_graph(
     return cached if cached.exists() else export_graph(backbone, cached.parent)
 
 
+def graph_for(extractor: Any) -> Path:
+    """The f32 ONNX graph of the weights an extractor runs: its own, or the one stored or
+    cached for its checkpoint, else exported now (once, into the cache)."""
+    if isinstance(extractor, GraphBackbone) and extractor.precision == "f32":
+        return extractor.graph
+    spec = extractor.spec
+    folder = Path(spec.source)
+    if folder.is_dir() and (stored := find_graph(folder, spec.resolution, spec.layers)):
+        return stored
+    cached = cache_dir() / GRAPHS_FOLDER / stored_name(spec, ".onnx")
+    if cached.exists():
+        return cached
+    if isinstance(extractor, DinoBackbone) and extractor.device.type == "cpu":
+        return export_graph(extractor, cached.parent)
+    return locate_graph(spec.source, spec.layers, spec.resolution, True, device="cpu")
+
+
 # ----- sessions ----------------------------------------------------------------------------
 Session = Callable[[np.ndarray], np.ndarray]
 

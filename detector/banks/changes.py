@@ -18,6 +18,7 @@ from detector.banks.products import UnknownProductError, list_products, version_
 from detector.banks.versions import Draft, commit_document_change, commit_version, load_bank
 from detector.errors import UserError
 from detector.masks import MASK_KEY, grid_shape, mask_grid, to_document
+from detector.quantized import recheck as recheck_int8
 from detector.scoring import Calibration
 from detector.thresholds import rule_for_new_scores
 
@@ -79,6 +80,7 @@ def add_images(
             }
         report["bank_rows_after"] = learned.bank.size
         remember_images(learned.bank.metadata, hashes)
+        recheck_int8(learned, Path(parent.path))
         folder = learned.save(Path(scratch) / "bank")
         change = {"action": "recalibrate" if held_out else "add_images", "reason": reason}
         change.update(added_images=len(hashes), added_sha256=hashes, rows_added=added)
@@ -138,6 +140,7 @@ def add_session(
             before=current.calibration.estimate(),
             after=updated.calibration.estimate(),
         )
+        recheck_int8(updated, Path(parent.path))
         folder = updated.save(Path(scratch) / "bank")
         change = {"action": "add_session", "reason": reason, "session": session, "join": join}
         change.update(added_images=len(hashes), added_sha256=hashes, rows_added=added)

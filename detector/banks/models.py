@@ -32,6 +32,7 @@ from detector.dino import load_pretrained
 from detector.errors import UserError
 from detector.extractor import BackboneSpec, FeatureExtractor, IncompatibleBankError
 from detector.memory_bank import MemoryBank
+from detector.quantized import product_extractor
 
 BACKBONE_MODEL = "dino-backbone"
 model_store_dir()  # before any bentoml.models call in this process: BentoML uses it too
@@ -330,7 +331,17 @@ def load_pair(
         half_precision=half_precision,
         num_threads=num_threads,
     )
-    detector = AnomalyDetector.from_bank(load_bank(bank), extractor, batch_size)
+    memory_bank = load_bank(bank)
+    # An int8 product is scored by its own graph where the service would serve it so.
+    extractor, _ = product_extractor(
+        Path(bank.path),
+        memory_bank.metadata,
+        memory_bank.size,
+        extractor,
+        num_threads,
+        str(bank.tag),
+    )
+    detector = AnomalyDetector.from_bank(memory_bank, extractor, batch_size)
     product_name = bank.info.metadata.get("product")
     if product_name:  # the job's results may be recorded: keep the version
         mark_served(str(product_name), str(bank.tag.version))

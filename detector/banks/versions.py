@@ -14,6 +14,7 @@ export` carries one with its history.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ from detector.banks.products import (
     write_live,
 )
 from detector.errors import UserError
+from detector.int8_check import INT8_FOLDER, INT8_KEY
+from detector.int8_check import status as int8_status
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
 from detector.scoring import Calibration
 
@@ -147,9 +150,28 @@ def commit_version(
             _share_file(Path(draft.index_of.path) / INDEX_FILE, version_dir / INDEX_FILE)
         for name in (INDEX_FILE, METADATA_FILE):  # versions never change their files
             (version_dir / name).chmod(0o444)
+        _carry_int8(draft, parent, version_dir)
         write_live(product, f"v{number}")
         prune_versions(product)
     return bentoml.models.get(tag)
+
+
+def _carry_int8(draft: Draft, parent: bentoml.Model | None, version_dir: Path) -> None:
+    """An int8 product's graph and check images (detector.quantized) go with each of its
+    versions: a fit's own, else those of the version whose rows this one shares (a rollback
+    restores its own graph with its own check), else the parent's; shared, not copied."""
+    document = json.loads((draft.folder / METADATA_FILE).read_text())
+    if not document.get(INT8_KEY):
+        return
+    sources = [draft.folder, *(Path(m.path) for m in (draft.index_of, parent) if m is not None)]
+    source = next((s / INT8_FOLDER for s in sources if (s / INT8_FOLDER).is_dir()), None)
+    if source is None:
+        return  # the version says so: detector.quantized.status serves it in f32
+    target = version_dir / INT8_FOLDER
+    target.mkdir(exist_ok=True)
+    for item in source.iterdir():
+        _share_file(item, target / item.name)
+        (target / item.name).chmod(0o444)
 
 
 def commit_document_change(
@@ -196,6 +218,7 @@ def _describe_files(draft: Draft) -> dict[str, Any]:
             "calibration": calibration.get("session_names") or [],
         },
         "tiling": document.get("tiling"),  # None: whole frames (detector.tiling)
+        "int8": int8_status(document, size),  # None: served in f32, as asked
         "files": {
             INDEX_FILE: index_hash,
             METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
@@ -224,6 +247,7 @@ def describe(model: bentoml.Model) -> dict[str, Any]:
         "calibration": metadata.get("calibration", {}),
         "sessions": metadata.get("sessions"),
         "tiling": metadata.get("tiling"),
+        "int8": metadata.get("int8"),
         "backbone_model": metadata.get("backbone_model"),
         "created": model.info.creation_time.isoformat(timespec="seconds"),
         "change": metadata.get("change", {}),

@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "detector.commands.banks:set_mask_main",
         "ignore regions of a product's frames (a mask image; --clear): a new version",
     ),
+    "check-int8": (
+        "detector.commands.banks:check_int8_main",
+        "run a product's int8 check again (after a mask change): a new version",
+    ),
     "suggest-threshold": (
         "detector.commands.records:suggest_threshold_main",
         "rates of reviewed records at the live and a suggested threshold; --apply sets it",

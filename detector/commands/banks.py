@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from detector.anomaly_detector import AnomalyDetector, iter_features
-from detector.banks import changes, products, versions
+from detector.banks import changes, precision, products, versions
 from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
 from detector.images import images_in, read_image
@@ -215,4 +215,22 @@ def set_mask_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     mask = None if args.clear else read_image(args.mask)
     _, report = changes.set_mask(products.check_product(args.product), mask, args.reason)
+    print(json.dumps(report, indent=2))
+
+
+@exits_on_user_error
+def check_int8_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Run a product's int8 check again on its stored check images (README 'INT8')."
+    )
+    parser.add_argument("product")
+    parser.add_argument("--num-threads", type=int, default=None)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(args.num_threads)
+    product = products.check_product(args.product)
+    live = products.live_model(product)
+    backbone = stored(live.info.metadata["backbone_model"])
+    # The reference: torch in f32, as the fit and the check made the scores.
+    extractor = load_extractor(backbone, {product: live}, device="cpu")
+    _, report = precision.check_int8(product, extractor, num_threads=args.num_threads)
     print(json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -39,10 +40,12 @@ from detector.commands.tracking import Run, tracked
 from detector.data.augment import AugmentConfig, AugmentedImages
 from detector.data.layouts import Category
 from detector.data.mvtec import split_calibration
-from detector.errors import exits_on_user_error
+from detector.errors import UserError, exits_on_user_error
 from detector.extractor import FeatureExtractor
 from detector.fitting import fit_detector
 from detector.images import images_in
+from detector.int8_check import INT8_FOLDER, PRECISIONS, check_image_count, status
+from detector.quantized import make_int8
 from detector.sessions import remember_images
 from detector.threads import set_threads
 from detector.tiling import TiledExtractor
@@ -71,6 +74,21 @@ def calibration_plan(
         return train, [], "cross_fitted"
     bank, held_out = split_calibration(train, float(cfg.calibration_fraction), int(cfg.seed))
     return bank, held_out, "held_out"
+
+
+def serving_precision(cfg: DictConfig) -> str:
+    """The precision the product asks to be served in (`precision`; f32 by default)."""
+    precision = str(cfg.get("precision", "f32"))
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"precision={precision} is not offered: choose one of {', '.join(PRECISIONS)} "
+            "(int8: a static INT8 backbone checked on this product's images, README 'INT8')."
+        )
+    if precision == "int8" and tiling_config(cfg) is not None:
+        raise UserError(
+            "precision int8 is not offered for tiled products yet: fit with precision=f32."
+        )
+    return precision
 
 
 def training_set(cfg: DictConfig, dataset: Category) -> tuple[list[Path], list[str]]:
@@ -163,6 +181,11 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     train, sessions = training_set(cfg, dataset)
     bank_paths, calibration_paths, source = calibration_plan(cfg, train, dataset)
     session_of = dict(zip(train, sessions, strict=True))
+    precision = serving_precision(cfg)
+    check_paths: list[Path] = []
+    if precision == "int8":  # defect-free images the bank never sees, to check int8 on
+        count = check_image_count(len(bank_paths))
+        bank_paths, check_paths = split_calibration(bank_paths, 0.0, int(cfg.seed), count)
     augmentation = augment_config(cfg)
     bank_images = AugmentedImages(bank_paths, augmentation) if augmentation.enabled else bank_paths
     copies = augmentation.copies_per_image if augmentation.enabled else 1
@@ -178,8 +201,13 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     remember_images(detector.bank.metadata, [file_sha256(path) for path in used])
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id
-    model_dir = detector.save(Path(str(cfg.model_dir)))
+    model_dir = Path(str(cfg.model_dir))
+    shutil.rmtree(model_dir / INT8_FOLDER, ignore_errors=True)  # never a stale graph
+    if precision == "int8":
+        make_int8(detector, bank_paths, check_paths, model_dir, cfg.num_threads)
+    model_dir = detector.save(model_dir)
     summary = fit_summary(cfg, detector, model_dir, len(bank_paths), augmentation)
+    summary["int8"] = status(detector.bank.metadata, detector.bank.size)
     summary["sessions"] = dict(Counter(sessions))  # every training image, held out or not
     summary["fit_seconds"] = round(time.perf_counter() - started, 2)
     (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -27,6 +27,7 @@ from detector.banks import products, versions
 from detector.drift import DriftMonitor
 from detector.extractor import BackboneSpec, FeatureExtractor, IncompatibleBankError
 from detector.memory_bank import INDEX_FILE
+from detector.quantized import product_extractor
 from detector.serving import telemetry
 from detector.serving.settings import Settings
 
@@ -41,6 +42,7 @@ class LiveBank:
     detector: AnomalyDetector
     nbytes: int
     settings_hash: str  # what decided besides the rows (AnomalyDetector.settings_hash)
+    int8: dict[str, Any] | None = None  # detector.quantized.status, as served here
 
     @property
     def demo(self) -> bool:
@@ -157,9 +159,19 @@ class BankCatalog:
         """Serve this bank version of its product from now on (after an update here)."""
         self.check_fits(model)
         product = str(model.info.metadata["product"])
-        detector = AnomalyDetector.from_bank(
-            versions.load_bank(model), self.extractor, self.settings.max_batch_size
+        bank = versions.load_bank(model)
+        # A product that asked for int8 runs its own graph when its check holds (a pass of
+        # its own), else the shared backbone, with a log line saying why.
+        extractor, int8 = product_extractor(
+            Path(model.path),
+            bank.metadata,
+            bank.size,
+            self.extractor,
+            self.settings.num_threads,
+            product,
+            log,
         )
+        detector = AnomalyDetector.from_bank(bank, extractor, self.settings.max_batch_size)
         live = LiveBank(
             product,
             str(model.tag.version),
@@ -169,6 +181,7 @@ class BankCatalog:
             detector.settings_hash(
                 runtime=self.settings.runtime, precision=self.settings.precision
             ),
+            int8,
         )
         with self._lock:
             old = self._live.pop(product, None)
@@ -233,6 +246,12 @@ class BankCatalog:
         with self._lock:
             monitor = self._drift.get(product)
             return monitor.status() if monitor is not None else None
+
+    def int8_of(self, product: str, stated: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A product's int8 status as its loaded bank is served, else as its version says."""
+        with self._lock:
+            live = self._live.get(product)
+        return live.int8 if live is not None else stated
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -81,9 +81,12 @@ class UploadInputs:
 
 
 def by_input(rows: list[int], extractors: list[Any]) -> dict[Any, list[int]]:
-    """Rows grouped by what their extractors feed the backbone: untiled products all share
-    one pass, tiled ones one per tiling."""
+    """Rows grouped by the backbone pass that serves them: untiled products on the shared
+    backbone all share one pass, tiled ones one per tiling, and a product served by its own
+    int8 graph (detector.quantized) one of its own."""
     groups: dict[Any, list[int]] = {}
     for row in rows:
-        groups.setdefault(tiling_of(extractors[row]), []).append(row)
+        extractor = extractors[row]
+        backbone = getattr(extractor, "inner", extractor)  # a tiled product's backbone
+        groups.setdefault((id(backbone), tiling_of(extractor)), []).append(row)
     return groups

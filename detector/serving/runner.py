@@ -289,6 +289,8 @@ class ScoringRunner:
                     "demo": model.info.labels.get("demo") == "true",
                     "random_weights": self.info["random_weights"],
                     "in_memory": product in loaded,
+                    # As served here, where it is loaded (the version states its check).
+                    "int8": self.catalog.int8_of(product, described["int8"]),
                     "drift": self.catalog.drift_if_watched(product),
                 }
             )

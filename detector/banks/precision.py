@@ -1,0 +1,57 @@
+"""A product's served precision in the store: its int8 check run again as a new version.
+
+The check's scores depend on the bank's rows and mask; changes that bring images run it
+themselves (detector.banks.changes), a mask change cannot (it has no backbone at hand) and
+leaves the product in f32 until this runs (detector.int8_check).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from detector.banks.products import UnknownProductError, list_products
+from detector.banks.versions import Draft, commit_version, load_bank
+from detector.errors import UserError
+from detector.extractor import FeatureExtractor
+from detector.int8_check import INT8_KEY, has_graph, status
+from detector.quantized import recheck
+
+
+def check_int8(
+    product: str,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 8,
+    num_threads: int | None = None,
+) -> tuple[bentoml.Model, dict[str, Any]]:
+    """A new live version whose int8 check was run again, on the stored check images with
+    the live rows, mask and threshold: after a mask change, which leaves it stale (served in
+    f32 until then). `extractor` is the shared f32 backbone."""
+    from detector.anomaly_detector import AnomalyDetector
+    from detector.memory_bank import MemoryBank
+
+    report: dict[str, Any] = {}
+
+    def make(parent: bentoml.Model | None) -> Draft:
+        if parent is None:
+            raise UnknownProductError(product, list_products())
+        current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
+        if not current.bank.metadata.get(INT8_KEY) or not has_graph(Path(parent.path)):
+            raise UserError(
+                f"{product} ({parent.tag}) is served in f32 as it asked: there is no int8 "
+                f"check to run. Fit it with precision=int8 to serve it in int8."
+            )
+        recheck(current, Path(parent.path), num_threads)
+        report.update(status(current.bank.metadata, current.bank.size) or {})
+        document = MemoryBank.read_document(parent.path)
+        document[INT8_KEY] = current.bank.metadata[INT8_KEY]
+        folder = MemoryBank.write_document(Path(scratch) / "bank", document)
+        return Draft(folder, {"action": "check_int8", "int8": report["check"]}, index_of=parent)
+
+    with tempfile.TemporaryDirectory(prefix="bank-int8-") as scratch:
+        model = commit_version(product, make)
+    return model, {"product": product, "version": str(model.tag.version), "int8": report}
