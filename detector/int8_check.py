@@ -54,14 +54,11 @@ def check_image_count(training_images: int) -> int:
 
 
 def bank_identity(bank_size: int, metadata: dict[str, Any]) -> str:
-    """What, besides the threshold, decides the check's scores: the bank's rows (how many,
-    and how many were learned) and the mask. A change of either runs the check again."""
+    """What, besides the threshold, decides the check's scores: the bank's rows and the mask.
+    Rows are only ever added to a product's bank (a refit makes its own check), so their
+    number names them. A change of either runs the check again."""
     mask = metadata.get("inspect_mask") or {}
-    calibration = metadata.get("calibration") or {}
-    return json.dumps(
-        [bank_size, calibration.get("rows_added_since", 0), mask.get("sha256")],
-        separators=(",", ":"),
-    )
+    return json.dumps([bank_size, mask.get("sha256")], separators=(",", ":"))
 
 
 @dataclass(frozen=True)

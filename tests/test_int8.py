@@ -17,6 +17,7 @@ from PIL import Image
 from batch.__main__ import main as batch_main
 from batch.results import read_rows
 from detector.anomaly_detector import AnomalyDetector
+from detector.banks import products, versions
 from detector.banks.models import load_pair, save_bank, stored
 from detector.data.mvtec import MVTecCategory, split_calibration
 from detector.int8_check import (
@@ -187,5 +188,17 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
     report = json.loads((tmp_path / "replay.json").read_text())
     assert report["checked"] == 10 and report["same"] == 10 and report["other_settings"] == 0
+    # Added images change the rows: the change runs the check again on the new bank.
+    added = run_detector(
+        home, "add-images", "carpet", str(tmp_path / "data" / "carpet" / "test" / "good")
+    )
+    assert added.returncode == 0, added.stderr[-3000:]
+    with bentoml_home(home):
+        described = versions.describe(products.live_model("carpet"))
+    assert described["version"] == "v4" and described["change"]["action"] == "add_images"
+    # Run for this version's rows (not stale); served in int8 exactly where it holds.
+    assert "rows or mask changed" not in described["int8"]["reason"], described["int8"]
+    accepted = described["int8"]["check"]["accepted"]
+    assert described["int8"]["served"] == ("int8" if accepted else "f32")
     log = (tmp_path / "serve.log").read_text()
     assert "asks for int8 but is served in f32: the bank's rows or mask changed" in log
