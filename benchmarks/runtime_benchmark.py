@@ -8,7 +8,10 @@ so the shared machine's drift hits them alike; prints the median s/img and the s
 torch. Then, at the largest resolution and batch 1: the predict/backbone overhead ratio per
 runtime (a 2,195-row bank, as docs/PERFORMANCE.md), and for each reduced precision the largest
 score difference from torch and the image/pixel AUROC on the synthetic set with a bank fitted
-by torch (random weights: the AUROC *change* is the figure, not its level).
+by torch (random weights: the AUROC *change* is the figure, not its level). With them, the
+self-check `fit precision=int8` runs (detector.quantized) on the test's defect-free images.
+`openvino-int8-static` is a product's int8 graph: NNCF, calibrated on the synthetic
+product's training images. The CPU's flags are printed: int8 speed depends on VNNI or AMX.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from detector.data.synthetic import make_dataset
 from detector.dino import DinoBackbone
 from detector.fitting import fit_detector
 from detector.images import read_image
+from detector.int8_check import Int8Check
 from detector.memory_bank import BankConfig
 from detector.metrics import image_auroc, pixel_auroc
+from detector.quantized import Int8Backbone, quantize
 from detector.runtimes import GraphBackbone, export_graph
 from detector.threads import set_threads, usable_cpus
 
@@ -50,13 +55,44 @@ def openvino_has_bf16() -> bool:
     return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def extractors(source: Path, resolution: int, threads: int, scratch: Path) -> dict[str, object]:
+def extractors(
+    source: Path, resolution: int, threads: int, scratch: Path, calibration: list[Path]
+) -> dict[str, object]:
+    """Every runtime the project ships, and a product's static int8 graph (NNCF, calibrated
+    on `calibration`: the synthetic product's training images, as `fit precision=int8`)."""
     torch_backbone = DinoBackbone(str(source), resolution=resolution, device="cpu")
     graph = export_graph(torch_backbone, scratch / "graphs")
     found = {"torch-f32": torch_backbone}
     for runtime, precision in VARIANTS:
         found[f"{runtime}-{precision}"] = GraphBackbone(graph, runtime, precision, threads)
+    prepared = np.stack([torch_backbone.prepare(read_image(path)) for path in calibration])
+    stamp = {"spec": torch_backbone.spec.to_dict(), "random_weights": True}
+    quantize(graph, prepared, scratch / "int8", stamp)
+    found["openvino-int8-static"] = Int8Backbone(scratch / "int8", threads)
     return found
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide int8 and bf16 speed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    wanted = (
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    )
+    return [flag for flag in wanted if flag in flags]
 
 
 def time_embeddings(extractors_: dict[str, object], batch: int, rounds: int) -> dict[str, float]:
@@ -100,17 +136,31 @@ def precision_effect(
     """Largest |score - torch score| and image/pixel AUROC per runtime, same bank."""
     samples = dataset.test_samples()
     labels = np.array([sample.label for sample in samples])
-    report, reference = {}, None
+    report, reference, good = {}, None, labels == 0
     for name, extractor in extractors_.items():
         scoring = AnomalyDetector(extractor, detector.bank, detector.calibration)
         results = scoring.predict([sample.path for sample in samples])
         scores = np.array([result.score for result in results])
+        if reference is not None:  # the self-check `fit precision=int8` runs, on the test's
+            check = Int8Check.measure(  # defect-free images (not in the bank)
+                reference[good], scores[good], detector.calibration.threshold, ""
+            )
         masks = [load_mask(sample, (64, 64)) for sample in samples]
         maps = [np.asarray(read_map(result.anomaly_map)) for result in results]
         with_mask = [i for i, mask in enumerate(masks) if mask is not None]
         reference = scores if reference is None else reference
+        threshold = detector.calibration.threshold
+        defective = ~good
         report[name] = {
+            **({"self_check": check.summary()} if name != "torch-f32" else {}),
             "max_score_difference": float(np.abs(scores - reference).max()),
+            # Where the ranges calibrated on normal images matter: the defects' own patches.
+            "max_difference_defect_free": float(np.abs(scores - reference)[good].max()),
+            "largest_drop_on_defects": float((reference - scores)[defective].max()),
+            "defect_verdicts_agree": float(
+                np.mean((scores[defective] > threshold) == (reference[defective] > threshold))
+            ),
+            "defects_found": float(np.mean(scores[defective] > threshold)),
             "image_auroc": round(image_auroc(labels, scores), 4),
             "pixel_auroc": round(
                 pixel_auroc(
@@ -141,13 +191,18 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "openvino_cpu_has_bf16": openvino_has_bf16(),
+        "cpu_flags": cpu_flags(),
     }
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         os.environ["DINO_INSPECT_CACHE"] = str(scratch / "cache")
         source = make_backbone(scratch / "vits16", "vits16")
+        data = make_dataset(scratch / "data", size=256, n_train=16, n_test_good=8, n_per_defect=4)
+        train = sorted((data / "train" / "good").glob("*.png"))
         for resolution in args.resolutions:
-            found = extractors(source, resolution, args.threads, scratch / str(resolution))
+            found = extractors(
+                source, resolution, args.threads, scratch / str(resolution), train[2:]
+            )
             for batch in args.batches:
                 seconds = time_embeddings(found, batch, args.rounds)
                 torch_seconds = seconds["torch-f32"]
@@ -155,8 +210,6 @@ def main() -> None:
                     name: {"s_per_img": round(s, 4), "vs_torch": round(torch_seconds / s, 3)}
                     for name, s in seconds.items()
                 }
-        data = make_dataset(scratch / "data", size=256, n_train=16, n_test_good=8, n_per_defect=4)
-        train = sorted((data / "train" / "good").glob("*.png"))
         detector = fit_detector(
             found["torch-f32"],
             train[2:],

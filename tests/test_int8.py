@@ -127,6 +127,16 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
     assert summary["int8"]["served"] == "int8", summary["int8"]
     assert summary["int8"]["check"]["images"] == 8  # kept out of the 24-image bank
     assert summary["n_bank_images"] == 16
+    # evaluate precision=int8 scores the test split with the product's int8 graph.
+    evaluated = {}
+    for precision in ("int8", "f32"):
+        run_dir = tmp_path / f"evaluate-{precision}"
+        overrides_now = [*overrides[:-2], f"precision={precision}", f"hydra.run.dir={run_dir}"]
+        evaluation = run_detector(home, "evaluate", *overrides_now)
+        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+        evaluated[precision] = json.loads((run_dir / "metrics.json").read_text())
+    assert evaluated["int8"]["runtime"]["precision"] == "int8-static"
+    assert evaluated["f32"]["runtime"]["precision"] == "f32"
     exported = run_detector(home, "export", str(tmp_path / "model"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     check = Int8Check.from_dict(

@@ -135,4 +135,14 @@ def start_test_run(cfg: DictConfig, run_dir: Path) -> tuple[list[Sample], Anomal
         num_threads=cfg.num_threads,
         **runtime_options(cfg.backbone),
     )
+    if str(cfg.get("precision", "f32")) == "int8":  # the product's int8 graph, as served
+        from detector.quantized import product_extractor
+
+        bank = detector.bank
+        int8, _ = product_extractor(
+            Path(str(cfg.model_dir)), bank.metadata, bank.size, detector.extractor, cfg.num_threads
+        )
+        detector = AnomalyDetector(
+            int8, bank, detector.calibration, detector.scoring, detector.batch_size
+        )
     return samples, detector

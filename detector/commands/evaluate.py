@@ -47,7 +47,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "model_dir": str(cfg.model_dir),
         "backbone": detector.extractor.spec.to_dict(),
         "random_weights": detector.extractor.random_weights,
-        "runtime": runtime_options(cfg.backbone),
+        # What ran the backbone: the config's runtime, or the product's own int8 graph.
+        "runtime": {
+            **runtime_options(cfg.backbone),
+            **getattr(detector.extractor, "hash_context", {}),
+        },
         "threshold": detector.calibration.threshold,
         # How the threshold was set and what its calibration scores can show.
         "calibration": {
