@@ -10,6 +10,9 @@ from any row to its nearest kept row (the distance scoring uses). Prints the rat
 run: radius (ours / plain) and time (plain / ours). Also the selection the fit used before,
 each chunk keeping its own share of centres, for comparison; `--exact-plain` adds plain
 greedy without the projection (about 3 times slower than with it).
+
+    python -m benchmarks.coreset_benchmark --ratio 0.1 --exact-plain   # 20,000 centres
+    python -m benchmarks.coreset_benchmark --million 1000000 --ratio 0.01  # memory
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.coreset import DEFAULT_PROJECTION_DIM, chunk_shares, coreset_size, streaming_coreset
+from detector.coreset import (
+    DEFAULT_PROJECTION_DIM,
+    chunk_share_indices,
+    coreset_size,
+    streaming_coreset,
+)
 from detector.greedy import covering_radius, greedy_k_center, random_projection
 from detector.memory_bank import l2_normalize
 from detector.runtimes import cache_dir
@@ -59,27 +67,88 @@ def timed(function, *args, **kwargs):
     return value, time.perf_counter() - started
 
 
+def anonymous_peak(function, *args, **kwargs):
+    """(value, seconds, peak anonymous RSS in MiB while it ran): the process's own memory,
+    not the page cache's pages of the spill file it maps (RssFile)."""
+    import threading
+
+    def anonymous_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    peak, running = [anonymous_mib()], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak.append(anonymous_mib())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        value, seconds = timed(function, *args, **kwargs)
+    finally:
+        running[0] = False
+        watcher.join()
+    return value, seconds, max(peak) - peak[0]
+
+
+def million_rows(rows: int, ratio: float) -> dict:
+    """A 1 % coreset of `rows` x 384 streamed rows (clustered unit vectors made chunk by chunk,
+    so the input itself never sits in memory whole), with its peak anonymous memory."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2000, 384)).astype(np.float32)
+
+    def chunks():
+        for start in range(0, rows, 16384):
+            part = np.random.default_rng(start)
+            size = min(16384, rows - start)
+            block = centres[part.integers(0, len(centres), size)]
+            yield l2_normalize(block + 0.3 * part.normal(size=block.shape).astype(np.float32))
+
+    keep = coreset_size(rows, ratio)
+    coreset, seconds, peak_mib = anonymous_peak(
+        streaming_coreset, chunks(), rows, keep, progress=False
+    )
+    return {
+        "rows": f"{rows} x 384 (clustered random unit vectors, streamed)",
+        "kept_rows": keep,
+        "seconds": round(seconds, 1),
+        "peak_anonymous_mib_over_start": round(peak_mib),
+        "input_mib": round(rows * 384 * 4 / 2**20),
+        "recorded_radius": round(coreset.radius, 5),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--exact-plain", action="store_true")
+    parser.add_argument(
+        "--million", type=int, default=0, help="only the memory run: this many streamed rows"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.million:
+        print(json.dumps(million_rows(args.million, args.ratio), indent=2))
+        return
     features = carpet_features(args.rows)
     keep = coreset_size(len(features), args.ratio)
     chunks = [features[start : start + 16384] for start in range(0, len(features), 16384)]
 
     ours, ours_s = timed(streaming_coreset, chunks, len(features), keep, progress=False)
     projection = random_projection(features.shape[1], DEFAULT_PROJECTION_DIM, 0)
-    chunk_only, chunk_only_s = timed(chunk_shares, chunks, len(features), keep, progress=False)
+    chunk_only, chunk_only_s = timed(chunk_share_indices, features, keep, 0, 16384, projection)
     plain, plain_s = timed(greedy_k_center, features, keep, projection=projection)
 
     radius = {
         "ours": covering_radius(features, ours.rows),
-        "chunk_only": covering_radius(features, chunk_only.rows),
+        "chunk_only": covering_radius(features, features[chunk_only]),
         "plain_greedy": covering_radius(features, features[plain]),
     }
     seconds = {"ours": ours_s, "chunk_only": chunk_only_s, "plain_greedy": plain_s}

@@ -16,9 +16,13 @@ greedy's on 13 chunks of ViT features (docs/PERFORMANCE.md). Here:
    update of a fitted bank runs the same farthest-point step (`farthest_points`).
 
 The result keeps plain greedy's property where it matters: the worst-covered rows get
-centres. Step 3's bounds still cost rows x centres on the projection, so above
-`DEFAULT_GLOBAL_LIMIT` centres each chunk keeps its own share instead: with that many
-centres per chunk the global pass gains little.
+centres. Above `DEFAULT_GLOBAL_LIMIT` centres the sample in step 2 would itself cost about
+what plain greedy does (4 x 10,000 rows, greedily, for 20,000 centres), so the first half
+comes from each chunk's own share instead (greedy within a chunk of 16,384 rows, which stays
+in the CPU's cache: 5 s for 10,000 centres of 200k rows), and step 3 continues from there
+over all rows, `CONTINUE_ROUND` centres per round (a round searches 8 x its centres of the
+worst rows; one round for 10,000 centres would search 80,000). Each chunk keeping its share
+alone, the fit's way above 4,096 centres before, covered 2.5 x worse (docs/PERFORMANCE.md).
 
 The bank records its covering radius (the largest cosine distance from a training row to
 its nearest centre), so an update adds exactly the new patches the bank does not already
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from detector.greedy import continue_greedy, greedy_k_center, nearest_centre, random_projection
+from detector.greedy import continue_greedy, greedy_k_center, random_projection
 from detector.spill import DEFAULT_IN_MEMORY_BYTES, Spill
 
 if TYPE_CHECKING:  # imported where a sampler runs: serving's API process never loads torch
@@ -44,8 +48,9 @@ DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_PROJECTION_DIM = 128
 DEFAULT_OVERSAMPLE = 4  # the random sample the first half of the centres comes from
 
-DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the global greedy pass runs
-SAMPLED_SHARE = 0.5  # of the centres, picked on the random sample before the global pass
+DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the first half comes from a sample
+SAMPLED_SHARE = 0.5  # of the centres, picked before the global pass
+CONTINUE_ROUND = 512  # centres per round of the global pass
 
 
 @dataclass(frozen=True)
@@ -103,20 +108,14 @@ def streaming_coreset(
     """Keep `n_select` of `total_rows` streamed, L2-normalised feature rows; the same seed
     gives the same rows.
 
-    Up to `global_limit` centres, the rows are kept (in memory up to `in_memory_bytes`,
-    beyond in a temporary file the page cache serves) for the global greedy pass. Beyond
-    it, every chunk keeps its own share (`chunk_shares`): the global pass measures every row
-    against every centre, a cost that grows with their product, while with that many
-    centres each chunk holds enough of them that the pass gains little.
+    The rows are kept (in memory up to `in_memory_bytes`, beyond in a temporary file the
+    page cache serves) for the global greedy pass. Its first half of the centres comes from
+    a random sample up to `global_limit` centres, from each chunk's share beyond it.
     """
     import torch
 
     if not 1 <= n_select <= total_rows:
         raise ValueError(f"cannot keep {n_select} of {total_rows} rows")
-    if n_select > global_limit:
-        return chunk_shares(
-            chunks, total_rows, n_select, seed, chunk_rows, projection_dim, progress
-        )
     spill: Spill | None = None
     seen = 0
     bar = tqdm(total=total_rows, desc="coreset", unit="row", disable=not progress)
@@ -132,14 +131,18 @@ def streaming_coreset(
         bar.close()
         if seen != total_rows or spill is None:
             raise ValueError(f"received {seen} rows, {total_rows} were announced")
-        rng = np.random.default_rng(seed)
-        wanted = min(total_rows, oversample * n_select)
-        sample = np.sort(rng.choice(total_rows, wanted, replace=False))
         projection = random_projection(spill.array.shape[1], projection_dim, seed)
         first = max(1, int(n_select * SAMPLED_SHARE))
-        start = sample[greedy_k_center(spill.take(sample), first, seed=seed, projection=projection)]
+        if n_select <= global_limit:
+            rng = np.random.default_rng(seed)
+            wanted = min(total_rows, oversample * n_select)
+            sample = np.sort(rng.choice(total_rows, wanted, replace=False))
+            picked = greedy_k_center(spill.take(sample), first, seed=seed, projection=projection)
+            start = sample[picked]
+        else:
+            start = chunk_share_indices(spill.array, first, seed, chunk_rows, projection)
         finish, radius = continue_greedy(
-            torch.from_numpy(spill.array), start, n_select - len(start), projection
+            torch.from_numpy(spill.array), start, n_select - len(start), projection, CONTINUE_ROUND
         )
         # Unit vectors: squared Euclidean distance = 2 x cosine distance.
         return Coreset(spill.take(np.concatenate([start, finish])), radius * radius / 2.0)
@@ -148,45 +151,25 @@ def streaming_coreset(
             spill.close()
 
 
-def chunk_shares(
-    chunks: Iterable[np.ndarray],
-    total_rows: int,
+def chunk_share_indices(
+    rows: np.ndarray,
     n_select: int,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    projection_dim: int = DEFAULT_PROJECTION_DIM,
-    progress: bool = True,
-) -> Coreset:
-    """Each chunk's share of the centres by greedy k-center on that chunk (on a projection);
-    memory holds one chunk and the kept rows. The radius is the largest chunk's own, measured
-    exactly: an upper bound, since another chunk's centre may be nearer."""
-    import torch
-
-    kept: list[np.ndarray] = []
-    projection: torch.Tensor | None = None
-    seen = kept_rows = 0
-    radius_sq = 0.0
-    bar = tqdm(total=total_rows, desc="coreset", unit="row", disable=not progress)
-    for number, chunk in enumerate(_rechunk(chunks, chunk_rows)):
-        if projection is None:
-            projection = random_projection(chunk.shape[1], projection_dim, seed)
-        seen += chunk.shape[0]
-        if seen > total_rows:
-            raise ValueError(f"received more than the announced {total_rows} rows")
-        # Cumulative rounding keeps the per-chunk shares summing to exactly n_select.
-        share = min(chunk.shape[0], int(round(n_select * seen / total_rows)) - kept_rows)
+    projection: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Indices of `n_select` rows, each chunk of `chunk_rows` giving its share by greedy
+    k-center within itself (on `projection`): the global pass's start above `global_limit`
+    centres, and on their own the fit's coreset there before."""
+    total = rows.shape[0]
+    picked: list[np.ndarray] = []
+    kept = 0
+    for number, begin in enumerate(range(0, total, chunk_rows)):
+        chunk = np.asarray(rows[begin : begin + chunk_rows], dtype=np.float32)
+        # Cumulative rounding keeps the shares summing to exactly n_select.
+        share = min(len(chunk), int(round(n_select * (begin + len(chunk)) / total)) - kept)
         if share > 0:
-            picked = np.sort(
-                greedy_k_center(chunk, share, seed=seed + number, projection=projection)
-            )
-            points = torch.from_numpy(np.ascontiguousarray(chunk))
-            nearest = nearest_centre(points, points[torch.from_numpy(picked)])
-            radius_sq = max(radius_sq, float(nearest.max()))
-            kept.append(chunk[picked].copy())
-            kept_rows += share
-        bar.update(chunk.shape[0])
-    bar.close()
-    if seen != total_rows:
-        raise ValueError(f"received {seen} rows, {total_rows} were announced")
-    rows = np.concatenate(kept) if len(kept) > 1 else kept[0]
-    return Coreset(rows, max(radius_sq, 0.0) / 2.0)
+            chosen = greedy_k_center(chunk, share, seed=seed + number, projection=projection)
+            picked.append(begin + chosen)
+            kept += share
+    return np.concatenate(picked)

@@ -83,10 +83,20 @@ def covering_radius(rows: np.ndarray, centres: np.ndarray) -> float:
     return float(max(0.0, 1.0 - float(similarities.min()))) if len(rows) else 0.0
 
 
-def nearest_centre(points: torch.Tensor, centres: torch.Tensor, block: int = 16384) -> torch.Tensor:
+BLOCK_BYTES = 64 << 20  # a block of points x centres distances: 16,384 rows at 1,024 centres
+
+
+def _block_rows(centres: int) -> int:
+    """Rows per block so that one block's distances to every centre stay within BLOCK_BYTES
+    (20,000 centres would make a 16,384-row block 1.3 GB)."""
+    return max(256, BLOCK_BYTES // (4 * max(1, centres)))
+
+
+def nearest_centre(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Each point's squared Euclidean distance to its nearest centre, by matrix products."""
     import torch
 
+    block = _block_rows(centres.shape[0])
     point_norms = (points * points).sum(dim=1)
     centre_norms = (centres * centres).sum(dim=1)
     nearest = torch.empty(points.shape[0])
@@ -98,13 +108,14 @@ def nearest_centre(points: torch.Tensor, centres: torch.Tensor, block: int = 163
 
 
 def bounded_nearest(
-    points: torch.Tensor, centres: torch.Tensor, projection: torch.Tensor, block: int = 16384
+    points: torch.Tensor, centres: torch.Tensor, projection: torch.Tensor
 ) -> torch.Tensor:
     """Each point's exact squared distance to the centre that is nearest on the projection:
     an upper bound of its distance to the nearest centre, at a fraction of the cost of
     measuring every centre in full (the few points whose bound matters are measured later)."""
     import torch
 
+    block = _block_rows(centres.shape[0])
     projected_centres = centres @ projection
     centre_norms = (projected_centres * projected_centres).sum(dim=1)
     bound = torch.empty(points.shape[0])
@@ -122,10 +133,12 @@ def continue_greedy(
     selected: np.ndarray,
     count: int,
     projection: torch.Tensor | None = None,
+    per_round: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """`count` more centres, exactly as plain greedy continues from `selected`, and the
     covering radius after them (Euclidean). With a `projection`, rows start from upper
-    bounds (`bounded_nearest`) instead of their exact distances.
+    bounds (`bounded_nearest`) instead of their exact distances. `per_round` centres at most
+    are picked per round (None: all at once); the choices are the same either way.
 
     Greedy always picks the row farthest from every centre, so only the worst-covered rows
     need to know their exact distance. Each round searches the rows that currently look
@@ -153,7 +166,7 @@ def continue_greedy(
         return _worst_up_to_date(points, nearest, measured, centres, searched)
 
     while len(picked) < count:
-        wanted = count - len(picked)
+        wanted = count - len(picked) if per_round is None else min(per_round, count - len(picked))
         searched = min(rows_total, max(8 * wanted, rows_total // 20))
         worst, rows = worst_up_to_date(searched)
         left_out = float(worst[-1]) if searched < rows_total else -1.0

@@ -47,7 +47,7 @@ class BankConfig:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     projection_dim: int = DEFAULT_PROJECTION_DIM
     oversample: int = DEFAULT_OVERSAMPLE
-    global_limit: int = DEFAULT_GLOBAL_LIMIT  # more centres: each chunk keeps its share
+    global_limit: int = DEFAULT_GLOBAL_LIMIT  # more centres: the global pass starts from chunks
 
 
 # bank.json's layout: 1 (no format_version) is what banks were saved as before it was kept.
