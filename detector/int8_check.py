@@ -68,7 +68,7 @@ class Int8Check:
     f32_scores: tuple[float, ...]
     int8_scores: tuple[float, ...]
     threshold: float
-    rank_correlation: float
+    rank_correlation: float | None  # None: an order that cannot be compared (all equal)
     agreement: float  # share of the check images whose verdict at the threshold is the same
     largest_score_change: float
     accepted: bool
@@ -82,13 +82,17 @@ class Int8Check:
         from scipy.stats import spearmanr
 
         f32_scores, int8_scores = np.asarray(f32, float), np.asarray(int8, float)
-        if len(f32_scores) < 2 or np.ptp(f32_scores) == 0:
-            rank = float("nan")
-        else:
-            rank = float(spearmanr(f32_scores, int8_scores).statistic)
+        rank: float | None = None
+        if len(f32_scores) >= 2 and np.ptp(f32_scores) > 0 and np.ptp(int8_scores) > 0:
+            rank = round(float(spearmanr(f32_scores, int8_scores).statistic), 6)
         agree = float(np.mean((f32_scores > threshold) == (int8_scores > threshold)))
         reason = ""
-        if not rank >= MIN_RANK_CORRELATION:  # NaN too: an order that cannot be compared
+        if rank is None:
+            reason = (
+                f"the {len(f32_scores)} check images' scores cannot be ranked (too few, or "
+                "all equal), so the int8 backbone's order cannot be checked"
+            )
+        elif rank < MIN_RANK_CORRELATION:
             reason = (
                 f"the int8 backbone ranks the {len(f32_scores)} check images differently from "
                 f"f32 (rank correlation {rank:.4f}, at least {MIN_RANK_CORRELATION} needed)"
@@ -102,7 +106,7 @@ class Int8Check:
             tuple(float(s) for s in f32_scores),
             tuple(float(s) for s in int8_scores),
             float(threshold),
-            round(rank, 6) if rank == rank else rank,
+            rank,
             round(agree, 6),
             float(np.max(np.abs(f32_scores - int8_scores))) if len(f32_scores) else 0.0,
             not reason,
@@ -151,7 +155,15 @@ def status(document: dict[str, Any], bank_size: int) -> dict[str, Any] | None:
     section = document.get(INT8_KEY)
     if not section:
         return None
-    threshold = float((document.get("calibration") or {}).get("threshold", float("nan")))
+    try:
+        return _status(section, document, bank_size)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # a damaged bank.json
+        reason = f"bank.json's int8 section cannot be read ({error!r}): served in f32"
+        return {"asked": "int8", "served": "f32", "reason": reason, "check": None}
+
+
+def _status(section: dict[str, Any], document: dict[str, Any], bank_size: int) -> dict[str, Any]:
+    threshold = float(document["calibration"]["threshold"])
     if section.get("check") is None:
         return {
             "asked": "int8",
@@ -170,6 +182,19 @@ def status(document: dict[str, Any], bank_size: int) -> dict[str, Any] | None:
         check = check.at_threshold(threshold)
     served = "int8" if check.accepted else "f32"
     return {"asked": "int8", "served": served, "reason": check.reason, "check": check.summary()}
+
+
+def graph_sha256(folder: Path) -> str:
+    """The int8 graph's own fingerprint (its IR and weights): the check names the graph it
+    ran on, so no version is ever served by another (a copied or restored folder)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in (GRAPH_FILE, Path(GRAPH_FILE).with_suffix(".bin").name):
+        with open(folder / name, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def has_graph(version_folder: Path) -> bool:

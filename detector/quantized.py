@@ -8,7 +8,8 @@ run in int8 while LayerNorm, Softmax, GELU and the residual additions stay in f3
 ranges lose most; `preset=MIXED` (symmetric weights, asymmetric activations) is its default
 for them. The graph is made for a batch of one: fixed shapes let OpenVINO fold the position
 encoding into constants, 2.40x torch against 2.23x for the dynamic-batch graph at 448 px on
-2 cores (docs/PERFORMANCE.md, "INT8"); a batch runs image by image, which costs nothing on a CPU.
+2 cores (docs/PERFORMANCE.md, "INT8 per product"); a batch runs image by image, which costs
+nothing on a CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from detector.int8_check import (
     Int8Check,
     Int8Unavailable,
     bank_identity,
+    graph_sha256,
     has_graph,
     load_check_images,
     save_check_images,
@@ -153,21 +155,35 @@ def product_extractor(
             "served": "f32",
             "reason": "int8 runs on the CPU; this server runs on " + shared.device.type,
         }
-    if state["served"] == "int8" and not has_graph(version_folder):
-        state = {
-            **state,
-            "served": "f32",
-            "reason": f"the int8 graph is missing from {version_folder}",
-        }
+    if state["served"] == "int8":
+        int8, problem = _load_checked(version_folder, document, shared, num_threads)
+        if problem:
+            state = {**state, "served": "f32", "reason": problem}
     if state["served"] != "int8":
         logger.warning(
             "%s asks for int8 but is served in f32: %s", product or version_folder, state["reason"]
         )
         return shared, state
-    int8 = Int8Backbone(version_folder / INT8_FOLDER, num_threads)
-    int8.spec.check_compatible(shared.spec)
     logger.info("%s: served by its int8 backbone (%s)", product or version_folder, state["check"])
     return int8, state
+
+
+def _load_checked(
+    version_folder: Path, document: dict[str, Any], shared: Any, num_threads: int | None
+) -> tuple[Any, str]:
+    """(the version's int8 backbone, "") when its graph is the one its check ran on and it
+    loads; else (None, why not)."""
+    folder = Path(version_folder) / INT8_FOLDER
+    if not has_graph(Path(version_folder)):
+        return None, f"the int8 graph is missing from {version_folder}"
+    try:
+        if graph_sha256(folder) != document[INT8_KEY].get("graph_sha256"):
+            return None, "the int8 graph in this version is not the one its check ran on"
+        int8 = Int8Backbone(folder, num_threads)
+        int8.spec.check_compatible(shared.spec)
+    except Exception as error:  # a damaged graph or a missing runtime: f32, said once
+        return None, f"the int8 graph could not be loaded ({error!r})"
+    return int8, ""
 
 
 def make_int8(
@@ -209,6 +225,7 @@ def make_int8(
     check = run_check(detector, Int8Backbone(folder, num_threads), folder)
     detector.bank.metadata[INT8_KEY] = {
         "check": check.to_dict(),
+        "graph_sha256": graph_sha256(folder),
         "quantized_on_images": len(calibration),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -230,7 +247,11 @@ def recheck(detector: Any, version_folder: Path, num_threads: int | None = None)
     if not runs_f32(detector.extractor):  # no reference: stale, served in f32 until rerun
         log.warning("int8 check not run again: the server's backbone is not f32")
         return
-    check = run_check(detector, Int8Backbone(folder, num_threads), folder)
+    try:
+        check = run_check(detector, Int8Backbone(folder, num_threads), folder)
+    except Exception as error:  # the change goes on; its version is served in f32 (stale)
+        log.warning("int8 check could not run again (%r): served in f32 until it does", error)
+        return
     detector.bank.metadata[INT8_KEY] = {**section, "check": check.to_dict()}
     if not check.accepted:
         log.warning("int8 check refused after the change, served in f32: %s", check.reason)

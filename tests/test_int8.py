@@ -28,7 +28,7 @@ from detector.int8_check import (
     bank_identity,
     status,
 )
-from detector.quantized import Int8Backbone, make_int8
+from detector.quantized import Int8Backbone, make_int8, product_extractor
 from devtools.in_process import bentoml_home, run_detector, run_main
 from devtools.local_server import bentoml_serve
 
@@ -91,6 +91,38 @@ def test_a_quantization_calibrated_on_black_frames_is_refused_and_served_in_f32(
     assert not isinstance(pair.detector.extractor, Int8Backbone)
     (line,) = [r.message for r in caplog.records if "asks for int8" in r.message]
     assert "is served in f32: the int8 backbone ranks the" in line
+
+
+def test_a_version_is_served_in_int8_only_by_the_graph_its_check_ran_on(
+    fitted_detector: AnomalyDetector,
+    synthetic_dataset: MVTecCategory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bank_images, held_out = split_calibration(synthetic_dataset.train_paths(), 0.25, 0)
+    detector = detector_copy(fitted_detector)
+    check = make_int8(detector, bank_images, held_out, tmp_path)
+    assert check.rank_correlation >= 0.99, check.summary()  # the order held on its images
+    # The tiny random backbone puts a check image near its threshold; judged at a threshold
+    # no image is near (the operating point moved), the same check holds.
+    document, size = dict(detector.bank.metadata), detector.bank.size
+    document["calibration"] = {**document["calibration"], "threshold": 10.0}
+    shared = fitted_detector.extractor
+    served, state = product_extractor(tmp_path, document, size, shared)
+    assert isinstance(served, Int8Backbone) and state["served"] == "int8"
+    # Another graph in the folder (a restored or copied one): f32, and said why.
+    other = {**document, INT8_KEY: {**document[INT8_KEY], "graph_sha256": "0" * 16}}
+    with caplog.at_level(logging.WARNING, logger="detector.quantized"):
+        served, state = product_extractor(tmp_path, other, size, shared)
+    assert served is shared and "not the one its check ran on" in state["reason"]
+    assert "asks for int8 but is served in f32" in caplog.text
+    # A damaged section is one sentence, never an exception (it would block every change).
+    damaged = status({**document, INT8_KEY: {"check": {"f32_scores": 1}}}, size)
+    assert damaged["served"] == "f32" and "cannot be read" in damaged["reason"]
+    # Scores that cannot be ranked are refused, and stay valid JSON (no NaN).
+    flat = Int8Check.measure([0.1] * 8, [0.1] * 8, 0.5, "b")
+    assert not flat.accepted and flat.rank_correlation is None and "cannot be ranked" in flat.reason
+    json.dumps(flat.to_dict(), allow_nan=False)
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -42,8 +42,8 @@ def check_int8(
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
         if not current.bank.metadata.get(INT8_KEY) or not has_graph(Path(parent.path)):
             raise UserError(
-                f"{product} ({parent.tag}) is served in f32 as it asked: there is no int8 "
-                f"check to run. Fit it with precision=int8 to serve it in int8."
+                f"{product} ({parent.tag}) has no int8 graph to check: it was fitted with "
+                "precision f32, or its version lost the graph. Fit it with precision=int8."
             )
         recheck(current, Path(parent.path), num_threads)
         report.update(status(current.bank.metadata, current.bank.size) or {})

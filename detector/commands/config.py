@@ -19,6 +19,7 @@ from detector.backbone import build_extractor
 from detector.data.augment import AugmentConfig
 from detector.data.layouts import Category, open_category
 from detector.data.mvtec import Sample
+from detector.errors import UserError
 from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig
 from detector.scoring import ScoringConfig
@@ -139,9 +140,14 @@ def start_test_run(cfg: DictConfig, run_dir: Path) -> tuple[list[Sample], Anomal
         from detector.quantized import product_extractor
 
         bank = detector.bank
-        int8, _ = product_extractor(
+        int8, state = product_extractor(
             Path(str(cfg.model_dir)), bank.metadata, bank.size, detector.extractor, cfg.num_threads
         )
+        if state is None:
+            raise UserError(
+                f"{cfg.model_dir} was fitted with precision f32: there is no int8 graph to "
+                "evaluate (fit it with precision=int8, or evaluate with precision=f32)."
+            )
         detector = AnomalyDetector(
             int8, bank, detector.calibration, detector.scoring, detector.batch_size
         )

@@ -197,7 +197,7 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     detector.bank.metadata["category"] = str(cfg.data.category)
     detector.bank.metadata["product"] = product
     detector.bank.metadata["augmentation"] = asdict(augmentation)
-    used = [*bank_paths, *calibration_paths]  # none may come back as a later session
+    used = [*bank_paths, *calibration_paths, *check_paths]  # none may come back later
     remember_images(detector.bank.metadata, [file_sha256(path) for path in used])
     if run.run_id:  # `detector export` puts it on the BentoML models' labels
         detector.bank.metadata["mlflow_run_id"] = run.run_id

@@ -247,6 +247,19 @@ class BankCatalog:
             monitor = self._drift.get(product)
             return monitor.status() if monitor is not None else None
 
+    def reference(self, live: LiveBank) -> AnomalyDetector:
+        """The live detector on the shared backbone: itself, unless an int8 graph serves it."""
+        detector = live.detector
+        if live.int8 is None or live.int8["served"] != "int8":
+            return detector
+        return AnomalyDetector(
+            self.extractor,
+            detector.bank,
+            detector.calibration,
+            detector.scoring,
+            detector.batch_size,
+        )
+
     def int8_of(self, product: str, stated: dict[str, Any] | None) -> dict[str, Any] | None:
         """A product's int8 status as its loaded bank is served, else as its version says."""
         with self._lock:

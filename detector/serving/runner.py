@@ -178,7 +178,9 @@ class ScoringRunner:
             )
             held_out = (prepared[len(uploads) :], sizes[len(uploads) :]) if calibration else None
             embedding = time.perf_counter()
-            features = live.detector.embed_prepared(prepared[: len(uploads)])
+            # New rows are the shared backbone's features, as the fit's were, never a
+            # product's own int8 graph's (its check compares the two against these rows).
+            features = self.catalog.reference(live).embed_prepared(prepared[: len(uploads)])
             embedded = time.perf_counter()
             hashes = [hashlib.sha256(data).hexdigest() for data in uploads]
             extractor = self.catalog.extractor
