@@ -75,10 +75,13 @@ class ScoringRunner:
         self.inputs = UploadInputs(settings)
 
     # ----- scoring -------------------------------------------------------------------
-    def _resolve(self, upload: Upload) -> str | UserError:
+    def _resolve(self, upload: Upload, live_of: dict[str, Any]) -> str | UserError:
+        """The upload's product, its live bank taken once into `live_of` for the whole batch
+        (a version made meanwhile may run another backbone: int8 or f32)."""
         try:
             name = self.catalog.resolve(upload[0] or None)
-            self.catalog.bank(name)  # a product whose bank cannot be served is refused alone
+            if name not in live_of:  # a product whose bank cannot be served is refused alone
+                live_of[name] = self.catalog.bank(name)
             return name
         except UserError as error:
             return error
@@ -96,10 +99,11 @@ class ScoringRunner:
         `watch` off (a recorded image drawn again for review) the drift window is left as
         it is: the line did not make that part again.
         """
-        names = [self._resolve(upload) for upload in uploads]
+        live_of: dict[str, Any] = {}
+        names = [self._resolve(upload, live_of) for upload in uploads]
         # Each upload's product's extractor (a tiled product's cuts tiles), or its refusal.
         targets = [
-            name if isinstance(name, UserError) else self.catalog.bank(name).detector.extractor
+            name if isinstance(name, UserError) else live_of[name].detector.extractor
             for name in names
         ]
         prepared: list[Any] = self.inputs.prepare_each([data for _, data in uploads], targets)
@@ -109,12 +113,12 @@ class ScoringRunner:
         ]
         features: dict[int, np.ndarray] = {}
         for same_input in by_input(good, targets).values():
-            embed = self.catalog.bank(names[same_input[0]]).detector.embed_prepared
+            embed = live_of[names[same_input[0]]].detector.embed_prepared
             grids = embed(np.stack([prepared[i][0] for i in same_input]))
             features.update(zip(same_input, grids, strict=True))
         for product in dict.fromkeys(names[i] for i in good):
             rows = [i for i in good if names[i] == product]
-            live = self.catalog.bank(product)
+            live = live_of[product]
             sizes = [prepared[i][1] for i in rows]
             results = live.detector.score_features(
                 np.stack([features[i] for i in rows]),
