@@ -33,6 +33,9 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         "INSPECT_MAX_BATCH_BYTES": "400000",
         "INSPECT_MAX_PIXELS": "45000000",  # above the 40 MP default: the overlay must use it
         "INSPECT_HEATMAP_MAX_SIDE": "64",
+        # /drift is answered from the runner's latest answer while it is this recent: on a
+        # loaded CI machine a second can pass between the last inspection and /drift.
+        "INSPECT_BANK_REFRESH_S": "60",
     }
     with bentoml_serve(store, log, **settings) as url:
         yield url
