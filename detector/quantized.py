@@ -216,8 +216,10 @@ def make_int8(
     folder = Path(model_dir) / INT8_FOLDER
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
+    # Spread over all of them: the first ones may all come from one capture session.
+    spread = np.linspace(0, len(quantize_on) - 1, min(len(quantize_on), MAX_QUANTIZE_IMAGES))
     calibration = np.stack(
-        [extractor.prepare(as_image(image)) for image in quantize_on[:MAX_QUANTIZE_IMAGES]]
+        [extractor.prepare(as_image(quantize_on[int(i)])) for i in np.unique(spread.round())]
     )
     stamp = {"spec": extractor.spec.to_dict(), "random_weights": extractor.random_weights}
     quantize(graph_for(extractor), calibration, folder, stamp)

@@ -153,6 +153,10 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
         "precision=int8",
         f"hydra.run.dir={tmp_path / 'fit'}",
     ]
+    # The check's reference is f32: a fit on another precision is refused before it loads.
+    refused = run_detector(home, "fit", *overrides, "backbone.runtime=onnxruntime",
+                           "backbone.precision=int8")  # fmt: skip
+    assert refused.returncode != 0 and "checked against f32" in refused.stderr
     fit = run_detector(home, "fit", *overrides)
     assert fit.returncode == 0, fit.stderr[-3000:]
     summary = json.loads((tmp_path / "fit" / "fit_summary.json").read_text())

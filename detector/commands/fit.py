@@ -84,6 +84,11 @@ def serving_precision(cfg: DictConfig) -> str:
             f"precision={precision} is not offered: choose one of {', '.join(PRECISIONS)} "
             "(int8: a static INT8 backbone checked on this product's images, README 'INT8')."
         )
+    if precision == "int8" and str(cfg.backbone.get("precision", "f32")) != "f32":
+        raise UserError(
+            "precision=int8 is checked against f32: fit with backbone.precision=f32 (this "
+            f"fit asks for {cfg.backbone.precision})."
+        )
     if precision == "int8" and tiling_config(cfg) is not None:
         raise UserError(
             "precision int8 is not offered for tiled products yet: fit with precision=f32."
@@ -176,12 +181,12 @@ def _fit(cfg: DictConfig, run_dir: Path, run: Run) -> AnomalyDetector:
     # seconds), then the data work (a synthetic set may be generated).
     check_dataset(cfg.data)
     product = check_product(str(cfg.product))
+    precision = serving_precision(cfg)  # refused before the backbone loads
     extractor = build_backbone(cfg.backbone, cfg.num_threads)
     dataset = build_dataset(cfg.data, int(cfg.seed))
     train, sessions = training_set(cfg, dataset)
     bank_paths, calibration_paths, source = calibration_plan(cfg, train, dataset)
     session_of = dict(zip(train, sessions, strict=True))
-    precision = serving_precision(cfg)
     check_paths: list[Path] = []
     if precision == "int8":  # defect-free images the bank never sees, to check int8 on
         count = check_image_count(len(bank_paths))
