@@ -137,12 +137,16 @@ def preprocess(image: Image.Image, resolution: int, *, tile: bool = False) -> np
     """
     if not tile and max(image.size) > 2 * resolution and not _NUDGED:
         _nudge_towards_tiling(image.size, resolution)
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32)
+    array = np.asarray(backbone_pixels(image, resolution)).transpose(2, 0, 1).astype(np.float32)
     array *= _PIXEL_SCALE
     array += _PIXEL_OFFSET
     return array
+
+
+def backbone_pixels(image: Image.Image, resolution: int) -> Image.Image:
+    """The RGB square the backbone sees of an image, before normalisation."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
 def _nudge_towards_tiling(size: tuple[int, int], resolution: int) -> None:

@@ -8,6 +8,7 @@ a job's next run); each copy of this code once fsynced differently.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -51,3 +52,13 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_sha256(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, one after the other, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

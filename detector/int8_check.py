@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from detector.errors import UserError
-from detector.extractor import preprocess
+from detector.extractor import backbone_pixels, preprocess
+from detector.files import file_sha256
 
 INT8_FOLDER = "int8"  # in a fitted model folder and in each bank version that serves int8
 GRAPH_FILE = "backbone.xml"  # OpenVINO IR; its weights are backbone.bin beside it
@@ -187,14 +188,8 @@ def _status(section: dict[str, Any], document: dict[str, Any], bank_size: int) -
 def graph_sha256(folder: Path) -> str:
     """The int8 graph's own fingerprint (its IR and weights): the check names the graph it
     ran on, so no version is ever served by another (a copied or restored folder)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in (GRAPH_FILE, Path(GRAPH_FILE).with_suffix(".bin").name):
-        with open(folder / name, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    weights = Path(GRAPH_FILE).with_suffix(".bin").name
+    return file_sha256(folder / GRAPH_FILE, folder / weights)[:16]
 
 
 def has_graph(version_folder: Path) -> bool:
@@ -202,18 +197,9 @@ def has_graph(version_folder: Path) -> bool:
 
 
 def save_check_images(folder: Path, images: Sequence[Image.Image], resolution: int) -> None:
-    """The check's images as the backbone sees them (resized to its input: `preprocess` of
-    the stored pixels gives the very same input again), with their original sizes."""
-    pixels = np.stack(
-        [
-            np.asarray(
-                (i if i.mode == "RGB" else i.convert("RGB")).resize(
-                    (resolution, resolution), Image.Resampling.BICUBIC
-                )
-            )
-            for i in images
-        ]
-    )
+    """The check's images as the backbone sees them (`backbone_pixels`: `preprocess` of the
+    stored pixels gives the very same input again), with their original sizes."""
+    pixels = np.stack([np.asarray(backbone_pixels(image, resolution)) for image in images])
     sizes = np.asarray([image.size for image in images], dtype=np.int64)
     np.savez_compressed(folder / CHECK_IMAGES_FILE, pixels=pixels, sizes=sizes)
 

@@ -7,14 +7,12 @@ leaves the product in f32 until this runs (detector.int8_check).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import bentoml
 
-from detector.banks.products import UnknownProductError, list_products
-from detector.banks.versions import Draft, commit_version, load_bank
+from detector.banks.versions import commit_document_change, load_bank
 from detector.errors import UserError
 from detector.extractor import FeatureExtractor
 from detector.int8_check import INT8_KEY, has_graph, status
@@ -32,26 +30,20 @@ def check_int8(
     the live rows, mask and threshold: after a mask change, which leaves it stale (served in
     f32 until then). `extractor` is the shared f32 backbone."""
     from detector.anomaly_detector import AnomalyDetector
-    from detector.memory_bank import MemoryBank
 
     report: dict[str, Any] = {}
 
-    def make(parent: bentoml.Model | None) -> Draft:
-        if parent is None:
-            raise UnknownProductError(product, list_products())
+    def edit(parent: bentoml.Model, document: dict[str, Any]) -> dict[str, Any]:
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
-        if not current.bank.metadata.get(INT8_KEY) or not has_graph(Path(parent.path)):
+        if not document.get(INT8_KEY) or not has_graph(Path(parent.path)):
             raise UserError(
                 f"{product} ({parent.tag}) has no int8 graph to check: it was fitted with "
                 "precision f32, or its version lost the graph. Fit it with precision=int8."
             )
         recheck(current, Path(parent.path), num_threads)
         report.update(status(current.bank.metadata, current.bank.size) or {})
-        document = MemoryBank.read_document(parent.path)
         document[INT8_KEY] = current.bank.metadata[INT8_KEY]
-        folder = MemoryBank.write_document(Path(scratch) / "bank", document)
-        return Draft(folder, {"action": "check_int8", "int8": report["check"]}, index_of=parent)
+        return {"action": "check_int8", "int8": report["check"]}
 
-    with tempfile.TemporaryDirectory(prefix="bank-int8-") as scratch:
-        model = commit_version(product, make)
+    model = commit_document_change(product, edit)
     return model, {"product": product, "version": str(model.tag.version), "int8": report}

@@ -13,7 +13,6 @@ export` carries one with its history.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from detector.banks.products import (
     write_live,
 )
 from detector.errors import UserError
+from detector.files import file_sha256
 from detector.int8_check import INT8_FOLDER, INT8_KEY
 from detector.int8_check import status as int8_status
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
@@ -67,14 +67,6 @@ class Draft:
     folder: Path  # holds bank.json, and index.faiss unless `index_of` is given
     change: dict[str, Any]
     index_of: bentoml.Model | None = None  # a stored version whose index this one shares
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _share_file(source: Path, target: Path) -> None:
