@@ -221,7 +221,8 @@ def set_mask_main(argv: list[str] | None = None) -> None:
 @exits_on_user_error
 def check_int8_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Run a product's int8 check again on its stored check images (README 'INT8')."
+        description="Run a product's int8 check again on its stored check images "
+        "(README 'INT8 per product')."
     )
     parser.add_argument("product")
     parser.add_argument("--num-threads", type=int, default=None)

@@ -82,7 +82,8 @@ def serving_precision(cfg: DictConfig) -> str:
     if precision not in PRECISIONS:
         raise UserError(
             f"precision={precision} is not offered: choose one of {', '.join(PRECISIONS)} "
-            "(int8: a static INT8 backbone checked on this product's images, README 'INT8')."
+            "(int8: a static INT8 backbone checked on this product's images, README "
+            "'INT8 per product')."
         )
     if precision == "int8" and str(cfg.backbone.get("precision", "f32")) != "f32":
         raise UserError(
