@@ -234,12 +234,20 @@ class InspectionAPI:
 
     @bentoml.api
     async def inspect(
-        self, image: Path, ctx: bentoml.Context, product: str = "", drift_profile: bool = False
+        self,
+        image: Path,
+        ctx: bentoml.Context,
+        product: str = "",
+        drift_profile: bool = False,
+        explain: bool = False,
     ) -> dict[str, Any]:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
         `product` may be left out when one product is served; `drift_profile=true` adds the
-        image's patch-distance profile (for the batch job)."""
-        work = self.endpoints.inspect(image, product, drift_profile, caller(ctx), load_test(ctx))
+        image's patch-distance profile (for the batch job); `explain=true` its most
+        anomalous region beside the nearest normal patch of the bank."""
+        work = self.endpoints.inspect(
+            image, product, drift_profile, caller(ctx), load_test(ctx), explain
+        )
         return await self.endpoints.respond(ctx, work)
 
     @bentoml.api
@@ -250,11 +258,12 @@ class InspectionAPI:
         product: str = "",
         output: str = "overlay",
         drift_profile: bool = False,
+        explain: bool = False,
     ) -> Image.Image:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
         work = self.endpoints.heatmap(
-            image, product, output, drift_profile, caller(ctx), load_test(ctx)
+            image, product, output, drift_profile, caller(ctx), load_test(ctx), explain
         )
         return await self.endpoints.respond(ctx, work)
 

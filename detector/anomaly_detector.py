@@ -24,6 +24,7 @@ from detector.images import read_image
 from detector.masks import MASK_KEY
 from detector.masks import from_document as mask_from_document
 from detector.memory_bank import MemoryBank
+from detector.provenance import NearestPatch, explanation, input_pixels
 from detector.scoring import (
     Calibration,
     InspectionResult,
@@ -183,7 +184,7 @@ class AnomalyDetector:
         distances = self.bank.distances(features)
         patch = self.extractor.spec.patch_size
         results = []
-        for grid, size in zip(distances, image_sizes, strict=True):
+        for grid, size, image_features in zip(distances, image_sizes, features, strict=True):
             # The drift profile keeps every cell, as its reference was measured; the score
             # and the map leave ignored cells out (they read 0 there).
             profile = patch_profile(grid)
@@ -193,8 +194,35 @@ class AnomalyDetector:
             out = capped_size(size, map_max_side)
             heatmap = anomaly_map(grid, patch, out, self.scoring.sigma) if with_maps else None
             score = image_score(inspected, self.scoring)
-            results.append(make_result(score, self.calibration, size, heatmap, profile))
+            result = make_result(score, self.calibration, size, heatmap, profile)
+            result.nearest = self.nearest_patch(grid, image_features)
+            results.append(result)
         return results
+
+    def nearest_patch(self, grid: np.ndarray, features: np.ndarray) -> NearestPatch | None:
+        """The most anomalous inspected cell of one image's (h, w) distances (ignored cells
+        read 0) and the bank row nearest to its feature: what an explanation shows. One
+        search of one row: nothing next to the whole grid's."""
+        if not np.isfinite(grid).any():
+            return None
+        cell = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
+        row, distance = self.bank.nearest(features[cell])
+        shape = (int(grid.shape[0]), int(grid.shape[1]))
+        return NearestPatch((int(cell[0]), int(cell[1])), shape, distance, row)
+
+    def explain(self, result: InspectionResult, prepared: np.ndarray) -> dict[str, Any]:
+        """Why `result` (of the image `prepared` for this detector) scored as it did: its
+        most anomalous region beside the nearest normal patch of the bank, with crops, or
+        why that cannot be shown (detector.provenance)."""
+        provenance = self.bank.provenance
+        known = provenance is not None and result.nearest is not None
+        return explanation(
+            result.nearest,
+            provenance,
+            input_pixels(prepared),
+            result.image_size,
+            self.bank.covering_radius if known else 0.0,
+        )
 
     def predict_prepared(
         self,

@@ -58,6 +58,7 @@ class Coreset:
     """The kept rows, and how tightly they cover what they were chosen from."""
 
     rows: np.ndarray
+    indices: np.ndarray  # each kept row's position in the stream it was chosen from
     radius: float  # largest cosine distance from a training row to its nearest kept row
 
 
@@ -145,7 +146,8 @@ def streaming_coreset(
             torch.from_numpy(spill.array), start, n_select - len(start), projection, CONTINUE_ROUND
         )
         # Unit vectors: squared Euclidean distance = 2 x cosine distance.
-        return Coreset(spill.take(np.concatenate([start, finish])), radius * radius / 2.0)
+        kept = np.sort(np.concatenate([start, finish]))  # the order `take` gives rows in
+        return Coreset(spill.take(kept), kept, radius * radius / 2.0)
     finally:
         if spill is not None:
             spill.close()

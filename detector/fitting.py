@@ -12,9 +12,16 @@ from itertools import chain
 
 import numpy as np
 
-from detector.anomaly_detector import AnomalyDetector, ImageSource, batched, iter_features
+from detector.anomaly_detector import (
+    AnomalyDetector,
+    ImageSource,
+    as_image,
+    batched,
+    iter_features,
+)
 from detector.extractor import FeatureExtractor
 from detector.memory_bank import BankConfig, MemoryBank
+from detector.provenance import CROP_SIDE, Provenance, cell_crop, image_name, input_pixels
 from detector.scoring import Calibration, ScoringConfig, calibrate
 from detector.sessions import BANK_SESSIONS, fitted_names
 from detector.spill import Spill
@@ -116,7 +123,35 @@ def fit_bank(
     first = next(batches)
     rows = int(np.prod(first.shape[1:-1])) * len(train_images)
     bank = MemoryBank.fit_stream(chain([first], batches), rows, steps.config, steps.progress)
+    attach_provenance(bank, extractor, train_images, first.shape[1:3], steps.report)
     return uncalibrated(extractor, bank, len(train_images), steps.scoring, steps.batch_size)
+
+
+def attach_provenance(
+    bank: MemoryBank,
+    extractor: FeatureExtractor,
+    images: Sequence[ImageSource],
+    grid: tuple[int, ...],
+    report: Progress = _silent,
+) -> None:
+    """Name each kept row's training image and cell, and cut the first rows' crops from
+    what the backbone saw of their images (each image read once more: the features were
+    streamed and are gone)."""
+    assert bank.kept_rows is not None, "only a freshly fitted bank knows its rows' sources"
+    names = [image_name(images, i) for i in range(len(images))]
+    provenance = Provenance.of_rows(bank.kept_rows, (int(grid[0]), int(grid[1])), names)
+    count = provenance.crop_rows()
+    crops = np.zeros((count, CROP_SIDE, CROP_SIDE, 3), np.uint8)
+    image_of = provenance.sources[:count, 0]
+    wanted = np.unique(image_of)
+    for done, image in enumerate(wanted):
+        pixels = input_pixels(extractor.prepare(as_image(images[int(image)])))
+        for row in np.flatnonzero(image_of == image):
+            cell = (int(provenance.sources[row, 1]), int(provenance.sources[row, 2]))
+            crops[row] = cell_crop(pixels, cell, provenance.grid)
+        report("crops", done + 1, len(wanted))
+    provenance.crops = crops
+    bank.provenance = provenance
 
 
 def fold_plan(
@@ -178,6 +213,7 @@ def cross_fit(
             config,
             steps.progress,
         )
+        attach_provenance(bank, extractor, train_images, features.array.shape[1:3], steps.report)
         detector = uncalibrated(extractor, bank, count, scoring, batch_size)
         scores = np.empty(count)
         profiles: list[np.ndarray] = [np.empty(0)] * count

@@ -26,6 +26,7 @@ from detector.coreset import (
     streaming_coreset,
 )
 from detector.greedy import farthest_points
+from detector.provenance import Provenance
 
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "bank.json"
@@ -114,6 +115,10 @@ class MemoryBank:
     index: faiss.Index
     config: BankConfig
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Where each row came from (None: saved before that was kept); a fit sets it from
+    # `kept_rows`, the positions of the kept rows in the stream it was fitted from.
+    provenance: Provenance | None = None
+    kept_rows: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def fit(cls, features: np.ndarray, config: BankConfig | None = None) -> MemoryBank:
@@ -145,7 +150,7 @@ class MemoryBank:
             global_limit=config.global_limit,
             progress=progress,
         )
-        bank = cls(build_index(coreset.rows, config), config)
+        bank = cls(build_index(coreset.rows, config), config, kept_rows=coreset.indices)
         bank.metadata.update(
             n_train_features=int(total_rows),
             bank_size=int(coreset.rows.shape[0]),
@@ -156,7 +161,12 @@ class MemoryBank:
     # ----- learning ---------------------------------------------------------------------
     def copy(self) -> MemoryBank:
         """An independent bank to extend while this one keeps serving."""
-        return MemoryBank(faiss.clone_index(self.index), self.config, copy.deepcopy(self.metadata))
+        return MemoryBank(
+            faiss.clone_index(self.index),
+            self.config,
+            copy.deepcopy(self.metadata),
+            self.provenance,  # never changed in place: `extend` makes a new one
+        )
 
     def vectors(self) -> np.ndarray:
         """The bank's rows (for flat and HNSW indexes as stored; IVF needs a direct map)."""
@@ -206,6 +216,8 @@ class MemoryBank:
         picked = farthest_points(torch.from_numpy(new), nearest, len(new), radius=euclidean)
         if len(picked):
             self.index.add(new[np.sort(picked)])
+            if self.provenance is not None:
+                self.provenance = self.provenance.extended(len(picked))
         self.metadata["bank_size"] = self.size
         return int(len(picked))
 
@@ -216,6 +228,11 @@ class MemoryBank:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    def nearest(self, query: np.ndarray) -> tuple[int, float]:
+        """The bank row nearest to one feature row, and its cosine distance."""
+        similarities, rows = self.index.search(l2_normalize(query[None]), 1)
+        return int(rows[0, 0]), float(1.0 - similarities[0, 0])
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
         """Cosine distance of each query row to its k nearest bank rows, averaged over k."""
@@ -234,6 +251,8 @@ class MemoryBank:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
+        if self.provenance is not None:
+            self.provenance.save(directory)
         document = {**self.metadata, "bank": asdict(self.config)}
         return self.write_document(directory, document)
 
@@ -268,4 +287,4 @@ class MemoryBank:
         elif config.index == "ivf":
             ivf = faiss.extract_index_ivf(index)
             ivf.nprobe = min(config.ivf_nprobe, ivf.nlist)
-        return cls(index, config, document)
+        return cls(index, config, document, Provenance.load(directory))

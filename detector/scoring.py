@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from detector.drift import profile_to_list
+from detector.provenance import NearestPatch
 
 
 @dataclass
@@ -211,6 +212,7 @@ class InspectionResult:
     image_size: tuple[int, int]  # (width, height) of the original image
     anomaly_map: np.ndarray | None = None  # (height, width) float32 at the original size
     drift_profile: np.ndarray | None = None  # patch-distance quantiles, see drift_statistics
+    nearest: NearestPatch | None = None  # the most anomalous cell's nearest bank row
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: a score that is not a finite number (NaN features) becomes null, never

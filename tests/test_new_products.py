@@ -94,7 +94,7 @@ def test_a_fit_job_ends_as_v1_live_and_scores_like_the_same_fit_in_process(
     state = finished(runner, "nf-fresh", first["job"])
     assert state["state"] == "done" and state["version"] == "v1", state
     assert state["progress"] == 1.0 and state["failure"] is None
-    assert set(state["stage_seconds"]) == {"decoding", "features", "folds", "saving"}
+    assert set(state["stage_seconds"]) == {"decoding", "features", "crops", "folds", "saving"}
     assert sum(state["stage_seconds"].values()) <= state["seconds"] + 0.01
     # The promise it states is the one /products states: leave one session out.
     assert state["calibration"]["source"] == "leave_one_session_out"

@@ -308,7 +308,7 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     synthetic_dataset: MVTecCategory,
 ) -> None:
     model = fresh_product("ip-damaged", product_dirs)
-    assert set(model.info.metadata["files"]) == {"index.faiss", "bank.json"}
+    assert set(model.info.metadata["files"]) == {"index.faiss", "provenance.npz", "bank.json"}
     index = Path(model.path) / "index.faiss"
     assert oct(index.stat().st_mode)[-3:] == "444", "stored files are read-only"
     index.chmod(0o644)  # what a careless hand (or root) can still do

@@ -48,6 +48,7 @@ from detector.files import file_sha256
 from detector.int8_check import INT8_FOLDER, INT8_KEY
 from detector.int8_check import status as int8_status
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
+from detector.provenance import PROVENANCE_FILE
 from detector.scoring import Calibration
 
 
@@ -78,6 +79,10 @@ def _share_file(source: Path, target: Path) -> None:
     except OSError:
         shutil.copy2(source, partial)
     os.replace(partial, target)
+
+
+# The files that hold a version's rows, shared by the versions that keep its rows.
+ROW_FILES = (INDEX_FILE, PROVENANCE_FILE)
 
 
 def _parent_or_missing(product: str) -> tuple[bentoml.Model | None, str | None]:
@@ -133,14 +138,15 @@ def commit_version(
             **(labels or {}),
         }
         tag = f"{model_name(product)}:v{number}"
+        rows = [name for name in ROW_FILES if name in metadata["files"]]
         with bentoml.models.create(tag, labels=all_labels, metadata=_storable(metadata)) as model:
             shutil.copy2(draft.folder / METADATA_FILE, Path(model.path) / METADATA_FILE)
-            if draft.index_of is None:
-                shutil.copy2(draft.folder / INDEX_FILE, Path(model.path) / INDEX_FILE)
+            for name in rows if draft.index_of is None else []:
+                shutil.copy2(draft.folder / name, Path(model.path) / name)
         version_dir = product_dir(product) / f"v{number}"
-        if draft.index_of is not None:
-            _share_file(Path(draft.index_of.path) / INDEX_FILE, version_dir / INDEX_FILE)
-        for name in (INDEX_FILE, METADATA_FILE):  # versions never change their files
+        for name in rows if draft.index_of is not None else []:
+            _share_file(Path(draft.index_of.path) / name, version_dir / name)
+        for name in (*rows, METADATA_FILE):  # versions never change their files
             (version_dir / name).chmod(0o444)
         _carry_int8(draft, parent, version_dir)
         write_live(product, f"v{number}")
@@ -186,18 +192,26 @@ def commit_document_change(
         return commit_version(product, make)
 
 
+def _row_hashes(draft: Draft) -> dict[str, str]:
+    """The SHA-256 of the files that hold the rows (the index, and where one was kept, the
+    rows' provenance): a shared file's hash is inherited, not read again."""
+    folder = Path(draft.index_of.path) if draft.index_of is not None else draft.folder
+    known = draft.index_of.info.metadata.get("files", {}) if draft.index_of is not None else {}
+    return {
+        name: known.get(name) or file_sha256(folder / name)
+        for name in ROW_FILES
+        if (folder / name).exists()
+    }
+
+
 def _describe_files(draft: Draft) -> dict[str, Any]:
     """What a version's metadata says of its files: the extractor, rows, threshold and
     calibration from bank.json, and each file's SHA-256 (a shared index's is inherited)."""
     document = MemoryBank.read_document(draft.folder)
     if draft.index_of is not None:
         size = draft.index_of.info.metadata.get("bank_size")
-        index_hash = draft.index_of.info.metadata.get("files", {}).get(INDEX_FILE) or (
-            file_sha256(Path(draft.index_of.path) / INDEX_FILE)
-        )
     else:
         size = MemoryBank.load(draft.folder).size
-        index_hash = file_sha256(draft.folder / INDEX_FILE)
     calibration = document.get("calibration", {})
     return {
         "extractor": document["extractor"],
@@ -211,10 +225,7 @@ def _describe_files(draft: Draft) -> dict[str, Any]:
         },
         "tiling": document.get("tiling"),  # None: whole frames (detector.tiling)
         "int8": int8_status(document, size),  # None: served in f32, as asked
-        "files": {
-            INDEX_FILE: index_hash,
-            METADATA_FILE: file_sha256(draft.folder / METADATA_FILE),
-        },
+        "files": {**_row_hashes(draft), METADATA_FILE: file_sha256(draft.folder / METADATA_FILE)},
     }
 
 

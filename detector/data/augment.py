@@ -20,6 +20,7 @@ from PIL import Image, ImageEnhance
 
 from detector.data.shifts import rotation
 from detector.images import read_image
+from detector.provenance import image_name
 
 QUARTER_TURNS = {
     90: Image.Transpose.ROTATE_90,
@@ -90,6 +91,11 @@ class AugmentedImages(Sequence[Image.Image]):
     def _original(self, index: int) -> Image.Image:
         source = self.sources[index]
         return source if isinstance(source, Image.Image) else read_image(source)
+
+    def name_of(self, index: int) -> str:
+        """Item `index` as explanations name it: its photo and which copy."""
+        image_index, copy = divmod(index, self.config.copies_per_image)
+        return f"{image_name(self.sources, image_index)} (copy {copy + 1})"
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):

@@ -232,14 +232,16 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         drift_profile: bool,
         who: str | None = None,
         load_test: bool = False,
+        explain: bool = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
         (result,) = await self._score("score", [(product, upload)], watch=not load_test)
-        answer = self._answer(
-            refused_answer(result), drift_profile, upload, who, started, load_test
-        )
+        result = refused_answer(result)
+        answer = self._answer(result, drift_profile, upload, who, started, load_test)
+        if explain:
+            answer["explanation"] = result["explanation"]
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
             "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
@@ -255,6 +257,7 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         drift_profile: bool,
         who: str | None = None,
         load_test: bool = False,
+        explain: bool = False,
     ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
@@ -265,6 +268,8 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
         answer = self._answer(result, drift_profile, upload, who, started, load_test)
         answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
+        if explain:  # two small crops: a few kB in the header
+            answer["explanation"] = result["explanation"]
         headers_out = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
             "X-Threshold": f"{answer['threshold']:.8g}",

@@ -177,7 +177,9 @@ class BankCatalog:
             str(model.tag.version),
             str(model.tag),
             detector,
-            os.path.getsize(Path(model.path) / INDEX_FILE),
+            # What the bank cache weighs: the rows, and their crops for explanations.
+            os.path.getsize(Path(model.path) / INDEX_FILE)
+            + (bank.provenance.nbytes if bank.provenance is not None else 0),
             detector.settings_hash(
                 runtime=self.settings.runtime, precision=self.settings.precision
             ),

@@ -60,7 +60,7 @@ class FitJob:
     images: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     state: str = "running"  # running | done | failed | cancelled
-    stage: str = "decoding"  # decoding | features | folds | saving
+    stage: str = "decoding"  # decoding | features | crops | folds | saving
     done: int = 0
     total: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -91,7 +91,12 @@ class FitJob:
         """Share of the work done: reading images (with the backbone) is most of it."""
         if self.state == "done":
             return 1.0
-        weights = {"decoding": (0.0, 0.05), "features": (0.05, 0.75), "folds": (0.8, 0.15)}
+        weights = {
+            "decoding": (0.0, 0.05),
+            "features": (0.05, 0.7),
+            "crops": (0.75, 0.05),  # the bank's images read again for their patches' crops
+            "folds": (0.8, 0.15),
+        }
         start, span = weights.get(self.stage, (0.95, 0.05))
         return round(start + span * (self.done / self.total if self.total else 0.0), 3)
 
@@ -273,6 +278,10 @@ class Uploads(Sequence[Image.Image]):
 
     def __len__(self) -> int:
         return len(self.uploads)
+
+    def name_of(self, index: int) -> str:
+        """An upload as explanations name it (the page sends no file names to keep)."""
+        return f"upload {index + 1} of the fit"
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):

@@ -32,29 +32,36 @@ def image_media_type(data: bytes) -> str:
         return "application/octet-stream"
 
 
+# A record redrawn for review: its overlay PNG, the headers it is sent with, and its
+# explanation (detector.provenance), all by one bank version.
+Redrawn = tuple[bytes, dict[str, str], dict[str, Any]]
+EXPLANATION_BYTES = 8 << 10  # about what an explanation's two crops and words take
+
+
 class RenderCache:
-    """Review heatmaps already drawn, by (image hash, bank version), up to `max_bytes`:
-    a reviewer paging back and forth, or a client asking again and again, costs one
-    redraw per image and version."""
+    """Records already redrawn for review, by (image hash, bank version), up to
+    `max_bytes`: a reviewer paging back and forth, or a client asking again and again,
+    costs one redraw per image and version, for the heatmap and the explanation alike."""
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:
         self.max_bytes, self.used = max_bytes, 0
-        self._items: OrderedDict[tuple[str, str], tuple[bytes, dict[str, str]]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], Redrawn] = OrderedDict()
 
-    def get(self, key: tuple[str, str]) -> tuple[bytes, dict[str, str]] | None:
+    def get(self, key: tuple[str, str]) -> Redrawn | None:
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple[str, str], item: tuple[bytes, dict[str, str]]) -> None:
-        if key in self._items or len(item[0]) > self.max_bytes:
+    def put(self, key: tuple[str, str], item: Redrawn) -> None:
+        size = len(item[0]) + EXPLANATION_BYTES
+        if key in self._items or size > self.max_bytes:
             return
         self._items[key] = item
-        self.used += len(item[0])
+        self.used += size
         while self.used > self.max_bytes:
-            _, (picture, _) = self._items.popitem(last=False)
-            self.used -= len(picture)
+            _, (picture, _, _) = self._items.popitem(last=False)
+            self.used -= len(picture) + EXPLANATION_BYTES
 
 
 class RecordEndpoints:
@@ -90,36 +97,45 @@ class RecordEndpoints:
 
     async def record_heatmap(self, record_id: str) -> Response:
         """The overlay of a record's kept image, drawn by its product's live bank; the
-        X-Bank-Model header says which version that was (the decision's is in the record).
+        X-Bank-Model header says which version that was (the decision's is in the record)."""
+        picture, headers, _, hit = await self._redrawn(record_id)
+        headers = {**headers, "X-Cache": "hit" if hit else "miss"}
+        return Response(picture, media_type="image/png", headers=headers)
 
-        Drawn once per (image, bank version) and kept (`RenderCache`); the image is read
-        only when the runner is ready for it, so waiting requests hold no image."""
+    async def record_explanation(self, record_id: str) -> dict[str, Any]:
+        """A record's most anomalous region beside the nearest normal patch of its
+        product's live bank (or why that cannot be shown), and which version that was."""
+        _, headers, explanation, _ = await self._redrawn(record_id)
+        return {"record": record_id, "bank": headers["X-Bank-Model"], **explanation}
+
+    async def _redrawn(self, record_id: str) -> tuple[bytes, dict[str, str], dict[str, Any], bool]:
+        """A record's kept image scored again by the live bank, drawn and explained; once
+        per (image, bank version), then kept (`RenderCache`). The image is read only when
+        the runner is ready for it, so waiting requests hold no image."""
         recorder = self._recorder()
         record = await anyio.to_thread.run_sync(recorder.get, record_id)
         bank = self._banks.get(record["product"])
         cached = self._rendered.get((record["image_sha256"], bank)) if bank else None
-        hit = cached is not None
-        if cached is None:
-            async with self._runner_slots:
-                _, data = await anyio.to_thread.run_sync(recorder.image, record_id)
-                answer = await self.runner.to_async.redraw(record["product"], data)
-            result = refused_answer(answer)
-            anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
-            async with self._renders:
-                picture = await anyio.to_thread.run_sync(
-                    self._picture, data, anomaly_map, result["threshold"], "overlay"
-                )
-            del data
-            headers = {
-                "X-Bank-Model": result["models"]["bank"],
-                "X-Anomaly-Score": f"{result['score']:.8g}",
-            }
-            cached = (picture, headers)
-            self._banks.setdefault(record["product"], headers["X-Bank-Model"])
-            self._rendered.put((record["image_sha256"], headers["X-Bank-Model"]), cached)
-        picture, headers = cached
-        headers = {**headers, "X-Cache": "hit" if hit else "miss"}
-        return Response(picture, media_type="image/png", headers=headers)
+        if cached is not None:
+            return (*cached, True)
+        async with self._runner_slots:
+            _, data = await anyio.to_thread.run_sync(recorder.image, record_id)
+            answer = await self.runner.to_async.redraw(record["product"], data)
+        result = refused_answer(answer)
+        anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
+        async with self._renders:
+            picture = await anyio.to_thread.run_sync(
+                self._picture, data, anomaly_map, result["threshold"], "overlay"
+            )
+        del data
+        headers = {
+            "X-Bank-Model": result["models"]["bank"],
+            "X-Anomaly-Score": f"{result['score']:.8g}",
+        }
+        redrawn = (picture, headers, result["explanation"])
+        self._banks.setdefault(record["product"], headers["X-Bank-Model"])
+        self._rendered.put((record["image_sha256"], headers["X-Bank-Model"]), redrawn)
+        return (*redrawn, False)
 
     async def suggestion(self, product: str, params: dict[str, str]) -> dict[str, Any]:
         """Rates at the live threshold and at one the reviewed records suggest."""

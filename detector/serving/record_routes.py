@@ -10,6 +10,8 @@ the reviewer role and the body size first.
     GET  /records/{id}                one record, and whether its image is still kept
     GET  /records/{id}/image          the kept image
     GET  /records/{id}/heatmap        its overlay, drawn by the product's live bank
+    GET  /records/{id}/explanation    its most anomalous region beside the nearest normal
+                                      patch of that bank (drawn with the heatmap, once)
     POST /records/{id}/review         JSON: {"label": "false_alarm" | "confirmed_defect" |
                                       "unsure", "note": "..."}; the reviewer is the key's
                                       name, and every review stays in the record's history
@@ -50,6 +52,10 @@ async def heatmap(request: Request) -> Response:
     return await as_response(current_endpoints().record_heatmap(request.path_params["id"]))
 
 
+async def explanation(request: Request) -> Response:
+    return await as_response(current_endpoints().record_explanation(request.path_params["id"]))
+
+
 async def review(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         usage = 'Send JSON: {"label": "false_alarm", "note": "..."}.'
@@ -67,6 +73,7 @@ records_app = Starlette(
         Route("/{id}", one, methods=["GET"]),
         Route("/{id}/image", image, methods=["GET"]),
         Route("/{id}/heatmap", heatmap, methods=["GET"]),
+        Route("/{id}/explanation", explanation, methods=["GET"]),
         Route("/{id}/review", review, methods=["POST"]),
     ]
 )

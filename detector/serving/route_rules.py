@@ -29,7 +29,7 @@ class Rule:
 
 
 PRODUCT_ACTIONS = ("history", "rollback", "images", "threshold", "suggestion", "mask")
-RECORD_ACTIONS = ("image", "heatmap", "review")
+RECORD_ACTIONS = ("image", "heatmap", "explanation", "review")
 
 
 def rules(settings: Settings) -> dict[str, Rule]:
@@ -41,7 +41,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
             "line",
             MULTIPART,
             image,
-            frozenset({"product", "drift_profile"}),
+            frozenset({"product", "drift_profile", "explain"}),
             max_files=1,
             queued=True,
         ),
@@ -50,7 +50,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
             "line",
             MULTIPART,
             image,
-            frozenset({"product", "output", "drift_profile"}),
+            frozenset({"product", "output", "drift_profile", "explain"}),
             max_files=1,
             queued=True,
         ),
@@ -71,6 +71,10 @@ def rules(settings: Settings) -> dict[str, Rule]:
         "/records/*": Rule(SMALL_BODY, "reviewer"),
         "/records/*/image": Rule(SMALL_BODY, "reviewer"),
         "/records/*/heatmap": Rule(
+            SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
+        ),
+        # Drawn with the heatmap by one redraw, and kept with it.
+        "/records/*/explanation": Rule(
             SMALL_BODY, "reviewer", queued=True, max_at_once=settings.max_renders
         ),
         "/records/*/review": Rule(SMALL_BODY, "reviewer", JSON),
