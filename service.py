@@ -161,8 +161,11 @@ class InspectionRunner:
         records: list[str],
         session: str | None = None,
         join: str = "both",
+        by: str | None = None,
     ) -> dict[str, Any]:
-        return self.runner.add_images(product, uploads, reason, calibration, records, session, join)
+        return self.runner.add_images(
+            product, uploads, reason, calibration, records, session, join, by
+        )
 
     @bentoml.api
     def start_fit(
@@ -193,17 +196,24 @@ class InspectionRunner:
         if getattr(self, "runner", None) is not None:
             self.runner.fits.stop()
 
+    # Each change's `by` is the name of the API key that asked for it (the history says so).
     @bentoml.api
-    def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
-        return self.runner.rollback(product, version, reason)
+    def rollback(
+        self, product: str, version: str, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
+        return self.runner.rollback(product, version, reason, by)
 
     @bentoml.api
-    def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
-        return self.runner.set_threshold(product, change)
+    def set_threshold(
+        self, product: str, change: dict[str, Any], by: str | None = None
+    ) -> dict[str, Any]:
+        return self.runner.set_threshold(product, change, by)
 
     @bentoml.api
-    def set_mask(self, product: str, mask: bytes | None, reason: str) -> dict[str, Any]:
-        return self.runner.set_mask(product, mask, reason)
+    def set_mask(
+        self, product: str, mask: bytes | None, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
+        return self.runner.set_mask(product, mask, reason, by)
 
 
 # Each product's bank is declared for `bentoml build` to pack, as a class attribute would be

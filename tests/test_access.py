@@ -88,6 +88,8 @@ ROUTES = [  # (method, path, the role it needs, request options)
     ("GET", "/products/carpet/suggestion", "reviewer", {}),
     ("GET", "/records", "reviewer", {}),
     ("GET", "/records/summary", "reviewer", {}),
+    ("GET", "/records/activity", "reviewer", {}),
+    ("GET", "/records/18ecc5d3db7443b6be79653c21/explanation", "reviewer", {}),
     ("GET", "/records/18ecc5d3db7443b6be79653c21/image", "reviewer", {}),
     ("POST", "/records/18ecc5d3db7443b6be79653c21/review", "reviewer", {"json": {}}),
     ("POST", "/products/carpet/threshold", "admin", {"json": {"threshold": 1}}),
@@ -328,6 +330,8 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_script() -> N
 def test_paths_under_mounted_apps_never_escape_their_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rule_key("/records") == rule_key("/records/") == "/records/"
     assert rule_key("/records/summary") == "/records/summary"
+    assert rule_key("/records/activity") == "/records/activity"
+    assert rule_key("/records/abc/explanation") == "/records/*/explanation"
     assert rule_key("/records/abc") == "/records/*"
     assert rule_key("/records/abc/review") == "/records/*/review"
     assert rule_key("/records/abc/review/extra") == "/records/**"

@@ -669,7 +669,7 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
     # scores the image differently, so the page's score shows which bank it used.
     expected = inspect(server, "line2", image.read_bytes()).json()["score"]
     assert inspect(server, "carpet", image.read_bytes()).json()["score"] != expected
-    with page_with_key(f"{server}/ui/", API_KEY) as page:
+    with page_with_key(f"{server}/ui/#inspect", API_KEY) as page:
         wait_for(page, "document.querySelectorAll('#product option').length === 3")
         page.select_option("#product", "line2")
         wait_for(page, "document.getElementById('product-info').textContent.includes('bank v')")

@@ -297,7 +297,7 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
         try:
             # As `make demo` prints it: the key rides in the fragment, never to the server.
             page.goto(f"{served.url}/ui/#key={LINE_KEY}")
-            wait_for(page, "location.hash === '#inspect'")
+            wait_for(page, "location.hash === '#overview'")  # the first view
             assert page.input_value("#apikey") == LINE_KEY
             page.click("#tab-review")
             first = newest_first[0]
@@ -648,3 +648,156 @@ def test_requests_for_many_record_ids_add_no_metrics_series(served: Served) -> N
     after = endpoints()
     assert after - before <= {"other"}, after - before
     assert "/records/{id}" in after
+
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "artefacts" / "screenshots"
+
+
+def text_of(element: str, test: str, text: str) -> str:
+    """A JavaScript test of an element's text, for `wait_for`."""
+    return f"document.getElementById('{element}').textContent.{test}('{text}')"
+
+
+def test_the_console_shows_overview_explanation_history_and_trade_off(
+    served: Served, synthetic_dataset: MVTecCategory
+) -> None:
+    """Each view of the operator console driven in Chromium at 1280 px, with a reviewer's
+    key and then an admin's; a screenshot of each view is kept in artefacts/screenshots."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    answers = [inspect(served.url, data).json() for data in parts(synthetic_dataset, 10, seed=11)]
+    flagged = [a["record_id"] for a in answers if a["is_anomalous"]]
+    wait_for_records(served.url, {a["record_id"] for a in answers})
+    for record_id, label in zip(flagged, ("confirmed_defect", "false_alarm"), strict=False):
+        review = {"label": label}
+        reviewed = httpx.post(f"{served.url}/records/{record_id}/review", json=review, headers=USER)
+        assert reviewed.status_code == 200, reviewed.text
+    moved = httpx.post(  # a version after the first, so the first can be restored
+        f"{served.url}/products/carpet/threshold",
+        json={"target": 0.05, "reason": "a later operating point"},
+        headers=ADMIN,
+    )
+    assert moved.status_code == 200, moved.text
+    activity = httpx.get(f"{served.url}/records/activity", headers=USER).json()["products"]
+    assert httpx.get(f"{served.url}/records/activity").status_code == 401
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    history_url = f"{served.url}/products/carpet/history"
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            # The first view: every product with its figures and a 24-hour flag chart.
+            page.goto(f"{served.url}/ui/#key={LINE_KEY}")
+            wait_for(page, "location.hash === '#overview'")
+            card = "#overview .card[data-product='carpet']"
+            wait_for(page, f'!!document.querySelector("{card} .chart svg")')
+            assert page.inner_text(f"{card} .open-reviews") == str(
+                activity["carpet"]["open_reviews"]
+            )
+            today = activity["carpet"]["inspections_today"]
+            assert page.inner_text(f"{card} .today").startswith(str(today))
+            assert page.locator(f"{card} .chart svg rect").count() == 24
+            page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+
+            # Its review queue: the image beside its heatmap, and why it is hot.
+            page.click(f"{card} a[data-go='review']")
+            page.uncheck("#only-unreviewed")
+            wait_for(page, text_of("explanation-text", "includes", "Nearest normal patch"))
+            shown = page.inner_text("#r-record")
+            said = httpx.get(f"{served.url}/records/{shown}/explanation", headers=USER).json()
+            assert said["available"] is True
+            # A row the bank learned from a reviewed false alarm names no training image.
+            normal, text = said["nearest_normal"], page.inner_text("#explanation-text")
+            assert (normal["image"] or "a row added after the fit") in text
+            assert said["reading"].upper() in text
+            crops = page.evaluate(
+                "['flagged-crop', 'normal-crop'].map((i) => document.getElementById(i)"
+                ".naturalWidth)"
+            )
+            assert crops == [32, 32 if normal["crop"] else 0]
+            boxes = [
+                page.locator(f"#{id_}").bounding_box() for id_ in ("record-image", "record-heatmap")
+            ]
+            assert (
+                boxes[0]["y"] == boxes[1]["y"] and boxes[1]["x"] > boxes[0]["x"] + boxes[0]["width"]
+            )
+            page.screenshot(path=str(SCREENSHOTS / "review.png"), full_page=True)
+
+            # History: every version with who and why; a reviewer's rollback is refused
+            # with the server's sentence.
+            page.click("#tab-history")
+            listed = httpx.get(history_url, headers=USER)
+            assert listed.status_code == 200, listed.text
+            versions = listed.json()["versions"]
+            wait_for(
+                page, f"document.querySelectorAll('#versions tbody tr').length === {len(versions)}"
+            )
+            earliest = versions[0]["version"]
+            page.click(f"#versions button[data-version='{earliest}']")
+            wait_for(
+                page,
+                text_of("history-status", "startsWith", "Not rolled back"),
+            )
+            refused = httpx.post(
+                f"{served.url}/products/carpet/rollback", json={"version": earliest}, headers=USER
+            ).json()["error"]
+            assert refused in page.inner_text("#history-status")
+            page.screenshot(path=str(SCREENSHOTS / "history.png"), full_page=True)
+
+            # The trade-off: the line moved over the reviewed scores' histograms.
+            wait_for(page, "!document.getElementById('tradeoff-slider').disabled")
+            trade = httpx.get(f"{served.url}/products/carpet/suggestion", headers=USER).json()
+            edges, good, bad = (
+                trade["trade_off"][k] for k in ("edges", "defect_free", "defective")
+            )
+            index = next(
+                i for i, edge in enumerate(edges) if edge > trade["current"]["threshold"] * 0.6
+            )
+            page.evaluate(
+                f"const s = document.getElementById('tradeoff-slider'); s.value = '{index}';"
+                " s.dispatchEvent(new Event('input'))"
+            )
+            flagged_good, found = sum(good[index:]), sum(bad[index:])
+            text = page.inner_text("#tradeoff-text")
+            assert f"({flagged_good} of {sum(good)})" in text and f"({found} of {sum(bad)})" in text
+            page.screenshot(path=str(SCREENSHOTS / "trade-off.png"), full_page=True)
+            page.click("#tradeoff-apply")
+            wait_for(
+                page,
+                text_of("tradeoff-status", "startsWith", "Not applied"),
+            )
+
+            # With the admin's key both land, each as a version naming its author.
+            page.evaluate("document.getElementById('tradeoff-text').textContent = ''")
+            page.fill("#apikey", ADMIN_KEY)
+            page.dispatch_event("#apikey", "change")  # every view reloads with the new key
+            wait_for(page, text_of("tradeoff-text", "startsWith", "At "))
+            page.evaluate(
+                f"const s = document.getElementById('tradeoff-slider'); s.value = '{index}';"
+                " s.dispatchEvent(new Event('input'))"
+            )
+            page.click("#tradeoff-apply")
+            wait_for(page, text_of("tradeoff-status", "includes", " is live"))
+            live = httpx.get(f"{served.url}/products", headers=USER).json()[0]
+            assert live["threshold"] == pytest.approx(edges[index], rel=1e-6)
+            page.click(f"#versions button[data-version='{earliest}']")
+            wait_for(page, text_of("history-status", "includes", " is live"))
+
+            # Below 1000 px the image and its heatmap stack.
+            page.set_viewport_size({"width": 900, "height": 1000})
+            page.click("#tab-review")
+            wait_for(page, "document.getElementById('record-heatmap').naturalWidth > 0")
+            boxes = [
+                page.locator(f"#{id_}").bounding_box() for id_ in ("record-image", "record-heatmap")
+            ]
+            assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"]
+        finally:
+            browser.close()
+    newest = httpx.get(history_url, headers=USER).json()["versions"][-2:]
+    assert [v["change"]["action"] for v in newest] == ["operating_point", "rollback"]
+    assert {v["change"]["by"] for v in newest} == {"admin"}
+    assert newest[-1]["change"]["restored"] == earliest

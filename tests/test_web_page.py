@@ -39,7 +39,7 @@ def test_upload_shows_score_verdict_and_overlay(
         )
         try:
             page = browser.new_page()
-            page.goto(f"{url}/ui/")
+            page.goto(f"{url}/ui/#inspect")
             # The random-weight backbone is said before anything is inspected.
             wait_for(
                 page,

@@ -25,6 +25,7 @@ from typing import Any
 
 import bentoml
 
+from detector.banks.authors import author
 from detector.banks.products import (
     LIVE_FILE,
     BankCorrupt,
@@ -123,6 +124,7 @@ def commit_version(
                 "time": datetime.now(UTC).isoformat(timespec="seconds"),
                 "parent": str(parent.tag) if parent is not None else missing,
                 **draft.change,
+                "by": author(draft.change),
             },
             "backbone_model": backbone_model or inherited.get("backbone_model"),
             "metrics": metrics if metrics is not None else inherited.get("metrics", {}),
@@ -193,8 +195,7 @@ def commit_document_change(
 
 
 def _row_hashes(draft: Draft) -> dict[str, str]:
-    """The SHA-256 of the files that hold the rows (the index, and where one was kept, the
-    rows' provenance): a shared file's hash is inherited, not read again."""
+    """The SHA-256 of the files that hold the rows (a shared file's is inherited)."""
     folder = Path(draft.index_of.path) if draft.index_of is not None else draft.folder
     known = draft.index_of.info.metadata.get("files", {}) if draft.index_of is not None else {}
     return {

@@ -19,6 +19,12 @@ from typing import Any
 import aiohttp
 import anyio
 import numpy as np
+
+# Imported whole before any request: BentoML checks model metadata against
+# `scipy.sparse` types found in sys.modules, and a first scipy import in another worker
+# thread (a promise's confidence bound) left it half-initialised there: a 500 for the
+# history read at that moment (0.5 s once, at start).
+import scipy.sparse  # noqa: F401
 from starlette.responses import JSONResponse, Response
 
 from detector import schema

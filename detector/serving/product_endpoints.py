@@ -52,12 +52,18 @@ class ProductEndpoints:
         next_before = int(page[0]["version"][1:]) if more else None
         return {"product": name, "versions": page, "next_before": next_before}
 
-    async def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
+    # Each change names who made it (`by`: the name of the key, never one the body gives):
+    # the product's history says it beside what changed, why and when.
+    async def rollback(
+        self, product: str, version: str, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
         if not version:
             raise Refusal(400, "bad_request", "Name the version to restore (e.g. v2).")
-        return await self._change("rollback", self.served_product(product), version, reason)
+        return await self._change("rollback", self.served_product(product), version, reason, by)
 
-    async def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+    async def set_threshold(
+        self, product: str, change: dict[str, Any], by: str | None = None
+    ) -> dict[str, Any]:
         only_fields(
             change,
             {"target", "threshold", "reason", "confirm", "from_reviews", "days"},
@@ -68,12 +74,14 @@ class ProductEndpoints:
             change = await self._from_reviews(product, change)
         elif "from_reviews" in change or "days" in change:
             raise Refusal(400, "bad_request", "days goes with from_reviews: true.")
-        return await self._change("set_threshold", product, change)
+        return await self._change("set_threshold", product, change, by)
 
-    async def set_mask(self, product: str, mask: bytes | None, reason: str) -> dict[str, Any]:
+    async def set_mask(
+        self, product: str, mask: bytes | None, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
         """A new version inspecting only where `mask` is white (None: everywhere); the
         runner decodes it with the service's image limits."""
-        return await self._change("set_mask", self.served_product(product), mask, reason)
+        return await self._change("set_mask", self.served_product(product), mask, reason, by)
 
     async def _from_reviews(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
         """The threshold suggestion, computed here from the records, sent to the runner with
@@ -106,6 +114,7 @@ class ProductEndpoints:
         records: list[str] | None = None,
         session: str | None = None,
         join: str = "both",
+        by: str | None = None,
     ) -> dict[str, Any]:
         """Checked like scored uploads; any refused image refuses the whole change. The
         images of `records` (reviewed false alarms of this product) are added too, and each
@@ -139,7 +148,7 @@ class ProductEndpoints:
         self._check_pixels(images + calibration)
         async with self._runner_slots:
             report = await self._change(
-                "add_images", product, images, reason, calibration, records, session, join
+                "add_images", product, images, reason, calibration, records, session, join, by
             )
         if records:
             tag = f"{products.model_name(report['product'])}:{report['version']}"

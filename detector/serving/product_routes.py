@@ -83,9 +83,9 @@ async def add_images(request: Request) -> Response:
                 records = _listed(form, "records")
         except MultiPartException as error:
             raise Refusal(400, "bad_multipart", f"Malformed multipart: {error}") from None
-        name = request.path_params["name"]
+        name, by = request.path_params["name"], request.scope.get(CALLER_SCOPE_KEY)
         return await endpoints.add_images(
-            name, images, reason, calibration, records, **session_fields
+            name, images, reason, calibration, records, **session_fields, by=by
         )
 
     return await as_response(work())
@@ -123,7 +123,8 @@ async def rollback(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         body = await json_object(request, 'Send JSON: {"version": "v2", "reason": "..."}.')
         version, reason = str(body.get("version") or ""), str(body.get("reason") or "")[:500]
-        return await current_endpoints().rollback(request.path_params["name"], version, reason)
+        by = request.scope.get(CALLER_SCOPE_KEY)
+        return await current_endpoints().rollback(request.path_params["name"], version, reason, by)
 
     return await as_response(work())
 
@@ -132,7 +133,8 @@ async def threshold(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         usage = 'Send JSON: {"target": 0.02, "reason": "..."} or {"threshold": 0.31}.'
         body = await json_object(request, usage)
-        return await current_endpoints().set_threshold(request.path_params["name"], body)
+        by = request.scope.get(CALLER_SCOPE_KEY)
+        return await current_endpoints().set_threshold(request.path_params["name"], body, by)
 
     return await as_response(work())
 
@@ -140,9 +142,10 @@ async def threshold(request: Request) -> Response:
 async def mask(request: Request) -> Response:
     async def work() -> dict[str, Any]:
         endpoints, name = current_endpoints(), request.path_params["name"]
+        by = request.scope.get(CALLER_SCOPE_KEY)
         if request.method == "DELETE":
             reason = str(request.query_params.get("reason") or "")[:500]
-            return await endpoints.set_mask(name, None, reason)
+            return await endpoints.set_mask(name, None, reason, by)
         try:
             async with request.form(max_files=1, max_fields=2) as form:
                 files, reason = await _files(form, "mask"), str(form.get("reason") or "")[:500]
@@ -151,7 +154,7 @@ async def mask(request: Request) -> Response:
         if len(files) != 1:
             usage = "Send the mask as the file field 'mask' (white = inspect, black = ignore)."
             raise Refusal(400, "no_mask", usage)
-        return await endpoints.set_mask(name, files[0], reason)
+        return await endpoints.set_mask(name, files[0], reason, by)
 
     return await as_response(work())
 

@@ -88,6 +88,9 @@ class RecordEndpoints:
     async def review_summary(self) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(self._recorder().summary)
 
+    async def activity(self) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self._recorder().activity)
+
     async def record(self, record_id: str) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(self._recorder().get, record_id)
 

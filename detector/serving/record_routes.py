@@ -7,6 +7,8 @@ the reviewer role and the body size first.
     GET  /records?product=&verdict=&reviewed=&label=&since=&until=&limit=&cursor=
                                       newest first; `next_cursor` pages on
     GET  /records/summary             reviewed counts per product (last 7 days)
+    GET  /records/activity            per product: inspections and flags per hour (24 h),
+                                      today's inspections, flagged records not yet reviewed
     GET  /records/{id}                one record, and whether its image is still kept
     GET  /records/{id}/image          the kept image
     GET  /records/{id}/heatmap        its overlay, drawn by the product's live bank
@@ -40,6 +42,10 @@ async def summary(request: Request) -> Response:
     return await as_response(current_endpoints().review_summary())
 
 
+async def activity(request: Request) -> Response:
+    return await as_response(current_endpoints().activity())
+
+
 async def one(request: Request) -> Response:
     return await as_response(current_endpoints().record(request.path_params["id"]))
 
@@ -70,6 +76,7 @@ records_app = Starlette(
     routes=[
         Route("/", list_records, methods=["GET"]),
         Route("/summary", summary, methods=["GET"]),
+        Route("/activity", activity, methods=["GET"]),
         Route("/{id}", one, methods=["GET"]),
         Route("/{id}/image", image, methods=["GET"]),
         Route("/{id}/heatmap", heatmap, methods=["GET"]),

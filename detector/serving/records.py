@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from detector.errors import UserError
+from detector.records.activity import activity
 from detector.records.errors import ImageGone, RecordsError
 from detector.records.model import make_record, utc_now
 from detector.records.query import MAX_PAGE, RecordQuery, parse_time
@@ -171,6 +172,9 @@ class Recorder:
 
     def summary(self) -> dict[str, dict[str, int]]:
         return self.store.review_summary(since=utc_now() - timedelta(days=REVIEW_WINDOW_DAYS))
+
+    def activity(self) -> dict[str, Any]:
+        return activity(self.store)
 
     def publish_reviews(self) -> None:
         telemetry.publish_reviews(self.summary())

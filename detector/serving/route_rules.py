@@ -68,6 +68,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
         **product_rules(settings),
         "/records/": Rule(SMALL_BODY, "reviewer"),
         "/records/summary": Rule(SMALL_BODY, "reviewer"),
+        "/records/activity": Rule(SMALL_BODY, "reviewer"),
         "/records/*": Rule(SMALL_BODY, "reviewer"),
         "/records/*/image": Rule(SMALL_BODY, "reviewer"),
         "/records/*/heatmap": Rule(
@@ -152,5 +153,5 @@ def rule_key(path: str) -> str:
     if len(parts) == 5 and prefix == "/products" and parts[2] and parts[3] == "jobs" and parts[4]:
         return "/products/*/jobs/*"
     if len(parts) == 3 and parts[2] and prefix == "/records":
-        return "/records/summary" if parts[2] == "summary" else "/records/*"
+        return f"/records/{parts[2]}" if parts[2] in ("summary", "activity") else "/records/*"
     return f"{prefix}/**"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.banks import changes, products, versions
+from detector.banks import authors, changes, products, versions
 from detector.drift import profile_to_list
 from detector.errors import UserError
 from detector.extractor import FeatureExtractor
@@ -169,6 +169,7 @@ class ScoringRunner:
         records: list[str] | None = None,
         session: str | None = None,
         join: str = "both",
+        by: str | None = None,
     ) -> dict[str, Any]:
         """A new bank version that also covers these defect-free images, live here at once
         and in every other worker and replica within INSPECT_BANK_REFRESH_S; `records` are
@@ -191,20 +192,21 @@ class ScoringRunner:
             hashes = [hashlib.sha256(data).hexdigest() for data in uploads]
             extractor = self.catalog.extractor
             options = {"reason": reason, "batch_size": self.settings.max_batch_size}
-            if session is not None:
-                model, report = changes.add_session(
-                    product, session, features, hashes, extractor, join=join, **options
-                )
-            else:
-                model, report = changes.add_images(
-                    product,
-                    features,
-                    hashes,
-                    extractor,
-                    calibration=held_out,
-                    records=records,
-                    **options,
-                )
+            with authors.acting_as(by):
+                if session is not None:
+                    model, report = changes.add_session(
+                        product, session, features, hashes, extractor, join=join, **options
+                    )
+                else:
+                    model, report = changes.add_images(
+                        product,
+                        features,
+                        hashes,
+                        extractor,
+                        calibration=held_out,
+                        records=records,
+                        **options,
+                    )
         except (UserError, InvalidImageError) as error:
             return refusal(error)
         self.catalog.install(model)
@@ -234,42 +236,51 @@ class ScoringRunner:
         except UserError as error:
             return refusal(error)
 
-    def rollback(self, product: str, version: str, reason: str) -> dict[str, Any]:
+    def rollback(
+        self, product: str, version: str, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
         try:
             product = self.catalog.resolve(product)
-            model = versions.rollback(product, version, reason)
+            with authors.acting_as(by):
+                model = versions.rollback(product, version, reason)
             self.catalog.install(model)
         except UserError as error:
             return refusal(error)
         restored = model.info.metadata["change"]["restored"]
         return {"product": product, "version": str(model.tag.version), "restored": restored}
 
-    def set_mask(self, product: str, upload: bytes | None, reason: str) -> dict[str, Any]:
+    def set_mask(
+        self, product: str, upload: bytes | None, reason: str, by: str | None = None
+    ) -> dict[str, Any]:
         """A new version inspecting only where the mask is white (None: everywhere)."""
         try:
             product = self.catalog.resolve(product)
             image = None if upload is None else self.inputs.decode(upload)
             if isinstance(image, InvalidImageError):
                 raise image
-            model, report = changes.set_mask(product, image, reason)
+            with authors.acting_as(by):
+                model, report = changes.set_mask(product, image, reason)
             self.catalog.install(model)
         except (UserError, InvalidImageError) as error:
             return refusal(error)
         return report
 
-    def set_threshold(self, product: str, change: dict[str, Any]) -> dict[str, Any]:
+    def set_threshold(
+        self, product: str, change: dict[str, Any], by: str | None = None
+    ) -> dict[str, Any]:
         """A new version with a new operating point: {"target": 0.02} or {"threshold": x};
         `confirm` for a threshold far outside the calibration scores."""
         try:
             product = self.catalog.resolve(product)
-            model, report = changes.set_operating_point(
-                product,
-                target=change.get("target"),
-                threshold=change.get("threshold"),
-                reason=str(change.get("reason") or "")[:500],
-                confirm=change.get("confirm") is True,
-                reviewed=change.get("reviewed"),  # from the API's suggestion only
-            )
+            with authors.acting_as(by):
+                model, report = changes.set_operating_point(
+                    product,
+                    target=change.get("target"),
+                    threshold=change.get("threshold"),
+                    reason=str(change.get("reason") or "")[:500],
+                    confirm=change.get("confirm") is True,
+                    reviewed=change.get("reviewed"),  # from the API's suggestion only
+                )
         except UserError as error:
             return refusal(error)
         self.catalog.install(model)
