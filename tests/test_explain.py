@@ -149,3 +149,23 @@ def test_a_cross_fitted_bank_knows_its_rows_sources_too(
     np.testing.assert_allclose(
         l2_normalize(features[image, cell_row, column]), detector.bank.vectors(), atol=1e-5
     )
+
+
+def test_an_explanation_is_never_given_to_a_caller_without_a_key(tmp_path: Path) -> None:
+    """Crops of the training images reveal the bank: refused to an anonymous caller even
+    where scoring is open to anyone, before the upload is read."""
+    import asyncio
+
+    from detector.serving.answers import Refusal
+    from detector.serving.api import InspectionEndpoints
+    from detector.serving.settings import Settings
+
+    endpoints = InspectionEndpoints(None, Settings.from_env())
+    missing = tmp_path / "never-read.png"  # the refusal comes before any read
+    for call in (
+        endpoints.inspect(missing, "", False, who=None, explain=True),
+        endpoints.heatmap(missing, "", "overlay", False, who=None, explain=True),
+    ):
+        with pytest.raises(Refusal) as refused:
+            asyncio.run(call)
+        assert refused.value.status == 401 and "explain=true" in str(refused.value)

@@ -271,6 +271,32 @@ def fresh_product(name: str, product_dirs: dict[str, Path]) -> bentoml.Model:
     )
 
 
+def test_a_bank_saved_before_provenance_scores_alike_and_says_why_it_explains_nothing(
+    in_process_store: dict,
+    product_dirs: dict[str, Path],
+    tiny_backbone: DinoBackbone,
+    synthetic_dataset: MVTecCategory,
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from detector.provenance import NOT_EXPLAINED, PROVENANCE_FILE
+
+    old = shutil.copytree(product_dirs["line3"], tmp_path / "old")
+    (old / PROVENANCE_FILE).unlink()  # as every bank was saved before it was kept
+    model = save_bank(old, bentoml.models.get("dino-backbone:latest"), product="ip-old")
+    assert PROVENANCE_FILE not in model.info.metadata["files"]
+    runner = runner_for(["ip-old", "ip-line3"], tiny_backbone)
+    image = next(s for s in synthetic_dataset.test_samples() if s.label == 1).path.read_bytes()
+    before, now = runner.score_uploads([("ip-old", image), ("ip-line3", image)], False)
+    assert before["score"] == pytest.approx(now["score"], abs=1e-6)
+    assert before["explanation"] == {"available": False, "why": NOT_EXPLAINED}
+    assert now["explanation"]["available"] is True
+    # Its later versions stay without one: a threshold change shares its files as they are.
+    changes.set_operating_point("ip-old", target=0.05, reason="a new operating point")
+    assert not (Path(products.live_model("ip-old").path) / PROVENANCE_FILE).exists()
+
+
 def test_a_deleted_live_version_is_refused_never_replaced_and_its_number_never_reused(
     in_process_store: dict,
     product_dirs: dict[str, Path],

@@ -96,3 +96,15 @@ def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
             runner_answer["status"], runner_answer["reason"], runner_answer["error"], **headers
         )
     return runner_answer
+
+
+def refuse_anonymous_explain(explain: bool, who: str | None) -> None:
+    """An explanation shows crops of the bank's training images: never to a caller without
+    a key, even where scoring is open to anyone (INSPECT_ANONYMOUS_SCORING)."""
+    if explain and who is None:
+        raise Refusal(
+            401,
+            "unauthorised",
+            "explain=true shows patches of the product's training images: send an API key "
+            "(X-API-Key) with the line role or above.",
+        )

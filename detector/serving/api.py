@@ -20,10 +20,8 @@ import aiohttp
 import anyio
 import numpy as np
 
-# Imported whole before any request: BentoML checks model metadata against
-# `scipy.sparse` types found in sys.modules, and a first scipy import in another worker
-# thread (a promise's confidence bound) left it half-initialised there: a 500 for the
-# history read at that moment (0.5 s once, at start).
+# Whole before any request: BentoML checks metadata against a half-imported scipy.sparse
+# while another thread imports scipy (a confidence bound): a 500. 0.5 s once, at start.
 import scipy.sparse  # noqa: F401
 from starlette.responses import JSONResponse, Response
 
@@ -35,7 +33,12 @@ from detector.images import (
 )
 from detector.reports.plots import map_to_png_image, overlay
 from detector.serving import telemetry
-from detector.serving.answers import Refusal, refusal, refused_answer
+from detector.serving.answers import (
+    Refusal,
+    refusal,
+    refuse_anonymous_explain,
+    refused_answer,
+)
 from detector.serving.gate import CALLER_SCOPE_KEY, LOAD_TEST_SCOPE_KEY
 from detector.serving.product_endpoints import ProductEndpoints
 from detector.serving.record_endpoints import RecordEndpoints, RenderCache
@@ -241,6 +244,7 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         explain: bool = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        refuse_anonymous_explain(explain, who)
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
         (result,) = await self._score("score", [(product, upload)], watch=not load_test)
@@ -268,6 +272,7 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
             raise Refusal(400, "bad_output", "output must be one of overlay, map, npy.")
+        refuse_anonymous_explain(explain, who)
         upload = await self.read_upload(image)
         (result,) = await self._score("score_with_maps", [(product, upload)], watch=not load_test)
         result = refused_answer(result)
