@@ -36,7 +36,7 @@ from detector.scoring import (
     make_result,
 )
 from detector.thresholds import rule_for_new_scores
-from detector.tiling import Tiling, tiling_of, with_tiling
+from detector.tiling import TiledExtractor, Tiling, tiling_of, with_tiling
 
 ImageSource = Image.Image | str | Path
 Item = TypeVar("Item")
@@ -216,13 +216,18 @@ class AnomalyDetector:
         why that cannot be shown (detector.provenance)."""
         provenance = self.bank.provenance
         known = provenance is not None and result.nearest is not None
-        return explanation(
+        said = explanation(
             result.nearest,
             provenance,
             input_pixels(prepared),
             result.image_size,
             self.bank.covering_radius if known else 0.0,
         )
+        if said["available"] and isinstance(self.extractor, TiledExtractor):  # which tile
+            said["flagged"]["tile"] = self.extractor.tile_of(said["flagged"]["cell"])
+            normal = said["nearest_normal"]
+            normal["tile"] = self.extractor.tile_of(normal["cell"]) if normal["cell"] else None
+        return said
 
     def predict_prepared(
         self,

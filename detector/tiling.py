@@ -152,6 +152,14 @@ class TiledExtractor:
             _owned_slices(self.layout.column_origins, self.layout.cells, self.layout.grid[1]),
         )
 
+    def tile_of(self, cell: tuple[int, int]) -> int:
+        """The tile (row-major, from 0) whose feature a cell of the frame's grid holds."""
+        row, column = (
+            next(i for i, owned in enumerate(slices) if owned.start <= position < owned.stop)
+            for slices, position in zip(self._owned, cell, strict=True)
+        )
+        return row * len(self.layout.column_origins) + column
+
     def prepare(self, image: Image.Image) -> np.ndarray:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         size = self.layout.frame_px

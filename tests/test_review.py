@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from batch.__main__ import main as batch_main
+from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
 from detector.images import decode_image
 from devtools.in_process import run_detector, run_main
@@ -71,9 +72,9 @@ def parts(dataset: MVTecCategory, count: int, seed: int) -> list[bytes]:
     return images
 
 
-def inspect(url: str, data: bytes, headers: dict[str, str] = USER) -> httpx.Response:
+def inspect(url: str, data: bytes, headers: dict[str, str] = USER, **fields: str) -> httpx.Response:
     files = {"image": ("part.png", data, "image/png")}
-    return httpx.post(f"{url}/inspect", files=files, headers=headers, timeout=60)
+    return httpx.post(f"{url}/inspect", files=files, data=fields, headers=headers, timeout=60)
 
 
 def inspect_batch(url: str, images: list[bytes]) -> list[dict[str, Any]]:
@@ -132,6 +133,33 @@ def served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Served:
         INSPECT_MAX_CHANGE_BYTES=str(2_000_000),
     ) as url:
         yield Served(url, store, records, log)
+
+
+def test_explain_gives_the_in_process_explanation_only_when_asked(
+    served: Served, fitted_detector: AnomalyDetector, synthetic_dataset: MVTecCategory
+) -> None:
+    """Before any test here changes the bank: the served explanation is the in-process one."""
+    sample = next(s for s in synthetic_dataset.test_samples() if s.label == 1)
+    image = Image.open(sample.path)
+    prepared = fitted_detector.extractor.prepare(image.convert("RGB"))
+    (result,) = fitted_detector.predict_prepared(prepared[None], [image.size], False)
+    want = fitted_detector.explain(result, prepared)
+    data = sample.path.read_bytes()
+    assert "explanation" not in inspect(served.url, data).json()
+    files = {"image": ("part.png", data, "image/png")}
+    explained = httpx.post(
+        f"{served.url}/heatmap", files=files, data={"explain": "true"}, headers=USER, timeout=60
+    )
+    for answer in (
+        inspect(served.url, data, explain="true").json(),
+        json.loads(explained.headers["x-inspection"]),
+    ):
+        said = answer["explanation"]
+        assert said["available"] is True
+        assert said["nearest_normal"]["row"] == want["nearest_normal"]["row"]
+        assert said["nearest_normal"]["image"] == want["nearest_normal"]["image"]
+        assert said["distance"] == pytest.approx(want["distance"], abs=1e-5)
+        assert said["flagged"] == want["flagged"] and said["reading"] == want["reading"]
 
 
 def test_every_answer_is_recorded_with_its_models_key_and_image(

@@ -130,6 +130,30 @@ def test_a_defect_across_a_tile_border_is_found_once_and_the_map_is_continuous_t
         assert steps[seams].max() <= np.delete(steps, seams).max()
 
 
+def test_a_tiled_flag_is_explained_with_its_tile_and_a_crop_at_native_scale(
+    tiled_detector: AnomalyDetector,
+) -> None:
+    """The frame's cell, the tile that holds its feature, and the nearest normal patch of a
+    named training frame: provenance on the stitched grid."""
+    image = frame(100, blot=(SEAM_PX, 200))
+    prepared = tiled_detector.extractor.prepare(image)
+    (result,) = tiled_detector.predict_prepared(prepared[None], [image.size], False)
+    said = tiled_detector.explain(result, prepared)
+    assert said["available"] is True
+    left, top, right, bottom = said["flagged"]["box"]
+    assert left < SEAM_PX + 20 and right > SEAM_PX - 20 and top < 220 and bottom > 180  # the blot
+    layout = tiled_detector.extractor.layout
+    for part in (said["flagged"], said["nearest_normal"]):
+        row, column = divmod(part["tile"], len(layout.column_origins))
+        cell = part["cell"]
+        assert layout.row_origins[row] <= cell[0] < layout.row_origins[row] + layout.cells
+        assert (
+            layout.column_origins[column] <= cell[1] < layout.column_origins[column] + layout.cells
+        )
+    provenance = tiled_detector.bank.provenance
+    assert provenance.grid == layout.grid and said["nearest_normal"]["image"].startswith("training")
+
+
 def test_a_large_untiled_frame_gets_one_nudge_towards_tiling(
     fitted_detector: AnomalyDetector, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
