@@ -139,11 +139,13 @@ class AnomalyDetector:
             [self.extractor.embed(rows) for rows in batched(prepared, self.batch_size)]
         )
 
-    def learned(self, features: np.ndarray) -> tuple[AnomalyDetector, int]:
-        """A detector whose bank also covers these defect-free features, and how many rows
-        that took; this one is untouched and keeps serving meanwhile."""
+    def learned(
+        self, features: np.ndarray, names: Sequence[str] | None = None
+    ) -> tuple[AnomalyDetector, int]:
+        """A detector whose bank also covers these defect-free features (of the images
+        `names`), and how many rows that took; this one is untouched and keeps serving."""
         bank = self.bank.copy()
-        added = bank.extend(features)
+        added = bank.extend(features, names=names)
         calibration = replace(
             self.calibration, rows_added_since=self.calibration.rows_added_since + added
         )

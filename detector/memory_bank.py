@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,12 @@ class MemoryBank:
         distinct = distances[distances > 1e-6]
         return float(distinct.min()) if distinct.size else 0.0
 
-    def extend(self, features: np.ndarray, radius: float | None = None) -> int:
+    def extend(
+        self,
+        features: np.ndarray,
+        radius: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> int:
         """Add the new patches the bank does not already cover within its covering radius;
         returns how many rows were added.
 
@@ -200,10 +205,12 @@ class MemoryBank:
         becomes a row, then the next farthest from the bank plus it, until every new patch is
         as close to a row as the training patches were (or within `radius`, a cosine
         distance, when given). An image flagged by a false alarm gains rows where it was
-        flagged and nowhere else.
+        flagged and nowhere else. `names` (one per image of a (B, h, w, D) `features`) say
+        where the new rows came from.
         """
         new = l2_normalize(features)
-        new = new[np.isfinite(new).all(axis=1)]
+        finite = np.flatnonzero(np.isfinite(new).all(axis=1))
+        new = new[finite]
         if not len(new):
             return 0
         import torch  # only where a bank grows: serving's API process never loads it
@@ -215,9 +222,12 @@ class MemoryBank:
         euclidean = float(np.sqrt(2.0 * max(tightness, 0.0)))
         picked = farthest_points(torch.from_numpy(new), nearest, len(new), radius=euclidean)
         if len(picked):
-            self.index.add(new[np.sort(picked)])
+            chosen = np.sort(picked)
+            self.index.add(new[chosen])
             if self.provenance is not None:
-                self.provenance = self.provenance.extended(len(picked))
+                self.provenance = self.provenance.extended(
+                    len(chosen), names, finite[chosen], features.shape[1:-1]
+                )
         self.metadata["bank_size"] = self.size
         return int(len(picked))
 

@@ -55,10 +55,15 @@ class Provenance:
     """Each bank row's source (training image, cell row, cell column) and the first rows'
     crops; `images` names the training images."""
 
-    images: list[str]
-    sources: np.ndarray  # (rows, 3) int32; ADDED_LATER in every column for later rows
+    images: list[str]  # the fit's training images, then the images later changes added
+    sources: np.ndarray  # (rows, 3) int32; ADDED_LATER in every column: image not named
     grid: tuple[int, int]  # the training images' patch grid
     crops: np.ndarray  # (n, CROP_SIDE, CROP_SIDE, 3) uint8 for rows 0 .. n - 1
+    fit_images: int = -1  # how many of `images` the fit read (-1: all of them)
+
+    def __post_init__(self) -> None:
+        if self.fit_images < 0:
+            self.fit_images = len(self.images)
 
     @classmethod
     def of_rows(
@@ -72,10 +77,25 @@ class Provenance:
         empty = np.zeros((0, CROP_SIDE, CROP_SIDE, 3), np.uint8)
         return cls(list(images), sources, (int(grid[0]), int(grid[1])), empty)
 
-    def extended(self, added: int) -> Provenance:
-        """The provenance of the bank after `added` rows of unnamed images."""
-        later = np.full((added, 3), ADDED_LATER, np.int32)
-        return Provenance(self.images, np.concatenate([self.sources, later]), self.grid, self.crops)
+    def extended(
+        self,
+        added: int,
+        names: Sequence[str] | None = None,
+        positions: np.ndarray | None = None,
+        grid: tuple[int, ...] | None = None,
+    ) -> Provenance:
+        """The provenance after `added` rows taken at `positions` of a stream of whole
+        `grid`s of the images `names` (a reviewed false alarm's record, a session's image);
+        without them, or on another grid, the rows' image is not named."""
+        if names is None or positions is None or tuple(grid or ()) != self.grid:
+            later = np.full((added, 3), ADDED_LATER, np.int32)
+            images = self.images
+        else:
+            later = Provenance.of_rows(positions, self.grid, names).sources
+            later[:, 0] += len(self.images)
+            images = [*self.images, *names]
+        sources = np.concatenate([self.sources, later])
+        return Provenance(images, sources, self.grid, self.crops, self.fit_images)
 
     @property
     def nbytes(self) -> int:
@@ -89,10 +109,10 @@ class Provenance:
     def source(self, row: int) -> dict[str, Any]:
         """Where bank row `row` came from, its crop as a PNG data URL where one is kept."""
         image, cell_row, column = (int(v) for v in self.sources[row])
-        if image == ADDED_LATER:
+        if image == ADDED_LATER or image >= self.fit_images:
             return {
-                "image": None,
-                "cell": None,
+                "image": None if image == ADDED_LATER else self.images[image],
+                "cell": None if image == ADDED_LATER else [cell_row, column],
                 "crop": None,
                 "why_no_crop": "a row added after the fit (a reviewed false alarm or a "
                 "later session): its image is kept in the records, not in the bank",
@@ -117,6 +137,7 @@ class Provenance:
                 sources=self.sources,
                 grid=np.asarray(self.grid),
                 crops=self.crops,
+                fit_images=np.asarray(self.fit_images),
             )
         return path
 
@@ -128,7 +149,9 @@ class Provenance:
             return None
         with np.load(path, allow_pickle=False) as stored:
             grid = tuple(int(v) for v in stored["grid"])
-            return cls([str(n) for n in stored["images"]], stored["sources"], grid, stored["crops"])
+            names = [str(n) for n in stored["images"]]
+            fit_images = int(stored["fit_images"]) if "fit_images" in stored else len(names)
+            return cls(names, stored["sources"], grid, stored["crops"], fit_images)
 
 
 def image_name(images: Sequence[Any], index: int) -> str:
@@ -144,6 +167,15 @@ def image_name(images: Sequence[Any], index: int) -> str:
         path = Path(source)
         return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     return f"training image {index + 1}"
+
+
+def added_names(hashes: list[str], records: list[str] | None = None) -> list[str]:
+    """How added images are named in the bank's provenance: the images of `records` (the
+    last ones, as the service appends them) by their record, the others by their hash."""
+    names = [f"added image {digest[:12]}" for digest in hashes]
+    if records:
+        names[len(names) - len(records) :] = [f"record {record}" for record in records]
+    return names
 
 
 def input_pixels(prepared: np.ndarray) -> np.ndarray:

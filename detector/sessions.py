@@ -195,7 +195,12 @@ class SessionJoined:
 
 
 def join_session(
-    detector: AnomalyDetector, session: str, features: np.ndarray, hashes: list[str], join: str
+    detector: AnomalyDetector,
+    session: str,
+    features: np.ndarray,
+    hashes: list[str],
+    join: str,
+    image_names: list[str] | None = None,
 ) -> SessionJoined:
     """The detector once a later session's features join its bank, its calibration or
     both; `detector` is untouched. The session is scored first, by a bank that has not
@@ -212,10 +217,11 @@ def join_session(
         results = scored(detector, features)
         scores = [r.score for r in results]
         calibration = with_later_session(calibration, session, results, names.bank)
-    updated, added = detector.learned(features) if join != "calibration" else (detector, 0)
+    joins_bank = join != "calibration"
+    updated, added = detector.learned(features, image_names) if joins_bank else (detector, 0)
     bank = updated.bank
     if updated is detector:  # the same rows: shared, with metadata of its own
-        bank = MemoryBank(bank.index, bank.config, copy.deepcopy(bank.metadata))
+        bank = MemoryBank(bank.index, bank.config, copy.deepcopy(bank.metadata), bank.provenance)
     if join != "calibration" and session not in names.bank:
         bank.metadata[BANK_SESSIONS] = [*names.bank, session]
     remember_images(bank.metadata, hashes)

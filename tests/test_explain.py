@@ -109,6 +109,20 @@ def test_provenance_survives_saving_extending_and_a_bank_without_it_says_why(
     assert loaded.bank.provenance is provenance  # the serving bank is untouched
     later = learned.bank.provenance.source(learned.bank.size - 1)
     assert later["image"] is None and "added after the fit" in later["why_no_crop"]
+    # Rows from named images (a reviewed false alarm's record) name it and their cell.
+    sample = next(s for s in synthetic_dataset.test_samples() if s.label == 1)
+    grid = loaded.extractor.embed(loaded.extractor.prepare(as_image(sample.path))[None])
+    named, added = loaded.learned(grid, ["record 18ecc5d3db"])
+    rows = named.bank.vectors()[-added:]
+    assert added > 0 and named.bank.provenance.images[-1] == "record 18ecc5d3db"
+    for offset, row in enumerate(range(named.bank.size - added, named.bank.size)):
+        said = named.bank.provenance.source(row)
+        assert said["image"] == "record 18ecc5d3db" and said["crop"] is None
+        np.testing.assert_allclose(
+            l2_normalize(grid[0][tuple(said["cell"])])[0], rows[offset], atol=1e-5
+        )
+    saved_named = named.save(tmp_path / "named")
+    assert Provenance.load(saved_named).source(named.bank.size - 1) == said
 
     # Crops beyond the budget: the row still names its source, and says why no crop.
     few = Provenance(provenance.images, provenance.sources, provenance.grid, provenance.crops[:3])

@@ -106,7 +106,8 @@ def test_a_version_is_served_in_int8_only_by_the_graph_its_check_ran_on(
     # The tiny random backbone puts a check image near its threshold; judged at a threshold
     # no image is near (the operating point moved), the same check holds.
     document, size = dict(detector.bank.metadata), detector.bank.size
-    document["calibration"] = {**document["calibration"], "threshold": 10.0}
+    # bank.json's calibration, as `save` writes it (this test saves nothing).
+    document["calibration"] = {**detector.calibration.to_dict(), "threshold": 10.0}
     shared = fitted_detector.extractor
     served, state = product_extractor(tmp_path, document, size, shared)
     assert isinstance(served, Int8Backbone) and state["served"] == "int8"

@@ -735,12 +735,14 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             page.click(f"{card} a[data-go='review']")
             page.uncheck("#only-unreviewed")
             wait_for(page, text_of("explanation-text", "includes", "Nearest normal patch"))
+            page.wait_for_load_state("networkidle")  # the queue loaded once more on uncheck
             shown = page.inner_text("#r-record")
             said = httpx.get(f"{served.url}/records/{shown}/explanation", headers=USER).json()
             assert said["available"] is True
-            # A row the bank learned from a reviewed false alarm names no training image.
-            normal, text = said["nearest_normal"], page.inner_text("#explanation-text")
-            assert (normal["image"] or "a row added after the fit") in text
+            # A row learned from a reviewed false alarm names its record, not a training image.
+            normal = said["nearest_normal"]
+            wait_for(page, text_of("explanation-text", "includes", normal["image"]))
+            text = page.inner_text("#explanation-text")
             assert said["reading"].upper() in text
             crops = page.evaluate(
                 "['flagged-crop', 'normal-crop'].map((i) => document.getElementById(i)"

@@ -18,6 +18,7 @@ from detector.banks.products import UnknownProductError, list_products, version_
 from detector.banks.versions import Draft, commit_document_change, commit_version, load_bank
 from detector.errors import UserError
 from detector.masks import MASK_KEY, grid_shape, mask_grid, to_document
+from detector.provenance import added_names
 from detector.quantized import recheck as recheck_int8
 from detector.scoring import Calibration
 from detector.thresholds import rule_for_new_scores
@@ -45,15 +46,15 @@ def add_images(
     calibration: Prepared | None = None,
     batch_size: int = 8,
     records: list[str] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version whose bank also covers these defect-free images' features.
 
     `features` are computed by the caller before the lock (the backbone pass is the costly
     part and does not depend on the bank); under the lock the live bank is extended, so an
-    update that landed meanwhile is extended too, never overwritten. The threshold is kept
-    unless `calibration` images are given; then they set it, and the report says how their
-    scores moved from the parent bank to the new one.
-    """
+    update that landed meanwhile is extended too. The threshold is kept unless `calibration`
+    images set it (the report says how their scores moved); `names` name the images in the
+    bank's provenance (default `added_names`)."""
     from detector.anomaly_detector import AnomalyDetector
     from detector.sessions import remember_images
 
@@ -66,7 +67,7 @@ def add_images(
         if parent is None:
             raise UnknownProductError(product, list_products())
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
-        learned, added = current.learned(features)
+        learned, added = current.learned(features, names or added_names(hashes, records))
         report.update(bank_rows_before=current.bank.size, rows_added=added)
         if calibration is not None and held_out:
             before = current.predict_prepared(*calibration, with_maps=False)
@@ -104,6 +105,7 @@ def add_session(
     join: str = "both",
     reason: str = "",
     batch_size: int = 8,
+    names: list[str] | None = None,
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version with a later capture session's defect-free images in its bank,
     its calibration, or both (`join`; see detector.sessions), and the promise stated again.
@@ -124,7 +126,8 @@ def add_session(
         if parent is None:
             raise UnknownProductError(product, list_products())
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
-        joined = join_session(current, session, features, hashes, join)
+        named = names or [f"session {session}: {digest[:12]}" for digest in hashes]
+        joined = join_session(current, session, features, hashes, join, named)
         updated, added = joined.detector, joined.rows_added
         if joined.scores:
             report["session_scores"] = _summary(joined.scores)
@@ -292,10 +295,9 @@ def set_mask(
 ) -> tuple[bentoml.Model, dict[str, Any]]:
     """A new live version whose frames are inspected only where `mask` is white (None:
     everywhere again). The bank rows, threshold and calibration scores are kept, and the
-    change says they were measured over every patch: under a mask a frame's score is taken
-    over fewer patches (with the max rule it can only fall; with the top-percent rule it
-    may move either way a little). A later calibration session (add-images --session
-    ... --join calibration) restates the false-alarm rate under the mask."""
+    change says they were measured over every patch: a masked frame's score is taken over
+    fewer patches (it can only fall with the max rule). A later calibration session
+    (add-images --session ... --join calibration) restates the rate under the mask."""
     report: dict[str, Any] = {}
 
     def edit(parent: bentoml.Model, document: dict[str, Any]) -> dict[str, Any]:

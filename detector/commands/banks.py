@@ -29,6 +29,7 @@ from detector.banks.models import load_extractor, stored
 from detector.errors import exits_on_user_error
 from detector.images import images_in, read_image
 from detector.memory_bank import MemoryBank
+from detector.provenance import image_name
 from detector.sessions import JOINS, SessionNames, check_session_name
 from detector.threads import set_threads
 
@@ -61,6 +62,7 @@ def add_folder(
         (np.stack([array for array, _ in inputs]), [size for _, size in inputs]) if inputs else None
     )
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+    names = [image_name(paths, index) for index in range(len(paths))]
     if session is not None:
         _, report = changes.add_session(
             product,
@@ -71,6 +73,7 @@ def add_folder(
             join=join,
             reason=reason,
             batch_size=batch_size,
+            names=[f"session {session}: {name}" for name in names],
         )
         return report
     _, report = changes.add_images(
@@ -81,6 +84,7 @@ def add_folder(
         reason=reason,
         calibration=calibration_inputs,
         batch_size=batch_size,
+        names=names,
     )
     return report
 
