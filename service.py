@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from detector.errors import user_errors_exit
 from detector.serving.access import serving_host
-from detector.serving.api import InspectionEndpoints, caller, load_test
+from detector.serving.api import InspectionEndpoints
+from detector.serving.callers import caller, load_test, role
 from detector.serving.gate import RequestGate
 from detector.serving.page import page_response
 from detector.serving.product_routes import products_app
@@ -253,10 +254,10 @@ class InspectionAPI:
     ) -> dict[str, Any]:
         """One image -> score, threshold, normalised score, verdict, size, models, timing.
         `product` may be left out when one product is served; `drift_profile=true` adds the
-        image's patch-distance profile (for the batch job); `explain=true` its most
-        anomalous region beside the nearest normal patch of the bank."""
+        image's patch-distance profile (for the batch job); `explain=true` (a reviewer's
+        key) its most anomalous region beside the nearest normal patch of the bank."""
         work = self.endpoints.inspect(
-            image, product, drift_profile, caller(ctx), load_test(ctx), explain
+            image, product, drift_profile, caller(ctx), load_test(ctx), explain, role(ctx)
         )
         return await self.endpoints.respond(ctx, work)
 
@@ -273,7 +274,7 @@ class InspectionAPI:
         """One image -> PNG `overlay`, 16-bit `map` (2 x threshold = 65535), or float32 `npy`;
         the X-Inspection header carries the /inspect JSON, so a client scores once."""
         work = self.endpoints.heatmap(
-            image, product, output, drift_profile, caller(ctx), load_test(ctx), explain
+            image, product, output, drift_profile, caller(ctx), load_test(ctx), explain, role(ctx)
         )
         return await self.endpoints.respond(ctx, work)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from detector.tiling import TiledExtractor, Tiling, tiling_of, with_tiling
 
 ImageSource = Image.Image | str | Path
 Item = TypeVar("Item")
+log = logging.getLogger(__name__)
 
 
 def as_image(source: ImageSource) -> Image.Image:
@@ -189,7 +191,7 @@ class AnomalyDetector:
         for grid, size, image_features in zip(distances, image_sizes, features, strict=True):
             # The drift profile keeps every cell, as its reference was measured; the score
             # and the map leave ignored cells out (they read 0 there).
-            profile = patch_profile(grid)
+            profile, raw = patch_profile(grid), grid
             inspected = grid if self.inspected is None else grid[self.inspected]
             if self.inspected is not None:
                 grid = np.where(self.inspected, grid, 0.0)
@@ -197,17 +199,18 @@ class AnomalyDetector:
             heatmap = anomaly_map(grid, patch, out, self.scoring.sigma) if with_maps else None
             score = image_score(inspected, self.scoring)
             result = make_result(score, self.calibration, size, heatmap, profile)
-            result.nearest = self.nearest_patch(grid, image_features)
+            result.nearest = self.nearest_patch(raw, image_features)
             results.append(result)
         return results
 
     def nearest_patch(self, grid: np.ndarray, features: np.ndarray) -> NearestPatch | None:
-        """The most anomalous inspected cell of one image's (h, w) distances (ignored cells
-        read 0) and the bank row nearest to its feature: what an explanation shows. One
-        search of one row: nothing next to the whole grid's."""
-        if not np.isfinite(grid).any():
+        """The most anomalous inspected cell of one image's (h, w) distances and the bank
+        row nearest to its feature: what an explanation shows (None when no inspected cell
+        has a distance). One search of one row: nothing next to the whole grid's."""
+        inspected = np.isfinite(grid) & (True if self.inspected is None else self.inspected)
+        if not inspected.any():
             return None
-        cell = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
+        cell = np.unravel_index(int(np.argmax(np.where(inspected, grid, -np.inf))), grid.shape)
         row, distance = self.bank.nearest(features[cell])
         shape = (int(grid.shape[0]), int(grid.shape[1]))
         return NearestPatch((int(cell[0]), int(cell[1])), shape, distance, row)
@@ -216,6 +219,13 @@ class AnomalyDetector:
         """Why `result` (of the image `prepared` for this detector) scored as it did: its
         most anomalous region beside the nearest normal patch of the bank, with crops, or
         why that cannot be shown (detector.provenance)."""
+        try:
+            return self._explain(result, prepared)
+        except Exception as error:  # noqa: BLE001 - an explanation never fails a scoring
+            log.exception("the explanation of an image failed")
+            return {"available": False, "why": f"the explanation failed ({type(error).__name__})"}
+
+    def _explain(self, result: InspectionResult, prepared: np.ndarray) -> dict[str, Any]:
         provenance = self.bank.provenance
         known = provenance is not None and result.nearest is not None
         said = explanation(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,3 +63,14 @@ def file_sha256(*paths: Path) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def share_file(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s bytes without copying them where the file system
+    allows (a hard link; versions never modify their files), else a copy."""
+    partial = target.with_name(".linking-" + target.name)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copy2(source, partial)
+    os.replace(partial, target)

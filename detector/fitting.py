@@ -134,23 +134,25 @@ def attach_provenance(
     grid: tuple[int, ...],
     report: Progress = _silent,
 ) -> None:
-    """Name each kept row's training image and cell, and cut the first rows' crops from
+    """Name each kept row's training image and cell, and cut crops (within the budget) from
     what the backbone saw of their images (each image read once more: the features were
     streamed and are gone)."""
-    assert bank.kept_rows is not None, "only a freshly fitted bank knows its rows' sources"
+    if bank.kept_rows is None:
+        raise ValueError("only a freshly fitted bank knows where its rows came from")
     names = [image_name(images, i) for i in range(len(images))]
     provenance = Provenance.of_rows(bank.kept_rows, (int(grid[0]), int(grid[1])), names)
-    count = provenance.crop_rows()
-    crops = np.zeros((count, CROP_SIDE, CROP_SIDE, 3), np.uint8)
-    image_of = provenance.sources[:count, 0]
+    cropped = provenance.crop_plan()
+    crops = np.zeros((len(cropped), CROP_SIDE, CROP_SIDE, 3), np.uint8)
+    image_of = provenance.sources[cropped, 0]
     wanted = np.unique(image_of)
     for done, image in enumerate(wanted):
         pixels = input_pixels(extractor.prepare(as_image(images[int(image)])))
-        for row in np.flatnonzero(image_of == image):
-            cell = (int(provenance.sources[row, 1]), int(provenance.sources[row, 2]))
-            crops[row] = cell_crop(pixels, cell, provenance.grid)
+        for position in np.flatnonzero(image_of == image):
+            _, cell_row, column = provenance.sources[cropped[position]]
+            crops[position] = cell_crop(pixels, (int(cell_row), int(column)), provenance.grid)
         report("crops", done + 1, len(wanted))
     provenance.crops = crops
+    provenance.crop_of[cropped] = np.arange(len(cropped), dtype=np.int32)
     bank.provenance = provenance
 
 

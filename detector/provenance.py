@@ -11,14 +11,16 @@ patch grid (the whole frame's grid for tiled products, so a tile is found from t
 Rows added later (reviewed false alarms, sessions) come from images the bank no longer
 names: their source is `ADDED_LATER`. Crops are cut from what the backbone saw (the resized
 square, or a tiled product's scaled frame), a cell and `CROP_CONTEXT` cells around it, at
-`CROP_SIDE` px; at most `CROP_BUDGET_BYTES` of them per bank version (uncompressed), the rows
-beyond have a source but no crop. Backbone-agnostic: rows, cells and pixels only.
+`CROP_SIDE` px; at most `CROP_BUDGET_BYTES` of them per bank version (uncompressed), spread
+over the rows beyond that (the others have a source but no crop). The crops never change
+after the fit: versions share their file. Backbone-agnostic: rows, cells and pixels only.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from PIL import Image
 from detector.extractor import IMAGENET_MEAN, IMAGENET_STD
 
 PROVENANCE_FILE = "provenance.npz"
+CROPS_FILE = "crops.npz"
 CROP_SIDE = 32  # px of a stored or returned crop
 CROP_CONTEXT = 1  # cells around the patch shown with it: a 3 x 3-cell window
 CROP_BUDGET_BYTES = 16 * 2**20  # uncompressed crop pixels a bank version keeps at most
@@ -52,13 +55,14 @@ class NearestPatch:
 
 @dataclass
 class Provenance:
-    """Each bank row's source (training image, cell row, cell column) and the first rows'
-    crops; `images` names the training images."""
+    """Each bank row's source (image, cell row, cell column), and crops of fit rows spread
+    over the bank within the budget; `images` names the images."""
 
     images: list[str]  # the fit's training images, then the images later changes added
     sources: np.ndarray  # (rows, 3) int32; ADDED_LATER in every column: image not named
     grid: tuple[int, int]  # the training images' patch grid
-    crops: np.ndarray  # (n, CROP_SIDE, CROP_SIDE, 3) uint8 for rows 0 .. n - 1
+    crops: np.ndarray  # (n, CROP_SIDE, CROP_SIDE, 3) uint8
+    crop_of: np.ndarray  # (rows,) int32: each row's crop in `crops`, -1 for none
     fit_images: int = -1  # how many of `images` the fit read (-1: all of them)
 
     def __post_init__(self) -> None:
@@ -70,12 +74,13 @@ class Provenance:
         cls, indices: np.ndarray, grid: tuple[int, int], images: Sequence[str]
     ) -> Provenance:
         """Rows kept from a stream of whole images' grids, in order: row i of the stream
-        is cell i % (rows x columns) of image i // (rows x columns)."""
+        is cell i % (rows x columns) of image i // (rows x columns). No crops yet."""
         image, cell = np.divmod(np.asarray(indices, dtype=np.int64), grid[0] * grid[1])
         row, column = np.divmod(cell, grid[1])
         sources = np.stack([image, row, column], axis=1).astype(np.int32)
         empty = np.zeros((0, CROP_SIDE, CROP_SIDE, 3), np.uint8)
-        return cls(list(images), sources, (int(grid[0]), int(grid[1])), empty)
+        none = np.full(len(sources), -1, np.int32)
+        return cls(list(images), sources, (int(grid[0]), int(grid[1])), empty, none)
 
     def extended(
         self,
@@ -86,28 +91,38 @@ class Provenance:
     ) -> Provenance:
         """The provenance after `added` rows taken at `positions` of a stream of whole
         `grid`s of the images `names` (a reviewed false alarm's record, a session's image);
-        without them, or on another grid, the rows' image is not named."""
+        without them, or on another grid, the rows' image is not named. Only the images
+        that gave rows are named: the list grows no faster than the bank."""
+        images = self.images
         if names is None or positions is None or tuple(grid or ()) != self.grid:
             later = np.full((added, 3), ADDED_LATER, np.int32)
-            images = self.images
         else:
             later = Provenance.of_rows(positions, self.grid, names).sources
-            later[:, 0] += len(self.images)
-            images = [*self.images, *names]
+            used, later[:, 0] = np.unique(later[:, 0], return_inverse=True)
+            later[:, 0] += len(images)
+            images = [*images, *(names[i] for i in used)]
         sources = np.concatenate([self.sources, later])
-        return Provenance(images, sources, self.grid, self.crops, self.fit_images)
+        crop_of = np.concatenate([self.crop_of, np.full(added, -1, np.int32)])
+        return Provenance(images, sources, self.grid, self.crops, crop_of, self.fit_images)
 
     @property
     def nbytes(self) -> int:
         """Memory it holds: what a bank cache counts."""
-        return int(self.sources.nbytes + self.crops.nbytes)
+        return int(self.sources.nbytes + self.crops.nbytes + self.crop_of.nbytes)
 
-    def crop_rows(self, budget_bytes: int = CROP_BUDGET_BYTES) -> int:
-        """How many rows (from the first) get a crop within the budget."""
-        return min(len(self.sources), budget_bytes // (CROP_SIDE * CROP_SIDE * 3))
+    def crop_plan(self, budget_bytes: int = CROP_BUDGET_BYTES) -> np.ndarray:
+        """The rows that get a crop within the budget: every row when they fit, else rows
+        spread evenly over the bank (rows follow the training images' order: the first
+        rows alone would show the first images only)."""
+        rows, room = len(self.sources), budget_bytes // (CROP_SIDE * CROP_SIDE * 3)
+        if rows <= room:
+            return np.arange(rows)
+        return np.unique(np.linspace(0, rows - 1, room).round().astype(np.int64))
 
     def source(self, row: int) -> dict[str, Any]:
         """Where bank row `row` came from, its crop as a PNG data URL where one is kept."""
+        if not 0 <= row < len(self.sources):  # an approximate index may answer -1
+            raise IndexError(f"the bank has no row {row}")
         image, cell_row, column = (int(v) for v in self.sources[row])
         if image == ADDED_LATER or image >= self.fit_images:
             return {
@@ -117,41 +132,54 @@ class Provenance:
                 "why_no_crop": "a row added after the fit (a reviewed false alarm or a "
                 "later session): its image is kept in the records, not in the bank",
             }
-        kept = row < len(self.crops)
+        crop = int(self.crop_of[row])
         return {
             "image": self.images[image],
             "cell": [cell_row, column],
-            "crop": png_data_url(self.crops[row]) if kept else None,
+            "crop": png_data_url(self.crops[crop]) if crop >= 0 else None,
             "why_no_crop": None
-            if kept
-            else f"only the first {len(self.crops)} rows keep a crop "
-            f"({CROP_BUDGET_BYTES // 2**20} MiB per bank version)",
+            if crop >= 0
+            else f"crops are kept for {len(self.crops)} of the fit's rows, spread over the "
+            f"bank ({CROP_BUDGET_BYTES // 2**20} MiB per bank version)",
         }
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / PROVENANCE_FILE
+        """provenance.npz, and the crops in crops.npz written byte for byte the same for
+        the same crops, so versions that keep the fit's crops share one file."""
+        directory = Path(directory)
+        path = directory / PROVENANCE_FILE
         with open(path, "wb") as file:
             np.savez_compressed(
                 file,
                 images=np.asarray(self.images, dtype=str),
                 sources=self.sources,
                 grid=np.asarray(self.grid),
-                crops=self.crops,
+                crop_of=self.crop_of,
                 fit_images=np.asarray(self.fit_images),
             )
+        member = zipfile.ZipInfo("crops.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        member.compress_type = zipfile.ZIP_DEFLATED
+        with (
+            zipfile.ZipFile(directory / CROPS_FILE, "w") as archive,
+            archive.open(member, "w", force_zip64=True) as file,
+        ):
+            np.lib.format.write_array(file, np.ascontiguousarray(self.crops), allow_pickle=False)
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> Provenance | None:
         """A saved bank's provenance; None for a bank saved before it was kept."""
-        path = Path(directory) / PROVENANCE_FILE
-        if not path.exists():
+        directory = Path(directory)
+        if not (directory / PROVENANCE_FILE).exists():
             return None
-        with np.load(path, allow_pickle=False) as stored:
+        with np.load(directory / PROVENANCE_FILE, allow_pickle=False) as stored:
             grid = tuple(int(v) for v in stored["grid"])
             names = [str(n) for n in stored["images"]]
-            fit_images = int(stored["fit_images"]) if "fit_images" in stored else len(names)
-            return cls(names, stored["sources"], grid, stored["crops"], fit_images)
+            sources, crop_of = stored["sources"], stored["crop_of"]
+            fit_images = int(stored["fit_images"])
+        with np.load(directory / CROPS_FILE, allow_pickle=False) as stored:
+            crops = stored["crops"]
+        return cls(names, sources, grid, crops, crop_of, fit_images)
 
 
 def image_name(images: Sequence[Any], index: int) -> str:

@@ -18,6 +18,7 @@ from detector.memory_bank import MemoryBank, l2_normalize
 from detector.provenance import (
     ADDED_LATER,
     CROP_SIDE,
+    CROPS_FILE,
     NOT_EXPLAINED,
     PROVENANCE_FILE,
     Provenance,
@@ -54,7 +55,7 @@ def test_each_bank_row_names_its_image_and_cell_and_its_crop_is_that_cell(
         )
         crop = cell_crop(input_pixels(prepared), (cell_row, column), provenance.grid)
         assert crop.shape == (CROP_SIDE, CROP_SIDE, 3)
-        np.testing.assert_array_equal(provenance.crops[row], crop)
+        np.testing.assert_array_equal(provenance.crops[provenance.crop_of[row]], crop)
 
 
 def test_a_defects_explanation_points_at_the_defect_and_at_a_real_normal_patch(
@@ -85,7 +86,9 @@ def test_a_defects_explanation_points_at_the_defect_and_at_a_real_normal_patch(
         row = normal["row"]
         assert normal["image"] == provenance.images[provenance.sources[row, 0]]
         assert normal["cell"] == provenance.sources[row, 1:].tolist()
-        np.testing.assert_array_equal(decoded(normal["crop"]), provenance.crops[row])
+        np.testing.assert_array_equal(
+            decoded(normal["crop"]), provenance.crops[provenance.crop_of[row]]
+        )
         assert decoded(said["flagged"]["crop"]).shape == (CROP_SIDE, CROP_SIDE, 3)
         assert said["reading"] in ("never seen", "seen, slightly different")
     # The flagged regions lie on the defects (a random-weight backbone: allow a miss).
@@ -124,12 +127,22 @@ def test_provenance_survives_saving_extending_and_a_bank_without_it_says_why(
     saved_named = named.save(tmp_path / "named")
     assert Provenance.load(saved_named).source(named.bank.size - 1) == said
 
-    # Crops beyond the budget: the row still names its source, and says why no crop.
-    few = Provenance(provenance.images, provenance.sources, provenance.grid, provenance.crops[:3])
-    beyond = few.source(5)
+    # Beyond the budget, crops go to rows spread over the bank; the others still name
+    # their source and say why they show no crop.
+    plan = provenance.crop_plan(budget_bytes=10 * CROP_SIDE * CROP_SIDE * 3)
+    assert len(plan) == 10 and plan[0] == 0 and plan[-1] == len(provenance.sources) - 1
+    crop_of = np.full(len(provenance.sources), -1, np.int32)
+    crop_of[plan] = np.arange(10)
+    few = Provenance(
+        provenance.images, provenance.sources, provenance.grid, provenance.crops[:10], crop_of
+    )
+    assert few.source(int(plan[3]))["crop"] is not None
+    beyond = few.source(int(plan[3]) + 1)
     assert beyond["image"] is not None and beyond["crop"] is None
-    assert "rows keep a crop" in beyond["why_no_crop"]
-    assert few.crop_rows(budget_bytes=10 * CROP_SIDE * CROP_SIDE * 3) == 10
+    assert "spread over the bank" in beyond["why_no_crop"]
+    # The crops file is the same bytes for the same crops: versions share it.
+    again = fitted_detector.save(tmp_path / "again")
+    assert (again / CROPS_FILE).read_bytes() == (saved / CROPS_FILE).read_bytes()
 
     # A bank saved before provenance was kept: scored the same, explained with a why.
     (saved / PROVENANCE_FILE).unlink()
@@ -165,9 +178,10 @@ def test_a_cross_fitted_bank_knows_its_rows_sources_too(
     )
 
 
-def test_an_explanation_is_never_given_to_a_caller_without_a_key(tmp_path: Path) -> None:
-    """Crops of the training images reveal the bank: refused to an anonymous caller even
-    where scoring is open to anyone, before the upload is read."""
+def test_an_explanation_is_given_to_reviewers_only(tmp_path: Path) -> None:
+    """Crops of the training images and the names of records reveal the bank: refused to a
+    line or load-test key, and to a caller without a key even where scoring is open to
+    anyone, before the upload is read."""
     import asyncio
 
     from detector.serving.answers import Refusal
@@ -176,10 +190,11 @@ def test_an_explanation_is_never_given_to_a_caller_without_a_key(tmp_path: Path)
 
     endpoints = InspectionEndpoints(None, Settings.from_env())
     missing = tmp_path / "never-read.png"  # the refusal comes before any read
-    for call in (
-        endpoints.inspect(missing, "", False, who=None, explain=True),
-        endpoints.heatmap(missing, "", "overlay", False, who=None, explain=True),
-    ):
-        with pytest.raises(Refusal) as refused:
-            asyncio.run(call)
-        assert refused.value.status == 401 and "explain=true" in str(refused.value)
+    for who, role, status in ((None, None, 401), ("line3", "line", 403), ("bot", "loadtest", 403)):
+        for call in (
+            endpoints.inspect(missing, "", False, who=who, explain=True, role=role),
+            endpoints.heatmap(missing, "", "overlay", False, who=who, explain=True, role=role),
+        ):
+            with pytest.raises(Refusal) as refused:
+                asyncio.run(call)
+            assert refused.value.status == status and "reviewer role" in str(refused.value)

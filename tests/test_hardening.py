@@ -5,6 +5,7 @@ bounded heatmaps, and fuzzed images that never reach a 5xx."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -145,13 +146,15 @@ def test_model_and_drift_endpoints_need_the_key_and_drift_needs_no_runner_call(
 
 
 def test_overload_gets_503_with_retry_after_and_the_service_recovers(server: str) -> None:
-    frame = png(texture(1000))  # 12 at once overflow a queue of 4
+    frame = png(texture(1000))  # 24 at once overflow a queue of 4
+    start = threading.Barrier(24)  # all sent together: a loaded machine staggered 12 threads
 
     def one(_: int) -> httpx.Response:
+        start.wait()
         return post(server, "inspect", frame)
 
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        responses = list(pool.map(one, range(12)))
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(pool.map(one, range(24)))
     statuses = sorted(response.status_code for response in responses)
     assert set(statuses) <= {200, 503}, statuses
     refused = [response for response in responses if response.status_code == 503]

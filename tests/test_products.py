@@ -29,6 +29,7 @@ from detector.dino import DinoBackbone
 from detector.errors import UserError
 from detector.fitting import fit_detector, iter_features
 from detector.memory_bank import BankConfig, MemoryBank
+from detector.provenance import CROPS_FILE, Provenance
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
 from devtools.in_process import run_detector, run_main
@@ -152,6 +153,13 @@ def test_added_images_go_live_in_a_new_version_and_rollback_restores_scores(
     change = history[1]["change"]
     assert change["parent"] == "bank-ip-line2:v1" and change["reason"] == "new yarn batch"
     assert change["added_images"] == 6 and len(change["added_sha256"]) == 6
+    # The new rows name their images; the fit's crops are shared, not copied again.
+    v1, v2 = (Path(versions.version_model("ip-line2", v).path) for v in ("v1", "v2"))
+    assert (v1 / CROPS_FILE).stat().st_ino == (v2 / CROPS_FILE).stat().st_ino
+    provenance = Provenance.load(v2)
+    added_rows = provenance.sources[-report["rows_added"] :, 0]
+    named = {provenance.images[i] for i in added_rows}
+    assert named <= {f"added image {digest[:12]}" for digest in change["added_sha256"]}
 
     # The kept calibration scores were measured on v1's bank: the version says so, and they
     # are upper bounds of what v2 gives the same calibration images (train[20:]).
@@ -283,7 +291,8 @@ def test_a_bank_saved_before_provenance_scores_alike_and_says_why_it_explains_no
     from detector.provenance import NOT_EXPLAINED, PROVENANCE_FILE
 
     old = shutil.copytree(product_dirs["line3"], tmp_path / "old")
-    (old / PROVENANCE_FILE).unlink()  # as every bank was saved before it was kept
+    for name in (PROVENANCE_FILE, CROPS_FILE):  # as every bank was saved before they were
+        (old / name).unlink()
     model = save_bank(old, bentoml.models.get("dino-backbone:latest"), product="ip-old")
     assert PROVENANCE_FILE not in model.info.metadata["files"]
     runner = runner_for(["ip-old", "ip-line3"], tiny_backbone)
@@ -334,7 +343,12 @@ def test_a_damaged_index_is_refused_with_a_sentence(
     synthetic_dataset: MVTecCategory,
 ) -> None:
     model = fresh_product("ip-damaged", product_dirs)
-    assert set(model.info.metadata["files"]) == {"index.faiss", "provenance.npz", "bank.json"}
+    assert set(model.info.metadata["files"]) == {
+        "index.faiss",
+        "provenance.npz",
+        "crops.npz",
+        "bank.json",
+    }
     index = Path(model.path) / "index.faiss"
     assert oct(index.stat().st_mode)[-3:] == "444", "stored files are read-only"
     index.chmod(0o644)  # what a careless hand (or root) can still do

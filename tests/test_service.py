@@ -104,7 +104,7 @@ def test_an_explanation_is_refused_without_a_key_where_scoring_is_open(
     server: str, test_paths: list[Path]
 ) -> None:
     """This server has no key (scoring open on loopback): explain=true reveals patches of
-    the bank's training images, so it needs a key even here; scoring itself answers."""
+    the bank's training images, so it needs a reviewer's key even here; scoring answers."""
     data = test_paths[0].read_bytes()
     assert post_image(server, "inspect", data).status_code == 200
     for endpoint in ("inspect", "heatmap"):

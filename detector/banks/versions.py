@@ -14,7 +14,6 @@ export` carries one with its history.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -45,11 +44,11 @@ from detector.banks.products import (
     write_live,
 )
 from detector.errors import UserError
-from detector.files import file_sha256
+from detector.files import file_sha256, share_file
 from detector.int8_check import INT8_FOLDER, INT8_KEY
 from detector.int8_check import status as int8_status
 from detector.memory_bank import INDEX_FILE, METADATA_FILE, MemoryBank
-from detector.provenance import PROVENANCE_FILE
+from detector.provenance import CROPS_FILE, PROVENANCE_FILE
 from detector.scoring import Calibration
 
 
@@ -71,19 +70,8 @@ class Draft:
     index_of: bentoml.Model | None = None  # a stored version whose index this one shares
 
 
-def _share_file(source: Path, target: Path) -> None:
-    """`target` becomes `source`'s bytes without copying them where the file system
-    allows (a hard link; versions never modify their files), else a copy."""
-    partial = target.with_name(".linking-" + target.name)
-    try:
-        os.link(source, partial)
-    except OSError:
-        shutil.copy2(source, partial)
-    os.replace(partial, target)
-
-
 # The files that hold a version's rows, shared by the versions that keep its rows.
-ROW_FILES = (INDEX_FILE, PROVENANCE_FILE)
+ROW_FILES = (INDEX_FILE, PROVENANCE_FILE, CROPS_FILE)
 
 
 def _parent_or_missing(product: str) -> tuple[bentoml.Model | None, str | None]:
@@ -141,19 +129,31 @@ def commit_version(
         }
         tag = f"{model_name(product)}:v{number}"
         rows = [name for name in ROW_FILES if name in metadata["files"]]
+        shared = _shared_rows(draft, parent, inherited.get("files", {}), metadata["files"])
         with bentoml.models.create(tag, labels=all_labels, metadata=_storable(metadata)) as model:
             shutil.copy2(draft.folder / METADATA_FILE, Path(model.path) / METADATA_FILE)
-            for name in rows if draft.index_of is None else []:
+            for name in (name for name in rows if name not in shared):
                 shutil.copy2(draft.folder / name, Path(model.path) / name)
         version_dir = product_dir(product) / f"v{number}"
-        for name in rows if draft.index_of is not None else []:
-            _share_file(Path(draft.index_of.path) / name, version_dir / name)
+        for name, source in shared.items():
+            share_file(Path(source.path) / name, version_dir / name)
         for name in (*rows, METADATA_FILE):  # versions never change their files
             (version_dir / name).chmod(0o444)
         _carry_int8(draft, parent, version_dir)
         write_live(product, f"v{number}")
         prune_versions(product)
     return bentoml.models.get(tag)
+
+
+def _shared_rows(
+    draft: Draft, parent: bentoml.Model | None, inherited: dict[str, str], files: dict[str, str]
+) -> dict[str, bentoml.Model]:
+    """The row files a new version takes from a stored one by a hard link: all of them when
+    it keeps that version's rows, else those equal to its parent's (the fit's crops)."""
+    if draft.index_of is not None:
+        return {name: draft.index_of for name in ROW_FILES if name in files}
+    same = [name for name in ROW_FILES if name in files and inherited.get(name) == files[name]]
+    return {name: parent for name in same} if parent is not None else {}
 
 
 def _carry_int8(draft: Draft, parent: bentoml.Model | None, version_dir: Path) -> None:
@@ -170,7 +170,7 @@ def _carry_int8(draft: Draft, parent: bentoml.Model | None, version_dir: Path) -
     target = version_dir / INT8_FOLDER
     target.mkdir(exist_ok=True)
     for item in source.iterdir():
-        _share_file(item, target / item.name)
+        share_file(item, target / item.name)
         (target / item.name).chmod(0o444)
 
 

@@ -98,13 +98,20 @@ def refused_answer(runner_answer: dict[str, Any]) -> dict[str, Any]:
     return runner_answer
 
 
-def refuse_anonymous_explain(explain: bool, who: str | None) -> None:
-    """An explanation shows crops of the bank's training images: never to a caller without
-    a key, even where scoring is open to anyone (INSPECT_ANONYMOUS_SCORING)."""
-    if explain and who is None:
+def refuse_explain_below_reviewer(explain: bool, role: str | None) -> None:
+    """An explanation shows crops of the bank's training images and names its images and
+    records: what a reviewer may read (its history, the records), never a line key or a
+    caller without one, whatever is configured."""
+    if not explain:
+        return
+    from detector.serving.access import allows
+
+    if role is None:
+        raise Refusal(401, "unauthorised", "explain=true needs an API key with the reviewer role.")
+    if not allows(role, "reviewer"):
         raise Refusal(
-            401,
-            "unauthorised",
-            "explain=true shows patches of the product's training images: send an API key "
-            "(X-API-Key) with the line role or above.",
+            403,
+            "forbidden",
+            f"explain=true shows patches of the product's training images and its records: "
+            f"it needs the reviewer role (this key has the {role} role).",
         )

@@ -36,10 +36,9 @@ from detector.serving import telemetry
 from detector.serving.answers import (
     Refusal,
     refusal,
-    refuse_anonymous_explain,
+    refuse_explain_below_reviewer,
     refused_answer,
 )
-from detector.serving.gate import CALLER_SCOPE_KEY, LOAD_TEST_SCOPE_KEY
 from detector.serving.product_endpoints import ProductEndpoints
 from detector.serving.record_endpoints import RecordEndpoints, RenderCache
 from detector.serving.records import Recorder
@@ -48,17 +47,6 @@ from detector.serving.settings import Settings
 log = logging.getLogger("inspection")
 HEATMAP_OUTPUTS = ("overlay", "map", "npy")
 MODEL_INFO_TTL_S = 5.0
-
-
-def caller(ctx: Any) -> str | None:
-    """The name of the API key a request came with (set by the gate), for its record."""
-    return ctx.request.scope.get(CALLER_SCOPE_KEY) if ctx is not None else None
-
-
-def load_test(ctx: Any) -> bool:
-    """Whether a load-test key sent the request (set by the gate): scored, never recorded,
-    never in a drift window, counted apart."""
-    return bool(ctx.request.scope.get(LOAD_TEST_SCOPE_KEY)) if ctx is not None else False
 
 
 class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
@@ -242,16 +230,17 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         who: str | None = None,
         load_test: bool = False,
         explain: bool = False,
+        role: str | None = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        refuse_anonymous_explain(explain, who)
+        refuse_explain_below_reviewer(explain, role)
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
         (result,) = await self._score("score", [(product, upload)], watch=not load_test)
         result = refused_answer(result)
         answer = self._answer(result, drift_profile, upload, who, started, load_test)
         if explain:
-            answer["explanation"] = result["explanation"]
+            answer["explanation"] = result.get("explanation")
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
             "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
@@ -268,11 +257,12 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         who: str | None = None,
         load_test: bool = False,
         explain: bool = False,
+        role: str | None = None,
     ) -> Response:
         started = time.perf_counter()
         if output not in HEATMAP_OUTPUTS:
             raise Refusal(400, "bad_output", "output must be one of overlay, map, npy.")
-        refuse_anonymous_explain(explain, who)
+        refuse_explain_below_reviewer(explain, role)
         upload = await self.read_upload(image)
         (result,) = await self._score("score_with_maps", [(product, upload)], watch=not load_test)
         result = refused_answer(result)
@@ -280,7 +270,7 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         answer = self._answer(result, drift_profile, upload, who, started, load_test)
         answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
         if explain:  # two small crops: a few kB in the header
-            answer["explanation"] = result["explanation"]
+            answer["explanation"] = result.get("explanation")
         headers_out = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
             "X-Threshold": f"{answer['threshold']:.8g}",

@@ -280,7 +280,7 @@ class Uploads(Sequence[Image.Image]):
         return len(self.uploads)
 
     def name_of(self, index: int) -> str:
-        """An upload as explanations name it (the page sends no file names to keep)."""
+        """An upload as explanations name it (the fit request keeps no file names)."""
         return f"upload {index + 1} of the fit"
 
     def __getitem__(self, index: Any) -> Any:

@@ -59,6 +59,7 @@ UPLOAD_GRACE_S = 5.0  # an upload's first seconds are not held to the minimum ra
 
 CALLER_SCOPE_KEY = "inspection.caller"
 LOAD_TEST_SCOPE_KEY = "inspection.load_test"  # a loadtest key's request (access.LOAD_TEST)
+ROLE_SCOPE_KEY = "inspection.role"  # the role of the key a request came with (None: no key)
 
 
 class RequestGate:
@@ -180,7 +181,7 @@ class RequestGate:
         given = headers.get("x-api-key") or ""
         if not given and headers.get("authorization", "").startswith("Bearer "):
             given = headers["authorization"].removeprefix("Bearer ")
-        scope[CALLER_SCOPE_KEY] = None
+        scope[CALLER_SCOPE_KEY] = scope[ROLE_SCOPE_KEY] = None
         scope[LOAD_TEST_SCOPE_KEY] = False
         if not given:
             if rule.role == "line" and self.access.anonymous_allowed(client):
@@ -205,7 +206,7 @@ class RequestGate:
                 f"The key {key.name!r} has the {key.role} role; this needs {rule.role}.",
             )
         # Which key sent the request, by name, for its record (api.caller); never the key.
-        scope[CALLER_SCOPE_KEY] = key.name
+        scope[CALLER_SCOPE_KEY], scope[ROLE_SCOPE_KEY] = key.name, key.role
         scope[LOAD_TEST_SCOPE_KEY] = key.role == LOAD_TEST
 
     def _needs(self, role: str) -> str:

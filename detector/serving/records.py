@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from detector.serving.settings import Settings
 
 log = logging.getLogger("inspection.records")
 REVIEW_WINDOW_DAYS = 7  # the review gauges count reviews this recent
+ACTIVITY_TTL_S = 30.0  # the overview's counts are this fresh at worst
 
 
 def records_dir(settings: Settings) -> Path:
@@ -101,6 +104,8 @@ class Recorder:
             recording.images,
             recording.writer,
         )
+        self._activity: tuple[float, dict[str, Any] | None] = (0.0, None)
+        self._activity_lock = threading.Lock()
         # With the database down at start, the gauges appear with the first review.
         with contextlib.suppress(OperationalError):
             self.publish_reviews()
@@ -174,7 +179,13 @@ class Recorder:
         return self.store.review_summary(since=utc_now() - timedelta(days=REVIEW_WINDOW_DAYS))
 
     def activity(self) -> dict[str, Any]:
-        return activity(self.store)
+        """The records' last 24 hours, counted at most once per ACTIVITY_TTL_S however many
+        pages poll it (an overview refreshes every 15 s)."""
+        with self._activity_lock:
+            taken, counted = self._activity
+            if counted is None or time.monotonic() - taken > ACTIVITY_TTL_S:
+                self._activity = (time.monotonic(), activity(self.store))
+            return self._activity[1]
 
     def publish_reviews(self) -> None:
         telemetry.publish_reviews(self.summary())

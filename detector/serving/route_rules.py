@@ -68,7 +68,7 @@ def rules(settings: Settings) -> dict[str, Rule]:
         **product_rules(settings),
         "/records/": Rule(SMALL_BODY, "reviewer"),
         "/records/summary": Rule(SMALL_BODY, "reviewer"),
-        "/records/activity": Rule(SMALL_BODY, "reviewer"),
+        "/records/activity": Rule(SMALL_BODY, "reviewer", max_at_once=2),
         "/records/*": Rule(SMALL_BODY, "reviewer"),
         "/records/*/image": Rule(SMALL_BODY, "reviewer"),
         "/records/*/heatmap": Rule(
