@@ -19,10 +19,6 @@ from typing import Any
 import aiohttp
 import anyio
 import numpy as np
-
-# Whole before any request: BentoML checks metadata against a half-imported scipy.sparse
-# while another thread imports scipy (a confidence bound): a 500. 0.5 s once, at start.
-import scipy.sparse  # noqa: F401
 from starlette.responses import JSONResponse, Response
 
 from detector import schema
@@ -53,6 +49,11 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
     """The endpoints' work; `runner` is the BentoML dependency on the scoring runner."""
 
     def __init__(self, runner: Any, settings: Settings, recorder: Recorder | None = None) -> None:
+        # Whole before any request, in the API worker only: BentoML checks metadata against
+        # a half-imported scipy.sparse while another thread imports scipy (a confidence
+        # bound), a 500. 0.5 s once.
+        import scipy.sparse  # noqa: F401
+
         self.runner = runner
         self.settings = settings
         self.recorder = recorder
