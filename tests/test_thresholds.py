@@ -236,6 +236,17 @@ def test_a_suggestion_uses_reviewed_and_unflagged_parts_and_leaves_open_alarms_o
     assert "defect-free records" in report["suggested"]["statement"]
     # Records come from whatever sessions the line ran: as the version it makes says.
     assert "its fit saw an unknown number of sessions" in report["suggested"]["statement"]
+    # The trade-off's histograms: at every bin edge, the counts from that bin up are the
+    # parts the service would flag there (a score equal to the threshold is not flagged).
+    trade = report["trade_off"]
+    edges = trade["edges"]
+    at_edges = [*good, *shadows, {"score": edges[40], "is_anomalous": False, "review_label": None}]
+    tied = suggest_threshold([*at_edges, *defects], current=0.5, target=0.01)["trade_off"]
+    assert tied["edges"] == edges
+    good_scores = np.array([r["score"] for r in at_edges])
+    for index, edge in enumerate(edges[:-1]):
+        assert sum(tied["defect_free"][index:]) == int((good_scores > edge).sum())
+        assert sum(tied["defective"][index:]) == sum(s > edge for s in (0.9, 1.2))
     assert suggest_threshold([], 0.5, 0.01)["suggested"] is None
     with pytest.raises(ValueError, match="between 0 and 1"):
         suggest_threshold(good, 0.5, 0.0)

@@ -45,12 +45,15 @@ def trade_off(good: np.ndarray, defective: np.ndarray, current: float) -> dict[s
         for a in (good, defective)
     )
     top = max([current * 1.5, *(float(a.max()) * 1.02 for a in (good, defective) if a.size)])
-    edges = np.linspace(0.0, top, TRADE_OFF_BINS + 1)
-    return {
-        "edges": [round(float(edge), 8) for edge in edges],
-        "defect_free": np.histogram(good, edges)[0].tolist(),
-        "defective": np.histogram(defective, edges)[0].tolist(),
-    }
+    edges = np.round(np.linspace(0.0, top, TRADE_OFF_BINS + 1), 8)
+
+    def counts(scores: np.ndarray) -> list[int]:
+        # Bins (edge_i, edge_i+1]: the counts from bin i up are the scores above edge_i,
+        # as the service flags them (a score equal to the threshold is not flagged).
+        bins = np.clip(np.searchsorted(edges, scores, side="left") - 1, 0, TRADE_OFF_BINS - 1)
+        return np.bincount(bins, minlength=TRADE_OFF_BINS).tolist()
+
+    return {"edges": edges.tolist(), "defect_free": counts(good), "defective": counts(defective)}
 
 
 def suggest_threshold(
