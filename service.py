@@ -118,26 +118,30 @@ class InspectionRunner:
         return getattr(self, "runner", None) is not None
 
     @bentoml.api(**BATCHING)
-    def score(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    def score(self, uploads: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=False)
 
     @bentoml.api(**BATCHING)
-    def score_with_maps(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    def score_with_maps(self, uploads: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=True)
 
     # A load test's images: scored the same way, left out of the drift window.
     @bentoml.api(**BATCHING)
-    def score_unwatched(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    def score_unwatched(self, uploads: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=False, watch=False)
 
     @bentoml.api(**BATCHING)
-    def score_with_maps_unwatched(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    def score_with_maps_unwatched(
+        self, uploads: list[tuple[str, bytes, bool]]
+    ) -> list[dict[str, Any]]:
         return self.runner.score_uploads(uploads, with_maps=True, watch=False)
 
     @bentoml.api
     def redraw(self, product: str, upload: bytes) -> dict[str, Any]:
         """A recorded image scored again with its map, for review; not counted as traffic."""
-        (answer,) = self.runner.score_uploads([(product, upload)], with_maps=True, watch=False)
+        (answer,) = self.runner.score_uploads(
+            [(product, upload, True)], with_maps=True, watch=False
+        )
         return answer
 
     @bentoml.api

@@ -297,7 +297,8 @@ def test_a_bank_saved_before_provenance_scores_alike_and_says_why_it_explains_no
     assert PROVENANCE_FILE not in model.info.metadata["files"]
     runner = runner_for(["ip-old", "ip-line3"], tiny_backbone)
     image = next(s for s in synthetic_dataset.test_samples() if s.label == 1).path.read_bytes()
-    before, now = runner.score_uploads([("ip-old", image), ("ip-line3", image)], False)
+    asked = [("ip-old", image, True), ("ip-line3", image, True)]  # explain both
+    before, now = runner.score_uploads(asked, False)
     assert before["score"] == pytest.approx(now["score"], abs=1e-6)
     assert before["explanation"] == {"available": False, "why": NOT_EXPLAINED}
     assert now["explanation"]["available"] is True

@@ -820,7 +820,12 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             # Below 1000 px the image and its heatmap stack.
             page.set_viewport_size({"width": 900, "height": 1000})
             page.click("#tab-review")
-            wait_for(page, "document.getElementById('record-heatmap').naturalWidth > 0")
+            page.wait_for_load_state("networkidle")  # the queue reloads: the card is redrawn
+            wait_for(
+                page,
+                "['record-image', 'record-heatmap'].every((i) =>"
+                " document.getElementById(i).naturalWidth > 0)",
+            )
             boxes = [
                 page.locator(f"#{id_}").bounding_box() for id_ in ("record-image", "record-heatmap")
             ]

@@ -122,11 +122,11 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
 
     # ----- the runner ----------------------------------------------------------------
     async def _score(
-        self, method: str, uploads: list[tuple[str, bytes]], watch: bool = True
+        self, method: str, uploads: list[tuple[str, bytes, bool]], watch: bool = True
     ) -> list[dict[str, Any]]:
         """Call the runner, retrying once when a pooled connection turns out to be dead.
 
-        Uploads travel as (product, encoded bytes) pairs (pickled raw; a PIL image would be
+        Uploads travel as (product, encoded bytes, explain) (pickled raw; a PIL image would be
         PNG-encoded on the way, about 1 s for a 1024 px frame) and the runner decodes them.
 
         BentoML's inter-service client keeps idle connections longer than the runner's
@@ -237,11 +237,11 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
         refuse_explain_below_reviewer(explain, role)
         upload = await self.read_upload(image)
         read_at = time.perf_counter()
-        (result,) = await self._score("score", [(product, upload)], watch=not load_test)
+        (result,) = await self._score("score", [(product, upload, explain)], not load_test)
         result = refused_answer(result)
         answer = self._answer(result, drift_profile, upload, who, started, load_test)
         if explain:
-            answer["explanation"] = result.get("explanation")
+            answer["explanation"] = result["explanation"]
         answer["timing_ms"] = {
             "read": round((read_at - started) * 1000, 2),
             "score": round((time.perf_counter() - read_at) * 1000, 2),  # decode included
@@ -265,13 +265,14 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
             raise Refusal(400, "bad_output", "output must be one of overlay, map, npy.")
         refuse_explain_below_reviewer(explain, role)
         upload = await self.read_upload(image)
-        (result,) = await self._score("score_with_maps", [(product, upload)], watch=not load_test)
+        uploads = [(product, upload, explain)]
+        (result,) = await self._score("score_with_maps", uploads, watch=not load_test)
         result = refused_answer(result)
         anomaly_map = np.asarray(result.pop("anomaly_map"), dtype=np.float32)
         answer = self._answer(result, drift_profile, upload, who, started, load_test)
         answer["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
         if explain:  # two small crops: a few kB in the header
-            answer["explanation"] = result.get("explanation")
+            answer["explanation"] = result["explanation"]
         headers_out = {
             "X-Anomaly-Score": f"{answer['score']:.8g}",
             "X-Threshold": f"{answer['threshold']:.8g}",
@@ -322,7 +323,7 @@ class InspectionEndpoints(ProductEndpoints, RecordEndpoints):
                 readable.append((position, await self.read_upload(upload)))
             except InvalidImageError as error:
                 answers[position] = self._batch_error(error)
-        pairs = [(product, data) for _, data in readable]
+        pairs = [(product, data, False) for _, data in readable]
         results = await self._score("score", pairs, watch=not load_test) if readable else []
         for (position, data), result in zip(readable, results, strict=True):
             try:

@@ -35,8 +35,8 @@ from detector.serving.settings import Settings
 from detector.traced import TracedBackbone
 
 log = logging.getLogger("inspection")
-# One upload to score: (product name or "" for the only product, encoded image bytes).
-Upload = tuple[str, bytes]
+# (product or "" for the only one, encoded image, explain its flag: a few ms, when asked)
+Upload = tuple[str, bytes] | tuple[str, bytes, bool]
 
 
 def refusal(error: UserError | InvalidImageError) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class ScoringRunner:
             name if isinstance(name, UserError) else live_of[name].detector.extractor
             for name in names
         ]
-        prepared: list[Any] = self.inputs.prepare_each([data for _, data in uploads], targets)
+        prepared: list[Any] = self.inputs.prepare_each([u[1] for u in uploads], targets)
         good = [i for i, item in enumerate(prepared) if not isinstance(item, Exception)]
         answers: list[dict[str, Any]] = [
             refusal(item) if isinstance(item, Exception) else {} for item in prepared
@@ -138,8 +138,8 @@ class ScoringRunner:
                 self.catalog.mark_served(live)
             for row, result in zip(rows, results, strict=True):
                 answers[row] = self._answer(result, live, status, with_maps)
-                # A few kB beside the image's MB: the API passes it on when asked.
-                answers[row]["explanation"] = live.detector.explain(result, prepared[row][0])
+                if len(uploads[row]) > 2 and uploads[row][2]:
+                    answers[row]["explanation"] = live.detector.explain(result, prepared[row][0])
         return answers
 
     def _answer(
