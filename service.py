@@ -21,13 +21,11 @@ from starlette.routing import Route
 
 from detector.errors import user_errors_exit
 from detector.serving.access import serving_host
-from detector.serving.api import InspectionEndpoints
 from detector.serving.callers import caller, load_test, role
 from detector.serving.gate import RequestGate
 from detector.serving.page import page_response
 from detector.serving.product_routes import products_app
 from detector.serving.record_routes import records_app
-from detector.serving.records import check_database, open_recorder
 from detector.serving.replicas import check_records_location, separate_metrics
 from detector.serving.served_models import resolve_models
 from detector.serving.settings import Settings
@@ -58,8 +56,13 @@ with user_errors_exit():
         for _why in REFUSED.values():  # also in /products and inspection_bank_unavailable
             logging.getLogger("bentoml.serve").error("not served: %s", _why)
     # INSPECT_RECORDS_MIGRATE=check: a records schema behind this code stops the start here
-    # (with =apply, the default, the API worker migrates it when it starts).
-    check_database(SETTINGS)
+    # (with =apply, the default, the API worker migrates it when it starts). SQLAlchemy and
+    # the endpoints are imported only where they are used: the serve process and the runner
+    # start sooner without them.
+    if SETTINGS.records and SETTINGS.records_migrate == "check":
+        from detector.serving.records import check_database
+
+        check_database(SETTINGS)
 BACKBONE_MODEL = bentoml.models.BentoModel(str(_backbone.tag))
 # Each product's live bank at start, declared so `bentoml build` packs it; later versions
 # are read from the model store as they are made (detector/serving/catalog.py).
@@ -239,6 +242,9 @@ class InspectionAPI:
     runner = bentoml.depends(InspectionRunner)
 
     def __init__(self) -> None:
+        from detector.serving.api import InspectionEndpoints
+        from detector.serving.records import open_recorder
+
         self.endpoints = InspectionEndpoints(self.runner, SETTINGS, open_recorder(SETTINGS))
 
     @bentoml.on_shutdown

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, Response
 
 from detector.serving.answers import Refusal
-from detector.serving.api import InspectionEndpoints
+
+if TYPE_CHECKING:  # the endpoints (SQLAlchemy, aiohttp) are imported by the API worker only
+    from detector.serving.api import InspectionEndpoints
 
 
 def current_endpoints() -> InspectionEndpoints:
@@ -22,6 +24,8 @@ def current_endpoints() -> InspectionEndpoints:
 
 async def as_response(work: Awaitable[Any]) -> Response:
     """A mounted route's answer: `respond`'s JSON error, the response it made, or JSON."""
+    from detector.serving.api import InspectionEndpoints
+
     answer = await InspectionEndpoints.respond(None, work)
     return answer if isinstance(answer, Response) else JSONResponse(answer)
 
