@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
+from devtools.http_client import http_client
 from devtools.local_server import REPO, free_port, service_env, stop, stored_model
 
 
@@ -60,14 +60,14 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
         # On loopback only, with a key made for this run riding after '#'.
         base, _, key = page.partition("/ui/#key=")
         assert base == f"http://127.0.0.1:{port}" and len(key) >= 16
-        assert httpx.get(f"{base}/ui/", timeout=30).status_code == 200
+        assert http_client.get(f"{base}/ui/", timeout=30).status_code == 200
         headers = {"X-API-Key": key}
-        info = httpx.post(f"{base}/model_info", json={}, headers=headers, timeout=30).json()
+        info = http_client.post(f"{base}/model_info", json={}, headers=headers, timeout=30).json()
         assert info["demo"] is True and info["random_weights"] is True
-        (listed,) = httpx.get(f"{base}/products", headers=headers, timeout=30).json()
+        (listed,) = http_client.get(f"{base}/products", headers=headers, timeout=30).json()
         assert listed["demo"] is True and listed["random_weights"] is True  # before any image
-        assert httpx.get(f"{base}/records", headers=headers, timeout=30).status_code == 200
-        assert httpx.get(f"{base}/records", timeout=30).status_code == 401
+        assert http_client.get(f"{base}/records", headers=headers, timeout=30).status_code == 200
+        assert http_client.get(f"{base}/records", timeout=30).status_code == 401
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port}
         assert listening == {"127.0.0.1"}
         # The printed Locust line, run as printed (shortened): no failure, no record.
@@ -77,7 +77,7 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
         # one-time costs. Requests in flight when the 5 s end are let finish and counted
         # (--stop-timeout): on a slow or busy host a 5 s run could end with none counted.
         part = next((tmp_path / "demo").rglob("*.png"))
-        warm = httpx.post(
+        warm = http_client.post(
             f"{base}/inspect",
             files={"image": (part.name, part.read_bytes(), "image/png")},
             headers={"X-API-Key": load_key},
@@ -100,7 +100,7 @@ def test_the_demo_serves_a_model_marked_demo_and_prints_its_page(tmp_path: Path)
         aggregated = next(row for row in stats if ",Aggregated," in row).split(",")
         assert int(aggregated[2]) > 0 and int(aggregated[3]) == 0, aggregated  # requests, fails
         time.sleep(2)  # the record writer is asynchronous: anything written would be in
-        listing = httpx.get(f"{base}/records", headers=headers, timeout=60).json()
+        listing = http_client.get(f"{base}/records", headers=headers, timeout=60).json()
         assert listing["records"] == [], "a load test left records"
     finally:
         os.killpg(process.pid, signal.SIGINT)

@@ -7,7 +7,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +14,7 @@ from PIL import Image
 from batch.__main__ import main as batch_main
 from detector.data.shifts import apply_shift
 from detector.data.synthetic import make_dataset
+from devtools.http_client import http_client
 from devtools.in_process import run_main
 from devtools.local_server import bentoml_serve
 
@@ -47,7 +47,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
 def send_folder(url: str, folder: Path) -> None:
     def inspect(path: Path) -> None:
         files = {"image": (path.name, path.read_bytes(), "image/png")}
-        response = httpx.post(f"{url}/inspect", files=files, timeout=120)
+        response = http_client.post(f"{url}/inspect", files=files, timeout=120)
         assert response.status_code == 200, response.text
         assert "drift_profile" not in response.json()  # only on request
 
@@ -56,14 +56,14 @@ def send_folder(url: str, folder: Path) -> None:
 
 
 def drift(url: str) -> dict:
-    response = httpx.post(f"{url}/drift", json={}, timeout=30)
+    response = http_client.post(f"{url}/drift", json={}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def gauge(url: str) -> float | None:
     """The drift gauge's one sample, or None when the series is absent."""
-    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    lines = http_client.get(f"{url}/metrics", timeout=30).text.splitlines()
     samples = [line for line in lines if line.startswith("inspection_drift_statistic")]
     assert len(samples) <= 1, samples  # one series, whichever processes import telemetry
     return float(samples[0].split()[-1]) if samples else None
@@ -106,7 +106,7 @@ def test_drift_gauge_stays_low_on_clean_traffic_and_rises_on_brighter_images(
 
 def test_drift_reference_comes_from_the_served_bank(server: str, saved_detector_dir: Path) -> None:
     bank = json.loads((saved_detector_dir / "bank.json").read_text())
-    served = httpx.post(f"{server}/drift", json={"reference": True}, timeout=30).json()
+    served = http_client.post(f"{server}/drift", json={"reference": True}, timeout=30).json()
     assert served["reference_images"] == len(bank["calibration"]["reference_profiles"])
     np.testing.assert_allclose(
         served["reference_profiles"], bank["calibration"]["reference_profiles"], rtol=1e-6
@@ -114,7 +114,7 @@ def test_drift_reference_comes_from_the_served_bank(server: str, saved_detector_
 
 
 def p_value_gauge(url: str) -> float | None:
-    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    lines = http_client.get(f"{url}/metrics", timeout=30).text.splitlines()
     samples = [line for line in lines if line.startswith("inspection_flag_rate_p_value")]
     return float(samples[0].split()[-1]) if samples else None
 

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from detector.data.synthetic import carpet_texture
+from devtools.http_client import http_client
 from devtools.local_server import bentoml_serve, service_rss_mib
 
 KEY = "k3y-for-the-hardening-tests"
@@ -54,7 +55,9 @@ def texture(size: int, seed: int = 0) -> np.ndarray:
 
 def post(url: str, endpoint: str, data: bytes, headers=AUTH, **fields: str) -> httpx.Response:
     files = {"image": ("part.png", data, "image/png")}
-    return httpx.post(f"{url}/{endpoint}", files=files, data=fields, headers=headers, timeout=120)
+    return http_client.post(
+        f"{url}/{endpoint}", files=files, data=fields, headers=headers, timeout=120
+    )
 
 
 def api_rss(url: str) -> float:
@@ -77,21 +80,25 @@ def test_a_gibibyte_upload_is_refused_before_it_is_read(server: str) -> None:
     before = api_rss(server)
     length = str(len(PREAMBLE) + GIB)
     declared = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": length}
-    anonymous = httpx.post(f"{server}/inspect", content=gibibyte(), headers=declared, timeout=300)
+    anonymous = http_client.post(
+        f"{server}/inspect", content=gibibyte(), headers=declared, timeout=300
+    )
     assert anonymous.status_code == 401
-    keyed = httpx.post(
+    keyed = http_client.post(
         f"{server}/inspect", content=gibibyte(), headers={**declared, **AUTH}, timeout=300
     )
     assert keyed.status_code == 413 and keyed.json()["reason"] == "too_large"
     # No Content-Length (chunked): counted as it streams, cut at the limit.
     chunked = {"Content-Type": "multipart/form-data; boundary=x", **AUTH}
-    streamed = httpx.post(f"{server}/inspect", content=gibibyte(), headers=chunked, timeout=300)
+    streamed = http_client.post(
+        f"{server}/inspect", content=gibibyte(), headers=chunked, timeout=300
+    )
     assert streamed.status_code == 413
     assert api_rss(server) - before < 64, service_rss_mib(server)
 
 
 def test_only_file_uploads_are_accepted(server: str) -> None:
-    text_field = httpx.post(
+    text_field = http_client.post(
         f"{server}/inspect",
         data={"image": "http://127.0.0.1:1/part.png"},
         files={"unused": ("x.txt", b"x", "text/plain")},
@@ -99,7 +106,7 @@ def test_only_file_uploads_are_accepted(server: str) -> None:
         timeout=30,
     )
     assert text_field.status_code == 400 and text_field.json()["reason"] == "not_a_file"
-    as_json = httpx.post(
+    as_json = http_client.post(
         f"{server}/inspect", json={"image": "http://127.0.0.1:1/part.png"}, headers=AUTH
     )
     assert as_json.status_code == 415 and as_json.json()["reason"] == "not_multipart"
@@ -108,31 +115,33 @@ def test_only_file_uploads_are_accepted(server: str) -> None:
 def test_batch_caps_on_files_and_bytes(server: str) -> None:
     small = png(texture(32))
     five = [("images", (f"{i}.png", small, "image/png")) for i in range(5)]
-    too_many = httpx.post(f"{server}/inspect_batch", files=five, headers=AUTH, timeout=60)
+    too_many = http_client.post(f"{server}/inspect_batch", files=five, headers=AUTH, timeout=60)
     assert too_many.status_code == 413 and too_many.json()["reason"] == "too_many_files"
     noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
     big = [("images", (f"{i}.png", png(noise), "image/png")) for i in range(4)]
-    too_big = httpx.post(f"{server}/inspect_batch", files=big, headers=AUTH, timeout=60)
+    too_big = http_client.post(f"{server}/inspect_batch", files=big, headers=AUTH, timeout=60)
     assert too_big.status_code == 413 and too_big.json()["reason"] == "too_large"
     four = five[:4]
-    assert httpx.post(f"{server}/inspect_batch", files=four, headers=AUTH, timeout=60).is_success
+    assert http_client.post(
+        f"{server}/inspect_batch", files=four, headers=AUTH, timeout=60
+    ).is_success
 
 
 def test_model_and_drift_endpoints_need_the_key_and_drift_needs_no_runner_call(
     server: str,
 ) -> None:
     for endpoint in ("model_info", "drift"):
-        assert httpx.post(f"{server}/{endpoint}", json={}, timeout=30).status_code == 401
-    info = httpx.post(f"{server}/model_info", json={}, headers=AUTH, timeout=30).json()
+        assert http_client.post(f"{server}/{endpoint}", json={}, timeout=30).status_code == 401
+    info = http_client.post(f"{server}/model_info", json={}, headers=AUTH, timeout=30).json()
     assert "drift_reference" not in info and info["category"] == "carpet"
-    before = httpx.post(f"{server}/drift", json={}, headers=AUTH, timeout=30).json()["images"]
+    before = http_client.post(f"{server}/drift", json={}, headers=AUTH, timeout=30).json()["images"]
     for seed in range(3):
         assert post(server, "inspect", png(texture(48, seed))).status_code == 200
-    after = httpx.post(f"{server}/drift", json={"reference": True}, headers=AUTH).json()
+    after = http_client.post(f"{server}/drift", json={"reference": True}, headers=AUTH).json()
     assert after["images"] == before + 3 and after["reference_profiles"]
     # /drift answered from the API: the runner saw no drift call to queue behind an image
     # (BentoML lists each runner endpoint's series at 0 until it is called).
-    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    metrics = http_client.get(f"{server}/metrics", timeout=30).text
     runner_calls = [
         line
         for line in metrics.splitlines()
@@ -142,7 +151,7 @@ def test_model_and_drift_endpoints_need_the_key_and_drift_needs_no_runner_call(
     ]
     assert runner_calls == [], runner_calls
     for open_endpoint in ("livez", "readyz", "metrics"):
-        assert httpx.get(f"{server}/{open_endpoint}", timeout=30).status_code == 200
+        assert http_client.get(f"{server}/{open_endpoint}", timeout=30).status_code == 200
 
 
 def test_overload_gets_503_with_retry_after_and_the_service_recovers(server: str) -> None:
@@ -217,4 +226,4 @@ def test_fuzzed_images_get_200_or_4xx_and_the_server_stays_up(server: str, fmt: 
     unexpected = sorted({s for s in statuses if not (s == 200 or 400 <= s < 500)})
     assert unexpected == [], f"{fmt}: {unexpected}"
     assert 400 in statuses or 415 in statuses  # the mutations did break files
-    assert httpx.get(f"{server}/livez", timeout=10).status_code == 200
+    assert http_client.get(f"{server}/livez", timeout=10).status_code == 200

@@ -9,7 +9,6 @@ import json
 import logging
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,6 +28,7 @@ from detector.int8_check import (
     status,
 )
 from detector.quantized import Int8Backbone, make_int8, product_extractor
+from devtools.http_client import http_client
 from devtools.in_process import bentoml_home, run_detector, run_main
 from devtools.local_server import bentoml_serve
 
@@ -189,12 +189,12 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
     records = {"INSPECT_RECORDS_DIR": str(tmp_path / "records"), "INSPECT_KEEP_IMAGES": "all"}
     settings = {"INSPECT_API_KEYS": keys, "INSPECT_BANK_REFRESH_S": "0", **records}
     with bentoml_serve(home, tmp_path / "serve.log", **settings) as url:
-        (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
+        (listed,) = http_client.get(f"{url}/products", headers=LINE, timeout=30).json()
         assert listed["int8"]["served"] == "int8" and listed["int8"]["check"]["accepted"]
         served = []
         for data in uploads:
             files = {"image": ("part.png", data, "image/png")}
-            answer = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
+            answer = http_client.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
             assert answer.status_code == 200, answer.text
             served.append(answer.json())
         threshold = served[0]["threshold"]
@@ -213,7 +213,7 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
         # A mask changes the scores: served in f32 until the check runs again.
         mask = np.full((128, 128), 255, np.uint8)
         mask[:, 96:] = 0
-        put = httpx.put(
+        put = http_client.put(
             f"{url}/products/carpet/mask",
             files={"mask": ("mask.png", png(mask), "image/png")},
             data={"reason": "clamp"},
@@ -221,14 +221,14 @@ def test_an_int8_product_is_served_by_its_graph_with_the_verdicts_its_check_prom
             timeout=60,
         )
         assert put.status_code == 200, put.text
-        httpx.post(f"{url}/inspect", files={"image": ("p.png", uploads[0])}, headers=LINE)
-        (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
+        http_client.post(f"{url}/inspect", files={"image": ("p.png", uploads[0])}, headers=LINE)
+        (listed,) = http_client.get(f"{url}/products", headers=LINE, timeout=30).json()
         assert listed["int8"]["served"] == "f32" and "check-int8" in listed["int8"]["reason"]
         again = run_detector(home, "check-int8", "carpet")
         assert again.returncode == 0, again.stderr[-3000:]
         assert json.loads(again.stdout)["int8"]["served"] == "int8"
-        httpx.post(f"{url}/inspect", files={"image": ("p.png", uploads[0])}, headers=LINE)
-        (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
+        http_client.post(f"{url}/inspect", files={"image": ("p.png", uploads[0])}, headers=LINE)
+        (listed,) = http_client.get(f"{url}/products", headers=LINE, timeout=30).json()
         assert listed["int8"]["served"] == "int8" and listed["version"] == "v3"
     # Each recorded decision made again by the version that made it, int8 or f32 as then.
     replayed = run_detector(home, "replay", "--out", str(tmp_path / "replay.json"), **records)

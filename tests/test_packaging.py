@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from detector.commands.random_backbone import make_backbone
+from devtools.http_client import http_client
 from devtools.in_process import bentoml_home, run_detector
 from devtools.local_server import (
     REPO,
@@ -77,16 +78,20 @@ def test_api_key_protects_scoring_but_not_health_or_metrics(
     key = "s3cret-line-key-for-tests"
     log = tmp_path / "serve.log"
     with bentoml_serve(store, log, INSPECT_API_KEY=f" {key}\n") as url:  # stripped
-        assert httpx.post(f"{url}/inspect", files=files, timeout=60).status_code == 401
-        wrong = httpx.post(f"{url}/inspect", files=files, headers={"X-API-Key": "nope"}, timeout=60)
+        assert http_client.post(f"{url}/inspect", files=files, timeout=60).status_code == 401
+        wrong = http_client.post(
+            f"{url}/inspect", files=files, headers={"X-API-Key": "nope"}, timeout=60
+        )
         assert wrong.status_code == 401 and wrong.json()["reason"] == "unauthorised"
-        right = httpx.post(f"{url}/inspect", files=files, headers={"X-API-Key": key}, timeout=60)
+        right = http_client.post(
+            f"{url}/inspect", files=files, headers={"X-API-Key": key}, timeout=60
+        )
         assert right.status_code == 200 and "score" in right.json()
-        bearer = httpx.post(
+        bearer = http_client.post(
             f"{url}/heatmap", files=files, headers={"Authorization": f"Bearer {key}"}, timeout=60
         )
         assert bearer.status_code == 200
-        records = httpx.get(f"{url}/records", headers={"X-API-Key": key}, timeout=10)
+        records = http_client.get(f"{url}/records", headers={"X-API-Key": key}, timeout=10)
         assert records.status_code == 403, "a line key reads no records"
         # Nothing but the API listens on TCP: BentoML's supervisor (which holds every key
         # in its workers' environment and starts programs) has private Unix sockets.
@@ -103,8 +108,8 @@ def test_api_key_protects_scoring_but_not_health_or_metrics(
             if c.status == psutil.CONN_LISTEN and c.pid in pids
         }
         assert listening == {port}
-        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+        assert http_client.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert http_client.get(f"{url}/metrics", timeout=10).status_code == 200
     text = log.read_text()
     (posture,) = [line for line in text.splitlines() if "inspection access:" in line]
     assert "keys required (line 1, reviewer 0, admin 0)" in posture
@@ -220,14 +225,16 @@ def test_export_guards_the_store_and_serve_refuses_only_the_product_it_cannot_se
 
         def inspect(product: str) -> httpx.Response:
             files, form = {"image": ("part.png", image)}, {"product": product}
-            return httpx.post(f"{url}/inspect", files=files, data=form, headers=admin, timeout=60)
+            return http_client.post(
+                f"{url}/inspect", files=files, data=form, headers=admin, timeout=60
+            )
 
         assert inspect("carpet").status_code == 200
         refused = inspect("widget")
         assert refused.status_code == 503 and refused.json()["reason"] == "bank_incompatible"
         assert "Refit widget" in refused.json()["error"]
-        listing = {e["name"]: e for e in httpx.get(f"{url}/products", headers=admin).json()}
+        listing = {e["name"]: e for e in http_client.get(f"{url}/products", headers=admin).json()}
         assert listing["widget"]["reason"] == "bank_incompatible" and "version" in listing["carpet"]
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        metrics = http_client.get(f"{url}/metrics", timeout=30).text
         assert 'inspection_bank_unavailable{product="widget"} 1.0' in metrics
         assert "not served: widget" in log.read_text()

@@ -32,6 +32,7 @@ from detector.memory_bank import BankConfig, MemoryBank
 from detector.provenance import CROPS_FILE, Provenance
 from detector.serving.runner import ScoringRunner
 from detector.serving.settings import Settings
+from devtools.http_client import http_client
 from devtools.in_process import run_detector, run_main
 from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
@@ -454,15 +455,17 @@ def server(served_home: Path, tmp_path_factory: pytest.TempPathFactory):
 def inspect(url: str, product: str | None, data: bytes, key: str = API_KEY) -> httpx.Response:
     form = {"product": product} if product is not None else {}
     files = {"image": ("part.png", data, "image/png")}
-    return httpx.post(
+    return http_client.post(
         f"{url}/inspect", files=files, data=form, headers={"X-API-Key": key}, timeout=60
     )
 
 
 def test_products_are_listed_with_their_live_version_and_keys_guard_them(server: str) -> None:
     for path in ("/products", "/products/", "/products/carpet", "/products/carpet/history/"):
-        assert httpx.get(f"{server}{path}", timeout=30).status_code == 401, path
-    listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
+        assert http_client.get(f"{server}{path}", timeout=30).status_code == 401, path
+    listing = http_client.get(
+        f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30
+    ).json()
     assert [entry["name"] for entry in listing] == ["carpet", "line2", "line3"]
     for entry in listing:
         assert entry["version"] == "v1" and entry["tag"] == f"bank-{entry['name']}:v1"
@@ -472,12 +475,12 @@ def test_products_are_listed_with_their_live_version_and_keys_guard_them(server:
     files = {"images": ("a.png", b"x", "image/png")}
     for key, status in ((None, 401), (API_KEY, 403)):  # a bank change needs the admin role
         headers = {"X-API-Key": key} if key else {}
-        refused = httpx.post(f"{server}/products/carpet/images", files=files, headers=headers)
+        refused = http_client.post(f"{server}/products/carpet/images", files=files, headers=headers)
         assert refused.status_code == status and "admin" in refused.json()["error"]
     admin = {"X-API-Key": ADMIN_KEY}
-    empty = httpx.post(f"{server}/products/carpet/rollback", json={}, headers=admin)
+    empty = http_client.post(f"{server}/products/carpet/rollback", json={}, headers=admin)
     assert empty.status_code == 400
-    unknown = httpx.get(f"{server}/products/nope/history", headers=admin)
+    unknown = http_client.get(f"{server}/products/nope/history", headers=admin)
     assert unknown.status_code == 404 and "carpet" in unknown.json()["error"]
     # What used to be a 500 with a traceback is a sentence and a 4xx.
     for path, status in (
@@ -488,17 +491,17 @@ def test_products_are_listed_with_their_live_version_and_keys_guard_them(server:
         ("/products/carpet/suggestion?target=nan", 400),
         ("/products/carpet/suggestion?days=1e999", 400),
     ):
-        answer = httpx.get(f"{server}{path}", headers=admin, timeout=30)
+        answer = http_client.get(f"{server}{path}", headers=admin, timeout=30)
         assert answer.status_code == status and "error" in answer.json(), path
     for version in ("v01", "v1 ", "²", "v" + "1" * 200, 7):
         body = {"version": version}
-        answer = httpx.post(f"{server}/products/carpet/rollback", json=body, headers=admin)
+        answer = http_client.post(f"{server}/products/carpet/rollback", json=body, headers=admin)
         assert answer.status_code in (400, 404) and "error" in answer.json(), version
     for threshold in (True, "0.3", [0.3], 1e308):
         body = {"threshold": threshold}
-        answer = httpx.post(f"{server}/products/carpet/threshold", json=body, headers=admin)
+        answer = http_client.post(f"{server}/products/carpet/threshold", json=body, headers=admin)
         assert answer.status_code == 400, threshold
-    assert httpx.get(f"{server}/products", headers=admin).json()[0]["version"] == "v1"
+    assert http_client.get(f"{server}/products", headers=admin).json()[0]["version"] == "v1"
 
 
 def test_concurrent_requests_for_different_products_equal_in_process_predict(
@@ -523,7 +526,7 @@ def test_concurrent_requests_for_different_products_equal_in_process_predict(
     assert unknown.status_code == 404 and "line3" in unknown.json()["error"]
     unnamed = inspect(server, None, data)
     assert unnamed.status_code == 400 and unnamed.json()["reason"] == "product_required"
-    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    metrics = http_client.get(f"{server}/metrics", timeout=30).text
     for product in product_dirs:
         assert f'inspection_verdicts_total{{product="{product}",' in metrics
 
@@ -555,11 +558,15 @@ def test_an_update_from_the_command_is_served_without_restart_then_rolled_back(
 
     admin = {"X-API-Key": ADMIN_KEY}
     body = {"version": "v1", "reason": "back to v1"}
-    rolled = httpx.post(f"{server}/products/line2/rollback", json=body, headers=admin, timeout=60)
+    rolled = http_client.post(
+        f"{server}/products/line2/rollback", json=body, headers=admin, timeout=60
+    )
     assert rolled.status_code == 200 and rolled.json()["version"] == "v3"
     after = inspect(server, "line2", held_out).json()
     assert after["models"]["bank"] == "bank-line2:v3" and after["score"] == before["score"]
-    history = httpx.get(f"{server}/products/line2/history", headers={"X-API-Key": ADMIN_KEY}).json()
+    history = http_client.get(
+        f"{server}/products/line2/history", headers={"X-API-Key": ADMIN_KEY}
+    ).json()
     made = [version["change"] for version in history["versions"]]
     assert [c["action"] for c in made] == ["fit", "add_images", "rollback"]
     assert made[1]["reason"] == "relit line" and made[2]["restored"] == "v1"
@@ -574,18 +581,18 @@ def test_images_added_over_http_make_a_version(
     ]
     admin = {"X-API-Key": ADMIN_KEY}
     url = f"{server}/products/line3/images"
-    response = httpx.post(
+    response = http_client.post(
         url, files=files, data={"reason": "false alarm"}, headers=admin, timeout=120
     )
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["version"] == "v2" and report["rows_added"] > 0
     bad = [("images", ("bad.png", b"not an image", "image/png"))]
-    refused = httpx.post(url, files=bad, headers=admin, timeout=60)
+    refused = http_client.post(url, files=bad, headers=admin, timeout=60)
     assert refused.status_code == 415
-    none = httpx.post(url, data={"reason": "x"}, headers=admin, timeout=60)
+    none = http_client.post(url, data={"reason": "x"}, headers=admin, timeout=60)
     assert none.status_code in (400, 415)
-    listing = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}).json()
+    listing = http_client.get(f"{server}/products", headers={"X-API-Key": API_KEY}).json()
     assert {e["name"]: e["version"] for e in listing}["line3"] == "v2"
 
 
@@ -601,7 +608,7 @@ def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_ag
     url = f"{server}/products/line3/images"
 
     def post(headers: dict = admin, **form: str) -> httpx.Response:
-        return httpx.post(url, files=files, data=form, headers=headers, timeout=120)
+        return http_client.post(url, files=files, data=form, headers=headers, timeout=120)
 
     assert post({"X-API-Key": API_KEY}, session="night").status_code == 403
     for form, said in [
@@ -612,7 +619,7 @@ def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_ag
         refused = post(**form)
         assert refused.status_code == 400 and refused.json()["reason"] == "bad_session"
         assert said in refused.json()["error"]
-    with_calibration = httpx.post(
+    with_calibration = http_client.post(
         url,
         files=[*files, ("calibration_images", files[0][1])],
         data={"session": "night"},
@@ -622,7 +629,7 @@ def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_ag
     assert with_calibration.status_code == 400
     assert "without calibration_images" in with_calibration.json()["error"]
 
-    before = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    before = {e["name"]: e for e in http_client.get(f"{server}/products", headers=admin).json()}
     answer = post(session="night", reason="night shift")
     assert answer.status_code == 200, answer.text
     report = answer.json()
@@ -630,7 +637,7 @@ def test_a_later_session_over_http_sets_the_threshold_and_the_promise_is_said_ag
     assert report["after"]["statement"] != report["before"]["statement"]
     again = post(session="night", join="calibration")
     assert again.status_code == 400 and "in the bank already" in again.json()["error"]
-    listed = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    listed = {e["name"]: e for e in http_client.get(f"{server}/products", headers=admin).json()}
     line3 = listed["line3"]
     assert int(line3["version"][1:]) == int(before["line3"]["version"][1:]) + 1
     assert line3["sessions"]["calibration"] == ["night"] and "night" in line3["sessions"]["bank"]
@@ -645,18 +652,20 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
     url, admin = f"{server}/products/line2/threshold", {"X-API-Key": ADMIN_KEY}
     image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 0).read_bytes()
     before = inspect(server, "line2", image).json()
-    listing = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
+    listing = {e["name"]: e for e in http_client.get(f"{server}/products", headers=admin).json()}
     calibration = listing["line2"]["calibration"]
     assert calibration["calibration_images"] > 0 and "statement" in calibration
-    denied = httpx.post(url, json={"threshold": 1e-9}, headers={"X-API-Key": API_KEY})
+    denied = http_client.post(url, json={"threshold": 1e-9}, headers={"X-API-Key": API_KEY})
     assert denied.status_code == 403
     for body in ({"target": 2}, {"threshold": -1}, {"threshold": 1, "target": 0.1}, {"x": 1}):
-        refused = httpx.post(url, json=body, headers=admin, timeout=60)
+        refused = http_client.post(url, json=body, headers=admin, timeout=60)
         assert refused.status_code == 400, body
-    unconfirmed = httpx.post(url, json={"threshold": 1e-9, "reason": "flag all"}, headers=admin)
+    unconfirmed = http_client.post(
+        url, json={"threshold": 1e-9, "reason": "flag all"}, headers=admin
+    )
     assert unconfirmed.status_code == 400 and "confirm" in unconfirmed.json()["error"]
     flag_all = {"threshold": 1e-9, "reason": "flag all", "confirm": True}
-    moved = httpx.post(url, json=flag_all, headers=admin)
+    moved = http_client.post(url, json=flag_all, headers=admin)
     assert moved.status_code == 200, moved.text
     promise = promises(server)  # at once, before any image: no stale promise anywhere
     assert promise["products"] == promise["drift"] == pytest.approx(1.0, abs=0.1), promise
@@ -666,7 +675,7 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
         moved.json()["version"]
     )
     restore = {"version": listing["line2"]["version"], "reason": "undo"}
-    back = httpx.post(f"{server}/products/line2/rollback", json=restore, headers=admin)
+    back = http_client.post(f"{server}/products/line2/rollback", json=restore, headers=admin)
     assert back.status_code == 200
     again = inspect(server, "line2", image).json()
     assert (again["threshold"], again["is_anomalous"]) == (
@@ -684,8 +693,10 @@ def test_the_operating_point_moves_over_http_with_the_admin_key(
 def promises(server: str, product: str = "line2") -> dict[str, float]:
     """The promised false-alarm rate as /products and /drift state it."""
     admin = {"X-API-Key": ADMIN_KEY}
-    listing = {e["name"]: e for e in httpx.get(f"{server}/products", headers=admin).json()}
-    drift = httpx.post(f"{server}/drift", json={"product": product}, headers=admin, timeout=60)
+    listing = {e["name"]: e for e in http_client.get(f"{server}/products", headers=admin).json()}
+    drift = http_client.post(
+        f"{server}/drift", json={"product": product}, headers=admin, timeout=60
+    )
     assert drift.status_code == 200, drift.text
     return {
         "products": listing[product]["calibration"]["expected_false_alarm_rate"],
@@ -702,7 +713,9 @@ def test_the_web_page_scores_with_the_product_the_operator_picks(
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     image = next(s.path for s in synthetic_dataset.test_samples() if s.label == 1)
-    listed = httpx.get(f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30).json()
+    listed = http_client.get(
+        f"{server}/products", headers={"X-API-Key": API_KEY}, timeout=30
+    ).json()
     (line2,) = [entry for entry in listed if entry["name"] == "line2"]
     assert line2["calibration"]["sessions"] == 1
     assert "(one capture session)" in line2["calibration"]["statement"]
@@ -766,7 +779,7 @@ def fit_files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
 def job_end(server: str, location: str) -> dict:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        job = httpx.get(f"{server}{location}", headers={"X-API-Key": ADMIN_KEY}, timeout=30)
+        job = http_client.get(f"{server}{location}", headers={"X-API-Key": ADMIN_KEY}, timeout=30)
         assert job.status_code == 200, job.text
         if job.json()["state"] != "running":
             return job.json()
@@ -782,7 +795,7 @@ def test_a_new_product_over_http_is_an_admins_refuses_bad_input_and_ends_as_v1(
     url = f"{server}/products"
 
     def post(files: list, headers: dict = admin, **form: str) -> httpx.Response:
-        return httpx.post(url, files=files, data=form, headers=headers, timeout=120)
+        return http_client.post(url, files=files, data=form, headers=headers, timeout=120)
 
     for headers, status in (({}, 401), (line, 403)):
         refused = post(fit_files(train[:6]), headers, name="line4")
@@ -807,11 +820,11 @@ def test_a_new_product_over_http_is_an_admins_refuses_bad_input_and_ends_as_v1(
     job = job_end(server, location)
     assert job["state"] == "done" and job["version"] == "v1", job
     assert job["calibration"]["target_false_alarm_rate"] == 0.05
-    late = httpx.delete(f"{server}{location}", headers=admin, timeout=30)
+    late = http_client.delete(f"{server}{location}", headers=admin, timeout=30)
     assert late.status_code == 409 and "v1 is live" in late.json()["error"]
-    gone = httpx.get(f"{server}/products/line4/jobs/0123456789ab", headers=admin, timeout=30)
+    gone = http_client.get(f"{server}/products/line4/jobs/0123456789ab", headers=admin, timeout=30)
     assert gone.status_code == 404 and "restart" in gone.json()["error"]
-    listed = {e["name"]: e for e in httpx.get(url, headers=line, timeout=30).json()}
+    listed = {e["name"]: e for e in http_client.get(url, headers=line, timeout=30).json()}
     assert listed["line4"]["version"] == "v1"
     assert listed["line4"]["change"]["requested_by"] == "admin"
     part = synthetic_dataset.test_samples()[0].path
@@ -819,10 +832,10 @@ def test_a_new_product_over_http_is_an_admins_refuses_bad_input_and_ends_as_v1(
     assert inspected.status_code == 200 and inspected.json()["models"]["bank"] == "bank-line4:v1"
     # A cancel mid-fit: nothing of it is saved, and the name stays free.
     started = post(fit_files(train[:24]), name="line6")
-    cancel = httpx.delete(f"{server}{started.headers['location']}", headers=admin, timeout=30)
+    cancel = http_client.delete(f"{server}{started.headers['location']}", headers=admin, timeout=30)
     assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
     assert job_end(server, started.headers["location"])["state"] == "cancelled"
-    assert "line6" not in {e["name"] for e in httpx.get(url, headers=line, timeout=30).json()}
+    assert "line6" not in {e["name"] for e in http_client.get(url, headers=line, timeout=30).json()}
 
 
 def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects_it(
@@ -874,7 +887,9 @@ def test_an_operator_makes_a_product_from_twelve_images_on_the_page_and_inspects
     assert "had not seen its session (3 sessions in all)" in sessions[0]
     assert sessions[1].startswith("Not added: Session 'evening' is in the bank already")
     admin = {"X-API-Key": ADMIN_KEY}
-    fitted, joined = httpx.get(f"{server}/products/line5/history", headers=admin).json()["versions"]
+    fitted, joined = http_client.get(f"{server}/products/line5/history", headers=admin).json()[
+        "versions"
+    ]
     assert fitted["calibration"]["source"] == "leave_one_session_out"
     assert fitted["change"]["sessions"] == ["day", "night"]
     assert joined["change"]["session"] == "evening" and joined["calibration"]["sessions"] == 3

@@ -25,6 +25,7 @@ from batch.__main__ import main as batch_main
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
 from detector.images import decode_image
+from devtools.http_client import http_client
 from devtools.in_process import run_detector, run_main
 from devtools.local_server import (
     CHROMIUM,
@@ -74,12 +75,12 @@ def parts(dataset: MVTecCategory, count: int, seed: int) -> list[bytes]:
 
 def inspect(url: str, data: bytes, headers: dict[str, str] = USER, **fields: str) -> httpx.Response:
     files = {"image": ("part.png", data, "image/png")}
-    return httpx.post(f"{url}/inspect", files=files, data=fields, headers=headers, timeout=60)
+    return http_client.post(f"{url}/inspect", files=files, data=fields, headers=headers, timeout=60)
 
 
 def inspect_batch(url: str, images: list[bytes]) -> list[dict[str, Any]]:
     files = [("images", (f"p{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    response = httpx.post(f"{url}/inspect_batch", files=files, headers=USER, timeout=120)
+    response = http_client.post(f"{url}/inspect_batch", files=files, headers=USER, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -92,7 +93,7 @@ def wait_for_records(url: str, ids: set[str], timeout: float = 60) -> dict[str, 
         cursor = None
         while True:
             params = {"limit": "500", **({"cursor": cursor} if cursor else {})}
-            page = httpx.get(f"{url}/records", params=params, headers=USER, timeout=30)
+            page = http_client.get(f"{url}/records", params=params, headers=USER, timeout=30)
             if page.status_code != 200:
                 break
             body = page.json()
@@ -109,7 +110,7 @@ def wait_for_records(url: str, ids: set[str], timeout: float = 60) -> dict[str, 
 def metric(url: str, name: str, **labels: str) -> float:
     """The sum of a /metrics series' samples that carry these labels."""
     total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    for line in http_client.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -147,7 +148,7 @@ def test_explain_gives_the_in_process_explanation_only_when_asked(
     data = sample.path.read_bytes()
     assert "explanation" not in inspect(served.url, data).json()
     files = {"image": ("part.png", data, "image/png")}
-    explained = httpx.post(
+    explained = http_client.post(
         f"{served.url}/heatmap", files=files, data={"explain": "true"}, headers=USER, timeout=60
     )
     for answer in (
@@ -167,7 +168,7 @@ def test_every_answer_is_recorded_with_its_models_key_and_image(
 ) -> None:
     images = parts(synthetic_dataset, 7, seed=1)
     answers = [inspect(served.url, data).json() for data in images[:2]]
-    heatmap = httpx.post(
+    heatmap = http_client.post(
         f"{served.url}/heatmap",
         files={"image": ("p.png", images[2], "image/png")},
         headers=USER,
@@ -190,7 +191,9 @@ def test_every_answer_is_recorded_with_its_models_key_and_image(
         assert record["api_key_id"] == "line3" and record["source"] == "service"
         assert record["latency_ms"] > 0 and len(record["settings_hash"]) == 16
         assert record["image_available"] and record["review_label"] is None
-        kept = httpx.get(f"{served.url}/records/{record['id']}/image", headers=USER, timeout=30)
+        kept = http_client.get(
+            f"{served.url}/records/{record['id']}/image", headers=USER, timeout=30
+        )
         # Kept: the pixels that were scored, re-encoded; not the uploaded bytes.
         assert kept.headers["content-type"] == "image/png"
         assert np.array_equal(pixels(kept.content), pixels(data))
@@ -219,29 +222,31 @@ def test_record_endpoints_need_the_key_and_refuse_bad_input(
         ("GET", f"/{record_id}/heatmap"),
         ("POST", f"/{record_id}/review"),
     ]:
-        refused = httpx.request(method, base + path, json={"label": "unsure"}, timeout=30)
+        refused = http_client.request(method, base + path, json={"label": "unsure"}, timeout=30)
         assert refused.status_code == 401, path
         assert refused.json()["reason"] == "unauthorised"
-    assert httpx.get(f"{base}/{record_id}", headers=USER).json()["review_label"] is None
-    unknown = httpx.get(f"{base}/{'0' * 26}", headers=USER, timeout=30)
+    assert http_client.get(f"{base}/{record_id}", headers=USER).json()["review_label"] is None
+    unknown = http_client.get(f"{base}/{'0' * 26}", headers=USER, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["reason"] == "unknown_record"
-    review = httpx.post(f"{base}/{'0' * 26}/review", json={"label": "unsure"}, headers=USER)
+    review = http_client.post(f"{base}/{'0' * 26}/review", json={"label": "unsure"}, headers=USER)
     assert review.status_code == 404
     for body in ({"label": "fine"}, {"label": ""}, {}, ["false_alarm"]):
-        bad = httpx.post(f"{base}/{record_id}/review", json=body, headers=USER, timeout=30)
+        bad = http_client.post(f"{base}/{record_id}/review", json=body, headers=USER, timeout=30)
         assert bad.status_code == 400, body
     as_json = {**USER, "Content-Type": "application/json"}
-    not_json = httpx.post(f"{base}/{record_id}/review", content=b"{", headers=as_json, timeout=30)
+    not_json = http_client.post(
+        f"{base}/{record_id}/review", content=b"{", headers=as_json, timeout=30
+    )
     assert not_json.status_code == 400 and not_json.json()["reason"] == "bad_json"
     # JSON in a body of another type (what a cross-site form can send) is not read.
     as_text = {**USER, "Content-Type": "text/plain"}
     body = b'{"label": "false_alarm"}'
-    smuggled = httpx.post(f"{base}/{record_id}/review", content=body, headers=as_text)
+    smuggled = http_client.post(f"{base}/{record_id}/review", content=body, headers=as_text)
     assert smuggled.status_code == 415 and smuggled.json()["reason"] == "wrong_content_type"
     for params in ({"limit": "0"}, {"limit": "501"}, {"limit": "x"}, {"cursor": "%%%"}):
-        bad = httpx.get(base, params=params, headers=USER, timeout=30)
+        bad = http_client.get(base, params=params, headers=USER, timeout=30)
         assert bad.status_code == 400 and bad.json()["reason"] == "bad_request", params
-    assert httpx.get(f"{base}/{record_id}", headers=USER).json()["review_label"] is None
+    assert http_client.get(f"{base}/{record_id}", headers=USER).json()["review_label"] is None
 
 
 def test_a_reviewed_false_alarm_goes_into_a_new_bank_version_that_points_back(
@@ -253,15 +258,15 @@ def test_a_reviewed_false_alarm_goes_into_a_new_bank_version_that_points_back(
     wait_for_records(served.url, set(flagged))
     base = f"{served.url}/records"
     false_alarm, defect = flagged[:2]
-    named = httpx.post(
+    named = http_client.post(
         f"{base}/{false_alarm}/review",
         json={"label": "confirmed_defect", "reviewer": "ann"},
         headers=USER,
         timeout=30,
     )
     assert named.status_code == 400 and "name of your key" in named.json()["error"]
-    httpx.post(f"{base}/{false_alarm}/review", json={"label": "unsure"}, headers=USER)
-    reviewed = httpx.post(
+    http_client.post(f"{base}/{false_alarm}/review", json={"label": "unsure"}, headers=USER)
+    reviewed = http_client.post(
         f"{base}/{false_alarm}/review",
         json={"label": "false_alarm", "note": "glare"},
         headers=USER,
@@ -273,22 +278,24 @@ def test_a_reviewed_false_alarm_goes_into_a_new_bank_version_that_points_back(
         (None, "unsure", "line3"),
         ("unsure", "false_alarm", "line3"),
     ]
-    httpx.post(f"{base}/{defect}/review", json={"label": "confirmed_defect"}, headers=USER)
-    before = httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"]
+    http_client.post(f"{base}/{defect}/review", json={"label": "confirmed_defect"}, headers=USER)
+    before = http_client.get(f"{served.url}/products", headers=USER).json()[0]["version"]
     add = f"{served.url}/products/carpet/images"
     # Multipart text fields (no file), as the web page's FormData sends them.
     form = [("records", (None, false_alarm)), ("reason", (None, "review: glare"))]
-    assert httpx.post(add, files=form, headers=USER, timeout=60).status_code == 403  # admin only
-    refused = httpx.post(add, files=[("records", (None, defect))], headers=ADMIN, timeout=60)
+    assert (
+        http_client.post(add, files=form, headers=USER, timeout=60).status_code == 403
+    )  # admin only
+    refused = http_client.post(add, files=[("records", (None, defect))], headers=ADMIN, timeout=60)
     assert refused.status_code == 400 and "false alarm" in refused.json()["error"]
-    added = httpx.post(add, files=form, headers=ADMIN, timeout=120)
+    added = http_client.post(add, files=form, headers=ADMIN, timeout=120)
     assert added.status_code == 200, added.text
     version = added.json()["version"]
     assert version != before and added.json()["records"] == [false_alarm]
-    assert httpx.get(f"{base}/{false_alarm}", headers=USER).json()["added_to"] == (
+    assert http_client.get(f"{base}/{false_alarm}", headers=USER).json()["added_to"] == (
         f"bank-carpet:{version}"
     )
-    history = httpx.get(f"{served.url}/products/carpet/history", headers=USER).json()
+    history = http_client.get(f"{served.url}/products/carpet/history", headers=USER).json()
     change = next(v for v in history["versions"] if v["version"] == version)["change"]
     assert change["records"] == [false_alarm] and change["added_images"] == 1
     # The next inspection is decided by the new version, and says so in its record.
@@ -296,7 +303,7 @@ def test_a_reviewed_false_alarm_goes_into_a_new_bank_version_that_points_back(
     assert answer["models"]["bank"] == f"bank-carpet:{version}"
     assert metric(served.url, "inspection_reviews_total", label="false_alarm") >= 1
     share = metric(served.url, "inspection_review_false_alarm_share", product="carpet")
-    summary = httpx.get(f"{base}/summary", headers=USER).json()["carpet"]
+    summary = http_client.get(f"{base}/summary", headers=USER).json()["carpet"]
     alarms = sum(n for key, n in summary.items() if key.startswith("flagged_"))
     assert share == pytest.approx(summary["flagged_false_alarm"] / alarms)
 
@@ -315,7 +322,7 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
     assert all(answer["is_anomalous"] for answer in answers)
     newest_first = [answer["record_id"] for answer in reversed(answers)]
     wait_for_records(served.url, set(newest_first))
-    version_before = httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"]
+    version_before = http_client.get(f"{served.url}/products", headers=USER).json()[0]["version"]
     with sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
@@ -341,7 +348,7 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
             )
             assert page.inner_text("#r-record") == first
             assert page.inner_text("#r-review") == "false_alarm"
-            assert httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"] == (
+            assert http_client.get(f"{served.url}/products", headers=USER).json()[0]["version"] == (
                 version_before
             )
             # With the admin's key (the queue reloads, the item stays first) the retry lands.
@@ -385,14 +392,16 @@ def test_an_operator_reviews_three_alarms_on_the_web_page_and_one_goes_into_the_
             browser.close()
     deadline = time.monotonic() + 30  # the last key's review is saved after the page moved on
     while True:
-        labels = [httpx.get(f"{served.url}/records/{i}", headers=USER).json() for i in newest_first]
+        labels = [
+            http_client.get(f"{served.url}/records/{i}", headers=USER).json() for i in newest_first
+        ]
         if labels[2]["review_label"] or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert [r["review_label"] for r in labels] == ["false_alarm", "unsure", "confirmed_defect"]
     assert labels[0]["reviewed_by"] == "line3", "the retry kept the saved review"
     assert labels[2]["reviewed_by"] == "admin" and labels[2]["added_to"] is None
-    version_after = httpx.get(f"{served.url}/products", headers=USER).json()[0]["version"]
+    version_after = http_client.get(f"{served.url}/products", headers=USER).json()[0]["version"]
     assert version_after != version_before
     assert labels[0]["added_to"] == f"bank-carpet:{version_after}"
     assert f"carpet {version_after} is live" in status and f"bank {version_after}," in info
@@ -416,7 +425,7 @@ def test_a_batch_job_with_record_adds_its_decisions_to_the_same_records(
         for row in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())
         if not row.get("error")
     }
-    listing = httpx.get(f"{served.url}/records", params={"limit": "50"}, headers=USER).json()
+    listing = http_client.get(f"{served.url}/records", params={"limit": "50"}, headers=USER).json()
     batch_records = {r["image_name"]: r for r in listing["records"] if r["source"] == "batch"}
     assert batch_records.keys() == rows.keys()
     for path, row in rows.items():
@@ -456,7 +465,7 @@ def test_replay_reproduces_every_recorded_decision(
 
 
 def test_export_reviews_writes_the_mvtec_layout(served: Served, tmp_path: Path) -> None:
-    summary = httpx.get(f"{served.url}/records/summary", headers=USER).json()["carpet"]
+    summary = http_client.get(f"{served.url}/records/summary", headers=USER).json()["carpet"]
     out = tmp_path / "reviews"
     records = {"INSPECT_RECORDS_DIR": str(served.records)}
     exported = run_detector(served.home, "export-reviews", str(out), **records)
@@ -482,7 +491,7 @@ def test_a_locked_database_mid_load_loses_no_inspection_and_no_record(
         try:
             during = list(pool.map(lambda data: inspect(served.url, data), images[8:16]))
             time.sleep(6)  # beyond the writer's 5 s wait for the lock
-            listing = httpx.get(f"{served.url}/records", headers=USER, timeout=60)
+            listing = http_client.get(f"{served.url}/records", headers=USER, timeout=60)
         finally:
             lock.rollback()
             lock.close()
@@ -497,18 +506,22 @@ def test_a_locked_database_mid_load_loses_no_inspection_and_no_record(
 
 def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: Served) -> None:
     base = f"{served.url}/products/carpet/suggestion"
-    assert httpx.get(base, timeout=30).status_code == 401
-    assert httpx.get(f"{served.url}/products/nope/suggestion", headers=USER).status_code == 404
+    assert http_client.get(base, timeout=30).status_code == 401
+    assert (
+        http_client.get(f"{served.url}/products/nope/suggestion", headers=USER).status_code == 404
+    )
     for params in ({"target": "2"}, {"target": "x"}, {"days": "0"}):
-        assert httpx.get(base, params=params, headers=USER).status_code == 400, params
+        assert http_client.get(base, params=params, headers=USER).status_code == 400, params
 
     def records() -> dict:
-        return httpx.get(f"{served.url}/records", params={"limit": "500"}, headers=USER).json()
+        return http_client.get(
+            f"{served.url}/records", params={"limit": "500"}, headers=USER
+        ).json()
 
     # Records spooled by earlier tests may still be arriving: compare a settled database.
     for _ in range(30):
         before = records()
-        report = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+        report = http_client.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
         listing = records()
         if len(before["records"]) == len(listing["records"]):
             break
@@ -540,20 +553,20 @@ def test_reviewed_records_suggest_a_threshold_that_the_command_applies(served: S
     promised = report["suggested"]["expected_false_alarm_rate"]
     assert made["expected_false_alarm_rate"] == pytest.approx(promised)
     time.sleep(0.5)  # the runner follows the live version within INSPECT_BANK_REFRESH_S
-    after = httpx.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
+    after = http_client.get(base, params={"target": "0.05", "days": "1"}, headers=USER).json()
     assert after["current"]["threshold"] == pytest.approx(suggested)
     assert after["versions"][1] == live, "the new version keeps the records on its scale"
-    listing = {e["name"]: e for e in httpx.get(f"{served.url}/products", headers=USER).json()}
+    listing = {e["name"]: e for e in http_client.get(f"{served.url}/products", headers=USER).json()}
     stated = listing["carpet"]["calibration"]
     assert stated["expected_false_alarm_rate"] == pytest.approx(promised)
     assert stated["source"] == "reviewed_records" and "records" in stated["statement"]
     # The page's button: the same through the API, with the admin key only.
     url, body = f"{served.url}/products/carpet/threshold", {"from_reviews": True, "days": 1}
-    assert httpx.post(url, json=body, headers=USER, timeout=60).status_code == 403
+    assert http_client.post(url, json=body, headers=USER, timeout=60).status_code == 403
     bad = {"from_reviews": True, "threshold": 0.5}
-    assert httpx.post(url, json=bad, headers=ADMIN, timeout=60).status_code == 400
-    again = httpx.get(base, params={"days": "1"}, headers=USER).json()
-    moved = httpx.post(url, json=body, headers=ADMIN, timeout=60)
+    assert http_client.post(url, json=bad, headers=ADMIN, timeout=60).status_code == 400
+    again = http_client.get(base, params={"days": "1"}, headers=USER).json()
+    moved = http_client.post(url, json=body, headers=ADMIN, timeout=60)
     assert moved.status_code == 200, moved.text
     assert moved.json()["after"]["expected_false_alarm_rate"] == pytest.approx(
         again["suggested"]["expected_false_alarm_rate"]
@@ -583,7 +596,7 @@ def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
             postgres.stop()
             try:
                 responses += pool.map(lambda data: inspect(served_url, data), images[10:20])
-                down = httpx.get(f"{served_url}/records", headers=USER, timeout=60)
+                down = http_client.get(f"{served_url}/records", headers=USER, timeout=60)
                 time.sleep(1)  # the writer tries, fails and spools
                 spooled = metric(served_url, "inspection_records_total", outcome="spooled")
             finally:
@@ -595,7 +608,7 @@ def test_postgres_stopped_mid_load_fails_no_inspection_and_every_record_arrives(
         found = wait_for_records(served_url, {r.json()["record_id"] for r in responses})
         assert len(found) == len(images)
         one = next(iter(found))
-        review = httpx.post(
+        review = http_client.post(
             f"{served_url}/records/{one}/review", json={"label": "unsure"}, headers=USER
         )
         assert review.status_code == 200 and review.json()["reviewed_by"] == "line3"
@@ -613,7 +626,9 @@ def test_review_heatmaps_wait_their_turn_and_are_drawn_once(
     wait_for_records(served.url, set(kept))
 
     def heatmap(record_id: str) -> httpx.Response:
-        return httpx.get(f"{served.url}/records/{record_id}/heatmap", headers=USER, timeout=60)
+        return http_client.get(
+            f"{served.url}/records/{record_id}/heatmap", headers=USER, timeout=60
+        )
 
     # Twelve records none of which was drawn yet: each render takes a runner call, so more
     # than INSPECT_MAX_RENDERS are in flight at once (cached ones answered too fast to).
@@ -636,26 +651,28 @@ def test_one_budget_holds_for_a_whole_bank_change_record_images_included(
     wait_for_records(served.url, set(flagged))
     for record_id in flagged:
         review = {"label": "false_alarm"}
-        httpx.post(f"{served.url}/records/{record_id}/review", json=review, headers=USER)
+        http_client.post(f"{served.url}/records/{record_id}/review", json=review, headers=USER)
     add = f"{served.url}/products/carpet/images"
     image = ("images", ("p.png", parts(synthetic_dataset, 1, seed=14)[0], "image/png"))
     # 8 uploads and the records' 6 images: 14 parts of 128 x 128, more than 12.
     form = [image] * 8 + [("records", (None, ",".join(flagged)))]
-    over = httpx.post(add, files=form, headers=ADMIN, timeout=120)
+    over = http_client.post(add, files=form, headers=ADMIN, timeout=120)
     assert over.status_code == 413 and over.json()["reason"] == "too_many_pixels", over.text
     # The record images count against the byte budget too, before they are read: an upload
     # just under 2 MB passes alone, not with the records' images.
-    kept = httpx.get(f"{served.url}/records/{flagged[0]}/image", headers=USER).content
+    kept = http_client.get(f"{served.url}/records/{flagged[0]}/image", headers=USER).content
     big = np.random.default_rng(0).integers(0, 255, (780, 780, 3), dtype=np.uint8)
     heavy = png(Image.fromarray(big))
     heavy += bytes(2_000_000 - len(kept) // 2 - len(heavy))  # padded after the image's end
-    alone = httpx.post(add, files=[("images", ("big.png", heavy, "image/png"))], headers=ADMIN)
+    alone = http_client.post(
+        add, files=[("images", ("big.png", heavy, "image/png"))], headers=ADMIN
+    )
     assert alone.json()["reason"] == "too_many_pixels", "its bytes fit; its pixels do not"
     with_records = [("images", ("big.png", heavy, "image/png")), ("records", (None, flagged[0]))]
-    too_many_bytes = httpx.post(add, files=with_records, headers=ADMIN, timeout=120)
+    too_many_bytes = http_client.post(add, files=with_records, headers=ADMIN, timeout=120)
     assert too_many_bytes.status_code == 413 and too_many_bytes.json()["reason"] == "too_large"
     assert "records" in too_many_bytes.json()["error"]
-    within = httpx.post(add, files=[image, ("records", (None, flagged[0]))], headers=ADMIN)
+    within = http_client.post(add, files=[image, ("records", (None, flagged[0]))], headers=ADMIN)
     assert within.status_code == 200, within.text
 
 
@@ -664,15 +681,15 @@ def test_requests_for_many_record_ids_add_no_metrics_series(served: Served) -> N
     scanner tries, became new series without end."""
 
     def endpoints() -> set[str]:
-        text = httpx.get(f"{served.url}/metrics", timeout=30).text
+        text = http_client.get(f"{served.url}/metrics", timeout=30).text
         return set(re.findall(r'endpoint="([^"]*)"', text))
 
-    httpx.get(f"{served.url}/records/{'1' * 26}", headers=USER, timeout=30)
+    http_client.get(f"{served.url}/records/{'1' * 26}", headers=USER, timeout=30)
     before = endpoints()
     for number in range(50):
-        httpx.get(f"{served.url}/records/{number:026d}", headers=USER, timeout=30)
-        httpx.get(f"{served.url}/scan-{number}", timeout=30)
-    httpx.get(f"{served.url}/nothing-here", timeout=30)
+        http_client.get(f"{served.url}/records/{number:026d}", headers=USER, timeout=30)
+        http_client.get(f"{served.url}/scan-{number}", timeout=30)
+    http_client.get(f"{served.url}/nothing-here", timeout=30)
     after = endpoints()
     assert after - before <= {"other"}, after - before
     assert "/records/{id}" in after
@@ -700,16 +717,18 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
     wait_for_records(served.url, {a["record_id"] for a in answers})
     for record_id, label in zip(flagged, ("confirmed_defect", "false_alarm"), strict=False):
         review = {"label": label}
-        reviewed = httpx.post(f"{served.url}/records/{record_id}/review", json=review, headers=USER)
+        reviewed = http_client.post(
+            f"{served.url}/records/{record_id}/review", json=review, headers=USER
+        )
         assert reviewed.status_code == 200, reviewed.text
-    moved = httpx.post(  # a version after the first, so the first can be restored
+    moved = http_client.post(  # a version after the first, so the first can be restored
         f"{served.url}/products/carpet/threshold",
         json={"target": 0.05, "reason": "a later operating point"},
         headers=ADMIN,
     )
     assert moved.status_code == 200, moved.text
-    activity = httpx.get(f"{served.url}/records/activity", headers=USER).json()["products"]
-    assert httpx.get(f"{served.url}/records/activity").status_code == 401
+    activity = http_client.get(f"{served.url}/records/activity", headers=USER).json()["products"]
+    assert http_client.get(f"{served.url}/records/activity").status_code == 401
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     history_url = f"{served.url}/products/carpet/history"
     with sync_playwright() as driver:
@@ -737,7 +756,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             wait_for(page, text_of("explanation-text", "includes", "Nearest normal patch"))
             page.wait_for_load_state("networkidle")  # the queue loaded once more on uncheck
             shown = page.inner_text("#r-record")
-            said = httpx.get(f"{served.url}/records/{shown}/explanation", headers=USER).json()
+            said = http_client.get(f"{served.url}/records/{shown}/explanation", headers=USER).json()
             assert said["available"] is True
             # A row learned from a reviewed false alarm names its record, not a training image.
             normal = said["nearest_normal"]
@@ -760,7 +779,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             # History: every version with who and why; a reviewer's rollback is refused
             # with the server's sentence.
             page.click("#tab-history")
-            listed = httpx.get(history_url, headers=USER)
+            listed = http_client.get(history_url, headers=USER)
             assert listed.status_code == 200, listed.text
             versions = listed.json()["versions"]
             wait_for(
@@ -772,7 +791,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
                 page,
                 text_of("history-status", "startsWith", "Not rolled back"),
             )
-            refused = httpx.post(
+            refused = http_client.post(
                 f"{served.url}/products/carpet/rollback", json={"version": earliest}, headers=USER
             ).json()["error"]
             assert refused in page.inner_text("#history-status")
@@ -780,7 +799,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
 
             # The trade-off: the line moved over the reviewed scores' histograms.
             wait_for(page, "!document.getElementById('tradeoff-slider').disabled")
-            trade = httpx.get(f"{served.url}/products/carpet/suggestion", headers=USER).json()
+            trade = http_client.get(f"{served.url}/products/carpet/suggestion", headers=USER).json()
             edges, good, bad = (
                 trade["trade_off"][k] for k in ("edges", "defect_free", "defective")
             )
@@ -812,7 +831,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             )
             page.click("#tradeoff-apply")
             wait_for(page, text_of("tradeoff-status", "includes", " is live"))
-            live = httpx.get(f"{served.url}/products", headers=USER).json()[0]
+            live = http_client.get(f"{served.url}/products", headers=USER).json()[0]
             assert live["threshold"] == pytest.approx(edges[index], rel=1e-6)
             page.click(f"#versions button[data-version='{earliest}']")
             wait_for(page, text_of("history-status", "includes", " is live"))
@@ -832,7 +851,7 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
             assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"]
         finally:
             browser.close()
-    newest = httpx.get(history_url, headers=USER).json()["versions"][-2:]
+    newest = http_client.get(history_url, headers=USER).json()["versions"][-2:]
     assert [v["change"]["action"] for v in newest] == ["operating_point", "rollback"]
     assert {v["change"]["by"] for v in newest} == {"admin"}
     assert newest[-1]["change"]["restored"] == earliest

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
+from devtools.http_client import http_client
 from devtools.in_process import run_main
 from devtools.local_server import (
     REPO,
@@ -123,11 +123,11 @@ def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
     store: Path, test_paths: list[Path], torch_results, tmp_path: Path
 ) -> None:
     with bentoml_serve(store, tmp_path / "serve.log", INSPECT_RUNTIME="openvino") as url:
-        info = httpx.post(f"{url}/model_info", timeout=30).json()
+        info = http_client.post(f"{url}/model_info", timeout=30).json()
         assert info["runtime"] == "openvino" and info["precision"] == "f32"
         for path, want in zip(test_paths, torch_results, strict=True):
             files = {"image": (path.name, path.read_bytes(), "image/png")}
-            got = httpx.post(f"{url}/inspect", files=files, timeout=60).json()
+            got = http_client.post(f"{url}/inspect", files=files, timeout=60).json()
             assert got["score"] == pytest.approx(want.score, abs=F32_TOLERANCE)
     folder = test_paths[0].parent.parent  # the test split
     out = tmp_path / "batch"

@@ -18,6 +18,7 @@ from PIL import Image
 from detector.anomaly_detector import AnomalyDetector
 from detector.data.mvtec import MVTecCategory
 from detector.data.synthetic import carpet_texture
+from devtools.http_client import http_client
 from devtools.local_server import bentoml_serve, service_env, stored_model
 
 MAX_BYTES = 1_000_000
@@ -46,7 +47,7 @@ def test_paths(synthetic_dataset: MVTecCategory) -> list[Path]:
 
 def post_image(url: str, endpoint: str, data: bytes, **fields: str) -> httpx.Response:
     files = {"image": ("upload.png", data, "application/octet-stream")}
-    return httpx.post(f"{url}/{endpoint}", files=files, data=fields, timeout=120)
+    return http_client.post(f"{url}/{endpoint}", files=files, data=fields, timeout=120)
 
 
 def test_models_list_shows_backbone_and_bank(store: Path) -> None:
@@ -118,7 +119,7 @@ def test_inspect_batch_answers_in_order_with_errors_in_place(
     chosen = test_paths[:3]
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in chosen]
     files.insert(1, ("images", ("notes.txt", b"not an image", "text/plain")))
-    response = httpx.post(f"{server}/inspect_batch", files=files, timeout=120)
+    response = http_client.post(f"{server}/inspect_batch", files=files, timeout=120)
     assert response.status_code == 200
     answers = response.json()
     assert len(answers) == 4
@@ -152,7 +153,7 @@ def test_concurrent_requests_are_all_right_and_get_batched(
     for path, score in answers:
         assert score == pytest.approx(expected[path], abs=1e-5)
 
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    metrics = http_client.get(f"{server}/metrics", timeout=10).text
     batch_sizes = 'bentoml_service_adaptive_batch_size_{}{{method_name="score"'
     count = metric_sum(metrics, batch_sizes.format("count"))
     total = metric_sum(metrics, batch_sizes.format("sum"))
@@ -172,13 +173,13 @@ def test_each_upload_is_scored_once_under_sustained_concurrency(server: str) -> 
         png(Image.fromarray((carpet_texture(800, rng) * 255).astype(np.uint8))) for _ in range(4)
     ]
     uploads = (frames * 33)[:130]
-    before = httpx.get(f"{server}/metrics", timeout=10).text
+    before = http_client.get(f"{server}/metrics", timeout=10).text
     with ThreadPoolExecutor(max_workers=12) as pool:
         statuses = list(
             pool.map(lambda data: post_image(server, "inspect", data).status_code, uploads)
         )
     assert statuses == [200] * len(uploads)
-    after = httpx.get(f"{server}/metrics", timeout=10).text
+    after = http_client.get(f"{server}/metrics", timeout=10).text
     answered = metric_sum(after, "inspection_verdicts_total") - metric_sum(
         before, "inspection_verdicts_total"
     )
@@ -252,14 +253,14 @@ def test_convertible_images_are_scored(server: str, kind: str) -> None:
 
 
 def test_missing_upload_field_is_a_400(server: str) -> None:
-    response = httpx.post(f"{server}/inspect", files={"other": ("x", b"1")}, timeout=30)
+    response = http_client.post(f"{server}/inspect", files={"other": ("x", b"1")}, timeout=30)
     assert response.status_code == 400
 
 
 def test_metrics_expose_custom_series(server: str, test_paths: list[Path]) -> None:
     post_image(server, "inspect", test_paths[0].read_bytes())
     post_image(server, "inspect", b"garbage")
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    metrics = http_client.get(f"{server}/metrics", timeout=10).text
     assert "inspection_normalized_score_bucket" in metrics
     assert 'inspection_verdicts_total{product="carpet",verdict="' in metrics
     assert 'inspection_rejected_inputs_total{reason="not_an_image"}' in metrics
@@ -268,7 +269,7 @@ def test_metrics_expose_custom_series(server: str, test_paths: list[Path]) -> No
 
 
 def test_model_info_endpoint(server: str) -> None:
-    info = httpx.post(f"{server}/model_info", timeout=30).json()
+    info = http_client.post(f"{server}/model_info", timeout=30).json()
     assert info["category"] == "carpet" and info["extractor"]["resolution"] == 128
     # The runner runs the trace export stored (its scores equal in-process predict's, above).
     assert info["runtime"] == "torch" and info["backbone_trace"] is True

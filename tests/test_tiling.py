@@ -8,7 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +24,7 @@ from detector.extractor import BackboneSpec, preprocess
 from detector.fitting import fit_detector
 from detector.memory_bank import BankConfig
 from detector.tiling import TiledExtractor, Tiling, TilingError, layout
+from devtools.http_client import http_client
 from devtools.in_process import bentoml_home, run_detector, run_main
 from devtools.local_server import CHROMIUM, bentoml_serve, page_with_key, wait_for
 
@@ -198,12 +198,12 @@ def test_a_tiled_masked_product_scores_the_same_served_in_batch_predict_and_repl
         assert inspect(url, paths[3])["is_anomalous"] is True  # before the mask
         put = f"{url}/products/carpet/mask"
         files = {"mask": ("mask.png", png(Image.fromarray(mask)), "image/png")}
-        refused = httpx.put(put, files=files, headers=LINE, timeout=60)
+        refused = http_client.put(put, files=files, headers=LINE, timeout=60)
         assert refused.status_code == 403, refused.text
         bad = {"mask": ("mask.png", b"not an image", "image/png")}
-        not_image = httpx.put(put, files=bad, headers=ADMIN, timeout=60)
+        not_image = http_client.put(put, files=bad, headers=ADMIN, timeout=60)
         assert not_image.status_code == 415 and "image" in not_image.json()["error"]
-        changed = httpx.put(put, files=files, data={"reason": "fixture"}, headers=ADMIN)
+        changed = http_client.put(put, files=files, data={"reason": "fixture"}, headers=ADMIN)
         assert changed.status_code == 200, changed.text
         with bentoml_home(home):  # `predict` on the live (tiled, masked) version
             expected = load_pair(product="carpet", device="cpu").detector.predict(paths, False)
@@ -213,13 +213,13 @@ def test_a_tiled_masked_product_scores_the_same_served_in_batch_predict_and_repl
             assert got["score"] == pytest.approx(want.score, abs=1e-5), path.name
             assert got["is_anomalous"] == want.is_anomalous
         wide = {"image": (paths[2].name, paths[2].read_bytes(), "image/png")}
-        heatmap = httpx.post(
+        heatmap = http_client.post(
             f"{url}/heatmap", files=wide, data={"output": "npy"}, headers=LINE, timeout=60
         )
         heat = np.load(io.BytesIO(heatmap.content))
         assert heat.shape == (420, 500)  # the frame's own size, though it was tiled at 384
         assert heat[:, 420:].max() < 1e-3 * heat.max()  # the ignored third reads 0 (blur aside)
-        (listed,) = httpx.get(f"{url}/products", headers=LINE, timeout=30).json()
+        (listed,) = http_client.get(f"{url}/products", headers=LINE, timeout=30).json()
         assert listed["tiling"]["tile"] == TILE  # the version says how it inspects
         batch = run_main(batch_main, home, str(folder), "--out", str(tmp_path / "out"))
         assert batch.returncode == 0, batch.stderr[-3000:]
@@ -227,7 +227,7 @@ def test_a_tiled_masked_product_scores_the_same_served_in_batch_predict_and_repl
         for path, want in zip(paths, expected, strict=True):
             assert rows[path.name] == pytest.approx(want.score, abs=1e-5), path.name
         page_says = marked_on_the_page(url, paths[0], tmp_path)
-        cleared = httpx.delete(put, params={"reason": "moved"}, headers=ADMIN, timeout=60)
+        cleared = http_client.delete(put, params={"reason": "moved"}, headers=ADMIN, timeout=60)
         assert cleared.status_code == 200 and cleared.json()["inspected_share_after"] == 1.0
     if page_says is not None:
         assert page_says["line"].startswith("Not saved: ") and "admin" in page_says["line"]
@@ -245,7 +245,7 @@ def test_a_tiled_masked_product_scores_the_same_served_in_batch_predict_and_repl
 
 def inspect(url: str, path: Path) -> dict:
     files = {"image": (path.name, path.read_bytes(), "image/png")}
-    answer = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
+    answer = http_client.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
     assert answer.status_code == 200, answer.text
     return answer.json()
 

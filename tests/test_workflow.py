@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from devtools.http_client import http_client
 from devtools.in_process import Finished, run_detector
 from devtools.local_server import (
     REPO,
@@ -193,5 +193,5 @@ def test_the_training_job_runs_in_the_bento_and_ships_models_bentoml_imports(
     image = next((tmp_path / "data" / "carpet" / "test" / "good").glob("*.png"))
     with bentoml_serve(serving_home, tmp_path / "serve.log") as url:
         files = {"image": (image.name, image.read_bytes(), "image/png")}
-        answer = httpx.post(f"{url}/inspect", files=files, timeout=60)
+        answer = http_client.post(f"{url}/inspect", files=files, timeout=60)
     assert answer.status_code == 200 and answer.json()["threshold"] > 0
