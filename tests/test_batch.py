@@ -111,7 +111,7 @@ def test_url_mode_gives_the_same_scores_as_in_process(
 def test_kill_9_then_resume_scores_every_image_exactly_once(store: Path, tmp_path: Path) -> None:
     folder = tmp_path / "many"
     rng = np.random.default_rng(0)
-    for i in range(300):
+    for i in range(150):  # killed after 20: the job is still well short of the end
         sub = folder / f"line{i % 3}"
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(sub / f"{i:04d}.png")
@@ -143,7 +143,7 @@ def test_kill_9_then_resume_scores_every_image_exactly_once(store: Path, tmp_pat
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done_before = len(read_rows(journal))
-    assert 20 <= done_before < 300
+    assert 20 <= done_before < 150
     with journal.open("ab") as handle:  # a torn row, as a kill during a write would leave
         handle.write(b'{"path": "line0/0000.png", "sco')
 
@@ -151,10 +151,10 @@ def test_kill_9_then_resume_scores_every_image_exactly_once(store: Path, tmp_pat
     assert result.returncode == 0, result.stderr
     rows = read_rows(journal)
     paths = [row["path"] for row in rows]
-    assert len(paths) == len(set(paths)) == 300
+    assert len(paths) == len(set(paths)) == 150
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_already_done"] == done_before
-    assert summary["scored_this_run"] == 300 - done_before
+    assert summary["scored_this_run"] == 150 - done_before
 
 
 def test_shards_cover_every_file_once_and_merge(

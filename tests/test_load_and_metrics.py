@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from devtools.http_client import http_client
 from devtools.local_server import (
     REPO,
     bentoml_serve,
@@ -46,16 +47,16 @@ def test_the_readmes_locust_run_has_no_failures_and_leaves_the_line_alone(
     window image and no verdict of the line's from it; its answers are counted apart."""
 
     def line_state() -> tuple[int, int, str]:
-        records = httpx.get(f"{server}/records", params={"limit": 500}, headers=DESK).json()
-        drift = httpx.post(f"{server}/drift", json={}, headers=LINE, timeout=60).json()
-        metrics = httpx.get(f"{server}/metrics", timeout=30).text
+        records = http_client.get(f"{server}/records", params={"limit": 500}, headers=DESK).json()
+        drift = http_client.post(f"{server}/drift", json={}, headers=LINE, timeout=60).json()
+        metrics = http_client.get(f"{server}/metrics", timeout=30).text
         verdicts = [line for line in metrics.splitlines() if line.startswith("inspection_verd")]
         return len(records["records"]), drift["images"], "\n".join(sorted(verdicts))
 
     before = line_state()
     prefix = tmp_path / "locust"
     result = subprocess.run(
-        locust_command(server, 4, 10, prefix, "--image-size", "96", "--image-count", "4"),
+        locust_command(server, 4, 6, prefix, "--image-size", "96", "--image-count", "4"),
         cwd=REPO,
         env={**service_env(tmp_path), "INSPECT_LOAD_TEST_KEY": LOAD_TEST_KEY},
         capture_output=True,
@@ -70,11 +71,14 @@ def test_the_readmes_locust_run_has_no_failures_and_leaves_the_line_alone(
     assert int(rows["Aggregated"]["Request Count"]) > int(rows["/inspect"]["Request Count"])
     time.sleep(2)  # the record writer is asynchronous: anything written would be in by now
     assert line_state() == before
-    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    metrics = http_client.get(f"{server}/metrics", timeout=30).text
     counted = [line for line in metrics.splitlines() if line.startswith("inspection_load_test")]
     assert any(float(line.split()[-1]) > 5 for line in counted if "_total" in line), counted
     # The key does the line's scoring only.
-    assert httpx.get(f"{server}/records", headers={"X-API-Key": LOAD_TEST_KEY}).status_code == 403
+    assert (
+        http_client.get(f"{server}/records", headers={"X-API-Key": LOAD_TEST_KEY}).status_code
+        == 403
+    )
 
 
 def test_locust_counts_wrong_answers_as_failures() -> None:
@@ -107,10 +111,10 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
     for _ in range(3):
         image = next((REPO / "tests").glob("*.py"))  # any bytes: counted as a rejected input
         image_file = {"image": ("x", image.read_bytes())}
-        httpx.post(f"{server}/inspect", files=image_file, headers=LINE, timeout=30)
+        http_client.post(f"{server}/inspect", files=image_file, headers=LINE, timeout=30)
     png = _small_png()
     for _ in range(3):
-        assert httpx.post(
+        assert http_client.post(
             f"{server}/inspect", files={"image": ("x.png", png)}, headers=LINE, timeout=60
         ).is_success
     target = server.removeprefix("http://")
@@ -145,7 +149,7 @@ def test_real_prometheus_scrapes_request_counter_and_score_histogram(
         while time.monotonic() < deadline and len(found) < len(wanted):
             for name, query in wanted.items():
                 try:
-                    data = httpx.get(api, params={"query": query}, timeout=5).json()
+                    data = http_client.get(api, params={"query": query}, timeout=5).json()
                 except (httpx.HTTPError, ValueError):  # still starting: not yet JSON
                     continue
                 if data.get("status") == "success" and data["data"]["result"]:

@@ -8,16 +8,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from detector.data.mvtec import MVTecCategory
 from detector.serving.replicas import check_records_location, on_network_filesystem
+from devtools.http_client import http_client
 from devtools.local_server import bentoml_serve, kill_server
 
 KEYS = "cam=line:replica-line-key-0123,ops=admin:replica-admin-key-012"
@@ -27,14 +28,26 @@ ADMIN = {"X-API-Key": "replica-admin-key-012"}
 
 def verdict_total(url: str) -> float:
     total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    for line in http_client.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith("inspection_verdicts_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
+def answers_after(seen: list[tuple[float, str, str]], url: str, moment: float) -> int:
+    return sum(t > moment and u == url for t, u, _ in list(seen))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `condition` (the load runs meanwhile); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
 def job_state(url: str, location: str) -> str:
-    return httpx.get(f"{url}{location}", headers=ADMIN, timeout=30).json()["state"]
+    return http_client.get(f"{url}{location}", headers=ADMIN, timeout=30).json()["state"]
 
 
 def test_two_replicas_share_versions_and_records_but_not_metrics(
@@ -72,7 +85,7 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
             while not stop.is_set():
                 files = {"image": ("p.png", images[count % len(images)], "image/png")}
                 count += 1
-                response = httpx.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
+                response = http_client.post(f"{url}/inspect", files=files, headers=LINE, timeout=60)
                 if response.status_code != 200:
                     failures.append(f"{url}: {response.status_code} {response.text[:200]}")
                     continue
@@ -84,8 +97,9 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
         with ThreadPoolExecutor(4) as pool:
             for number in range(4):
                 pool.submit(client, number)
-            time.sleep(4)
-            change = httpx.post(
+            # Load on both replicas first (each has answered), then the change under it.
+            wait_until(lambda: all(answered[url] >= 2 for url in urls))
+            change = http_client.post(
                 f"{urls[0]}/products/carpet/threshold",
                 json={"target": 0.2, "reason": "replica test"},
                 headers=ADMIN,
@@ -94,7 +108,8 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
             changed_at = time.monotonic()
             assert change.status_code == 200, change.text
             new_bank = f"bank-carpet:{change.json()['version']}"
-            time.sleep(8)
+            # The load goes on until each replica has answered 3 times, 5 s after the change.
+            wait_until(lambda: all(answers_after(seen, url, changed_at + 5) >= 3 for url in urls))
             stop.set()
         assert failures == []
         for url in urls:  # each replica serves the new version within 5 s of the change
@@ -121,16 +136,16 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
         # product, answers for the job as a restarted server does, and the name is free.
         train = synthetic_dataset.train_paths()[:24]
         files = [("images", (path.name, path.read_bytes(), "image/png")) for path in train]
-        started = httpx.post(
+        started = http_client.post(
             f"{urls[0]}/products", files=files, data={"name": "line9"}, headers=ADMIN, timeout=60
         )
         assert started.status_code == 202, started.text
         kill_server(urls[0])
-        job = httpx.get(f"{urls[1]}{started.headers['location']}", headers=ADMIN, timeout=30)
+        job = http_client.get(f"{urls[1]}{started.headers['location']}", headers=ADMIN, timeout=30)
         assert job.status_code == 404 and "a fit cut off by a restart saved nothing" in job.text
-        listed = httpx.get(f"{urls[1]}/products", headers=ADMIN, timeout=30).json()
+        listed = http_client.get(f"{urls[1]}/products", headers=ADMIN, timeout=30).json()
         assert [entry["name"] for entry in listed] == ["carpet"]
-        again = httpx.post(
+        again = http_client.post(
             f"{urls[1]}/products", files=files, data={"name": "line9"}, headers=ADMIN, timeout=60
         )
         assert again.status_code == 202, again.text
