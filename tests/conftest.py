@@ -38,6 +38,7 @@ from detector.data.synthetic import make_dataset  # noqa: E402
 from detector.dino import DinoBackbone  # noqa: E402
 from detector.fitting import fit_detector  # noqa: E402
 from detector.memory_bank import BankConfig  # noqa: E402
+from devtools.module_seconds import CACHE_KEY, committed  # noqa: E402
 
 TEST_IMAGE_SIZE = 128
 TEST_RESOLUTION = 128
@@ -268,17 +269,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.server)
     # The longest modules first: xdist deals whole modules to its workers in this order, and
     # a long module dealt last runs alone while the other worker idles. How long a module took
-    # in the last run here, else (a fresh clone, as in CI) how many processes its source starts.
-    cache = getattr(items[0].config, "cache", None) if items else None  # -p no:cacheprovider
-    measured = cache.get(MODULE_SECONDS, {}) if cache is not None else {}
+    # in the last run here, else as measured when tests/module_seconds.json was written (a
+    # fresh clone, as in CI), else how many processes its source starts.
+    if not items:
+        return
+    cache = getattr(items[0].config, "cache", None)  # None with -p no:cacheprovider
+    root = items[0].config.rootpath
+    measured = {**committed(root), **(cache.get(CACHE_KEY, {}) if cache is not None else {})}
     weights = {
-        path: measured.get(str(path), 10.0 * len(PROCESS_STARTERS.findall(path.read_text())))
+        path: measured.get(
+            str(path.relative_to(root)), 10.0 * len(PROCESS_STARTERS.findall(path.read_text()))
+        )
         for path in {item.path for item in items}
     }
     items.sort(key=lambda item: -weights[item.path])
 
 
-MODULE_SECONDS = "dino_inspect/module_seconds"
 _module_seconds: collections.Counter[str] = collections.Counter()
 
 
@@ -292,7 +298,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
     if hasattr(session.config, "workerinput") or not _module_seconds or cache is None:
         return
-    root = session.config.rootpath
-    measured = cache.get(MODULE_SECONDS, {})
-    measured.update({str(root / path): round(s, 1) for path, s in _module_seconds.items()})
-    cache.set(MODULE_SECONDS, measured)
+    measured = cache.get(CACHE_KEY, {})
+    measured.update({str(path): round(s, 1) for path, s in _module_seconds.items()})
+    cache.set(CACHE_KEY, measured)
