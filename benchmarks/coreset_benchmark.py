@@ -122,6 +122,19 @@ def million_rows(rows: int, ratio: float) -> dict:
     }
 
 
+def shares(chunks: list[np.ndarray], rows: int, keep: int, tried: list[float]) -> dict:
+    """Seconds and covering radius of the fit's coreset with other shares of the centres
+    taken from the chunks before the global pass (above the global limit)."""
+    import detector.coreset as coreset
+
+    found = {}
+    for share in tried:
+        coreset.SAMPLED_SHARE = share
+        kept, seconds = timed(streaming_coreset, chunks, rows, keep, progress=False)
+        found[str(share)] = {"seconds": round(seconds, 1), "radius": round(kept.radius, 5)}
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -130,6 +143,12 @@ def main() -> None:
     parser.add_argument("--exact-plain", action="store_true")
     parser.add_argument(
         "--million", type=int, default=0, help="only the memory run: this many streamed rows"
+    )
+    parser.add_argument(
+        "--shares",
+        type=float,
+        nargs="*",
+        help="only the fit's coreset, with these shares of the centres from the chunks",
     )
     args = parser.parse_args()
     if args.threads:
@@ -140,6 +159,9 @@ def main() -> None:
     features = carpet_features(args.rows)
     keep = coreset_size(len(features), args.ratio)
     chunks = [features[start : start + 16384] for start in range(0, len(features), 16384)]
+    if args.shares:
+        print(json.dumps(shares(chunks, len(features), keep, args.shares), indent=2))
+        return
 
     ours, ours_s = timed(streaming_coreset, chunks, len(features), keep, progress=False)
     projection = random_projection(features.shape[1], DEFAULT_PROJECTION_DIM, 0)
