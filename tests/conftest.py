@@ -278,7 +278,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     measured = {**committed(root), **(cache.get(CACHE_KEY, {}) if cache is not None else {})}
     weights = {
         path: measured.get(
-            str(path.relative_to(root)), 10.0 * len(PROCESS_STARTERS.findall(path.read_text()))
+            str(path.relative_to(root) if path.is_relative_to(root) else path),
+            10.0 * len(PROCESS_STARTERS.findall(path.read_text())),
         )
         for path in {item.path for item in items}
     }
@@ -295,8 +296,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Record each module's time for the next run's order (by the controller, which sees
     every worker's reports, or by a run without workers)."""
-    cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
-    if hasattr(session.config, "workerinput") or not _module_seconds or cache is None:
+    config = session.config
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    if hasattr(config, "workerinput") or not _module_seconds or cache is None:
+        return
+    # A run of some of a module's tests (-k, -m, a test's id, --lf) says nothing of the
+    # module's time: it would put the module late in the next whole run.
+    option = config.option
+    if option.keyword or option.markexpr or getattr(option, "lf", False):
+        return
+    if any("::" in argument for argument in config.args):
         return
     measured = cache.get(CACHE_KEY, {})
     measured.update({str(path): round(s, 1) for path, s in _module_seconds.items()})

@@ -38,10 +38,12 @@ def answers_after(seen: list[tuple[float, str, str]], url: str, moment: float) -
     return sum(t > moment and u == url for t, u, _ in list(seen))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll `condition` (the load runs meanwhile); fail after `timeout` seconds."""
+def wait_until(condition: Callable[[], bool], failures: list[str], timeout: float = 60.0) -> None:
+    """Poll `condition` while the load runs; fail at the load's first failed request, or
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
+        assert not failures, failures[:3]
         assert time.monotonic() < deadline, f"not within {timeout:.0f} s"
         time.sleep(0.1)
 
@@ -95,22 +97,27 @@ def test_two_replicas_share_versions_and_records_but_not_metrics(
                 seen.append((time.monotonic(), url, body["models"]["bank"]))
 
         with ThreadPoolExecutor(4) as pool:
-            for number in range(4):
-                pool.submit(client, number)
-            # Load on both replicas first (each has answered), then the change under it.
-            wait_until(lambda: all(answered[url] >= 2 for url in urls))
-            change = http_client.post(
-                f"{urls[0]}/products/carpet/threshold",
-                json={"target": 0.2, "reason": "replica test"},
-                headers=ADMIN,
-                timeout=120,
-            )
-            changed_at = time.monotonic()
-            assert change.status_code == 200, change.text
-            new_bank = f"bank-carpet:{change.json()['version']}"
-            # The load goes on until each replica has answered 3 times, 5 s after the change.
-            wait_until(lambda: all(answers_after(seen, url, changed_at + 5) >= 3 for url in urls))
-            stop.set()
+            try:
+                for number in range(4):
+                    pool.submit(client, number)
+                # Load on both replicas first (each has answered), then the change under it.
+                wait_until(lambda: all(answered[url] >= 2 for url in urls), failures)
+                change = http_client.post(
+                    f"{urls[0]}/products/carpet/threshold",
+                    json={"target": 0.2, "reason": "replica test"},
+                    headers=ADMIN,
+                    timeout=120,
+                )
+                changed_at = time.monotonic()
+                assert change.status_code == 200, change.text
+                new_bank = f"bank-carpet:{change.json()['version']}"
+                # The load goes on until each replica has answered 3 times, 5 s after the change.
+                wait_until(
+                    lambda: all(answers_after(seen, url, changed_at + 5) >= 3 for url in urls),
+                    failures,
+                )
+            finally:
+                stop.set()  # the clients end, also when a wait above fails
         assert failures == []
         for url in urls:  # each replica serves the new version within 5 s of the change
             after = [(t, bank) for t, u, bank in seen if u == url and t > changed_at + 5]
