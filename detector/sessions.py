@@ -222,7 +222,7 @@ def join_session(
     bank = updated.bank
     if updated is detector:  # the same rows: shared, with metadata of its own
         bank = MemoryBank(bank.index, bank.config, copy.deepcopy(bank.metadata), bank.provenance)
-    if join != "calibration" and session not in names.bank:
+    if joins_bank and session not in names.bank:
         bank.metadata[BANK_SESSIONS] = [*names.bank, session]
     remember_images(bank.metadata, hashes)
     if join != "bank":

@@ -112,7 +112,7 @@ def add_session(
 
     The session's images are scored by the live bank before any of their rows are added:
     a bank that has not seen the session, as leave-one-session-out scores each session.
-    """
+    Its rows are named "session NAME: " and the image's name (`names`; default a hash)."""
     from detector.anomaly_detector import AnomalyDetector
     from detector.sessions import check_join, check_session_name, join_session
 
@@ -126,7 +126,7 @@ def add_session(
         if parent is None:
             raise UnknownProductError(product, list_products())
         current = AnomalyDetector.from_bank(load_bank(parent), extractor, batch_size)
-        named = names or [f"session {session}: {digest[:12]}" for digest in hashes]
+        named = [f"session {session}: {label}" for label in names or [d[:12] for d in hashes]]
         joined = join_session(current, session, features, hashes, join, named)
         updated, added = joined.detector, joined.rows_added
         if joined.scores:

@@ -73,7 +73,7 @@ def add_folder(
             join=join,
             reason=reason,
             batch_size=batch_size,
-            names=[f"session {session}: {name}" for name in names],
+            names=names,
         )
         return report
     _, report = changes.add_images(
