@@ -129,7 +129,7 @@ def shares(chunks: list[np.ndarray], rows: int, keep: int, tried: list[float]) -
 
     found = {}
     for share in tried:
-        coreset.SAMPLED_SHARE = share
+        coreset.CHUNKED_SHARE = share
         kept, seconds = timed(streaming_coreset, chunks, rows, keep, progress=False)
         found[str(share)] = {"seconds": round(seconds, 1), "radius": round(kept.radius, 5)}
     return found

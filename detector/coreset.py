@@ -11,18 +11,23 @@ greedy's on 13 chunks of ViT features (docs/PERFORMANCE.md). Here:
    projection) picks the first half of the centres: the bulk of the coverage, cheaply;
 3. greedy continues over *all* rows from those centres for the second half, exactly as plain
    greedy would continue (`continue_greedy`): every row starts with an upper bound of its
-   distance to the centres (its exact distance to the centre nearest on the projection),
-   and only the rows that look worst are measured against every centre and searched. An
+   distance to the centres (its exact distance to the centre nearest on the projection, or
+   above `global_limit` to the centre a graph search finds), and only the rows that look
+   worst are measured against every centre and searched. An
    update of a fitted bank runs the same farthest-point step (`farthest_points`).
 
 The result keeps plain greedy's property where it matters: the worst-covered rows get
 centres. Above `DEFAULT_GLOBAL_LIMIT` centres the sample in step 2 would itself cost about
-what plain greedy does (4 x 10,000 rows, greedily, for 20,000 centres), so the first half
-comes from each chunk's own share instead (greedy within a chunk of 16,384 rows, which stays
-in the CPU's cache: 5 s for 10,000 centres of 200k rows), and step 3 continues from there
-over all rows, `CONTINUE_ROUND` centres per round (a round searches 8 x its centres of the
-worst rows; one round for 10,000 centres would search 80,000). Each chunk keeping its share
-alone, the fit's way above 4,096 centres before, covered 2.5 x worse (docs/PERFORMANCE.md).
+what plain greedy does (4 x 10,000 rows, greedily, for 20,000 centres), so the first
+`CHUNKED_SHARE` of the centres comes from each chunk's own share instead (greedy within a
+chunk of 16,384 rows, which stays in the CPU's cache), and step 3 continues from there over
+all rows, `CONTINUE_ROUND` centres per round (a round searches 4 x its centres of the worst
+rows). There, measuring rows against every centre by matrix products would be most of the
+cost (200k x 10,000 x 384 multiply-adds for the starting values alone), so rows are measured
+by searching the centres in a faiss HNSW graph instead (`CentreGraph`): at 10 % of 200k rows
+about 3 x faster than by matrix products, and 10 x plain greedy's speed (docs/PERFORMANCE.md),
+where the graph proves it finds the nearest centre (else matrix products, slower). Each
+chunk keeping its share alone, the fit's way above 4,096 centres before, covered 2.5 x worse.
 
 The bank records its covering radius (the largest cosine distance from a training row to
 its nearest centre), so an update adds exactly the new patches the bank does not already
@@ -48,8 +53,9 @@ DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_PROJECTION_DIM = 128
 DEFAULT_OVERSAMPLE = 4  # the random sample the first half of the centres comes from
 
-DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the first half comes from a sample
-SAMPLED_SHARE = 0.5  # of the centres, picked before the global pass
+DEFAULT_GLOBAL_LIMIT = 4096  # centres up to which the start comes from a sample
+SAMPLED_SHARE = 0.5  # of the centres, picked from the sample before the global pass
+CHUNKED_SHARE = 0.35  # of the centres, from the chunks' shares (above `global_limit`)
 CONTINUE_ROUND = 512  # centres per round of the global pass
 
 
@@ -110,8 +116,8 @@ def streaming_coreset(
     gives the same rows.
 
     The rows are kept (in memory up to `in_memory_bytes`, beyond in a temporary file the
-    page cache serves) for the global greedy pass. Its first half of the centres comes from
-    a random sample up to `global_limit` centres, from each chunk's share beyond it.
+    page cache serves) for the global greedy pass. It starts from centres picked in a random
+    sample up to `global_limit` centres, from each chunk's share beyond it.
     """
     import torch
 
@@ -133,17 +139,16 @@ def streaming_coreset(
         if seen != total_rows or spill is None:
             raise ValueError(f"received {seen} rows, {total_rows} were announced")
         projection = random_projection(spill.array.shape[1], projection_dim, seed)
-        first = max(1, int(n_select * SAMPLED_SHARE))
-        if n_select <= global_limit:
-            rng = np.random.default_rng(seed)
-            wanted = min(total_rows, oversample * n_select)
-            sample = np.sort(rng.choice(total_rows, wanted, replace=False))
-            picked = greedy_k_center(spill.take(sample), first, seed=seed, projection=projection)
-            start = sample[picked]
-        else:
+        many = n_select > global_limit
+        if many:
+            first = max(1, int(n_select * CHUNKED_SHARE))
             start = chunk_share_indices(spill.array, first, seed, chunk_rows, projection)
+        else:
+            start = _sample_start(spill, n_select, seed, oversample, projection)
+        rows = torch.from_numpy(spill.array)
+        remaining = n_select - len(start)
         finish, radius = continue_greedy(
-            torch.from_numpy(spill.array), start, n_select - len(start), projection, CONTINUE_ROUND
+            rows, start, remaining, projection, CONTINUE_ROUND, graph=many
         )
         # Unit vectors: squared Euclidean distance = 2 x cosine distance.
         kept = np.sort(np.concatenate([start, finish]))  # the order `take` gives rows in
@@ -151,6 +156,19 @@ def streaming_coreset(
     finally:
         if spill is not None:
             spill.close()
+
+
+def _sample_start(
+    spill: Spill, n_select: int, seed: int, oversample: int, projection: torch.Tensor | None
+) -> np.ndarray:
+    """The first `SAMPLED_SHARE` of the centres, by greedy k-center on a random sample."""
+    total_rows = spill.array.shape[0]
+    rng = np.random.default_rng(seed)
+    wanted = min(total_rows, oversample * n_select)
+    sample = np.sort(rng.choice(total_rows, wanted, replace=False))
+    first = max(1, int(n_select * SAMPLED_SHARE))
+    picked = greedy_k_center(spill.take(sample), first, seed=seed, projection=projection)
+    return sample[picked]
 
 
 def chunk_share_indices(

@@ -1,18 +1,14 @@
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from detector.centre_distances import CentreGraph, nearest_centre
 from detector.coreset import chunk_share_indices, coreset_size, streaming_coreset
-from detector.greedy import (
-    continue_greedy,
-    farthest_points,
-    greedy_k_center,
-    nearest_centre,
-    random_projection,
-)
+from detector.greedy import continue_greedy, farthest_points, greedy_k_center, random_projection
 from detector.memory_bank import BankConfig, MemoryBank, l2_normalize
 
 
@@ -135,8 +131,9 @@ def test_coreset_covers_like_plain_greedy_and_better_than_chunk_shares() -> None
     shares = rows[chunk_share_indices(rows, 80, chunk_rows=500)]
     assert covering_radius(rows, ours.rows) <= 1.05 * covering_radius(rows, plain)
     assert covering_radius(rows, ours.rows) < covering_radius(rows, shares)
-    # Beyond `global_limit` the first half comes from the chunks' shares, and the global
-    # pass still continues over every row: as tight as from the sample.
+    # Beyond `global_limit` the start comes from the chunks' shares, and the global pass
+    # still continues over every row (through a graph of the centres): as tight as from the
+    # sample.
     many = streaming_coreset(blocks, len(rows), 80, chunk_rows=500, global_limit=10)
     assert not np.array_equal(many.rows, ours.rows)  # the other start was taken
     assert covering_radius(rows, many.rows) <= 1.05 * covering_radius(rows, plain)
@@ -149,9 +146,13 @@ def test_coreset_covers_like_plain_greedy_and_better_than_chunk_shares() -> None
 
 def test_spilled_rows_give_the_same_coreset() -> None:
     rows = clustered(3000, 6)
-    in_memory = streaming_coreset([rows], len(rows), 60, progress=False)
-    spilled = streaming_coreset([rows], len(rows), 60, in_memory_bytes=0, progress=False)
-    np.testing.assert_array_equal(in_memory.rows, spilled.rows)
+    for limit in (4096, 10):  # from a sample; from the chunks' shares, through a graph
+        in_memory = streaming_coreset([rows], len(rows), 60, global_limit=limit)
+        spilled = streaming_coreset(
+            [rows], len(rows), 60, in_memory_bytes=0, global_limit=limit, progress=False
+        )
+        np.testing.assert_array_equal(in_memory.rows, spilled.rows)
+        assert in_memory.radius == spilled.radius
 
 
 def test_continuing_on_the_worst_rows_equals_plain_greedy() -> None:
@@ -168,6 +169,66 @@ def test_continuing_on_the_worst_rows_equals_plain_greedy() -> None:
     bounded, bounded_radius = continue_greedy(points, start, 150, random_projection(32, 8, 1))
     np.testing.assert_array_equal(bounded, plain)
     assert bounded_radius == pytest.approx(radius, rel=1e-5)
+
+
+def test_graph_continuation_covers_as_plain_greedy_and_records_the_exact_radius(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    points = torch.from_numpy(clustered(6000, 5))
+    start = np.array([0, 1, 2])
+    nearest = nearest_centre(points, points[torch.from_numpy(start)])
+    nearest[torch.from_numpy(start)] = -1.0
+    plain = farthest_points(points, nearest, 150)
+    plain_radius = float(nearest.max().sqrt())
+    picked, radius = continue_greedy(points, start, 150, per_round=32, graph=True)
+    assert len(set(picked.tolist()) | set(start.tolist())) == 153
+    assert len(set(picked.tolist()) & set(plain.tolist())) >= 0.9 * len(plain)
+    kept = points[torch.from_numpy(np.concatenate([start, picked]))]
+    assert radius == pytest.approx(float(nearest_centre(points, kept).max().sqrt()), rel=1e-5)
+    assert radius <= 1.02 * plain_radius
+    # The same rows again. (This graph finds every nearest centre, so a graph linked on
+    # several threads, in another order, would give these rows too: not shown here.)
+    again, _ = continue_greedy(points, start, 150, per_round=32, graph=True)
+    np.testing.assert_array_equal(again, picked)
+
+    # A weak graph misses many rows' nearest centres; its values are upper bounds.
+    monkeypatch.setattr(CentreGraph, "LINKS", 2)
+    monkeypatch.setattr(CentreGraph, "SEARCH_WIDTH", 1)
+    centres = list(range(0, 6000, 40))
+    weak = CentreGraph(points, centres).measure()
+    exact = nearest_centre(points, points[torch.tensor(centres)])
+    assert bool((weak >= exact - 1e-5).all()) and float(weak.max()) > float(exact.max()) + 1e-3
+    # Kept however often it misses, the radius returned is still the exact one.
+    monkeypatch.setattr(CentreGraph, "MISS_LIMIT", 1.0)
+    _, radius = continue_greedy(points, np.array(centres), 0, graph=True)
+    assert radius == pytest.approx(float(exact.max().sqrt()), rel=1e-5)
+    # With its check, a graph that is fine with 3 centres and misses as it grows gives way
+    # to matrix products when its centres have doubled, and the rest is plain greedy's.
+    monkeypatch.setattr(CentreGraph, "MISS_LIMIT", 0.01)
+    with caplog.at_level(logging.WARNING, logger="detector.greedy"):
+        picked, radius = continue_greedy(points, start, 150, per_round=32, graph=True)
+    assert "measuring rows by matrix products instead" in caplog.text
+    kept = points[torch.from_numpy(np.concatenate([start, picked]))]
+    assert radius == pytest.approx(float(nearest_centre(points, kept).max().sqrt()), rel=1e-5)
+    assert radius <= 1.02 * plain_radius
+
+
+def test_a_graph_that_misses_gives_way_to_matrix_products(caplog: pytest.LogCaptureFixture) -> None:
+    # 1,000 nearly orthogonal clusters: a graph search has nothing to follow towards the
+    # right one, and misses the nearest centre of some rows.
+    rng = np.random.default_rng(0)
+    clusters = rng.normal(size=(1000, 128))
+    noisy = clusters[rng.integers(0, 1000, 8000)] + 0.3 * rng.normal(size=(8000, 128))
+    points = torch.from_numpy(l2_normalize(noisy.astype(np.float32)))
+    start = np.arange(600)
+    nearest = nearest_centre(points, points[:600])
+    nearest[:600] = -1.0
+    plain = farthest_points(points, nearest, 200)
+    with caplog.at_level(logging.WARNING, logger="detector.greedy"):
+        picked, radius = continue_greedy(points, start, 200, per_round=64, graph=True)
+    assert "measuring rows by matrix products instead" in caplog.text
+    np.testing.assert_array_equal(picked, plain)  # exactly plain greedy's continuation
+    assert radius == pytest.approx(float(nearest.max().sqrt()), rel=1e-5)
 
 
 def test_extend_covers_new_patches_as_tightly_as_the_training_patches() -> None:
