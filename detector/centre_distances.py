@@ -61,8 +61,6 @@ class ExactCentres:
     """Rows measured by matrix products against the centres picked since they were last
     measured: plain greedy's exact values, at rows x centres x dimensions multiply-adds."""
 
-    exact = True
-
     def __init__(self, points: torch.Tensor, centres: list[int]) -> None:
         self.points = points
         self.centres: list[int] = []
@@ -92,7 +90,6 @@ class CentreGraph(ExactCentres):
     all centres, not only the newer ones.
     """
 
-    exact = False
     BLOCK_ROWS = 65536  # rows searched at once: a spilled array is read block by block
     MISS_LIMIT = 0.01  # of the rows checked (`misses`); ViT patch features: 0.05 %
     CHECKED_ROWS = 2048

@@ -143,7 +143,7 @@ def continue_greedy(
         measured[rows] = len(search.centres)  # the subset was measured against each new one
         if isinstance(search, CentreGraph) and len(search.centres) >= 2 * proven_at:
             proven_at, search = len(search.centres), _proven(search)
-            if search.exact:  # every value so far is an upper bound only
+            if not isinstance(search, CentreGraph):  # every value so far: an upper bound
                 measured.zero_()
     return np.asarray(picked, dtype=np.int64), _exact_radius(search, nearest, measured)
 
@@ -163,7 +163,8 @@ def _start(
         centre_graph = CentreGraph(points, selected.tolist())
         search = _proven(centre_graph)
         nearest = centre_graph.measure()
-        return search, nearest, measured if not search.exact else measured.zero_()
+        proven = isinstance(search, CentreGraph)
+        return search, nearest, measured if proven else measured.zero_()
     search = ExactCentres(points, selected.tolist())
     if projection is None:
         return search, search.measure(), measured
@@ -210,9 +211,10 @@ def _exact_radius(search: ExactCentres, nearest: torch.Tensor, measured: torch.T
     measured exactly until the worst is (the graph's values are upper bounds)."""
     import torch
 
-    exact = ExactCentres(search.points, search.centres)
+    graph = isinstance(search, CentreGraph)
+    exact = ExactCentres(search.points, search.centres) if graph else search
     checked = torch.zeros(len(nearest), dtype=torch.bool)
-    if search.exact:
+    if not graph:
         _worst_up_to_date(search, nearest, measured, 1)
         checked = measured >= len(search.centres)
     while True:
