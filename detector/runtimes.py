@@ -36,6 +36,7 @@ from detector.extractor import (
     resolve_device,
     stored_name,
 )
+from detector.rope import rotation_over_every_token
 
 if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
     pass
@@ -104,8 +105,10 @@ def check_runtime(runtime: str, precision: str = "f32") -> None:
 def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     """Trace `backbone.patch_tokens` to `folder/<resolution, layers, fingerprint>.onnx`.
 
-    Batch size is dynamic, the resolution fixed (the bank's). The spec and the random-weights
-    flag go into the graph's metadata, so the file says which weights it computes.
+    Batch size is dynamic, the resolution fixed (the bank's), and the position encoding's
+    angles constants that rotate every token (`detector.rope`: the same values, fewer
+    operations). The spec and the random-weights flag go into the graph's metadata, so the
+    file says which weights it computes.
     """
     import torch
 
@@ -115,7 +118,10 @@ def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     target = folder / stored_name(backbone.spec, ".onnx")
     temporary = target.with_suffix(".onnx.tmp")
     example = torch.zeros(1, 3, backbone.resolution, backbone.resolution)
-    with torch.inference_mode():
+    rotation = rotation_over_every_token(
+        backbone.model, backbone.resolution, backbone.num_prefix_tokens
+    )
+    with torch.inference_mode(), rotation:
         torch.onnx.export(
             backbone.as_module(),
             (example,),

@@ -17,6 +17,7 @@ from detector.anomaly_detector import AnomalyDetector
 from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
+from detector.rope import rotation_over_every_token
 from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
 from devtools.http_client import http_client
 from devtools.in_process import run_main
@@ -117,6 +118,35 @@ def test_export_stores_a_graph_stamped_with_the_banks_backbone(
     stamp = graph_stamp(stored_graph(store))
     assert stamp["spec"]["fingerprint"] == fitted_detector.extractor.spec.fingerprint
     assert stamp["random_weights"] is True
+
+
+def test_the_graph_rotates_every_token_by_constant_angles_with_the_same_values(
+    tiny_backbone: DinoBackbone, tmp_path: Path
+) -> None:
+    """transformers splits q and k in every layer to rotate the patches only; the export
+    rotates every token (the prefix by the identity) by constant angles, which OpenVINO
+    fuses: the tokens must not change by a bit, and the model must be left as it was."""
+    import onnx
+    import torch
+    from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
+
+    model, size = tiny_backbone.model, tiny_backbone.resolution
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    other_size = torch.randn(1, 3, size + 2 * tiny_backbone.patch_size, size, generator=generator)
+    with torch.inference_mode():
+        before = tiny_backbone.patch_tokens(pixels), model(pixel_values=other_size)[0]
+        rope, rotation = model.rope_embeddings, dinov3.apply_rotary_pos_emb
+        with rotation_over_every_token(model, size, tiny_backbone.num_prefix_tokens):
+            assert dinov3.apply_rotary_pos_emb is not rotation  # swapped for real
+            during = tiny_backbone.patch_tokens(pixels), model(pixel_values=other_size)[0]
+    assert torch.equal(during[0], before[0])  # the export's resolution: every token rotated
+    assert torch.equal(during[1], before[1])  # another: transformers' own way
+    assert model.rope_embeddings is rope and dinov3.apply_rotary_pos_emb is rotation
+
+    graph = onnx.load(str(export_graph(tiny_backbone, tmp_path)))
+    operations = {node.op_type for node in graph.graph.node}
+    assert not operations & {"Split", "Cos", "Sin"}, operations  # no split, constant angles
 
 
 def test_served_inspect_and_batch_job_on_openvino_score_like_torch(

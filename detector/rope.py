@@ -1,0 +1,78 @@
+"""DINOv3's rotary position encoding over every token, for the exported graph.
+
+transformers rotates only the patch tokens: in each layer it splits the queries and keys
+into the prefix (class and register tokens) and the patches, rotates the patches by angles
+it computes from the image's shape, and concatenates the two again. Exported like that,
+each layer carries a dozen small operations OpenVINO cannot fuse. Rotating every token, the
+prefix by the identity (cos 1, sin 0), gives the same values bit for bit (q·1 + r·0 = q);
+with the angles as constants of the graph, OpenVINO fuses each rotation into one RoPE
+operation, and the int8 backbone runs about 1.1x faster at 448 px (docs/PERFORMANCE.md,
+"INT8 per product"). Only the export uses it: the torch runtimes run transformers' own code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+_SWAPPING = threading.Lock()  # two exports at once must not restore each other's swap
+
+
+def _fixed_angles(rope: torch.nn.Module, resolution: int, prefix: int) -> Any:
+    """A module standing in for the model's rope: the angles of `resolution` with identity
+    rows for the `prefix` tokens, computed now, so that a trace records them as constants."""
+    import torch
+
+    with torch.inference_mode():
+        cos, sin = rope(torch.zeros(1, 3, resolution, resolution))
+    padding = (0, 0, prefix, 0)  # rows before the patches' rows
+    cos = torch.nn.functional.pad(cos, padding, value=1.0).clone()
+    sin = torch.nn.functional.pad(sin, padding, value=0.0).clone()
+
+    class FixedAngles(torch.nn.Module):
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if tuple(pixel_values.shape[-2:]) != (resolution, resolution):  # not the export's
+                return rope(pixel_values)
+            return cos.to(pixel_values.dtype), sin.to(pixel_values.dtype)
+
+    return FixedAngles()
+
+
+@contextmanager
+def rotation_over_every_token(
+    model: torch.nn.Module, resolution: int, prefix: int
+) -> Iterator[None]:
+    """While it lasts, `model` (a DINOv3 ViT from transformers) rotates every token with
+    constant angles for square images of `resolution`; other models are left as they are.
+
+    Another thread's forward of the same model meanwhile still computes the same values:
+    the angles of either rope meet either rotation function correctly."""
+    from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
+
+    with _SWAPPING:
+        rope = getattr(model, "rope_embeddings", None)
+        if not isinstance(rope, dinov3.DINOv3ViTRopePositionEmbedding):
+            yield
+            return
+        transformers_rotation = dinov3.apply_rotary_pos_emb
+
+        def rotate_every_token(
+            query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **kw: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if cos.shape[-2] != query.shape[-2]:  # the patches' angles only: transformers' way
+                return transformers_rotation(query, key, cos, sin, **kw)
+            rotate = dinov3.rotate_half
+            return query * cos + rotate(query) * sin, key * cos + rotate(key) * sin
+
+        model.rope_embeddings = _fixed_angles(rope, resolution, prefix)
+        dinov3.apply_rotary_pos_emb = rotate_every_token
+        try:
+            yield
+        finally:
+            dinov3.apply_rotary_pos_emb = transformers_rotation
+            model.rope_embeddings = rope
