@@ -11,7 +11,9 @@ score difference from torch and the image/pixel AUROC on the synthetic set with 
 by torch (random weights: the AUROC *change* is the figure, not its level). With them, the
 self-check `fit precision=int8` runs (detector.quantized) on the test's defect-free images.
 `openvino-int8-static` is a product's int8 graph: NNCF, calibrated on the synthetic
-product's training images. The CPU's flags are printed: int8 speed depends on VNNI or AMX.
+product's training images; `...-split-rotation` the same from a graph exported with
+transformers' rotation of the patch tokens only (every graph before detector.rope). The
+CPU's flags are printed: int8 speed depends on VNNI or AMX.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def extractors(
     stamp = {"spec": torch_backbone.spec.to_dict(), "random_weights": True}
     quantize(graph, prepared, scratch / "int8", stamp)
     found["openvino-int8-static"] = Int8Backbone(scratch / "int8", threads)
+    # The same, exported with transformers' rotation of the patches only: the "before".
+    split = export_graph(torch_backbone, scratch / "graphs-split", rotate_every_token=False)
+    quantize(split, prepared, scratch / "int8-split", stamp)
+    found["openvino-int8-static-split-rotation"] = Int8Backbone(scratch / "int8-split", threads)
     return found
 
 

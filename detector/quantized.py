@@ -6,10 +6,10 @@ Quantization: NNCF's post-training quantization of the OpenVINO graph of the ONN
 `model_type=TRANSFORMER` is NNCF's guidance for transformers: the MatMuls and the attention
 run in int8 while LayerNorm, Softmax, GELU and the residual additions stay in f32, where int8
 ranges lose most; `preset=MIXED` (symmetric weights, asymmetric activations) is its default
-for them. The graph is made for a batch of one: fixed shapes let OpenVINO fold the position
-encoding into constants, 2.40x torch against 2.23x for the dynamic-batch graph at 448 px on
-2 cores (docs/PERFORMANCE.md, "INT8 per product"); a batch runs image by image, which costs
-nothing on a CPU.
+for them. The graph is made for a batch of one: fixed shapes are about 1.05x faster than the
+dynamic-batch graph at 448 px on 2 cores (157 against 164 ms, paired; docs/PERFORMANCE.md,
+"INT8 per product"); a batch runs image by image, which costs nothing on a CPU. The export's
+constant rotation angles (detector.rope) are what let OpenVINO fuse the position encoding.
 """
 
 from __future__ import annotations

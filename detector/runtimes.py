@@ -16,6 +16,7 @@ export one once into the user cache (`~/.cache/dino-inspect/graphs`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -102,13 +103,14 @@ def check_runtime(runtime: str, precision: str = "f32") -> None:
 
 
 # ----- graphs ----------------------------------------------------------------------------
-def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
+def export_graph(backbone: DinoBackbone, folder: Path, rotate_every_token: bool = True) -> Path:
     """Trace `backbone.patch_tokens` to `folder/<resolution, layers, fingerprint>.onnx`.
 
     Batch size is dynamic, the resolution fixed (the bank's), and the position encoding's
     angles constants that rotate every token (`detector.rope`: the same values, fewer
-    operations). The spec and the random-weights flag go into the graph's metadata, so the
-    file says which weights it computes.
+    operations; `rotate_every_token=False` keeps transformers' rotation, the runtime
+    benchmark's "before"). The spec and the random-weights flag go into the graph's
+    metadata, so the file says which weights it computes.
     """
     import torch
 
@@ -118,8 +120,10 @@ def export_graph(backbone: DinoBackbone, folder: Path) -> Path:
     target = folder / stored_name(backbone.spec, ".onnx")
     temporary = target.with_suffix(".onnx.tmp")
     example = torch.zeros(1, 3, backbone.resolution, backbone.resolution)
-    rotation = rotation_over_every_token(
-        backbone.model, backbone.resolution, backbone.num_prefix_tokens
+    rotation = (
+        rotation_over_every_token(backbone.model, backbone.resolution, backbone.num_prefix_tokens)
+        if rotate_every_token
+        else contextlib.nullcontext()
     )
     with torch.inference_mode(), rotation:
         torch.onnx.export(
