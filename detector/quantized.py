@@ -200,7 +200,7 @@ def make_int8(
     import time
 
     from detector.anomaly_detector import as_image
-    from detector.runtimes import graph_for
+    from detector.runtimes import exported_before_rope, graph_for
     from detector.tiling import tiling_of
 
     extractor = detector.extractor
@@ -222,7 +222,14 @@ def make_int8(
         [extractor.prepare(as_image(quantize_on[int(i)])) for i in np.unique(spread.round())]
     )
     stamp = {"spec": extractor.spec.to_dict(), "random_weights": extractor.random_weights}
-    quantize(graph_for(extractor), calibration, folder, stamp)
+    graph = graph_for(extractor)
+    if exported_before_rope(graph):
+        log.warning(
+            "%s was exported before the rotation over every token: the int8 backbone runs "
+            "about 1.15x faster from a new export (`python -m detector export`), same scores",
+            graph,
+        )
+    quantize(graph, calibration, folder, stamp)
     save_check_images(folder, [as_image(image) for image in check_on], extractor.spec.resolution)
     check = run_check(detector, Int8Backbone(folder, num_threads), folder)
     detector.bank.metadata[INT8_KEY] = {

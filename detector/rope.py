@@ -25,20 +25,24 @@ _SWAPPING = threading.Lock()  # two exports at once must not restore each other'
 
 def _fixed_angles(rope: torch.nn.Module, resolution: int, prefix: int) -> Any:
     """A module standing in for the model's rope: the angles of `resolution` with identity
-    rows for the `prefix` tokens, computed now, so that a trace records them as constants."""
+    rows for the `prefix` tokens, computed now. They are its buffers, so the export records
+    them once, as the graph's initializers, not as a constant at each of their uses."""
     import torch
 
     with torch.inference_mode():
         cos, sin = rope(torch.zeros(1, 3, resolution, resolution))
     padding = (0, 0, prefix, 0)  # rows before the patches' rows
-    cos = torch.nn.functional.pad(cos, padding, value=1.0).clone()
-    sin = torch.nn.functional.pad(sin, padding, value=0.0).clone()
 
     class FixedAngles(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("cos", torch.nn.functional.pad(cos, padding, value=1.0).clone())
+            self.register_buffer("sin", torch.nn.functional.pad(sin, padding, value=0.0).clone())
+
         def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if tuple(pixel_values.shape[-2:]) != (resolution, resolution):  # not the export's
                 return rope(pixel_values)
-            return cos.to(pixel_values.dtype), sin.to(pixel_values.dtype)
+            return self.cos.to(pixel_values.dtype), self.sin.to(pixel_values.dtype)
 
     return FixedAngles()
 

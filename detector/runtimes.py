@@ -56,6 +56,9 @@ RUNTIME_PRECISIONS = {
 GRAPHS_FOLDER = "graphs"
 SPEC_METADATA_KEY = "dino_inspect_backbone"
 OPSET = 18  # the opset the DINOv3 export was checked with (tests/test_runtimes.py)
+# 2: the position encoding rotates every token by constant angles (detector.rope); graphs
+# without the number rotate as transformers does: the same values, slower.
+EXPORT_FORMAT = 2
 # Which Python package each runtime needs, for the "not installed" sentence.
 PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
@@ -136,7 +139,11 @@ def export_graph(backbone: DinoBackbone, folder: Path, rotate_every_token: bool 
             dynamo=False,
             dynamic_axes={"pixels": {0: "batch"}, "patches": {0: "batch"}},
         )
-    stamp = {"spec": backbone.spec.to_dict(), "random_weights": backbone.random_weights}
+    stamp = {
+        "spec": backbone.spec.to_dict(),
+        "random_weights": backbone.random_weights,
+        "export_format": EXPORT_FORMAT if rotate_every_token else 1,
+    }
     _stamp(temporary, stamp)
     os.replace(temporary, target)
     log.info("exported the backbone graph to %s", target)
@@ -180,6 +187,12 @@ def graph_stamp(path: Path) -> dict[str, Any]:
     return json.loads(props[SPEC_METADATA_KEY])
 
 
+def exported_before_rope(graph: Path) -> bool:
+    """Whether a graph predates the rotation over every token: it computes the same, slower
+    (the int8 backbone about 1.15x); `python -m detector export` again replaces it."""
+    return graph_stamp(graph).get("export_format", 1) < EXPORT_FORMAT
+
+
 def find_graph(folder: Path, resolution: int, layers: Sequence[int]) -> Path | None:
     """A stored graph in `folder` for this resolution and layer set."""
     return find_stored(folder / GRAPHS_FOLDER, resolution, layers, ".onnx")
@@ -201,7 +214,9 @@ def locate_graph(
         )
     backbone = DinoBackbone(source, layers=layers, resolution=resolution, **torch_options)
     cached = cache_dir() / GRAPHS_FOLDER / stored_name(backbone.spec, ".onnx")
-    return cached if cached.exists() else export_graph(backbone, cached.parent)
+    if cached.exists() and not exported_before_rope(cached):
+        return cached
+    return export_graph(backbone, cached.parent)  # the cache is ours: an older one is replaced
 
 
 def graph_for(extractor: Any) -> Path:
@@ -214,7 +229,7 @@ def graph_for(extractor: Any) -> Path:
     if folder.is_dir() and (stored := find_graph(folder, spec.resolution, spec.layers)):
         return stored
     cached = cache_dir() / GRAPHS_FOLDER / stored_name(spec, ".onnx")
-    if cached.exists():
+    if cached.exists() and not exported_before_rope(cached):
         return cached
     if isinstance(extractor, DinoBackbone) and extractor.device.type == "cpu":
         return export_graph(extractor, cached.parent)

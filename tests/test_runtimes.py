@@ -18,7 +18,15 @@ from detector.commands.random_backbone import make_backbone
 from detector.data.mvtec import MVTecCategory
 from detector.dino import DinoBackbone
 from detector.rope import rotation_over_every_token
-from detector.runtimes import GRAPHS_FOLDER, GraphBackbone, export_graph, graph_stamp
+from detector.runtimes import (
+    GRAPHS_FOLDER,
+    GraphBackbone,
+    _stamp,
+    export_graph,
+    exported_before_rope,
+    graph_for,
+    graph_stamp,
+)
 from devtools.http_client import http_client
 from devtools.in_process import run_main
 from devtools.local_server import (
@@ -147,6 +155,35 @@ def test_the_graph_rotates_every_token_by_constant_angles_with_the_same_values(
     graph = onnx.load(str(export_graph(tiny_backbone, tmp_path)))
     operations = {node.op_type for node in graph.graph.node}
     assert not operations & {"Split", "Cos", "Sin"}, operations  # no split, constant angles
+    tokens = tiny_backbone.num_prefix_tokens + (size // tiny_backbone.patch_size) ** 2
+    head = model.config.hidden_size // model.config.num_attention_heads
+    tables = [t for t in graph.graph.initializer if list(t.dims) == [tokens, head]]
+    tables += [  # an angle table recorded at each use instead of once would show up here
+        a.t
+        for n in graph.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and list(a.t.dims)[-2:] == [tokens, head]
+    ]
+    assert len(tables) == 2, len(tables)  # cos and sin, once each
+
+
+def test_a_cached_graph_from_before_the_rotation_is_exported_again(
+    tiny_backbone: DinoBackbone,
+) -> None:
+    """Graphs in the user cache are ours to replace: one exported before the rotation over
+    every token (no format in its stamp) is exported again when a command needs it."""
+    import onnx
+
+    cached = graph_for(tiny_backbone)  # exported now into this module's cache, or found there
+    old = export_graph(tiny_backbone, cached.parent, rotate_every_token=False)
+    stamp = graph_stamp(old)
+    del stamp["export_format"]  # as graphs stamped before the format existed
+    _stamp(old, stamp)
+    assert old == cached and exported_before_rope(old)
+    again = graph_for(tiny_backbone)
+    assert again == cached and not exported_before_rope(again)
+    assert "Split" not in {node.op_type for node in onnx.load(str(again)).graph.node}
 
 
 def test_served_inspect_and_batch_job_on_openvino_score_like_torch(
