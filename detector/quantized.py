@@ -225,8 +225,9 @@ def make_int8(
     graph = graph_for(extractor)
     if exported_before_rope(graph):
         log.warning(
-            "%s was exported before the rotation over every token: the int8 backbone runs "
-            "about 1.15x faster from a new export (`python -m detector export`), same scores",
+            "%s was exported by an older version: from a new export (`python -m detector "
+            "export MODEL_DIR`) a DINOv3 int8 backbone runs about 1.1x faster (the same f32 "
+            "values; quantized and checked again)",
             graph,
         )
     quantize(graph, calibration, folder, stamp)

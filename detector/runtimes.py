@@ -17,6 +17,7 @@ export one once into the user cache (`~/.cache/dino-inspect/graphs`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from detector.extractor import (
     resolve_device,
     stored_name,
 )
-from detector.rope import rotation_over_every_token
+from detector.rope import Rotation, rotation_over_every_token
 
 if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
     pass
@@ -126,9 +127,9 @@ def export_graph(backbone: DinoBackbone, folder: Path, rotate_every_token: bool 
     rotation = (
         rotation_over_every_token(backbone.model, backbone.resolution, backbone.num_prefix_tokens)
         if rotate_every_token
-        else contextlib.nullcontext()
+        else contextlib.nullcontext(Rotation())
     )
-    with torch.inference_mode(), rotation:
+    with torch.inference_mode(), rotation as report:
         torch.onnx.export(
             backbone.as_module(),
             (example,),
@@ -147,6 +148,11 @@ def export_graph(backbone: DinoBackbone, folder: Path, rotate_every_token: bool 
     _stamp(temporary, stamp)
     os.replace(temporary, target)
     log.info("exported the backbone graph to %s", target)
+    if report.swapped and not report.calls:
+        log.warning(
+            "this transformers version no longer calls the rotation detector.rope replaces: "
+            "the graph rotates as transformers does (the same values, int8 about 1.1x slower)"
+        )
     return target
 
 
@@ -162,7 +168,8 @@ def quantized_graph(graph: Path) -> Path:
     """ONNX Runtime's dynamic int8 quantization of a stored graph, made once into the cache
     (about a second for ViT-S/16) and stamped with the same spec: same weights, rounded."""
     target = cache_dir() / GRAPHS_FOLDER / f"{graph.stem}-int8.onnx"
-    if not target.exists():
+    # Made again when the graph was exported after it (a newer export of the same name).
+    if not target.exists() or target.stat().st_mtime_ns < graph.stat().st_mtime_ns:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,22 +181,30 @@ def quantized_graph(graph: Path) -> Path:
 
 
 def graph_stamp(path: Path) -> dict[str, Any]:
-    """The spec and random-weights flag `export_graph` wrote into a graph."""
+    """The spec, random-weights flag and export format `export_graph` wrote into a graph."""
+    status = Path(path).stat()
+    return json.loads(_stamp_text(str(path), status.st_mtime_ns, status.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _stamp_text(path: str, modified_ns: int, size: int) -> str:
+    """Read once per version of a file: reading the stamp parses the whole graph (87 MB
+    for ViT-S/16, over a GB for ViT-L), and a fit asks several times."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False)
+    graph = onnx.load(path, load_external_data=False)
     props = {prop.key: prop.value for prop in graph.metadata_props}
     if SPEC_METADATA_KEY not in props:
         raise GraphMissingError(
             f"{path} was not written by `python -m detector export`: it does not say which "
             "backbone weights it computes, so it is not used."
         )
-    return json.loads(props[SPEC_METADATA_KEY])
+    return props[SPEC_METADATA_KEY]
 
 
 def exported_before_rope(graph: Path) -> bool:
-    """Whether a graph predates the rotation over every token: it computes the same, slower
-    (the int8 backbone about 1.15x); `python -m detector export` again replaces it."""
+    """Whether a graph predates the rotation over every token: it computes the same; for
+    DINOv3 more slowly (int8 about 1.1x); `python -m detector export` again replaces it."""
     return graph_stamp(graph).get("export_format", 1) < EXPORT_FORMAT
 
 

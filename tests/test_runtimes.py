@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from detector.runtimes import (
     graph_stamp,
 )
 from devtools.http_client import http_client
-from devtools.in_process import run_main
+from devtools.in_process import bentoml_home, run_main
 from devtools.local_server import (
     REPO,
     bentoml_serve,
@@ -133,8 +134,7 @@ def test_the_graph_rotates_every_token_by_constant_angles_with_the_same_values(
 ) -> None:
     """transformers splits q and k in every layer to rotate the patches only; the export
     rotates every token (the prefix by the identity) by constant angles, which OpenVINO
-    fuses: the tokens must not change by a bit, and the model must be left as it was."""
-    import onnx
+    fuses: the tokens must not change, and the model must be left as it was."""
     import torch
     from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
 
@@ -142,30 +142,55 @@ def test_the_graph_rotates_every_token_by_constant_angles_with_the_same_values(
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, size, size, generator=generator)
     other_size = torch.randn(1, 3, size + 2 * tiny_backbone.patch_size, size, generator=generator)
+    prefix = tiny_backbone.num_prefix_tokens
     with torch.inference_mode():
         before = tiny_backbone.patch_tokens(pixels), model(pixel_values=other_size)[0]
         rope, rotation = model.rope_embeddings, dinov3.apply_rotary_pos_emb
-        with rotation_over_every_token(model, size, tiny_backbone.num_prefix_tokens):
+        with rotation_over_every_token(model, size, prefix) as report:
             assert dinov3.apply_rotary_pos_emb is not rotation  # swapped for real
             during = tiny_backbone.patch_tokens(pixels), model(pixel_values=other_size)[0]
+            # Another thread may meet the full tables with transformers' own function.
+            cos, sin = model.rope_embeddings(pixels)
+            query, key = torch.randn(2, 2, 3, cos.shape[0], cos.shape[1], generator=generator)
+            ours = dinov3.apply_rotary_pos_emb(query, key, cos, sin)
+            theirs = rotation(query, key, cos, sin)
+    assert report.swapped and report.calls > 0
     assert torch.equal(during[0], before[0])  # the export's resolution: every token rotated
     assert torch.equal(during[1], before[1])  # another: transformers' own way
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert model.rope_embeddings is rope and dinov3.apply_rotary_pos_emb is rotation
+    with pytest.raises(RuntimeError), rotation_over_every_token(model, size, prefix):
+        raise RuntimeError("an export that fails")
     assert model.rope_embeddings is rope and dinov3.apply_rotary_pos_emb is rotation
 
-    graph = onnx.load(str(export_graph(tiny_backbone, tmp_path)))
-    operations = {node.op_type for node in graph.graph.node}
-    assert not operations & {"Split", "Cos", "Sin"}, operations  # no split, constant angles
-    tokens = tiny_backbone.num_prefix_tokens + (size // tiny_backbone.patch_size) ** 2
+    tokens = prefix + (size // tiny_backbone.patch_size) ** 2
     head = model.config.hidden_size // model.config.num_attention_heads
-    tables = [t for t in graph.graph.initializer if list(t.dims) == [tokens, head]]
-    tables += [  # an angle table recorded at each use instead of once would show up here
+    _, split = angle_tables_and_operations(
+        export_graph(tiny_backbone, tmp_path / "split", rotate_every_token=False), tokens, head
+    )
+    tables, every = angle_tables_and_operations(
+        export_graph(tiny_backbone, tmp_path / "every"), tokens, head
+    )
+    assert split["Cos"] and split["Sin"] and not every["Cos"] and not every["Sin"]  # constants
+    # Each layer's q and k no longer cut into prefix and patches and joined again.
+    assert every["Slice"] < split["Slice"] and every["Concat"] < split["Concat"], (split, every)
+    assert tables == 2  # cos and sin, once each: not recorded again at each of their uses
+
+
+def angle_tables_and_operations(path: Path, tokens: int, head: int) -> tuple[int, Counter]:
+    """How many (tokens x head) constant tables a graph holds, and its operations' counts."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    tables = [t for t in graph.initializer if list(t.dims) == [tokens, head]]
+    tables += [
         a.t
-        for n in graph.graph.node
+        for n in graph.node
         if n.op_type == "Constant"
         for a in n.attribute
         if a.name == "value" and list(a.t.dims)[-2:] == [tokens, head]
     ]
-    assert len(tables) == 2, len(tables)  # cos and sin, once each
+    return len(tables), Counter(node.op_type for node in graph.node)
 
 
 def test_a_cached_graph_from_before_the_rotation_is_exported_again(
@@ -183,7 +208,22 @@ def test_a_cached_graph_from_before_the_rotation_is_exported_again(
     assert old == cached and exported_before_rope(old)
     again = graph_for(tiny_backbone)
     assert again == cached and not exported_before_rope(again)
-    assert "Split" not in {node.op_type for node in onnx.load(str(again)).graph.node}
+    assert "Cos" not in {node.op_type for node in onnx.load(str(again)).graph.node}
+
+
+def test_an_export_stores_the_backbone_again_when_its_graph_is_of_an_older_format(
+    tiny_backbone: DinoBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m detector export` reuses a stored backbone of the same weights, unless its
+    graph is of an older export format: exporting again must give the newer graph."""
+    import detector.runtimes as runtimes
+    from detector.banks.models import find_backbone, save_backbone
+
+    with bentoml_home(tmp_path / "home"):
+        stored_model = save_backbone(tiny_backbone, "dino-backbone", with_graph=True)
+        assert find_backbone(tiny_backbone.spec).tag == stored_model.tag
+        monkeypatch.setattr(runtimes, "EXPORT_FORMAT", runtimes.EXPORT_FORMAT + 1)
+        assert find_backbone(tiny_backbone.spec) is None
 
 
 def test_served_inspect_and_batch_job_on_openvino_score_like_torch(

@@ -17,6 +17,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
+from detector import runtimes
 from detector.banks.location import model_store_dir
 from detector.banks.products import (
     UnknownProductError,
@@ -83,9 +84,8 @@ def save_backbone(
         # "refused": the trace was tried and did not reproduce the tokens on this machine.
         model.info.labels["trace"] = "torchscript" if traced else "refused"
         if with_graph:
-            from detector.runtimes import GRAPHS_FOLDER, export_graph
-
-            export_graph(backbone, Path(model.path) / GRAPHS_FOLDER)
+            runtimes.export_graph(backbone, Path(model.path) / runtimes.GRAPHS_FOLDER)
+            model.info.labels["graph_format"] = str(runtimes.EXPORT_FORMAT)
     return model
 
 
@@ -100,10 +100,11 @@ def find_backbone(
         candidates = bentoml.models.list(name)
     except (NotFound, bentoml.exceptions.BentoMLException):
         return None
+    graph_labels = {"graph": "onnx", "graph_format": str(runtimes.EXPORT_FORMAT)}
     for model in sorted(candidates, key=lambda m: m.info.creation_time, reverse=True):
         labels = model.info.labels
-        if with_graph and labels.get("graph") != "onnx":
-            continue
+        if with_graph and any(labels.get(k) != v for k, v in graph_labels.items()):
+            continue  # no graph, or an older export's (detector.rope): store a new one
         if "trace" not in labels:  # stored before traces: store the weights once more
             continue
         stored_spec = BackboneSpec.from_dict(model.info.metadata)
@@ -219,16 +220,14 @@ def checked_spec(
     """The one spec every bank was fitted with, checked against the backbone, the runtime
     and its stored graph: one forward pass serves every product, so banks of other layers
     or resolution cannot share it."""
-    from detector.runtimes import check_runtime, graph_stamp, locate_graph
-
-    check_runtime(runtime, precision)
+    runtimes.check_runtime(runtime, precision)
     served, refused = split_by_backbone(backbone, banks)
     if refused:
         raise IncompatibleBankError(next(iter(refused.values())))
     first = BackboneSpec.from_dict(next(iter(served.values())).info.metadata["extractor"])
     if runtime != "torch":
-        graph = locate_graph(backbone.path, first.layers, first.resolution, False)
-        first.check_compatible(BackboneSpec.from_dict(graph_stamp(graph)["spec"]))
+        graph = runtimes.locate_graph(backbone.path, first.layers, first.resolution, False)
+        first.check_compatible(BackboneSpec.from_dict(runtimes.graph_stamp(graph)["spec"]))
     return first
 
 
