@@ -845,17 +845,18 @@ def test_the_console_shows_overview_explanation_history_and_trade_off(
                 "['record-image', 'record-heatmap'].every((i) =>"
                 " document.getElementById(i).naturalWidth > 0)",
             )
-            # Once laid out again at this width (a box read at once may still be the wide
-            # layout's: CI saw the image 870 px tall, the heatmap beside it).
+            # Read in one evaluation, both images loaded: boxes read one by one, or while the
+            # card is redrawn, mixed layouts (CI saw the image 870 px tall, the heatmap beside
+            # it, right after a read that had them stacked). Never stacked in 10 s: it fails.
             stacked = (
-                "document.getElementById('record-heatmap').getBoundingClientRect().top >="
-                " document.getElementById('record-image').getBoundingClientRect().bottom - 0.5"
+                "(() => { const i = document.getElementById('record-image'),"
+                " h = document.getElementById('record-heatmap');"
+                " if (!(i.complete && h.complete && i.naturalWidth && h.naturalWidth))"
+                " return false;"
+                " const a = i.getBoundingClientRect(), b = h.getBoundingClientRect();"
+                " return a.height > 0 && b.height > 0 && b.top >= a.bottom - 0.5; })()"
             )
             wait_for(page, stacked, timeout=10)
-            boxes = [
-                page.locator(f"#{id_}").bounding_box() for id_ in ("record-image", "record-heatmap")
-            ]
-            assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"] - 0.5
         finally:
             browser.close()
     newest = http_client.get(history_url, headers=USER).json()["versions"][-2:]
