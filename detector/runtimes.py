@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,9 +39,6 @@ from detector.extractor import (
     stored_name,
 )
 from detector.rope import Rotation, rotation_over_every_token
-
-if TYPE_CHECKING:  # torch only where a graph is exported or a backbone runs on it
-    pass
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "openvino", "onnxruntime")
@@ -228,10 +225,14 @@ def locate_graph(
             "stores the graph with the backbone), or serve with INSPECT_RUNTIME=torch."
         )
     backbone = DinoBackbone(source, layers=layers, resolution=resolution, **torch_options)
-    cached = cache_dir() / GRAPHS_FOLDER / stored_name(backbone.spec, ".onnx")
-    if cached.exists() and not exported_before_rope(cached):
-        return cached
-    return export_graph(backbone, cached.parent)  # the cache is ours: an older one is replaced
+    cached, current = _in_cache(backbone.spec)
+    return cached if current else export_graph(backbone, cached.parent)
+
+
+def _in_cache(spec: BackboneSpec) -> tuple[Path, bool]:
+    """The cache's path for `spec`'s graph, and whether it holds one of the current format."""
+    cached = cache_dir() / GRAPHS_FOLDER / stored_name(spec, ".onnx")
+    return cached, cached.exists() and not exported_before_rope(cached)
 
 
 def graph_for(extractor: Any) -> Path:
@@ -243,8 +244,8 @@ def graph_for(extractor: Any) -> Path:
     folder = Path(spec.source)
     if folder.is_dir() and (stored := find_graph(folder, spec.resolution, spec.layers)):
         return stored
-    cached = cache_dir() / GRAPHS_FOLDER / stored_name(spec, ".onnx")
-    if cached.exists() and not exported_before_rope(cached):
+    cached, current = _in_cache(spec)
+    if current:
         return cached
     if isinstance(extractor, DinoBackbone) and extractor.device.type == "cpu":
         return export_graph(extractor, cached.parent)
